@@ -9,6 +9,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::OnceLock;
 
 use data_encoding::{BASE32_NOPAD, Encoding};
 use rand_core::{CryptoRng, RngCore};
@@ -35,11 +36,15 @@ pub enum IdParseError {
     WrongByteLength(usize),
 }
 
-fn lower_base32() -> Encoding {
-    let mut spec = BASE32_NOPAD.specification();
-    spec.symbols = "abcdefghijklmnopqrstuvwxyz234567".to_owned();
-    // Invariant: the specification above is a valid base32 alphabet.
-    spec.encoding().expect("lower-case base32 specification is valid")
+fn lower_base32() -> &'static Encoding {
+    static ENCODING: OnceLock<Encoding> = OnceLock::new();
+    ENCODING.get_or_init(|| {
+        let mut spec = BASE32_NOPAD.specification();
+        spec.symbols = "abcdefghijklmnopqrstuvwxyz234567".to_owned();
+        spec.check_trailing_bits = true;
+        // Invariant: the specification above is a valid base32 alphabet.
+        spec.encoding().expect("lower-case base32 specification is valid")
+    })
 }
 
 fn encode_text(bytes: &[u8; ID_LEN]) -> String {
@@ -227,7 +232,7 @@ mod tests {
 
     #[test]
     fn non_canonical_text_is_refused() {
-        let id = AgentId::from_bytes([0xff; ID_LEN]);
+        let id = AgentId::from_bytes([0x5a; ID_LEN]);
         let text = id.to_string();
         assert_eq!(text.to_uppercase().parse::<AgentId>().unwrap_err(), IdParseError::WrongPrefix { expected: "agent-" });
         let upper_body = format!("agent-{}", text["agent-".len()..].to_uppercase());

@@ -136,8 +136,8 @@ impl Writer {
         self.bytes(bytes);
     }
 
-    pub(crate) fn len(&self) -> usize {
-        self.bytes.len()
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        &self.bytes
     }
 
     pub(crate) fn into_vec(self) -> Vec<u8> {
