@@ -21,6 +21,8 @@ pub mod limits;
 pub mod receipt;
 pub mod replay;
 pub mod time;
+#[cfg(feature = "tls")]
+pub mod tls;
 mod wire;
 
 pub use ids::{AgentId, EdgeId, MessageId};
