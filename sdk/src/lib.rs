@@ -1,1 +1,12 @@
-//! placeholder
+//! What an agent links against to use Molt: connect to an edge over QUIC with mutual TLS,
+//! send end-to-end encrypted and signed messages, receive and verify them, and keep the
+//! connection up with back-off and jitter.
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod dev;
+pub mod identity;
+
+pub use client::{Client, ClientConfig, Event, IncomingMessage, SendError, SendReport};
+pub use identity::{AgentIdentity, Directory, IdentityError, PeerKeys};
+pub use molt_protocol as protocol;

@@ -1,0 +1,642 @@
+//! The agent's connection to its edge.
+//!
+//! [`Client::connect`] starts a driver task that owns the QUIC connection and its one
+//! session stream. The driver seals nothing itself: [`Client::send`] encrypts and signs on
+//! the caller's task, the driver writes the frame and matches the edge's answer to the
+//! waiting caller. Incoming envelopes are verified against the [`Directory`], decrypted,
+//! deduplicated by message id, receipted, and queued for [`Client::next_event`].
+//!
+//! When the connection drops the driver reconnects with exponential back-off and jitter,
+//! then resends every message the edge has not confirmed durably: those awaiting an
+//! answer and those forwarded live whose receipt has not come back. The edge and the
+//! recipient both deduplicate by message id, so resending is safe.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use molt_protocol::cert::{ExpectedRole, TrustAnchors};
+use molt_protocol::envelope::{self, EnvelopeError, EnvelopeHeader, EnvelopeView, Ttl};
+use molt_protocol::frame::{Disposition, Frame, FrameReader, RejectCode};
+use molt_protocol::limits::{DEFAULT_KEEP_ALIVE, RECONNECT_BACKOFF_MAX, RECONNECT_BACKOFF_MIN};
+use molt_protocol::receipt::Receipt;
+use molt_protocol::tls::{self, SharedRevocations};
+use molt_protocol::{AgentId, MessageId, UnixMillis};
+use rand::Rng;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::identity::{AgentIdentity, Directory};
+
+/// Commands queued from the API to the driver.
+pub const COMMAND_QUEUE_DEPTH: usize = 4096;
+/// Messages sent and not yet confirmed (answered `Stored`, or receipted), at most; `send`
+/// waits for room beyond it.
+pub const UNCONFIRMED_MAX: usize = 65_536;
+/// Message ids remembered for deduplication of incoming messages.
+pub const DEDUP_CAPACITY: usize = 1 << 17;
+/// Bytes asked of the stream per read.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+/// How to reach the edge and who we are.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    pub identity: Arc<AgentIdentity>,
+    pub anchors: Arc<TrustAnchors>,
+    pub revocations: SharedRevocations,
+    pub edge_addr: SocketAddr,
+    /// TLS server name (SNI); Molt identifies the edge by its certificate role, not by it.
+    pub server_name: String,
+    pub expected_edge: ExpectedRole,
+    pub keep_alive: Duration,
+    pub idle_timeout: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    pub default_ttl: Ttl,
+    pub inbox_capacity: usize,
+    pub connect_timeout: Duration,
+}
+
+impl ClientConfig {
+    pub fn new(identity: Arc<AgentIdentity>, anchors: Arc<TrustAnchors>, edge_addr: SocketAddr) -> ClientConfig {
+        ClientConfig {
+            identity,
+            anchors,
+            revocations: SharedRevocations::default(),
+            edge_addr,
+            server_name: "localhost".into(),
+            expected_edge: ExpectedRole::AnyEdge,
+            keep_alive: DEFAULT_KEEP_ALIVE,
+            idle_timeout: DEFAULT_KEEP_ALIVE * 3,
+            backoff_min: RECONNECT_BACKOFF_MIN,
+            backoff_max: RECONNECT_BACKOFF_MAX,
+            default_ttl: Ttl::from_secs(24 * 3600).unwrap_or(Ttl::MAX),
+            inbox_capacity: 4096,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why connecting failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    #[error("tls configuration: {0}")]
+    Tls(#[from] tls::TlsConfigError),
+    #[error("quic configuration: {0}")]
+    Quic(String),
+    #[error("cannot open a local udp socket: {0}")]
+    Socket(#[from] std::io::Error),
+    #[error("could not reach the edge at {addr}: {reason}")]
+    Unreachable { addr: SocketAddr, reason: String },
+}
+
+/// Why a message was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    #[error("no keys known for recipient {0}")]
+    UnknownRecipient(AgentId),
+    #[error("edge refused the message ({code:?}): {detail}")]
+    Rejected { code: RejectCode, detail: String },
+    #[error("cannot build the envelope: {0}")]
+    Envelope(#[from] EnvelopeError),
+    #[error("the client is closed")]
+    Closed,
+}
+
+/// The edge's answer to a send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SendReport {
+    pub message_id: MessageId,
+    pub disposition: Disposition,
+}
+
+/// A verified, decrypted message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IncomingMessage {
+    pub message_id: MessageId,
+    pub sender: AgentId,
+    pub timestamp: UnixMillis,
+    pub plaintext: Vec<u8>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    Message(IncomingMessage),
+    /// The recipient confirmed it received `message_id`.
+    Receipt { message_id: MessageId, from: AgentId },
+    /// A message arrived that could not be verified or decrypted; it was receipted so the
+    /// edge stops redelivering it, and not passed on.
+    Unverified { message_id: MessageId, sender: AgentId, reason: String },
+    Connected,
+    Disconnected { reason: String },
+    /// The edge is going away; the client reconnects after the delay.
+    GoAway { reconnect_after: Duration },
+}
+
+enum Command {
+    Send { message_id: MessageId, bytes: Vec<u8>, reply: oneshot::Sender<Result<Disposition, SendError>> },
+    Close,
+}
+
+/// A connected agent. Dropping it stops the driver.
+#[derive(Debug)]
+pub struct Client {
+    agent_id: AgentId,
+    identity: Arc<AgentIdentity>,
+    directory: Directory,
+    default_ttl: Ttl,
+    commands: mpsc::Sender<Command>,
+    events: mpsc::Receiver<Event>,
+    driver: JoinHandle<()>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+impl Client {
+    /// Connects and returns once the first connection is up; later drops reconnect on
+    /// their own.
+    pub async fn connect(config: ClientConfig, directory: Directory) -> Result<Client, ConnectError> {
+        let quic_config = quic_client_config(&config)?;
+        let bind: SocketAddr = if config.edge_addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
+            .parse()
+            .map_err(|_| ConnectError::Quic("bind address".into()))?;
+        let mut endpoint = quinn::Endpoint::client(bind)?;
+        endpoint.set_default_client_config(quic_config);
+        let link = open_link(&endpoint, &config).await.map_err(|reason| ConnectError::Unreachable { addr: config.edge_addr, reason })?;
+        let (commands, command_receiver) = mpsc::channel(COMMAND_QUEUE_DEPTH);
+        let (event_sender, events) = mpsc::channel(config.inbox_capacity.max(1));
+        let driver = Driver {
+            endpoint,
+            config: config.clone(),
+            directory: directory.clone(),
+            commands: command_receiver,
+            events: event_sender,
+            unanswered: HashMap::new(),
+            unreceipted: HashMap::new(),
+            resend: VecDeque::new(),
+            seen: Dedup::new(DEDUP_CAPACITY),
+        };
+        let driver = tokio::spawn(driver.run(link));
+        Ok(Client {
+            agent_id: config.identity.agent_id,
+            identity: config.identity.clone(),
+            directory,
+            default_ttl: config.default_ttl,
+            commands,
+            events,
+            driver,
+        })
+    }
+
+    pub fn agent_id(&self) -> AgentId {
+        self.agent_id
+    }
+
+    pub fn directory(&self) -> &Directory {
+        &self.directory
+    }
+
+    /// Encrypts `plaintext` for `recipient`, signs it and sends it with the default TTL.
+    pub async fn send(&self, recipient: AgentId, plaintext: &[u8]) -> Result<SendReport, SendError> {
+        self.send_with_ttl(recipient, plaintext, self.default_ttl).await
+    }
+
+    pub async fn send_with_ttl(&self, recipient: AgentId, plaintext: &[u8], ttl: Ttl) -> Result<SendReport, SendError> {
+        let keys = self.directory.get(&recipient).ok_or(SendError::UnknownRecipient(recipient))?;
+        let mut rng = rand::rngs::OsRng;
+        let header = EnvelopeHeader {
+            message_id: MessageId::random(&mut rng),
+            sender: self.agent_id,
+            recipient,
+            timestamp: UnixMillis::now_from_system(),
+            ttl,
+        };
+        let bytes = envelope::seal(&header, &keys.encryption, plaintext, &self.identity.signing_key, &mut rng)?;
+        self.send_envelope(bytes).await
+    }
+
+    /// Sends an envelope that is already sealed and signed by this agent.
+    pub async fn send_envelope(&self, bytes: Vec<u8>) -> Result<SendReport, SendError> {
+        let message_id = EnvelopeView::decode(&bytes)?.header.message_id;
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(Command::Send { message_id, bytes, reply }).await.map_err(|_| SendError::Closed)?;
+        let disposition = answer.await.map_err(|_| SendError::Closed)??;
+        Ok(SendReport { message_id, disposition })
+    }
+
+    /// Queues an envelope and returns a future for the edge's answer, so callers can keep
+    /// many messages in flight.
+    pub async fn send_envelope_pipelined(&self, bytes: Vec<u8>) -> Result<oneshot::Receiver<Result<Disposition, SendError>>, SendError> {
+        let message_id = EnvelopeView::decode(&bytes)?.header.message_id;
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(Command::Send { message_id, bytes, reply }).await.map_err(|_| SendError::Closed)?;
+        Ok(answer)
+    }
+
+    pub async fn next_event(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// The next message, skipping other events.
+    pub async fn recv(&mut self) -> Option<IncomingMessage> {
+        loop {
+            if let Event::Message(message) = self.events.recv().await? {
+                return Some(message);
+            }
+        }
+    }
+
+    /// Closes the connection politely and stops the driver.
+    pub async fn close(mut self) {
+        let _ = self.commands.send(Command::Close).await;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut self.driver).await;
+    }
+}
+
+/// How long [`Client::close`] waits for the driver to say goodbye.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn quic_client_config(config: &ClientConfig) -> Result<quinn::ClientConfig, ConnectError> {
+    let tls = tls::client_config(&config.identity.tls(), config.anchors.clone(), config.revocations.clone(), config.expected_edge, tls::ALPN_AGENT)?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| ConnectError::Quic(e.to_string()))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(config.keep_alive));
+    transport.max_idle_timeout(Some(config.idle_timeout.try_into().map_err(|_| ConnectError::Quic("idle timeout too long".into()))?));
+    transport.stream_receive_window((4u32 * 1024 * 1024).into());
+    transport.receive_window((16u32 * 1024 * 1024).into());
+    transport.send_window(16 * 1024 * 1024);
+    client.transport_config(Arc::new(transport));
+    Ok(client)
+}
+
+struct Link {
+    connection: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+async fn open_link(endpoint: &quinn::Endpoint, config: &ClientConfig) -> Result<Link, String> {
+    let attempt = async {
+        let connecting = endpoint.connect(config.edge_addr, &config.server_name).map_err(|e| e.to_string())?;
+        let connection = connecting.await.map_err(|e| e.to_string())?;
+        let (send, recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+        Ok::<Link, String>(Link { connection, send, recv })
+    };
+    tokio::time::timeout(config.connect_timeout, attempt).await.map_err(|_| "connection attempt timed out".to_string())?
+}
+
+/// Remembers recent message ids, forgetting the oldest beyond its capacity.
+struct Dedup {
+    capacity: usize,
+    ids: HashSet<MessageId>,
+    order: VecDeque<MessageId>,
+}
+
+impl Dedup {
+    fn new(capacity: usize) -> Dedup {
+        Dedup { capacity, ids: HashSet::new(), order: VecDeque::new() }
+    }
+
+    /// True the first time an id is seen.
+    fn first_time(&mut self, id: MessageId) -> bool {
+        if !self.ids.insert(id) {
+            return false;
+        }
+        self.order.push_back(id);
+        if self.order.len() > self.capacity
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.ids.remove(&oldest);
+        }
+        true
+    }
+}
+
+struct Driver {
+    endpoint: quinn::Endpoint,
+    config: ClientConfig,
+    directory: Directory,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<Event>,
+    /// Sent, no answer from the edge yet: bytes kept for a resend, caller waiting.
+    unanswered: HashMap<MessageId, (Vec<u8>, Option<oneshot::Sender<Result<Disposition, SendError>>>)>,
+    /// Forwarded live, no receipt yet: resent after a reconnect.
+    unreceipted: HashMap<MessageId, Vec<u8>>,
+    /// To write once connected, in order.
+    resend: VecDeque<MessageId>,
+    seen: Dedup,
+}
+
+enum LinkEnd {
+    Closed,
+    Lost(String),
+    GoAway(Duration),
+}
+
+impl Driver {
+    async fn run(mut self, first: Link) {
+        let mut link = Some(first);
+        let mut failures: u32 = 0;
+        loop {
+            let current = match link.take() {
+                Some(current) => current,
+                None => match open_link(&self.endpoint, &self.config).await {
+                    Ok(current) => current,
+                    Err(reason) => {
+                        failures = failures.saturating_add(1);
+                        let delay = backoff(self.config.backoff_min, self.config.backoff_max, failures);
+                        tracing::debug!(%reason, ?delay, "reconnect failed");
+                        if self.wait_or_close(delay).await {
+                            return;
+                        }
+                        continue;
+                    }
+                },
+            };
+            failures = 0;
+            let _ = self.events.try_send(Event::Connected);
+            match self.serve(current).await {
+                LinkEnd::Closed => {
+                    self.endpoint.close(0u32.into(), b"closed");
+                    return;
+                }
+                LinkEnd::Lost(reason) => {
+                    let _ = self.events.try_send(Event::Disconnected { reason });
+                    let delay = backoff(self.config.backoff_min, self.config.backoff_max, 1);
+                    if self.wait_or_close(delay).await {
+                        return;
+                    }
+                }
+                LinkEnd::GoAway(after) => {
+                    let _ = self.events.try_send(Event::GoAway { reconnect_after: after });
+                    if self.wait_or_close(jitter(after)).await {
+                        return;
+                    }
+                }
+            }
+            self.requeue_unconfirmed();
+        }
+    }
+
+    /// Sleeps, still accepting sends (queued for the next link). True if asked to close.
+    async fn wait_or_close(&mut self, delay: Duration) -> bool {
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                () = &mut sleep => return false,
+                command = self.commands.recv() => match command {
+                    None | Some(Command::Close) => return true,
+                    Some(Command::Send { message_id, bytes, reply }) => {
+                        self.unanswered.insert(message_id, (bytes, Some(reply)));
+                        self.resend.push_back(message_id);
+                    }
+                },
+            }
+        }
+    }
+
+    /// Everything not confirmed goes out again on the next link.
+    fn requeue_unconfirmed(&mut self) {
+        let queued: HashSet<MessageId> = self.resend.iter().copied().collect();
+        for id in self.unanswered.keys() {
+            if !queued.contains(id) {
+                self.resend.push_back(*id);
+            }
+        }
+        let unreceipted: Vec<(MessageId, Vec<u8>)> = self.unreceipted.drain().collect();
+        for (id, bytes) in unreceipted {
+            self.unanswered.insert(id, (bytes, None));
+            self.resend.push_back(id);
+        }
+    }
+
+    async fn serve(&mut self, mut link: Link) -> LinkEnd {
+        let mut reader = FrameReader::new();
+        let mut out = Vec::new();
+        while let Some(id) = self.resend.pop_front() {
+            if let Some((bytes, _)) = self.unanswered.get(&id) {
+                Frame::Send(bytes.clone()).encode_into(&mut out);
+            }
+        }
+        if !out.is_empty() && link.send.write_all(&out).await.is_err() {
+            return LinkEnd::Lost("write failed".into());
+        }
+        loop {
+            let room = self.unanswered.len() + self.unreceipted.len() < UNCONFIRMED_MAX;
+            tokio::select! {
+                command = self.commands.recv(), if room => {
+                    out.clear();
+                    let Some(first) = command else { return self.close_link(link).await };
+                    if self.take_command(first, &mut out) {
+                        return self.close_link(link).await;
+                    }
+                    while out.len() < READ_CHUNK_BYTES * 4 {
+                        match self.commands.try_recv() {
+                            Ok(next) => if self.take_command(next, &mut out) { return self.close_link(link).await },
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(error) = link.send.write_all(&out).await {
+                        return LinkEnd::Lost(format!("write failed: {error}"));
+                    }
+                }
+                chunk = link.recv.read_chunk(READ_CHUNK_BYTES, true) => {
+                    let chunk = match chunk {
+                        Ok(Some(chunk)) => chunk,
+                        Ok(None) => return LinkEnd::Lost("edge closed the session".into()),
+                        Err(error) => return LinkEnd::Lost(error.to_string()),
+                    };
+                    reader.extend(&chunk.bytes);
+                    out.clear();
+                    loop {
+                        match reader.next_frame() {
+                            Ok(Some(frame)) => {
+                                if let Some(end) = self.handle(frame, &mut out).await {
+                                    link.connection.close(0u32.into(), b"reconnecting");
+                                    return end;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(error) => return LinkEnd::Lost(format!("edge sent a malformed frame: {error}")),
+                        }
+                    }
+                    if !out.is_empty() && let Err(error) = link.send.write_all(&out).await {
+                        return LinkEnd::Lost(format!("write failed: {error}"));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn close_link(&mut self, mut link: Link) -> LinkEnd {
+        let _ = link.send.finish();
+        link.connection.close(0u32.into(), b"bye");
+        LinkEnd::Closed
+    }
+
+    /// Encodes a command; true if it asks to close.
+    fn take_command(&mut self, command: Command, out: &mut Vec<u8>) -> bool {
+        match command {
+            Command::Close => true,
+            Command::Send { message_id, bytes, reply } => {
+                Frame::Send(bytes.clone()).encode_into(out);
+                self.unanswered.insert(message_id, (bytes, Some(reply)));
+                false
+            }
+        }
+    }
+
+    /// Handles one frame from the edge, appending any answer to `out`.
+    async fn handle(&mut self, frame: Frame, out: &mut Vec<u8>) -> Option<LinkEnd> {
+        match frame {
+            Frame::Accepted { message_id, disposition } => {
+                if let Some((bytes, reply)) = self.unanswered.remove(&message_id) {
+                    if disposition == Disposition::Forwarded {
+                        self.unreceipted.insert(message_id, bytes);
+                    }
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Ok(disposition));
+                    }
+                }
+            }
+            Frame::Rejected { message_id, code, detail } => self.rejected(message_id, code, detail),
+            Frame::Deliver(bytes) => self.deliver(&bytes, out).await,
+            Frame::Receipt(bytes) => self.receipt(&bytes).await,
+            Frame::GoAway { reconnect_after_ms, detail } => {
+                tracing::info!(%detail, reconnect_after_ms, "edge is going away");
+                return Some(LinkEnd::GoAway(Duration::from_millis(u64::from(reconnect_after_ms))));
+            }
+            Frame::Ping(nonce) => Frame::Pong(nonce).encode_into(out),
+            Frame::Pong(_) | Frame::Send(_) => {}
+        }
+        None
+    }
+
+    fn rejected(&mut self, message_id: MessageId, code: RejectCode, detail: String) {
+        let Some((bytes, reply)) = self.unanswered.remove(&message_id) else {
+            tracing::warn!(%message_id, ?code, %detail, "edge rejected a frame");
+            return;
+        };
+        match (code, reply) {
+            // A resend the edge already holds: it is on its way, keep waiting for the receipt.
+            (RejectCode::Duplicate, None) => {
+                self.unreceipted.insert(message_id, bytes);
+            }
+            (code, Some(reply)) => {
+                let _ = reply.send(Err(SendError::Rejected { code, detail }));
+            }
+            (code, None) => tracing::warn!(%message_id, ?code, %detail, "edge refused a resent message"),
+        }
+    }
+
+    async fn deliver(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
+        let view = match EnvelopeView::decode(bytes) {
+            Ok(view) => view,
+            Err(error) => {
+                tracing::warn!(%error, "edge delivered an undecodable envelope");
+                return;
+            }
+        };
+        let header = view.header;
+        let identity = &self.config.identity;
+        if header.recipient != identity.agent_id {
+            tracing::warn!(message_id = %header.message_id, "edge delivered a message for another agent");
+            return;
+        }
+        let opened = match self.directory.get(&header.sender) {
+            None => Err(format!("sender {} is not in the directory", header.sender)),
+            Some(keys) => view.open(&keys.signing, &identity.encryption_secret).map_err(|e| e.to_string()),
+        };
+        let now = UnixMillis::now_from_system();
+        // Invariant: a software key cannot fail to sign.
+        let receipt = Receipt::sign(header.message_id, identity.agent_id, header.sender, now, &identity.signing_key)
+            .expect("software signing does not fail");
+        let event = match opened {
+            Ok(plaintext) => {
+                if !self.seen.first_time(header.message_id) {
+                    Frame::Receipt(receipt.encode()).encode_into(out);
+                    return;
+                }
+                Event::Message(IncomingMessage { message_id: header.message_id, sender: header.sender, timestamp: header.timestamp, plaintext })
+            }
+            Err(reason) => Event::Unverified { message_id: header.message_id, sender: header.sender, reason },
+        };
+        // Waiting for room in the inbox holds back reading: backpressure up to the edge.
+        // The receipt follows the hand-over, so a message is receipted only once the
+        // application's inbox has it.
+        if self.events.send(event).await.is_ok() {
+            Frame::Receipt(receipt.encode()).encode_into(out);
+        }
+    }
+
+    async fn receipt(&mut self, bytes: &[u8]) {
+        let Ok(receipt) = Receipt::decode(bytes) else { return };
+        if receipt.sender != self.config.identity.agent_id {
+            return;
+        }
+        let verified = self.directory.get(&receipt.recipient).is_some_and(|keys| receipt.verify(&keys.signing).is_ok());
+        if !verified {
+            tracing::debug!(message_id = %receipt.message_id, "receipt from an unknown or unverifiable recipient");
+            return;
+        }
+        self.unreceipted.remove(&receipt.message_id);
+        if let Some((_, reply)) = self.unanswered.remove(&receipt.message_id)
+            && let Some(reply) = reply
+        {
+            let _ = reply.send(Ok(Disposition::Forwarded));
+        }
+        let _ = self.events.send(Event::Receipt { message_id: receipt.message_id, from: receipt.recipient }).await;
+    }
+}
+
+/// Exponential back-off from `min` to `max` with ±25 % jitter.
+pub fn backoff(min: Duration, max: Duration, failures: u32) -> Duration {
+    let exponent = failures.saturating_sub(1).min(16);
+    let base = min.saturating_mul(1u32 << exponent).min(max);
+    jitter(base).min(max)
+}
+
+fn jitter(base: Duration) -> Duration {
+    let factor = rand::thread_rng().gen_range(0.75..=1.25);
+    base.mul_f64(factor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let min = Duration::from_secs(1);
+        let max = Duration::from_secs(30);
+        for failures in 1..40 {
+            let delay = backoff(min, max, failures);
+            assert!(delay >= min.mul_f64(0.75) && delay <= max, "{failures}: {delay:?}");
+        }
+        assert!(backoff(min, max, 1) <= Duration::from_millis(1250));
+        assert!(backoff(min, max, 10) >= Duration::from_millis(22_500));
+    }
+
+    #[test]
+    fn dedup_remembers_recent_ids_within_capacity() {
+        let mut dedup = Dedup::new(3);
+        let id = |n: u8| MessageId::from_bytes([n; 16]);
+        assert!(dedup.first_time(id(1)));
+        assert!(!dedup.first_time(id(1)));
+        for n in 2..=4 {
+            assert!(dedup.first_time(id(n)));
+        }
+        assert_eq!(dedup.ids.len(), 3);
+        assert!(dedup.first_time(id(1)), "the oldest id was forgotten");
+    }
+}
