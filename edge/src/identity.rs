@@ -3,10 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use molt_protocol::cert::{Certificate, Revocations, RevocationList, Role, TrustAnchors};
+use molt_protocol::EdgeId;
+use molt_protocol::cert::{Certificate, RevocationList, Revocations, Role, TrustAnchors};
 use molt_protocol::keys::SigningKey;
 use molt_protocol::tls::TlsIdentity;
-use molt_protocol::EdgeId;
 
 /// Why the edge's identity or trust material could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +55,9 @@ pub fn load_anchors(path: &Path) -> Result<TrustAnchors, IdentityError> {
 }
 
 /// Reads each CRL and verifies it against the certificate of the CA that issued it.
-pub fn load_revocations<'a>(lists: impl IntoIterator<Item = (&'a Path, &'a Path)>) -> Result<Revocations, IdentityError> {
+pub fn load_revocations<'a>(
+    lists: impl IntoIterator<Item = (&'a Path, &'a Path)>,
+) -> Result<Revocations, IdentityError> {
     let mut revocations = Revocations::default();
     for (crl_path, issuer_path) in lists {
         let issuer = Certificate::from_pem(&read(issuer_path)?).map_err(|e| invalid(issuer_path, e))?;

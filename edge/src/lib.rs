@@ -16,4 +16,4 @@ pub mod relay;
 pub mod server;
 pub mod store;
 
-// pub use server::{Edge, EdgeHandle};
+pub use server::{Edge, EdgeHandle};

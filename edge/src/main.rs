@@ -1,1 +1,104 @@
-fn main() {}
+//! `molt-edge`: runs the relay from a TOML file, or checks and documents that file.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use molt_edge::config::{self, LogFormat};
+
+/// The Molt edge relay: agents connect to it over QUIC with mutual TLS; it verifies,
+/// rate-limits, routes and durably buffers their messages.
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    long_about = "The Molt edge relay.\n\nAgents connect over QUIC (ALPN molt/1) with mutual TLS. The edge verifies every \
+message's signature, enforces rate limits, forwards messages to connected recipients and buffers them durably (redb) for \
+offline ones.\n\nExamples:\n  molt-edge --config /etc/molt/edge.toml\n  molt-edge config check /etc/molt/edge.toml\n  \
+molt-edge config reference > edge.toml"
+)]
+struct Cli {
+    /// Configuration file to run with.
+    #[arg(long, short, value_name = "FILE", required_unless_present = "command")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Work with configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate a configuration file and report every problem with its key and line.
+    Check { file: PathBuf },
+    /// Print the documented reference configuration with every key and its default.
+    Reference,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Config(ConfigCommand::Check { file })) => check(&file),
+        Some(Command::Config(ConfigCommand::Reference)) => {
+            print!("{}", config::reference());
+            Ok(())
+        }
+        None => match cli.config {
+            Some(path) => run(&path),
+            None => Err(anyhow::anyhow!("--config FILE is required")),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(file: &std::path::Path) -> anyhow::Result<()> {
+    config::load(file).with_context(|| format!("{} is not valid", file.display()))?;
+    println!("{}: ok", file.display());
+    Ok(())
+}
+
+fn run(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = config::load(path).with_context(|| format!("while loading {}", path.display()))?;
+    init_logging(&config.log);
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("while starting the runtime")?;
+    runtime.block_on(async {
+        let edge = molt_edge::Edge::start(config).await?;
+        edge.run_until(shutdown_signal()).await
+    })
+}
+
+fn init_logging(log: &config::LogConfig) {
+    let builder = tracing_subscriber::fmt().with_env_filter(log.level.to_env_filter()).with_writer(std::io::stderr);
+    match log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = match signal(SignalKind::terminate()) {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGTERM; only ctrl-c stops the edge");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

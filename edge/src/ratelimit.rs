@@ -131,7 +131,11 @@ mod tests {
 
     #[test]
     fn per_minute_limit_holds_per_agent() {
-        let limiter = MessageLimiter::new(MessageLimits { messages_per_minute: nz(10), messages_per_hour: nz(100), bytes_per_minute: nz(1 << 20) });
+        let limiter = MessageLimiter::new(MessageLimits {
+            messages_per_minute: nz(10),
+            messages_per_hour: nz(100),
+            bytes_per_minute: nz(1 << 20),
+        });
         let flooder = AgentId::from_bytes([1; 16]);
         let quiet = AgentId::from_bytes([2; 16]);
         let admitted = (0..50).filter(|_| limiter.check(&flooder, 100).is_ok()).count();
@@ -142,7 +146,11 @@ mod tests {
 
     #[test]
     fn hour_and_byte_limits_hold() {
-        let limiter = MessageLimiter::new(MessageLimits { messages_per_minute: nz(100), messages_per_hour: nz(3), bytes_per_minute: nz(1000) });
+        let limiter = MessageLimiter::new(MessageLimits {
+            messages_per_minute: nz(100),
+            messages_per_hour: nz(3),
+            bytes_per_minute: nz(1000),
+        });
         let agent = AgentId::from_bytes([1; 16]);
         for _ in 0..3 {
             limiter.check(&agent, 10).unwrap();

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use crate::metrics as names;
 use molt_protocol::envelope::EnvelopeView;
 use molt_protocol::frame::{Disposition, Frame, FrameReader, RejectCode};
 use molt_protocol::keys::{PublicKey, Signature, verify_batch};
@@ -69,9 +70,16 @@ pub struct RelayConfig {
 pub enum Outbound {
     Frame(Frame),
     /// A directly forwarded envelope, with when the edge received it (for latency).
-    Deliver { bytes: Vec<u8>, received: Instant },
+    Deliver {
+        bytes: Vec<u8>,
+        received: Instant,
+    },
     /// Answer once the store has decided; then wake the recipient's drainer.
-    AfterCommit { message_id: MessageId, outcome: oneshot::Receiver<Result<PutOutcome, StoreError>>, wake: Option<Arc<Session>> },
+    AfterCommit {
+        message_id: MessageId,
+        outcome: oneshot::Receiver<Result<PutOutcome, StoreError>>,
+        wake: Option<Arc<Session>>,
+    },
 }
 
 struct Inflight {
@@ -184,7 +192,7 @@ impl Relay {
     pub fn register(&self, session: &Arc<Session>) {
         let mut sessions = self.sessions.write().unwrap_or_else(|p| p.into_inner());
         sessions.entry(session.agent).or_default().push(session.clone());
-        metrics::gauge!("molt_edge_connections").increment(1.0);
+        metrics::gauge!(names::CONNECTIONS).increment(1.0);
     }
 
     /// Removes a session, promotes the next one of the same agent, and puts its
@@ -207,10 +215,13 @@ impl Relay {
             }
             promoted
         };
-        metrics::gauge!("molt_edge_connections").decrement(1.0);
+        metrics::gauge!(names::CONNECTIONS).decrement(1.0);
         let orphans: Vec<(MessageId, Inflight)> = lock(&session.inflight).drain().collect();
         for (message_id, inflight) in orphans {
-            let outcome = self.store.put(session.agent, RecordKind::Envelope, message_id, inflight.expires_at, inflight.bytes).await;
+            let outcome = self
+                .store
+                .put(session.agent, RecordKind::Envelope, message_id, inflight.expires_at, inflight.bytes)
+                .await;
             if let Err(error) = outcome {
                 tracing::warn!(%message_id, agent = %session.agent, %error, "could not keep an undelivered message");
             }
@@ -253,8 +264,14 @@ impl Relay {
         for (candidate, ok) in candidates.into_iter().zip(verified) {
             if !ok {
                 bad += 1;
-                metrics::counter!("molt_edge_verify_failures_total").increment(1);
-                self.reject(session, candidate.message_id, RejectCode::BadSignature, "signature does not verify".into()).await;
+                metrics::counter!(names::VERIFY_FAILURES_TOTAL).increment(1);
+                self.reject(
+                    session,
+                    candidate.message_id,
+                    RejectCode::BadSignature,
+                    "signature does not verify".into(),
+                )
+                .await;
                 continue;
             }
             let replay = lock(&self.replay).check_id(candidate.message_id, candidate.timestamp, now);
@@ -268,22 +285,32 @@ impl Relay {
                 self.reject(session, candidate.message_id, code, error.to_string()).await;
                 continue;
             }
-            metrics::counter!("molt_edge_messages_received_total").increment(1);
+            metrics::counter!(names::MESSAGES_RECEIVED_TOTAL).increment(1);
             self.route(session, candidate).await;
         }
         bad
     }
 
     #[allow(clippy::result_large_err)]
-    fn precheck(&self, session: &Session, bytes: Vec<u8>, now: UnixMillis) -> Result<Candidate, (MessageId, RejectCode, String, bool)> {
+    fn precheck(
+        &self,
+        session: &Session,
+        bytes: Vec<u8>,
+        now: UnixMillis,
+    ) -> Result<Candidate, (MessageId, RejectCode, String, bool)> {
         let unknown = MessageId::from_bytes([0; 16]);
         let view = EnvelopeView::decode(&bytes).map_err(|e| (unknown, RejectCode::Malformed, e.to_string(), true))?;
         let header = view.header;
         if header.sender != session.agent {
-            return Err((header.message_id, RejectCode::SenderMismatch, format!("sender {} is not the connected agent {}", header.sender, session.agent), true));
+            return Err((
+                header.message_id,
+                RejectCode::SenderMismatch,
+                format!("sender {} is not the connected agent {}", header.sender, session.agent),
+                true,
+            ));
         }
         if let Err(limit) = self.limiter.check(&session.agent, bytes.len()) {
-            metrics::counter!("molt_edge_rate_limited_total").increment(1);
+            metrics::counter!(names::RATE_LIMITED_TOTAL).increment(1);
             let _: RateLimited = limit;
             return Err((header.message_id, RejectCode::RateLimited, limit.to_string(), false));
         }
@@ -308,7 +335,7 @@ impl Relay {
     }
 
     async fn reject(&self, session: &Session, message_id: MessageId, code: RejectCode, detail: String) {
-        metrics::counter!("molt_edge_rejected_total", "code" => format!("{code:?}")).increment(1);
+        metrics::counter!(names::REJECTED_TOTAL, names::LABEL_CODE => format!("{code:?}")).increment(1);
         let frame = Frame::Rejected { message_id, code, detail };
         let _ = session.outbound.send(Outbound::Frame(frame)).await;
     }
@@ -341,7 +368,9 @@ impl Relay {
                             Outbound::Deliver { bytes, .. } => bytes,
                             _ => unreachable!("only a delivery was sent"),
                         };
-                        return self.store_for(sender, recipient, message_id, expires_at, bytes, target.clone().into()).await;
+                        return self
+                            .store_for(sender, recipient, message_id, expires_at, bytes, target.clone().into())
+                            .await;
                     }
                 }
             }
@@ -349,7 +378,15 @@ impl Relay {
         self.store_for(sender, recipient, message_id, expires_at, bytes, target).await;
     }
 
-    async fn store_for(&self, sender: &Arc<Session>, recipient: AgentId, message_id: MessageId, expires_at: UnixMillis, bytes: Vec<u8>, wake: Option<Arc<Session>>) {
+    async fn store_for(
+        &self,
+        sender: &Arc<Session>,
+        recipient: AgentId,
+        message_id: MessageId,
+        expires_at: UnixMillis,
+        bytes: Vec<u8>,
+        wake: Option<Arc<Session>>,
+    ) {
         let outcome = self.store.put_deferred(recipient, RecordKind::Envelope, message_id, expires_at, bytes).await;
         let _ = sender.outbound.send(Outbound::AfterCommit { message_id, outcome, wake }).await;
     }
@@ -365,7 +402,13 @@ impl Relay {
             }
         };
         if receipt.recipient != session.agent || receipt.verify(&session.key).is_err() {
-            self.reject(session, receipt.message_id, RejectCode::NotRecipient, "receipt not signed by the connected agent".into()).await;
+            self.reject(
+                session,
+                receipt.message_id,
+                RejectCode::NotRecipient,
+                "receipt not signed by the connected agent".into(),
+            )
+            .await;
             return false;
         }
         let forwarded = lock(&session.inflight).remove(&receipt.message_id).is_some();
@@ -375,14 +418,18 @@ impl Relay {
             }
             self.store.delete(session.agent, RecordKind::Envelope, receipt.message_id).await;
         }
-        metrics::counter!("molt_edge_messages_delivered_total").increment(1);
+        metrics::counter!(names::MESSAGES_DELIVERED_TOTAL).increment(1);
         match self.primary(&receipt.sender) {
             Some(sender) if sender.try_send(Frame::Receipt(bytes.clone())) => {}
             _ => {
                 // The sender is away or busy: keep the receipt for it. Receipts are
                 // advisory, so its answer is not awaited.
                 let expires_at = UnixMillis::now_from_system().saturating_add(self.config.retention);
-                drop(self.store.put_deferred(receipt.sender, RecordKind::Receipt, receipt.message_id, expires_at, bytes).await);
+                drop(
+                    self.store
+                        .put_deferred(receipt.sender, RecordKind::Receipt, receipt.message_id, expires_at, bytes)
+                        .await,
+                );
             }
         }
         true
@@ -400,7 +447,12 @@ impl Relay {
                 session.wake_drain.notified().await;
                 continue;
             }
-            let records = match self.store.pending(session.agent, after, crate::store::READ_BATCH_MAX, UnixMillis::now_from_system()) {
+            let records = match self.store.pending(
+                session.agent,
+                after,
+                crate::store::READ_BATCH_MAX,
+                UnixMillis::now_from_system(),
+            ) {
                 Ok(records) => records,
                 Err(error) => {
                     tracing::error!(%error, agent = %session.agent, "reading the offline buffer failed");
@@ -484,7 +536,7 @@ pub async fn read_loop(relay: &Arc<Relay>, session: &Arc<Session>, mut recv: qui
                 Ok(None) => break,
                 Err(error) => {
                     tracing::info!(agent = %session.agent, %error, "closing a connection that sent a malformed frame");
-                    metrics::counter!("molt_edge_rejected_total", "code" => "MalformedFrame").increment(1);
+                    metrics::counter!(names::REJECTED_TOTAL, names::LABEL_CODE => "MalformedFrame").increment(1);
                     let _ = session.outbound.try_send(Outbound::Frame(Frame::Rejected {
                         message_id: MessageId::from_bytes([0; 16]),
                         code: RejectCode::Malformed,
@@ -544,21 +596,29 @@ async fn encode_outbound(item: Outbound, buffer: &mut Vec<u8>) {
     match item {
         Outbound::Frame(frame) => frame.encode_into(buffer),
         Outbound::Deliver { bytes, received } => {
-            metrics::histogram!("molt_edge_delivery_latency_seconds").record(received.elapsed().as_secs_f64());
+            metrics::histogram!(names::DELIVERY_LATENCY_SECONDS).record(received.elapsed().as_secs_f64());
             Frame::Deliver(bytes).encode_into(buffer);
         }
         Outbound::AfterCommit { message_id, outcome, wake } => {
             let frame = match outcome.await {
                 Ok(Ok(PutOutcome::Stored)) => Frame::Accepted { message_id, disposition: Disposition::Stored },
-                Ok(Ok(PutOutcome::Duplicate)) => Frame::Rejected { message_id, code: RejectCode::Duplicate, detail: "message is already buffered".into() },
+                Ok(Ok(PutOutcome::Duplicate)) => Frame::Rejected {
+                    message_id,
+                    code: RejectCode::Duplicate,
+                    detail: "message is already buffered".into(),
+                },
                 Ok(Err(error @ (StoreError::RecipientQueueFull { .. } | StoreError::BufferFull))) => {
                     Frame::Rejected { message_id, code: RejectCode::QueueFull, detail: error.to_string() }
                 }
                 Ok(Err(error)) => Frame::Rejected { message_id, code: RejectCode::Internal, detail: error.to_string() },
-                Err(_) => Frame::Rejected { message_id, code: RejectCode::ShuttingDown, detail: "edge is shutting down".into() },
+                Err(_) => Frame::Rejected {
+                    message_id,
+                    code: RejectCode::ShuttingDown,
+                    detail: "edge is shutting down".into(),
+                },
             };
             if let Frame::Rejected { code, .. } = &frame {
-                metrics::counter!("molt_edge_rejected_total", "code" => format!("{code:?}")).increment(1);
+                metrics::counter!(names::REJECTED_TOTAL, names::LABEL_CODE => format!("{code:?}")).increment(1);
             }
             frame.encode_into(buffer);
             if let Some(session) = wake {

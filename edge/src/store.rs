@@ -98,9 +98,23 @@ struct Counters {
 }
 
 enum Request {
-    Put { recipient: AgentId, kind: RecordKind, message_id: MessageId, expires_at: UnixMillis, bytes: Vec<u8>, reply: Option<oneshot::Sender<Result<PutOutcome, StoreError>>> },
-    Delete { recipient: AgentId, kind: RecordKind, message_id: MessageId },
-    Purge { now: UnixMillis, reply: oneshot::Sender<Result<u64, StoreError>> },
+    Put {
+        recipient: AgentId,
+        kind: RecordKind,
+        message_id: MessageId,
+        expires_at: UnixMillis,
+        bytes: Vec<u8>,
+        reply: Option<oneshot::Sender<Result<PutOutcome, StoreError>>>,
+    },
+    Delete {
+        recipient: AgentId,
+        kind: RecordKind,
+        message_id: MessageId,
+    },
+    Purge {
+        now: UnixMillis,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
 }
 
 /// Handle to the offline buffer; cheap to clone.
@@ -140,7 +154,14 @@ impl OfflineStore {
     }
 
     /// Stores a record; resolves once it is fsynced (or refused).
-    pub async fn put(&self, recipient: AgentId, kind: RecordKind, message_id: MessageId, expires_at: UnixMillis, bytes: Vec<u8>) -> Result<PutOutcome, StoreError> {
+    pub async fn put(
+        &self,
+        recipient: AgentId,
+        kind: RecordKind,
+        message_id: MessageId,
+        expires_at: UnixMillis,
+        bytes: Vec<u8>,
+    ) -> Result<PutOutcome, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.requests
             .send(Request::Put { recipient, kind, message_id, expires_at, bytes, reply: Some(reply) })
@@ -150,10 +171,20 @@ impl OfflineStore {
     }
 
     /// Queues a put and returns at once; the receiver resolves after the fsync.
-    pub async fn put_deferred(&self, recipient: AgentId, kind: RecordKind, message_id: MessageId, expires_at: UnixMillis, bytes: Vec<u8>) -> oneshot::Receiver<Result<PutOutcome, StoreError>> {
+    pub async fn put_deferred(
+        &self,
+        recipient: AgentId,
+        kind: RecordKind,
+        message_id: MessageId,
+        expires_at: UnixMillis,
+        bytes: Vec<u8>,
+    ) -> oneshot::Receiver<Result<PutOutcome, StoreError>> {
         let (reply, answer) = oneshot::channel();
         // A closed store drops `reply`; the caller then sees a closed receiver.
-        let _ = self.requests.send(Request::Put { recipient, kind, message_id, expires_at, bytes, reply: Some(reply) }).await;
+        let _ = self
+            .requests
+            .send(Request::Put { recipient, kind, message_id, expires_at, bytes, reply: Some(reply) })
+            .await;
         answer
     }
 
@@ -171,7 +202,13 @@ impl OfflineStore {
     }
 
     /// Up to `limit` unexpired records for `recipient` with sequence > `after`, in order.
-    pub fn pending(&self, recipient: AgentId, after: Option<u64>, limit: usize, now: UnixMillis) -> Result<Vec<StoredRecord>, StoreError> {
+    pub fn pending(
+        &self,
+        recipient: AgentId,
+        after: Option<u64>,
+        limit: usize,
+        now: UnixMillis,
+    ) -> Result<Vec<StoredRecord>, StoreError> {
         let start = queue_key(recipient, after.map_or(0, |s| s.saturating_add(1)));
         let end = queue_key(recipient, u64::MAX);
         let read = self.db.begin_read().map_err(storage)?;
@@ -333,7 +370,17 @@ impl Writer {
             for request in batch.drain(..) {
                 match request {
                     Request::Put { recipient, kind, message_id, expires_at, bytes, reply } => {
-                        let outcome = self.put_one(&mut queue, &mut ids, counters, &mut next_sequence, recipient, kind, message_id, expires_at, &bytes)?;
+                        let outcome = self.put_one(
+                            &mut queue,
+                            &mut ids,
+                            counters,
+                            &mut next_sequence,
+                            recipient,
+                            kind,
+                            message_id,
+                            expires_at,
+                            &bytes,
+                        )?;
                         if let Some(reply) = reply {
                             put_replies.push((reply, outcome));
                         }
@@ -417,7 +464,12 @@ fn delete_one(
     Ok(())
 }
 
-fn purge(queue: &mut redb::Table<&[u8], &[u8]>, ids: &mut redb::Table<&[u8], &[u8]>, counters: &mut Counters, now: UnixMillis) -> Result<u64, StoreError> {
+fn purge(
+    queue: &mut redb::Table<&[u8], &[u8]>,
+    ids: &mut redb::Table<&[u8], &[u8]>,
+    counters: &mut Counters,
+    now: UnixMillis,
+) -> Result<u64, StoreError> {
     let mut expired = Vec::new();
     for entry in queue.iter().map_err(storage)? {
         let (key, value) = entry.map_err(storage)?;
@@ -481,7 +533,10 @@ mod tests {
             let outcome = store.put(agent(1), RecordKind::Envelope, id(n), later, vec![n as u8; 10]).await.unwrap();
             assert_eq!(outcome, PutOutcome::Stored);
         }
-        assert_eq!(store.put(agent(1), RecordKind::Envelope, id(1), later, vec![1; 10]).await.unwrap(), PutOutcome::Duplicate);
+        assert_eq!(
+            store.put(agent(1), RecordKind::Envelope, id(1), later, vec![1; 10]).await.unwrap(),
+            PutOutcome::Duplicate
+        );
         let records = store.pending(agent(1), None, 100, NOW).unwrap();
         assert_eq!(records.iter().map(|r| r.message_id).collect::<Vec<_>>(), vec![id(0), id(1), id(2)]);
         assert_eq!(store.pending(agent(1), Some(records[0].sequence), 100, NOW).unwrap().len(), 2);
@@ -515,14 +570,20 @@ mod tests {
             for n in 10..13 {
                 store.put(agent(2), RecordKind::Envelope, id(n), later, vec![0; 10]).await.unwrap();
             }
-            assert_eq!(store.put(agent(3), RecordKind::Envelope, id(20), later, vec![0; 10]).await, Err(StoreError::BufferFull));
+            assert_eq!(
+                store.put(agent(3), RecordKind::Envelope, id(20), later, vec![0; 10]).await,
+                Err(StoreError::BufferFull)
+            );
             drop(store);
             writer.join();
         }
         let (store, writer) = OfflineStore::open(&path, limits()).unwrap();
         assert_eq!(store.occupancy().messages, 8);
         assert_eq!(store.depth(agent(1)), 5);
-        assert_eq!(store.put(agent(3), RecordKind::Envelope, id(21), later, vec![0; 10]).await, Err(StoreError::BufferFull));
+        assert_eq!(
+            store.put(agent(3), RecordKind::Envelope, id(21), later, vec![0; 10]).await,
+            Err(StoreError::BufferFull)
+        );
         drop(store);
         writer.join();
     }
@@ -534,12 +595,21 @@ mod tests {
         let (store, writer) = OfflineStore::open(&dir.path().join("b.redb"), small).unwrap();
         let soon = UnixMillis(NOW.0 + 1_000);
         store.put(agent(1), RecordKind::Envelope, id(1), soon, vec![0; 100]).await.unwrap();
-        assert_eq!(store.put(agent(1), RecordKind::Envelope, id(2), soon, vec![0; 100]).await, Err(StoreError::BufferFull));
+        assert_eq!(
+            store.put(agent(1), RecordKind::Envelope, id(2), soon, vec![0; 100]).await,
+            Err(StoreError::BufferFull)
+        );
         let after_expiry = UnixMillis(NOW.0 + 2_000);
-        assert!(store.pending(agent(1), None, 10, after_expiry).unwrap().is_empty(), "expired records are not delivered");
+        assert!(
+            store.pending(agent(1), None, 10, after_expiry).unwrap().is_empty(),
+            "expired records are not delivered"
+        );
         assert_eq!(store.purge_expired(after_expiry).await.unwrap(), 1);
         assert_eq!(store.occupancy(), Occupancy::default());
-        store.put(agent(1), RecordKind::Envelope, id(2), UnixMillis(after_expiry.0 + 1000), vec![0; 100]).await.unwrap();
+        store
+            .put(agent(1), RecordKind::Envelope, id(2), UnixMillis(after_expiry.0 + 1000), vec![0; 100])
+            .await
+            .unwrap();
         drop(store);
         writer.join();
     }
