@@ -19,7 +19,7 @@ molt-edge config reference > edge.toml"
 )]
 struct Cli {
     /// Configuration file to run with.
-    #[arg(long, short, value_name = "FILE", required_unless_present = "command")]
+    #[arg(long, short, value_name = "FILE")]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
@@ -100,5 +100,15 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = terminate.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        super::Cli::command().debug_assert();
     }
 }

@@ -231,6 +231,14 @@ impl Relay {
         }
     }
 
+    /// An agent with nothing buffered can take live traffic at once; otherwise the
+    /// drainer switches it to live traffic when its backlog is delivered.
+    pub fn prime(&self, session: &Session) {
+        if self.store.depth(session.agent) == 0 && self.is_primary(session) {
+            session.direct.store(true, Ordering::Release);
+        }
+    }
+
     fn primary(&self, agent: &AgentId) -> Option<Arc<Session>> {
         let sessions = self.sessions.read().unwrap_or_else(|p| p.into_inner());
         sessions.get(agent).and_then(|list| list.first().cloned())

@@ -285,6 +285,7 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming, _ip_sl
     let (outbound, outbound_receiver) = mpsc::channel(relay.config().outbound_queue_depth);
     let session = Session::new(relay.next_session_id(), agent, leaf.public_key(), outbound);
     relay.register(&session);
+    relay.prime(&session);
     tracing::debug!(%agent, %remote, session = session.id, "agent connected");
     let writer = tokio::spawn(relay::write_loop(outbound_receiver, send));
     let drainer = tokio::spawn({

@@ -127,18 +127,32 @@ pub struct IncomingMessage {
 pub enum Event {
     Message(IncomingMessage),
     /// The recipient confirmed it received `message_id`.
-    Receipt { message_id: MessageId, from: AgentId },
+    Receipt {
+        message_id: MessageId,
+        from: AgentId,
+    },
     /// A message arrived that could not be verified or decrypted; it was receipted so the
     /// edge stops redelivering it, and not passed on.
-    Unverified { message_id: MessageId, sender: AgentId, reason: String },
+    Unverified {
+        message_id: MessageId,
+        sender: AgentId,
+        reason: String,
+    },
     Connected,
-    Disconnected { reason: String },
+    Disconnected {
+        reason: String,
+    },
     /// The edge is going away; the client reconnects after the delay.
-    GoAway { reconnect_after: Duration },
+    GoAway {
+        reconnect_after: Duration,
+    },
 }
 
+/// Where the edge's answer to one send goes.
+type AnswerSender = oneshot::Sender<Result<Disposition, SendError>>;
+
 enum Command {
-    Send { message_id: MessageId, bytes: Vec<u8>, reply: oneshot::Sender<Result<Disposition, SendError>> },
+    Send { message_id: MessageId, bytes: Vec<u8>, reply: AnswerSender },
     Close,
 }
 
@@ -170,7 +184,9 @@ impl Client {
             .map_err(|_| ConnectError::Quic("bind address".into()))?;
         let mut endpoint = quinn::Endpoint::client(bind)?;
         endpoint.set_default_client_config(quic_config);
-        let link = open_link(&endpoint, &config).await.map_err(|reason| ConnectError::Unreachable { addr: config.edge_addr, reason })?;
+        let link = open_link(&endpoint, &config)
+            .await
+            .map_err(|reason| ConnectError::Unreachable { addr: config.edge_addr, reason })?;
         let (commands, command_receiver) = mpsc::channel(COMMAND_QUEUE_DEPTH);
         let (event_sender, events) = mpsc::channel(config.inbox_capacity.max(1));
         let driver = Driver {
@@ -234,7 +250,10 @@ impl Client {
 
     /// Queues an envelope and returns a future for the edge's answer, so callers can keep
     /// many messages in flight.
-    pub async fn send_envelope_pipelined(&self, bytes: Vec<u8>) -> Result<oneshot::Receiver<Result<Disposition, SendError>>, SendError> {
+    pub async fn send_envelope_pipelined(
+        &self,
+        bytes: Vec<u8>,
+    ) -> Result<oneshot::Receiver<Result<Disposition, SendError>>, SendError> {
         let message_id = EnvelopeView::decode(&bytes)?.header.message_id;
         let (reply, answer) = oneshot::channel();
         self.commands.send(Command::Send { message_id, bytes, reply }).await.map_err(|_| SendError::Closed)?;
@@ -265,12 +284,21 @@ impl Client {
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn quic_client_config(config: &ClientConfig) -> Result<quinn::ClientConfig, ConnectError> {
-    let tls = tls::client_config(&config.identity.tls(), config.anchors.clone(), config.revocations.clone(), config.expected_edge, tls::ALPN_AGENT)?;
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| ConnectError::Quic(e.to_string()))?;
+    let tls = tls::client_config(
+        &config.identity.tls(),
+        config.anchors.clone(),
+        config.revocations.clone(),
+        config.expected_edge,
+        tls::ALPN_AGENT,
+    )?;
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| ConnectError::Quic(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(config.keep_alive));
-    transport.max_idle_timeout(Some(config.idle_timeout.try_into().map_err(|_| ConnectError::Quic("idle timeout too long".into()))?));
+    transport.max_idle_timeout(Some(
+        config.idle_timeout.try_into().map_err(|_| ConnectError::Quic("idle timeout too long".into()))?,
+    ));
     transport.stream_receive_window((4u32 * 1024 * 1024).into());
     transport.receive_window((16u32 * 1024 * 1024).into());
     transport.send_window(16 * 1024 * 1024);
@@ -278,20 +306,55 @@ fn quic_client_config(config: &ClientConfig) -> Result<quinn::ClientConfig, Conn
     Ok(client)
 }
 
+/// A link just opened: the reader may hold bytes past the pong, `early` the frames before it.
+type OpenLink = (Link, FrameReader, Vec<Frame>);
+
 struct Link {
     connection: quinn::Connection,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
 }
 
-async fn open_link(endpoint: &quinn::Endpoint, config: &ClientConfig) -> Result<Link, String> {
+/// Connects, opens the session stream and pings over it: the edge registers a session
+/// only once its stream carries data, so the pong proves the edge is ready to route to
+/// us. Frames that arrive before the pong are returned with the reader's leftover bytes.
+async fn open_link(endpoint: &quinn::Endpoint, config: &ClientConfig) -> Result<OpenLink, String> {
     let attempt = async {
         let connecting = endpoint.connect(config.edge_addr, &config.server_name).map_err(|e| e.to_string())?;
         let connection = connecting.await.map_err(|e| e.to_string())?;
-        let (send, recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
-        Ok::<Link, String>(Link { connection, send, recv })
+        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+        let nonce: u64 = rand::random();
+        send.write_all(&Frame::Ping(nonce).encode()).await.map_err(|e| describe_close(&connection, e))?;
+        let mut reader = FrameReader::new();
+        let mut early = Vec::new();
+        loop {
+            let chunk = recv
+                .read_chunk(READ_CHUNK_BYTES, true)
+                .await
+                .map_err(|e| describe_close(&connection, e))?
+                .ok_or_else(|| "edge closed the session stream".to_string())?;
+            reader.extend(&chunk.bytes);
+            while let Some(frame) = reader.next_frame().map_err(|e| format!("edge sent a malformed frame: {e}"))? {
+                match frame {
+                    Frame::Pong(answer) if answer == nonce => {
+                        return Ok::<_, String>((Link { connection, send, recv }, reader, early));
+                    }
+                    other => early.push(other),
+                }
+            }
+        }
     };
-    tokio::time::timeout(config.connect_timeout, attempt).await.map_err(|_| "connection attempt timed out".to_string())?
+    tokio::time::timeout(config.connect_timeout, attempt)
+        .await
+        .map_err(|_| "connection attempt timed out".to_string())?
+}
+
+/// Prefers the connection's close reason (say, a refused certificate) over the stream error.
+fn describe_close(connection: &quinn::Connection, error: impl std::fmt::Display) -> String {
+    match connection.close_reason() {
+        Some(reason) => reason.to_string(),
+        None => error.to_string(),
+    }
 }
 
 /// Remembers recent message ids, forgetting the oldest beyond its capacity.
@@ -328,7 +391,7 @@ struct Driver {
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<Event>,
     /// Sent, no answer from the edge yet: bytes kept for a resend, caller waiting.
-    unanswered: HashMap<MessageId, (Vec<u8>, Option<oneshot::Sender<Result<Disposition, SendError>>>)>,
+    unanswered: HashMap<MessageId, (Vec<u8>, Option<AnswerSender>)>,
     /// Forwarded live, no receipt yet: resent after a reconnect.
     unreceipted: HashMap<MessageId, Vec<u8>>,
     /// To write once connected, in order.
@@ -343,7 +406,7 @@ enum LinkEnd {
 }
 
 impl Driver {
-    async fn run(mut self, first: Link) {
+    async fn run(mut self, first: OpenLink) {
         let mut link = Some(first);
         let mut failures: u32 = 0;
         loop {
@@ -420,9 +483,14 @@ impl Driver {
         }
     }
 
-    async fn serve(&mut self, mut link: Link) -> LinkEnd {
-        let mut reader = FrameReader::new();
+    async fn serve(&mut self, (mut link, mut reader, early): OpenLink) -> LinkEnd {
         let mut out = Vec::new();
+        for frame in early {
+            if let Some(end) = self.handle(frame, &mut out).await {
+                link.connection.close(0u32.into(), b"reconnecting");
+                return end;
+            }
+        }
         while let Some(id) = self.resend.pop_front() {
             if let Some((bytes, _)) = self.unanswered.get(&id) {
                 Frame::Send(bytes.clone()).encode_into(&mut out);
@@ -567,7 +635,12 @@ impl Driver {
                     Frame::Receipt(receipt.encode()).encode_into(out);
                     return;
                 }
-                Event::Message(IncomingMessage { message_id: header.message_id, sender: header.sender, timestamp: header.timestamp, plaintext })
+                Event::Message(IncomingMessage {
+                    message_id: header.message_id,
+                    sender: header.sender,
+                    timestamp: header.timestamp,
+                    plaintext,
+                })
             }
             Err(reason) => Event::Unverified { message_id: header.message_id, sender: header.sender, reason },
         };

@@ -44,7 +44,11 @@ pub enum IdentityError {
 
 impl AgentIdentity {
     /// Checks the key matches the leaf and the leaf is an agent certificate.
-    pub fn new(chain: Vec<Certificate>, signing_key: SigningKey, encryption_secret: EncryptionSecret) -> Result<AgentIdentity, IdentityError> {
+    pub fn new(
+        chain: Vec<Certificate>,
+        signing_key: SigningKey,
+        encryption_secret: EncryptionSecret,
+    ) -> Result<AgentIdentity, IdentityError> {
         let leaf = chain.first().ok_or(IdentityError::EmptyChain)?;
         let Role::Agent(agent_id) = leaf.role() else { return Err(IdentityError::NotAnAgent(leaf.role())) };
         if leaf.public_key() != signing_key.public_key() {

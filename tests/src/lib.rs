@@ -1,1 +1,253 @@
-//! placeholder
+//! Test harness for cross-process Molt scenarios: a development PKI in a temporary
+//! directory, real `molt-edge` processes on loopback, and agents connected through the
+//! SDK. Used by the end-to-end tests in `tests/` and by the `molt-bench` load benchmark.
+#![forbid(unsafe_code)]
+
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use molt_protocol::cert::TrustAnchors;
+use molt_protocol::{AgentId, UnixMillis};
+use molt_sdk::dev::{AgentCard, AgentFiles, DevCa};
+use molt_sdk::{AgentIdentity, Client, ClientConfig, Directory};
+
+/// How long a spawned edge may take to answer its health check.
+pub const EDGE_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Path of a workspace binary built next to the running test executable.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target profile directory");
+    let path = profile_dir.join(name);
+    if !path.exists() {
+        let status = Command::new(env!("CARGO")).args(["build", "--bin", name]).status().expect("cargo build runs");
+        assert!(status.success(), "building {name} failed");
+    }
+    path
+}
+
+/// A free loopback port for UDP (QUIC) and one for TCP (admin HTTP).
+pub fn free_ports() -> (u16, u16) {
+    let udp = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind tcp");
+    (udp.local_addr().unwrap().port(), tcp.local_addr().unwrap().port())
+}
+
+/// A development network in a temporary directory.
+#[derive(Debug)]
+pub struct Network {
+    pub dir: tempfile::TempDir,
+    pub ca: DevCa,
+    pub anchors: Arc<TrustAnchors>,
+}
+
+impl Network {
+    pub fn new() -> anyhow::Result<Network> {
+        let dir = tempfile::tempdir()?;
+        let ca = DevCa::init(&dir.path().join("ca"), UnixMillis::now_from_system())?;
+        let anchors = Arc::new(TrustAnchors::from_pem(&std::fs::read_to_string(dir.path().join("ca/root.pem"))?)?);
+        Ok(Network { dir, ca, anchors })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes an edge's certificates and a config with fresh loopback ports. `extra` is
+    /// TOML appended to the file (for overriding limits).
+    pub fn edge(&self, name: &str, extra: &str) -> anyhow::Result<EdgeSetup> {
+        let dir = self.path().join(name);
+        self.ca.issue_edge(&dir, &["localhost".to_string()], UnixMillis::now_from_system())?;
+        let (quic_port, admin_port) = free_ports();
+        let config = format!(
+            "[edge]\nlisten_addr = \"127.0.0.1:{quic_port}\"\nadmin_addr = \"127.0.0.1:{admin_port}\"\ndata_dir = \"data\"\n\n\
+             [identity]\ncertificate_chain = \"edge.pem\"\nprivate_key = \"edge.key\"\n\n\
+             [trust]\nanchors = \"root.pem\"\n\n[[trust.revocation_lists]]\ncrl = \"{crl}\"\nissuer = \"{org}\"\n\n{extra}\n",
+            crl = self.path().join("ca/revoked.crl").display(),
+            org = self.path().join("ca/org.pem").display(),
+        );
+        let config_path = dir.join("edge.toml");
+        std::fs::write(&config_path, config)?;
+        Ok(EdgeSetup {
+            config: config_path,
+            quic_addr: SocketAddr::from(([127, 0, 0, 1], quic_port)),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+        })
+    }
+
+    /// Creates an agent with keys, a certificate and a card.
+    pub fn agent(&self, name: &str) -> anyhow::Result<TestAgent> {
+        let dir = self.path().join("agents").join(name);
+        AgentFiles::generate(&dir, &mut rand::rngs::OsRng)?;
+        self.ca.issue_agent(&dir, UnixMillis::now_from_system())?;
+        let identity = Arc::new(AgentFiles::load(&dir)?);
+        let card = AgentCard::load(&dir.join("card.json"))?;
+        Ok(TestAgent { dir, identity, card })
+    }
+
+    /// An agent whose certificate has already expired (valid for one second after the
+    /// org CA's start, then waited out).
+    pub fn expired_agent(&self, name: &str) -> anyhow::Result<TestAgent> {
+        use molt_protocol::cert::{Role, Serial, Validity, issue_leaf};
+        use molt_protocol::keys::{EncryptionSecret, SigningKey};
+        let org_key = SigningKey::from_pkcs8_pem(&std::fs::read_to_string(self.path().join("ca/org.key"))?)?;
+        let key = SigningKey::generate(&mut rand::rngs::OsRng);
+        let agent_id = AgentId::from_inception_key(&key.public_key());
+        let start = self.ca.org().validity().not_before;
+        let validity = Validity { not_before: start, not_after: UnixMillis(start.0 + 1_000) };
+        let leaf = issue_leaf(
+            self.ca.org(),
+            &org_key,
+            &key.public_key(),
+            Role::Agent(agent_id),
+            &[],
+            validity,
+            Serial::random(&mut rand::rngs::OsRng),
+        )?;
+        while UnixMillis::now_from_system().0 < validity.not_after.0 + 2_000 {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let identity = Arc::new(AgentIdentity::new(
+            vec![leaf, self.ca.org().clone()],
+            key,
+            EncryptionSecret::generate(&mut rand::rngs::OsRng),
+        )?);
+        let card = AgentCard::from_identity(&identity, UnixMillis::now_from_system());
+        Ok(TestAgent { dir: self.path().join("agents").join(name), identity, card })
+    }
+
+    /// Connects `agent` to the edge at `edge`, knowing the keys of `peers`.
+    pub async fn connect(&self, agent: &TestAgent, edge: SocketAddr, peers: &[&TestAgent]) -> anyhow::Result<Client> {
+        let directory = Directory::new();
+        directory.insert(agent.id(), agent.identity.peer_keys());
+        for peer in peers {
+            directory.insert(peer.id(), peer.identity.peer_keys());
+        }
+        let mut config = ClientConfig::new(agent.identity.clone(), self.anchors.clone(), edge);
+        config.backoff_min = Duration::from_millis(100);
+        config.backoff_max = Duration::from_secs(2);
+        Ok(Client::connect(config, directory).await?)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct EdgeSetup {
+    pub config: PathBuf,
+    pub quic_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+}
+
+impl EdgeSetup {
+    /// Starts the real `molt-edge` binary and waits until it is healthy.
+    pub fn spawn(&self) -> anyhow::Result<EdgeProcess> {
+        let log = std::fs::File::create(self.config.with_extension("log"))?;
+        let child = Command::new(binary("molt-edge"))
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("while starting molt-edge")?;
+        let mut process = EdgeProcess { child, setup: self.clone() };
+        process.wait_healthy()?;
+        Ok(process)
+    }
+}
+
+/// A running edge process; killed when dropped.
+#[derive(Debug)]
+pub struct EdgeProcess {
+    child: Child,
+    pub setup: EdgeSetup,
+}
+
+impl EdgeProcess {
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.setup.quic_addr
+    }
+
+    fn wait_healthy(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + EDGE_START_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                let log = std::fs::read_to_string(self.setup.config.with_extension("log")).unwrap_or_default();
+                bail!("molt-edge exited with {status} during start:\n{log}");
+            }
+            if http_get(self.setup.admin_addr, "/healthz").is_ok_and(|(status, _)| status == 200) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("molt-edge did not become healthy within {EDGE_START_TIMEOUT:?}")
+    }
+
+    /// `kill -9`: no chance to flush or say goodbye.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        Ok(self.child.wait()?)
+    }
+
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        let (status, body) = http_get(self.setup.admin_addr, "/metrics")?;
+        anyhow::ensure!(status == 200, "metrics answered {status}");
+        Ok(body)
+    }
+
+    /// Reads one metric's value (the first sample whose name and labels start with
+    /// `prefix`).
+    pub fn metric(&self, prefix: &str) -> anyhow::Result<f64> {
+        let body = self.metrics()?;
+        let line = body
+            .lines()
+            .find(|line| !line.starts_with('#') && line.starts_with(prefix))
+            .with_context(|| format!("no metric {prefix}"))?;
+        let value = line.rsplit(' ').next().unwrap_or_default();
+        Ok(value.parse()?)
+    }
+}
+
+impl Drop for EdgeProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A minimal HTTP/1.1 GET against the admin port.
+pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response.split(' ').nth(1).context("no status line")?.parse()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// An agent's files and identity.
+#[derive(Debug)]
+pub struct TestAgent {
+    pub dir: PathBuf,
+    pub identity: Arc<AgentIdentity>,
+    pub card: AgentCard,
+}
+
+impl TestAgent {
+    pub fn id(&self) -> AgentId {
+        self.identity.agent_id
+    }
+}
