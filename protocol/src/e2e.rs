@@ -47,8 +47,7 @@ pub fn seal<R: RngCore + CryptoRng>(
     plaintext: &[u8],
     rng: &mut R,
 ) -> Result<Vec<u8>, E2eError> {
-    let public = <Kem as hpke::Kem>::PublicKey::from_bytes(&recipient.0)
-        .map_err(|_| E2eError::InvalidRecipientKey)?;
+    let public = <Kem as hpke::Kem>::PublicKey::from_bytes(&recipient.0).map_err(|_| E2eError::InvalidRecipientKey)?;
     let (encapsulated, ciphertext) =
         hpke::single_shot_seal::<Aead, Kdf, Kem, R>(&OpModeS::Base, &public, HPKE_INFO, plaintext, aad, rng)
             .map_err(|_| E2eError::SealFailed)?;
@@ -64,10 +63,9 @@ pub fn open(secret: &EncryptionSecret, aad: &[u8], sealed: &[u8]) -> Result<Vec<
         return Err(E2eError::Truncated);
     }
     let (encapsulated, ciphertext) = sealed.split_at(ENCAPSULATED_KEY_LEN);
-    let encapsulated = <Kem as hpke::Kem>::EncappedKey::from_bytes(encapsulated)
-        .map_err(|_| E2eError::DecryptFailed)?;
-    let private = <Kem as hpke::Kem>::PrivateKey::from_bytes(secret.as_bytes())
-        .map_err(|_| E2eError::DecryptFailed)?;
+    let encapsulated =
+        <Kem as hpke::Kem>::EncappedKey::from_bytes(encapsulated).map_err(|_| E2eError::DecryptFailed)?;
+    let private = <Kem as hpke::Kem>::PrivateKey::from_bytes(secret.as_bytes()).map_err(|_| E2eError::DecryptFailed)?;
     hpke::single_shot_open::<Aead, Kdf, Kem>(&OpModeR::Base, &private, &encapsulated, HPKE_INFO, ciphertext, aad)
         .map_err(|_| E2eError::DecryptFailed)
 }
@@ -107,18 +105,21 @@ mod tests {
     #[test]
     fn hpke_known_answer_rfc9180_a_2_1() {
         let info = unhex("4f6465206f6e2061204772656369616e2055726e");
-        let (sk_r, pk_r) = Kem::derive_keypair(&unhex("1ac01f181fdf9f352797655161c58b75c656a6cc2716dcb66372da835542e1df"));
+        let (sk_r, pk_r) =
+            Kem::derive_keypair(&unhex("1ac01f181fdf9f352797655161c58b75c656a6cc2716dcb66372da835542e1df"));
         assert_eq!(sk_r.to_bytes().to_vec(), unhex("8057991eef8f1f1af18f4a9491d16a1ce333f695d4db8e38da75975c4478e0fb"));
         assert_eq!(pk_r.to_bytes().to_vec(), unhex("4310ee97d88cc1f088a5576c77ab0cf5c3ac797f3d95139c6c84b5429c59662a"));
         let enc = unhex("1afa08d3dec047a643885163f1180476fa7ddb54c6a8029ea33f95796bf2ac4a");
         let plaintext = unhex("4265617574792069732074727574682c20747275746820626561757479");
         let aad = unhex("436f756e742d30");
-        let ciphertext = unhex("1c5250d8034ec2b784ba2cfd69dbdb8af406cfe3ff938e131f0def8c8b60b4db21993c62ce81883d2dd1b51a28");
+        let ciphertext =
+            unhex("1c5250d8034ec2b784ba2cfd69dbdb8af406cfe3ff938e131f0def8c8b60b4db21993c62ce81883d2dd1b51a28");
 
         // Seal with the vector's ephemeral key material: identical output.
         let mut rng = FixedRng(unhex("909a9b35d3dc4713a5e72a4da274b55d3d3821a37e5d099e74a647db583a904b"));
         let (encapsulated, produced) =
-            hpke::single_shot_seal::<Aead, Kdf, Kem, _>(&OpModeS::Base, &pk_r, &info, &plaintext, &aad, &mut rng).unwrap();
+            hpke::single_shot_seal::<Aead, Kdf, Kem, _>(&OpModeS::Base, &pk_r, &info, &plaintext, &aad, &mut rng)
+                .unwrap();
         assert_eq!(encapsulated.to_bytes().to_vec(), enc);
         assert_eq!(produced, ciphertext);
 

@@ -18,7 +18,9 @@ use rand_core::{CryptoRng, RngCore};
 
 use crate::e2e::{self, E2eError};
 use crate::ids::{AgentId, MessageId};
-use crate::keys::{EncryptionPublicKey, EncryptionSecret, KeyError, PublicKey, SIGNATURE_LEN, SignError, Signature, Signer};
+use crate::keys::{
+    EncryptionPublicKey, EncryptionSecret, KeyError, PublicKey, SIGNATURE_LEN, SignError, Signature, Signer,
+};
 use crate::limits::{ENVELOPE_OVERHEAD_BYTES, MAX_ENVELOPE_BYTES, MAX_PAYLOAD_BYTES, MAX_TTL};
 use crate::time::UnixMillis;
 use crate::wire::{Reader, WireError, Writer};
@@ -265,8 +267,12 @@ mod tests {
         let bytes = seal(&header(&f), &f.bob_secret.public_key(), b"hi bob", &f.alice, &mut rand::rngs::OsRng).unwrap();
         // Signed by someone else.
         let mallory = SigningKey::from_bytes(&[7; 32]);
-        let forged = seal(&header(&f), &f.bob_secret.public_key(), b"hi bob", &mallory, &mut rand::rngs::OsRng).unwrap();
-        assert_eq!(EnvelopeView::decode(&forged).unwrap().verify(&f.alice.public_key()), Err(EnvelopeError::BadSignature));
+        let forged =
+            seal(&header(&f), &f.bob_secret.public_key(), b"hi bob", &mallory, &mut rand::rngs::OsRng).unwrap();
+        assert_eq!(
+            EnvelopeView::decode(&forged).unwrap().verify(&f.alice.public_key()),
+            Err(EnvelopeError::BadSignature)
+        );
         // Any flipped byte before the signature breaks it.
         for index in [0usize, 20, 40, 60, HEADER_LEN + 4, bytes.len() - 65] {
             let mut altered = bytes.clone();
@@ -280,7 +286,10 @@ mod tests {
     fn malformed_envelopes_get_typed_errors() {
         let f = fixture();
         let bytes = sign_raw(&header(&f), &[0; 100], &f.alice).unwrap();
-        assert!(matches!(EnvelopeView::decode(&bytes[..10]), Err(EnvelopeError::Malformed(WireError::Truncated { .. }))));
+        assert!(matches!(
+            EnvelopeView::decode(&bytes[..10]),
+            Err(EnvelopeError::Malformed(WireError::Truncated { .. }))
+        ));
         let mut long = bytes.clone();
         long.push(0);
         assert!(matches!(EnvelopeView::decode(&long), Err(EnvelopeError::Malformed(WireError::TrailingBytes { .. }))));
@@ -300,7 +309,13 @@ mod tests {
         assert!(matches!(EnvelopeView::decode(&oversize), Err(EnvelopeError::TooLarge { .. })));
         assert!(sign_raw(&header(&f), &vec![0; MAX_PAYLOAD_BYTES + 1], &f.alice).is_err());
         assert!(matches!(
-            seal(&header(&f), &f.bob_secret.public_key(), &vec![0; MAX_PLAINTEXT_BYTES + 1], &f.alice, &mut rand::rngs::OsRng),
+            seal(
+                &header(&f),
+                &f.bob_secret.public_key(),
+                &vec![0; MAX_PLAINTEXT_BYTES + 1],
+                &f.alice,
+                &mut rand::rngs::OsRng
+            ),
             Err(EnvelopeError::PlaintextTooLarge { .. })
         ));
     }
@@ -308,9 +323,19 @@ mod tests {
     #[test]
     fn largest_envelope_fits() {
         let f = fixture();
-        let bytes = seal(&header(&f), &f.bob_secret.public_key(), &vec![7; MAX_PLAINTEXT_BYTES], &f.alice, &mut rand::rngs::OsRng).unwrap();
+        let bytes = seal(
+            &header(&f),
+            &f.bob_secret.public_key(),
+            &vec![7; MAX_PLAINTEXT_BYTES],
+            &f.alice,
+            &mut rand::rngs::OsRng,
+        )
+        .unwrap();
         assert_eq!(bytes.len(), MAX_ENVELOPE_BYTES);
-        assert_eq!(EnvelopeView::decode(&bytes).unwrap().open(&f.alice.public_key(), &f.bob_secret).unwrap().len(), MAX_PLAINTEXT_BYTES);
+        assert_eq!(
+            EnvelopeView::decode(&bytes).unwrap().open(&f.alice.public_key(), &f.bob_secret).unwrap().len(),
+            MAX_PLAINTEXT_BYTES
+        );
     }
 
     proptest! {

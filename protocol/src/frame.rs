@@ -73,7 +73,10 @@ impl RejectCode {
 
     /// Whether sending the same message again later may succeed.
     pub fn is_retryable(self) -> bool {
-        matches!(self, RejectCode::RateLimited | RejectCode::QueueFull | RejectCode::ShuttingDown | RejectCode::Internal)
+        matches!(
+            self,
+            RejectCode::RateLimited | RejectCode::QueueFull | RejectCode::ShuttingDown | RejectCode::Internal
+        )
     }
 }
 
@@ -84,14 +87,24 @@ pub enum Frame {
     /// Edge → agent: an encoded envelope for this agent.
     Deliver(Vec<u8>),
     /// Edge → agent: the message was taken.
-    Accepted { message_id: MessageId, disposition: Disposition },
+    Accepted {
+        message_id: MessageId,
+        disposition: Disposition,
+    },
     /// Edge → agent: the message was refused. The id is all zero when the frame could not
     /// be read far enough to know it.
-    Rejected { message_id: MessageId, code: RejectCode, detail: String },
+    Rejected {
+        message_id: MessageId,
+        code: RejectCode,
+        detail: String,
+    },
     /// Both ways: an encoded, signed delivery receipt.
     Receipt(Vec<u8>),
     /// Edge → agent: the edge is going away; reconnect after the delay.
-    GoAway { reconnect_after_ms: u32, detail: String },
+    GoAway {
+        reconnect_after_ms: u32,
+        detail: String,
+    },
     Ping(u64),
     Pong(u64),
 }

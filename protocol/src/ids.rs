@@ -52,20 +52,14 @@ fn encode_text(bytes: &[u8; ID_LEN]) -> String {
 }
 
 fn decode_text(prefix: &'static str, text: &str) -> Result<[u8; ID_LEN], IdParseError> {
-    let rest = text
-        .strip_prefix(prefix)
-        .ok_or(IdParseError::WrongPrefix { expected: prefix })?;
+    let rest = text.strip_prefix(prefix).ok_or(IdParseError::WrongPrefix { expected: prefix })?;
     if rest.len() != ID_TEXT_LEN {
         return Err(IdParseError::WrongLength { expected: ID_TEXT_LEN, actual: rest.len() });
     }
     // The decoder rejects upper case and non-zero trailing bits, so every id has exactly
     // one accepted text form.
-    let decoded = lower_base32()
-        .decode(rest.as_bytes())
-        .map_err(|_| IdParseError::NotCanonical)?;
-    decoded
-        .try_into()
-        .map_err(|v: Vec<u8>| IdParseError::WrongByteLength(v.len()))
+    let decoded = lower_base32().decode(rest.as_bytes()).map_err(|_| IdParseError::NotCanonical)?;
+    decoded.try_into().map_err(|v: Vec<u8>| IdParseError::WrongByteLength(v.len()))
 }
 
 fn derive(domain: &[u8], key: &PublicKey) -> [u8; ID_LEN] {
@@ -194,12 +188,8 @@ impl FromStr for MessageId {
         if text.len() != ID_LEN * 2 {
             return Err(IdParseError::WrongLength { expected: ID_LEN * 2, actual: text.len() });
         }
-        let decoded = data_encoding::HEXLOWER
-            .decode(text.as_bytes())
-            .map_err(|_| IdParseError::NotCanonical)?;
-        let bytes: [u8; ID_LEN] = decoded
-            .try_into()
-            .map_err(|v: Vec<u8>| IdParseError::WrongByteLength(v.len()))?;
+        let decoded = data_encoding::HEXLOWER.decode(text.as_bytes()).map_err(|_| IdParseError::NotCanonical)?;
+        let bytes: [u8; ID_LEN] = decoded.try_into().map_err(|v: Vec<u8>| IdParseError::WrongByteLength(v.len()))?;
         Ok(MessageId(bytes))
     }
 }
@@ -224,17 +214,17 @@ mod tests {
     #[test]
     fn agent_and_edge_ids_of_one_key_differ() {
         let key = SigningKey::from_bytes(&[9u8; 32]).public_key();
-        assert_ne!(
-            AgentId::from_inception_key(&key).as_bytes(),
-            EdgeId::from_inception_key(&key).as_bytes()
-        );
+        assert_ne!(AgentId::from_inception_key(&key).as_bytes(), EdgeId::from_inception_key(&key).as_bytes());
     }
 
     #[test]
     fn non_canonical_text_is_refused() {
         let id = AgentId::from_bytes([0x5a; ID_LEN]);
         let text = id.to_string();
-        assert_eq!(text.to_uppercase().parse::<AgentId>().unwrap_err(), IdParseError::WrongPrefix { expected: "agent-" });
+        assert_eq!(
+            text.to_uppercase().parse::<AgentId>().unwrap_err(),
+            IdParseError::WrongPrefix { expected: "agent-" }
+        );
         let upper_body = format!("agent-{}", text["agent-".len()..].to_uppercase());
         assert_eq!(upper_body.parse::<AgentId>().unwrap_err(), IdParseError::NotCanonical);
         // The last character carries two unused bits: setting them gives another string for

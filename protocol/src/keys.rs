@@ -86,8 +86,8 @@ impl SigningKey {
     }
 
     pub fn from_pkcs8_pem(pem: &str) -> Result<SigningKey, KeyError> {
-        let der = crate::cert::pem_decode("PRIVATE KEY", pem)
-            .map_err(|e| KeyError::InvalidPrivateKey(e.to_string()))?;
+        let der =
+            crate::cert::pem_decode("PRIVATE KEY", pem).map_err(|e| KeyError::InvalidPrivateKey(e.to_string()))?;
         SigningKey::from_pkcs8_der(&Zeroizing::new(der))
     }
 }
@@ -132,9 +132,7 @@ impl PublicKey {
     /// Strict RFC 8032 verification (rejects non-canonical encodings and weak keys).
     pub fn verify(&self, message: &[u8], signature: &Signature) -> Result<(), KeyError> {
         let signature = ed25519_dalek::Signature::from_bytes(&signature.0);
-        self.0
-            .verify_strict(message, &signature)
-            .map_err(|_| KeyError::BadSignature)
+        self.0.verify_strict(message, &signature).map_err(|_| KeyError::BadSignature)
     }
 
     /// Lenient verification as used by batch verification; prefer [`PublicKey::verify`].
@@ -342,9 +340,14 @@ mod tests {
         let out = unhex::<32>("c3da55379de9c6908e94ea4df28d084f32eccf03491c71f754b4075577a28552");
         assert_eq!(x25519_dalek::x25519(scalar, u), out);
 
-        let alice = EncryptionSecret::from_bytes(unhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a"));
-        let bob = EncryptionSecret::from_bytes(unhex("5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb"));
-        assert_eq!(alice.public_key().0, unhex::<32>("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a"));
+        let alice =
+            EncryptionSecret::from_bytes(unhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a"));
+        let bob =
+            EncryptionSecret::from_bytes(unhex("5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb"));
+        assert_eq!(
+            alice.public_key().0,
+            unhex::<32>("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a")
+        );
         assert_eq!(bob.public_key().0, unhex::<32>("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f"));
         let shared = unhex::<32>("4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742");
         assert_eq!(x25519_dalek::x25519(*alice.as_bytes(), bob.public_key().0), shared);

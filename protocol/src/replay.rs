@@ -161,8 +161,14 @@ mod tests {
         }
         // Ids 0 and 1 were evicted; replaying them is refused as too old, not accepted.
         assert_eq!(window.check(&header(0, NOW, 3600), NOW), Err(ReplayError::TooOld));
-        assert_eq!(window.check(&header(1, NOW.saturating_add(Duration::from_millis(1)), 3600), NOW), Err(ReplayError::TooOld));
-        assert_eq!(window.check(&header(4, NOW.saturating_add(Duration::from_millis(4)), 3600), NOW), Err(ReplayError::Duplicate));
+        assert_eq!(
+            window.check(&header(1, NOW.saturating_add(Duration::from_millis(1)), 3600), NOW),
+            Err(ReplayError::TooOld)
+        );
+        assert_eq!(
+            window.check(&header(4, NOW.saturating_add(Duration::from_millis(4)), 3600), NOW),
+            Err(ReplayError::Duplicate)
+        );
     }
 
     proptest! {

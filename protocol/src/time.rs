@@ -10,9 +10,7 @@ pub struct UnixMillis(pub u64);
 impl UnixMillis {
     /// Reads the system clock. Only I/O crates call this; cores take `now` as an argument.
     pub fn now_from_system() -> UnixMillis {
-        let since_epoch = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
+        let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         UnixMillis(u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX))
     }
 
