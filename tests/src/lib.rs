@@ -172,6 +172,11 @@ impl EdgeProcess {
         self.setup.quic_addr
     }
 
+    /// The process id (for reading its CPU time from /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     fn wait_healthy(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + EDGE_START_TIMEOUT;
         while Instant::now() < deadline {
@@ -222,6 +227,45 @@ impl EdgeProcess {
 impl Drop for EdgeProcess {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// A bare agent session below the SDK: QUIC + mutual TLS, the session stream opened and
+/// the ping handshake done. For tests that send raw frames and for load generators.
+#[derive(Debug)]
+pub struct RawSession {
+    pub endpoint: quinn::Endpoint,
+    pub connection: quinn::Connection,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+}
+
+impl RawSession {
+    pub async fn connect(
+        identity: &AgentIdentity,
+        anchors: Arc<TrustAnchors>,
+        edge: SocketAddr,
+    ) -> anyhow::Result<RawSession> {
+        use molt_protocol::cert::ExpectedRole;
+        use molt_protocol::frame::{Frame, FrameReader};
+        use molt_protocol::tls;
+        let tls =
+            tls::client_config(&identity.tls(), anchors, Default::default(), ExpectedRole::AnyEdge, tls::ALPN_AGENT)?;
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+        let connection = endpoint.connect(edge, "localhost")?.await?;
+        let (mut send, mut recv) = connection.open_bi().await?;
+        send.write_all(&Frame::Ping(7).encode()).await?;
+        let mut reader = FrameReader::new();
+        loop {
+            let chunk = recv.read_chunk(65536, true).await?.context("stream ended before the pong")?;
+            reader.extend(&chunk.bytes);
+            if let Some(frame) = reader.next_frame()? {
+                anyhow::ensure!(frame == Frame::Pong(7), "expected the pong, got {frame:?}");
+                return Ok(RawSession { endpoint, connection, send, recv });
+            }
+        }
     }
 }
 
