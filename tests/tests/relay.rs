@@ -306,3 +306,55 @@ async fn edge_killed_mid_stream_loses_no_acknowledged_message() {
     assert!(lost.is_empty(), "{} acknowledged messages lost, e.g. {:?}", lost.len(), lost.first());
     let _ = edge;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_tells_agents_when_to_reconnect_and_they_do() {
+    let net = Network::new().unwrap();
+    let setup = net.edge("edge", "[shutdown]\nreconnect_after_ms = 300\ndrain_timeout_ms = 2000\n").unwrap();
+    let mut edge = setup.spawn().unwrap();
+    let alice = net.agent("alice").unwrap();
+    let bob = net.agent("bob").unwrap();
+    let mut a = net.connect(&alice, edge.quic_addr(), &[&bob]).await.unwrap();
+
+    let status = edge.terminate().unwrap();
+    assert!(status.success(), "the edge exits cleanly on SIGTERM: {status:?}");
+    let go_away = loop {
+        match tokio::time::timeout(WAIT, a.next_event()).await.unwrap().unwrap() {
+            Event::GoAway { reconnect_after } => break reconnect_after,
+            _ => continue,
+        }
+    };
+    assert_eq!(go_away, Duration::from_millis(300));
+
+    // The edge comes back; the client reconnects on its own and traffic resumes.
+    let edge = setup.spawn().unwrap();
+    let mut b = net.connect(&bob, edge.quic_addr(), &[&alice]).await.unwrap();
+    let report = tokio::time::timeout(WAIT, async {
+        loop {
+            match a.send(bob.id(), b"back again").await {
+                Ok(report) => return report,
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })
+    .await
+    .expect("alice reconnects");
+    assert_eq!(next_message(&mut b).await.message_id, report.message_id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_recipient_queue_is_reported_to_the_sender() {
+    let net = Network::new().unwrap();
+    let edge = net.edge("edge", "[buffer]\nqueue_depth_per_agent_max = 5\n").unwrap().spawn().unwrap();
+    let alice = net.agent("alice").unwrap();
+    let bob = net.agent("bob").unwrap();
+    let carol = net.agent("carol").unwrap();
+    let a = net.connect(&alice, edge.quic_addr(), &[&bob, &carol]).await.unwrap();
+    for _ in 0..5 {
+        assert_eq!(a.send(bob.id(), b"fits").await.unwrap().disposition, Disposition::Stored);
+    }
+    let error = a.send(bob.id(), b"one too many").await.unwrap_err();
+    assert!(matches!(error, SendError::Rejected { code: RejectCode::QueueFull, .. }), "{error:?}");
+    // Another recipient's queue is unaffected.
+    assert_eq!(a.send(carol.id(), b"for carol").await.unwrap().disposition, Disposition::Stored);
+}
