@@ -66,3 +66,90 @@ pub fn load_revocations<'a>(
     }
     Ok(revocations)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use molt_protocol::cert::{Serial, Validity, issue_leaf, issue_org_ca, issue_root};
+    use molt_protocol::{AgentId, UnixMillis};
+
+    struct Pki {
+        dir: tempfile::TempDir,
+        org: Certificate,
+        org_key: SigningKey,
+    }
+
+    fn pki() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let now = UnixMillis::now_from_system();
+        let validity = Validity {
+            not_before: now.saturating_sub(std::time::Duration::from_secs(60)),
+            not_after: UnixMillis(now.0 + 86_400_000),
+        };
+        let root_key = SigningKey::from_bytes(&[1; 32]);
+        let root = issue_root(&root_key, "root", validity, Serial([1; 16])).unwrap();
+        let org_key = SigningKey::from_bytes(&[2; 32]);
+        let org = issue_org_ca(&root, &root_key, &org_key.public_key(), "org", validity, Serial([2; 16])).unwrap();
+        std::fs::write(dir.path().join("root.pem"), root.to_pem()).unwrap();
+        std::fs::write(dir.path().join("org.pem"), org.to_pem()).unwrap();
+        Pki { dir, org, org_key }
+    }
+
+    fn leaf(pki: &Pki, key: &SigningKey, role: Role) -> String {
+        let validity = pki.org.validity();
+        let leaf = issue_leaf(&pki.org, &pki.org_key, &key.public_key(), role, &[], validity, Serial([3; 16])).unwrap();
+        format!("{}{}", leaf.to_pem(), pki.org.to_pem())
+    }
+
+    #[test]
+    fn loads_a_matching_edge_identity() {
+        let pki = pki();
+        let key = SigningKey::from_bytes(&[4; 32]);
+        let edge_id = EdgeId::from_inception_key(&key.public_key());
+        std::fs::write(pki.dir.path().join("edge.pem"), leaf(&pki, &key, Role::Edge(edge_id))).unwrap();
+        std::fs::write(pki.dir.path().join("edge.key"), key.to_pkcs8_pem().as_bytes()).unwrap();
+        let identity = load_identity(&pki.dir.path().join("edge.pem"), &pki.dir.path().join("edge.key")).unwrap();
+        assert_eq!(identity.edge_id, edge_id);
+        assert_eq!(identity.tls.chain.len(), 2);
+        load_anchors(&pki.dir.path().join("root.pem")).unwrap();
+    }
+
+    #[test]
+    fn refuses_a_wrong_key_an_agent_certificate_and_garbage() {
+        let pki = pki();
+        let key = SigningKey::from_bytes(&[4; 32]);
+        let edge_id = EdgeId::from_inception_key(&key.public_key());
+        let path = |name: &str| pki.dir.path().join(name);
+        std::fs::write(path("edge.pem"), leaf(&pki, &key, Role::Edge(edge_id))).unwrap();
+        std::fs::write(path("other.key"), SigningKey::from_bytes(&[5; 32]).to_pkcs8_pem().as_bytes()).unwrap();
+        assert!(matches!(load_identity(&path("edge.pem"), &path("other.key")), Err(IdentityError::KeyMismatch { .. })));
+
+        let agent = AgentId::from_inception_key(&key.public_key());
+        std::fs::write(path("agent.pem"), leaf(&pki, &key, Role::Agent(agent))).unwrap();
+        std::fs::write(path("edge.key"), key.to_pkcs8_pem().as_bytes()).unwrap();
+        assert!(matches!(load_identity(&path("agent.pem"), &path("edge.key")), Err(IdentityError::NotAnEdge { .. })));
+
+        std::fs::write(path("garbage.pem"), "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap();
+        assert!(matches!(load_identity(&path("garbage.pem"), &path("edge.key")), Err(IdentityError::Invalid { .. })));
+        assert!(matches!(load_identity(&path("absent.pem"), &path("edge.key")), Err(IdentityError::Read { .. })));
+        assert!(matches!(load_anchors(&path("garbage.pem")), Err(IdentityError::Invalid { .. })));
+    }
+
+    #[test]
+    fn revocation_lists_must_verify_against_their_issuer() {
+        let pki = pki();
+        let now = UnixMillis::now_from_system();
+        let list =
+            RevocationList::issue(&pki.org, &pki.org_key, 1, now, UnixMillis(now.0 + 60_000), &[Serial([7; 16])])
+                .unwrap();
+        std::fs::write(pki.dir.path().join("org.crl"), list.to_pem()).unwrap();
+        let crl = pki.dir.path().join("org.crl");
+        let revocations = load_revocations([(crl.as_path(), pki.dir.path().join("org.pem").as_path())]).unwrap();
+        assert!(revocations.contains(Serial([7; 16])));
+        let wrong_issuer = pki.dir.path().join("root.pem");
+        assert!(matches!(
+            load_revocations([(crl.as_path(), wrong_issuer.as_path())]),
+            Err(IdentityError::Invalid { .. })
+        ));
+    }
+}
