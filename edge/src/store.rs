@@ -162,15 +162,12 @@ impl OfflineStore {
         expires_at: UnixMillis,
         bytes: Vec<u8>,
     ) -> Result<PutOutcome, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.requests
-            .send(Request::Put { recipient, kind, message_id, expires_at, bytes, reply: Some(reply) })
-            .await
-            .map_err(|_| StoreError::Closed)?;
+        let answer = self.put_deferred(recipient, kind, message_id, expires_at, bytes).await;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Queues a put and returns at once; the receiver resolves after the fsync.
+    /// Queues a put and returns at once; the receiver resolves after the fsync. A closed
+    /// store drops the request, and the caller sees a closed receiver.
     pub async fn put_deferred(
         &self,
         recipient: AgentId,
@@ -180,11 +177,8 @@ impl OfflineStore {
         bytes: Vec<u8>,
     ) -> oneshot::Receiver<Result<PutOutcome, StoreError>> {
         let (reply, answer) = oneshot::channel();
-        // A closed store drops `reply`; the caller then sees a closed receiver.
-        let _ = self
-            .requests
-            .send(Request::Put { recipient, kind, message_id, expires_at, bytes, reply: Some(reply) })
-            .await;
+        let request = Request::Put { recipient, kind, message_id, expires_at, bytes, reply: Some(reply) };
+        let _ = self.requests.send(request).await;
         answer
     }
 
