@@ -5,10 +5,13 @@
 //! then answers them all. An answer of [`PutOutcome::Stored`] therefore means the message
 //! is on disk. Readers use redb's snapshots and never wait for the writer.
 //!
-//! Layout: `queue` maps `recipient ‖ sequence` to `expires_at ‖ kind ‖ message id ‖ bytes`;
-//! `ids` maps `kind ‖ message id` to its queue key, so a message is stored at most once and
-//! a receipt can delete it by id. Quotas (per recipient, total messages, total bytes) are
-//! checked by the writer against counters rebuilt from disk at open.
+//! Layout: one table, `queue`, maps `recipient ‖ sequence` to
+//! `expires_at ‖ kind ‖ message id ‖ bytes`. The writer keeps an in-memory index from
+//! `(kind, message id)` to queue key, rebuilt by one scan at open, so a message is stored
+//! at most once and a receipt deletes it by id with a single B-tree operation. Quotas (per
+//! recipient, total messages, total bytes) are checked by the writer against counters
+//! rebuilt by the same scan. A failed commit rolls the in-memory state back from an undo
+//! log, so memory never runs ahead of disk.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -21,7 +24,6 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
 const QUEUE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("queue");
-const IDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("ids");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const NEXT_SEQUENCE: &str = "next_sequence";
 
@@ -143,9 +145,11 @@ impl OfflineStore {
     /// Opens (or creates) the buffer at `path`, rebuilding quota counters from disk.
     pub fn open(path: &Path, limits: StoreLimits) -> Result<(OfflineStore, WriterGuard), StoreError> {
         let db = Arc::new(Database::create(path).map_err(storage)?);
-        let counters = Arc::new(Mutex::new(rebuild_counters(&db)?));
+        let state = rebuild(&db)?;
+        let counters =
+            Arc::new(Mutex::new(Counters { per_recipient: state.per_recipient.clone(), total: state.total }));
         let (requests, receiver) = mpsc::channel(WRITE_QUEUE_DEPTH_MAX);
-        let writer = Writer { db: db.clone(), counters: counters.clone(), limits };
+        let writer = Writer { db: db.clone(), published: counters.clone(), limits, state, undo: Vec::new() };
         let handle = thread::Builder::new()
             .name("molt-store-writer".into())
             .spawn(move || writer.run(receiver))
@@ -250,12 +254,8 @@ fn queue_key(recipient: AgentId, sequence: u64) -> [u8; KEY_LEN] {
     key
 }
 
-fn id_key(kind: RecordKind, message_id: MessageId) -> [u8; 17] {
-    let mut key = [0u8; 17];
-    key[0] = kind as u8;
-    key[1..].copy_from_slice(message_id.as_bytes());
-    key
-}
+type IdKey = (RecordKind, MessageId);
+type QueueKey = [u8; KEY_LEN];
 
 fn decode_record(key: &[u8], value: &[u8]) -> Option<StoredRecord> {
     if key.len() != KEY_LEN || value.len() < VALUE_HEADER_LEN {
@@ -276,35 +276,73 @@ fn recipient_of(key: &[u8]) -> Option<AgentId> {
     AgentId::from_slice(key.get(..16)?).ok()
 }
 
-fn rebuild_counters(db: &Database) -> Result<Counters, StoreError> {
-    let mut counters = Counters::default();
+/// The writer's view of what is on disk.
+#[derive(Debug, Default)]
+struct State {
+    index: HashMap<IdKey, QueueKey>,
+    per_recipient: HashMap<AgentId, u32>,
+    total: Occupancy,
+}
+
+fn rebuild(db: &Database) -> Result<State, StoreError> {
+    let mut state = State::default();
     let read = db.begin_read().map_err(storage)?;
     let table = match read.open_table(QUEUE) {
         Ok(table) => table,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(counters),
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(state),
         Err(error) => return Err(storage(error)),
     };
     for entry in table.iter().map_err(storage)? {
         let (key, value) = entry.map_err(storage)?;
-        if let Some(recipient) = recipient_of(key.value()) {
-            *counters.per_recipient.entry(recipient).or_default() += 1;
-            counters.total.messages += 1;
-            counters.total.bytes += value.value().len() as u64;
+        let (Some(record), Some(recipient)) = (decode_record(key.value(), value.value()), recipient_of(key.value()))
+        else {
+            continue;
+        };
+        let Ok(queue_key) = QueueKey::try_from(key.value()) else { continue };
+        state.index.insert((record.kind, record.message_id), queue_key);
+        state.count(recipient, value.value().len() as u64, true);
+    }
+    Ok(state)
+}
+
+impl State {
+    fn count(&mut self, recipient: AgentId, size: u64, added: bool) {
+        let depth = self.per_recipient.entry(recipient).or_default();
+        if added {
+            *depth += 1;
+            self.total.messages += 1;
+            self.total.bytes += size;
+        } else {
+            *depth = depth.saturating_sub(1);
+            if *depth == 0 {
+                self.per_recipient.remove(&recipient);
+            }
+            self.total.messages = self.total.messages.saturating_sub(1);
+            self.total.bytes = self.total.bytes.saturating_sub(size);
         }
     }
-    Ok(counters)
+}
+
+/// How to take back one change to [`State`] if its commit fails.
+enum Undo {
+    Indexed(IdKey),
+    Unindexed(IdKey, QueueKey),
+    Counted { recipient: AgentId, size: u64, added: bool },
 }
 
 struct Writer {
     db: Arc<Database>,
-    counters: Arc<Mutex<Counters>>,
+    /// Counters as of the last successful commit, for readers.
+    published: Arc<Mutex<Counters>>,
     limits: StoreLimits,
+    state: State,
+    undo: Vec<Undo>,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 impl Writer {
-    fn run(self, mut receiver: mpsc::Receiver<Request>) {
+    fn run(mut self, mut receiver: mpsc::Receiver<Request>) {
         let mut batch = Vec::with_capacity(GROUP_COMMIT_MAX);
         while let Some(first) = receiver.blocking_recv() {
             batch.push(first);
@@ -319,17 +357,14 @@ impl Writer {
     }
 
     /// Applies a batch in one transaction. On a storage failure every request in the
-    /// batch is answered with the error and nothing of it is counted.
-    fn commit(&self, batch: &mut Vec<Request>) {
+    /// batch is answered with the error and the in-memory state is rolled back.
+    fn commit(&mut self, batch: &mut Vec<Request>) {
         let mut put_replies: Vec<(Reply<PutOutcome>, Result<PutOutcome, StoreError>)> = Vec::new();
         let mut purge_replies: Vec<(Reply<u64>, u64)> = Vec::new();
-        let mut counters = self.counters.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let before = (counters.per_recipient.clone(), counters.total);
-        let result = self.apply(batch, &mut counters, &mut put_replies, &mut purge_replies);
+        self.undo.clear();
+        let result = self.apply(batch, &mut put_replies, &mut purge_replies);
         if let Err(error) = result {
-            counters.per_recipient = before.0;
-            counters.total = before.1;
-            drop(counters);
+            self.roll_back();
             tracing::error!(%error, "offline buffer commit failed");
             for (reply, _) in put_replies {
                 let _ = reply.send(Err(error.clone()));
@@ -339,7 +374,7 @@ impl Writer {
             }
             return;
         }
-        drop(counters);
+        self.publish();
         for (reply, outcome) in put_replies {
             let _ = reply.send(outcome);
         }
@@ -348,42 +383,59 @@ impl Writer {
         }
     }
 
+    fn roll_back(&mut self) {
+        while let Some(undo) = self.undo.pop() {
+            match undo {
+                Undo::Indexed(id) => {
+                    self.state.index.remove(&id);
+                }
+                Undo::Unindexed(id, key) => {
+                    self.state.index.insert(id, key);
+                }
+                Undo::Counted { recipient, size, added } => self.state.count(recipient, size, !added),
+            }
+        }
+    }
+
+    /// Copies the counters the batch touched to where readers see them.
+    fn publish(&mut self) {
+        let mut published = self.published.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for undo in &self.undo {
+            if let Undo::Counted { recipient, .. } = undo {
+                match self.state.per_recipient.get(recipient) {
+                    Some(depth) => published.per_recipient.insert(*recipient, *depth),
+                    None => published.per_recipient.remove(recipient),
+                };
+            }
+        }
+        published.total = self.state.total;
+    }
+
     fn apply(
-        &self,
+        &mut self,
         batch: &mut Vec<Request>,
-        counters: &mut Counters,
         put_replies: &mut Vec<(Reply<PutOutcome>, Result<PutOutcome, StoreError>)>,
         purge_replies: &mut Vec<(Reply<u64>, u64)>,
     ) -> Result<(), StoreError> {
         let write = self.db.begin_write().map_err(storage)?;
         {
             let mut queue = write.open_table(QUEUE).map_err(storage)?;
-            let mut ids = write.open_table(IDS).map_err(storage)?;
             let mut meta = write.open_table(META).map_err(storage)?;
             let mut next_sequence = meta.get(NEXT_SEQUENCE).map_err(storage)?.map_or(1, |v| v.value());
             for request in batch.drain(..) {
                 match request {
                     Request::Put { recipient, kind, message_id, expires_at, bytes, reply } => {
-                        let outcome = self.put_one(
-                            &mut queue,
-                            &mut ids,
-                            counters,
-                            &mut next_sequence,
-                            recipient,
-                            kind,
-                            message_id,
-                            expires_at,
-                            &bytes,
-                        )?;
+                        let record = NewRecord { recipient, kind, message_id, expires_at, bytes: &bytes };
+                        let outcome = self.put_one(&mut queue, &mut next_sequence, record)?;
                         if let Some(reply) = reply {
                             put_replies.push((reply, outcome));
                         }
                     }
                     Request::Delete { recipient, kind, message_id } => {
-                        delete_one(&mut queue, &mut ids, counters, recipient, kind, message_id)?;
+                        self.delete_one(&mut queue, recipient, (kind, message_id))?;
                     }
                     Request::Purge { now, reply } => {
-                        let purged = purge(&mut queue, &mut ids, counters, now)?;
+                        let purged = self.purge(&mut queue, now)?;
                         purge_replies.push((reply, purged));
                     }
                 }
@@ -393,106 +445,90 @@ impl Writer {
         write.commit().map_err(storage)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn put_one(
-        &self,
+        &mut self,
         queue: &mut redb::Table<&[u8], &[u8]>,
-        ids: &mut redb::Table<&[u8], &[u8]>,
-        counters: &mut Counters,
         next_sequence: &mut u64,
-        recipient: AgentId,
-        kind: RecordKind,
-        message_id: MessageId,
-        expires_at: UnixMillis,
-        bytes: &[u8],
+        record: NewRecord<'_>,
     ) -> Result<Result<PutOutcome, StoreError>, StoreError> {
-        let id = id_key(kind, message_id);
-        if ids.get(id.as_slice()).map_err(storage)?.is_some() {
+        let id = (record.kind, record.message_id);
+        if self.state.index.contains_key(&id) {
             return Ok(Ok(PutOutcome::Duplicate));
         }
-        let depth = counters.per_recipient.get(&recipient).copied().unwrap_or(0);
+        let depth = self.state.per_recipient.get(&record.recipient).copied().unwrap_or(0);
         if depth >= self.limits.queue_depth_per_agent_max {
             return Ok(Err(StoreError::RecipientQueueFull { depth }));
         }
-        let size = (VALUE_HEADER_LEN + bytes.len()) as u64;
-        if counters.total.messages >= self.limits.messages_max || counters.total.bytes + size > self.limits.bytes_max {
+        let size = (VALUE_HEADER_LEN + record.bytes.len()) as u64;
+        let total = self.state.total;
+        if total.messages >= self.limits.messages_max || total.bytes + size > self.limits.bytes_max {
             return Ok(Err(StoreError::BufferFull));
         }
-        let key = queue_key(recipient, *next_sequence);
+        let key = queue_key(record.recipient, *next_sequence);
         *next_sequence += 1;
-        let mut value = Vec::with_capacity(VALUE_HEADER_LEN + bytes.len());
-        value.extend_from_slice(&expires_at.0.to_be_bytes());
-        value.push(kind as u8);
-        value.extend_from_slice(message_id.as_bytes());
-        value.extend_from_slice(bytes);
+        let mut value = Vec::with_capacity(VALUE_HEADER_LEN + record.bytes.len());
+        value.extend_from_slice(&record.expires_at.0.to_be_bytes());
+        value.push(record.kind as u8);
+        value.extend_from_slice(record.message_id.as_bytes());
+        value.extend_from_slice(record.bytes);
         queue.insert(key.as_slice(), value.as_slice()).map_err(storage)?;
-        ids.insert(id.as_slice(), key.as_slice()).map_err(storage)?;
-        *counters.per_recipient.entry(recipient).or_default() += 1;
-        counters.total.messages += 1;
-        counters.total.bytes += size;
+        self.state.index.insert(id, key);
+        self.undo.push(Undo::Indexed(id));
+        self.state.count(record.recipient, size, true);
+        self.undo.push(Undo::Counted { recipient: record.recipient, size, added: true });
         Ok(Ok(PutOutcome::Stored))
+    }
+
+    fn delete_one(
+        &mut self,
+        queue: &mut redb::Table<&[u8], &[u8]>,
+        recipient: AgentId,
+        id: IdKey,
+    ) -> Result<(), StoreError> {
+        let Some(key) = self.state.index.get(&id).copied() else { return Ok(()) };
+        // Only the recipient a record is queued for can delete it.
+        if recipient_of(&key) != Some(recipient) {
+            return Ok(());
+        }
+        self.forget(queue, id, key)
+    }
+
+    fn purge(&mut self, queue: &mut redb::Table<&[u8], &[u8]>, now: UnixMillis) -> Result<u64, StoreError> {
+        let mut expired = Vec::new();
+        for entry in queue.iter().map_err(storage)? {
+            let (key, value) = entry.map_err(storage)?;
+            if let Some(record) = decode_record(key.value(), value.value())
+                && record.expires_at <= now
+                && let Ok(key) = QueueKey::try_from(key.value())
+            {
+                expired.push(((record.kind, record.message_id), key));
+            }
+        }
+        for (id, key) in &expired {
+            self.forget(queue, *id, *key)?;
+        }
+        Ok(expired.len() as u64)
+    }
+
+    fn forget(&mut self, queue: &mut redb::Table<&[u8], &[u8]>, id: IdKey, key: QueueKey) -> Result<(), StoreError> {
+        let removed = queue.remove(key.as_slice()).map_err(storage)?.map(|value| value.value().len() as u64);
+        self.state.index.remove(&id);
+        self.undo.push(Undo::Unindexed(id, key));
+        if let (Some(size), Some(recipient)) = (removed, recipient_of(&key)) {
+            self.state.count(recipient, size, false);
+            self.undo.push(Undo::Counted { recipient, size, added: false });
+        }
+        Ok(())
     }
 }
 
-fn delete_one(
-    queue: &mut redb::Table<&[u8], &[u8]>,
-    ids: &mut redb::Table<&[u8], &[u8]>,
-    counters: &mut Counters,
+/// A record about to be stored.
+struct NewRecord<'a> {
     recipient: AgentId,
     kind: RecordKind,
     message_id: MessageId,
-) -> Result<(), StoreError> {
-    let id = id_key(kind, message_id);
-    let key = match ids.get(id.as_slice()).map_err(storage)? {
-        Some(key) => key.value().to_vec(),
-        None => return Ok(()),
-    };
-    // Only the recipient a record is queued for can delete it.
-    if recipient_of(&key) != Some(recipient) {
-        return Ok(());
-    }
-    ids.remove(id.as_slice()).map_err(storage)?;
-    if let Some(value) = queue.remove(key.as_slice()).map_err(storage)? {
-        forget(counters, recipient, value.value().len() as u64);
-    }
-    Ok(())
-}
-
-fn purge(
-    queue: &mut redb::Table<&[u8], &[u8]>,
-    ids: &mut redb::Table<&[u8], &[u8]>,
-    counters: &mut Counters,
-    now: UnixMillis,
-) -> Result<u64, StoreError> {
-    let mut expired = Vec::new();
-    for entry in queue.iter().map_err(storage)? {
-        let (key, value) = entry.map_err(storage)?;
-        if let Some(record) = decode_record(key.value(), value.value())
-            && record.expires_at <= now
-        {
-            expired.push((key.value().to_vec(), record.kind, record.message_id));
-        }
-    }
-    for (key, kind, message_id) in &expired {
-        if let Some(value) = queue.remove(key.as_slice()).map_err(storage)?
-            && let Some(recipient) = recipient_of(key)
-        {
-            forget(counters, recipient, value.value().len() as u64);
-        }
-        ids.remove(id_key(*kind, *message_id).as_slice()).map_err(storage)?;
-    }
-    Ok(expired.len() as u64)
-}
-
-fn forget(counters: &mut Counters, recipient: AgentId, size: u64) {
-    if let Some(depth) = counters.per_recipient.get_mut(&recipient) {
-        *depth = depth.saturating_sub(1);
-        if *depth == 0 {
-            counters.per_recipient.remove(&recipient);
-        }
-    }
-    counters.total.messages = counters.total.messages.saturating_sub(1);
-    counters.total.bytes = counters.total.bytes.saturating_sub(size);
+    expires_at: UnixMillis,
+    bytes: &'a [u8],
 }
 
 /// How often the edge purges expired records.
@@ -619,5 +655,87 @@ mod tests {
         assert_eq!(receipts[0].kind, RecordKind::Receipt);
         drop(store);
         writer.join();
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Put { recipient: u8, id: u8, receipt: bool, size: u8 },
+        Delete { recipient: u8, id: u8 },
+        Reopen,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            6 => (0u8..3, 0u8..12, any::<bool>(), 0u8..50).prop_map(|(recipient, id, receipt, size)| Op::Put { recipient, id, receipt, size }),
+            3 => (0u8..3, 0u8..12).prop_map(|(recipient, id)| Op::Delete { recipient, id }),
+            1 => Just(Op::Reopen),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        /// Random puts, deletes and restarts against a model: same contents in the same
+        /// order per recipient, quotas respected, duplicates refused.
+        #[test]
+        fn store_matches_a_model(ops in proptest::collection::vec(op(), 1..60)) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("b.redb");
+                let limits = StoreLimits { queue_depth_per_agent_max: 4, messages_max: 9, bytes_max: 1 << 20 };
+                let (mut store, mut writer) = OfflineStore::open(&path, limits).unwrap();
+                // Model: per recipient, the queued (kind, id) in order.
+                let mut model: std::collections::BTreeMap<u8, Vec<(RecordKind, u8)>> = Default::default();
+                let later = UnixMillis(NOW.0 + 60_000);
+                for op in ops {
+                    match op {
+                        Op::Put { recipient, id, receipt, size } => {
+                            let kind = if receipt { RecordKind::Receipt } else { RecordKind::Envelope };
+                            let outcome = store.put(agent(recipient), kind, MessageId::from_bytes([id; 16]), later, vec![id; size as usize]).await;
+                            let exists = model.values().flatten().any(|entry| *entry == (kind, id));
+                            let depth = model.get(&recipient).map_or(0, Vec::len);
+                            let total: usize = model.values().map(Vec::len).sum();
+                            let expected = if exists {
+                                Ok(PutOutcome::Duplicate)
+                            } else if depth >= 4 {
+                                Err(StoreError::RecipientQueueFull { depth: depth as u32 })
+                            } else if total >= 9 {
+                                Err(StoreError::BufferFull)
+                            } else {
+                                model.entry(recipient).or_default().push((kind, id));
+                                Ok(PutOutcome::Stored)
+                            };
+                            assert_eq!(outcome, expected);
+                        }
+                        Op::Delete { recipient, id } => {
+                            store.delete(agent(recipient), RecordKind::Envelope, MessageId::from_bytes([id; 16])).await;
+                            if let Some(queue) = model.get_mut(&recipient) {
+                                queue.retain(|entry| *entry != (RecordKind::Envelope, id));
+                            }
+                        }
+                        Op::Reopen => {
+                            drop(store);
+                            writer.join();
+                            (store, writer) = OfflineStore::open(&path, limits).unwrap();
+                        }
+                    }
+                    store.purge_expired(NOW).await.unwrap(); // a barrier: every request before it is committed
+                    for recipient in 0..3u8 {
+                        let stored: Vec<(RecordKind, u8)> = store
+                            .pending(agent(recipient), None, 100, NOW)
+                            .unwrap()
+                            .iter()
+                            .map(|r| (r.kind, r.message_id.as_bytes()[0]))
+                            .collect();
+                        let expected = model.get(&recipient).cloned().unwrap_or_default();
+                        assert_eq!(stored, expected, "recipient {}", recipient);
+                        assert_eq!(store.depth(agent(recipient)) as usize, expected.len());
+                    }
+                }
+                drop(store);
+                writer.join();
+            });
+        }
     }
 }

@@ -21,8 +21,10 @@ pub const EDGE_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Path of a workspace binary built next to the running test executable.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target profile directory");
+    // Tests run from target/<profile>/deps/, binaries such as molt-bench from
+    // target/<profile>/; workspace binaries sit in target/<profile>/.
+    let exe_dir = exe.parent().expect("executable directory");
+    let profile_dir = if exe_dir.ends_with("deps") { exe_dir.parent().expect("target profile directory") } else { exe_dir };
     let path = profile_dir.join(name);
     if !path.exists() {
         let status = Command::new(env!("CARGO")).args(["build", "--bin", name]).status().expect("cargo build runs");
