@@ -8,13 +8,14 @@ mod keygen;
 mod listen;
 mod send;
 mod session;
+mod up;
 
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
-/// Worker threads of the runtime that `send` and `listen` run on.
+/// Worker threads of the runtime that `send` and `listen` run on (`molt up` sizes its own).
 const RUNTIME_WORKER_THREADS: usize = 2;
 
 #[derive(Debug, Parser)]
@@ -27,14 +28,15 @@ const RUNTIME_WORKER_THREADS: usize = 2;
 Agents talk through QUIC edge relays with mutual TLS. An agent's id is derived from its first \
 (inception) Ed25519 key; messages are encrypted to the recipient (HPKE) and signed by the sender.
 
-Quick start, all on one machine:
+Quick start, all on one machine: `molt up` runs a local network (a development CA in .molt/ca \
+and an edge on 127.0.0.1:4433) and prints the commands to try it; in another terminal:
 
-  molt dev-ca init --dir ca
-  molt keygen --dir alice && molt dev-ca issue-agent --ca ca --agent-dir alice
-  molt keygen --dir bob   && molt dev-ca issue-agent --ca ca --agent-dir bob
-  molt dev-ca issue-edge --ca ca --out edge        # then start molt-edge with these files
-  molt listen --agent-dir bob --edge localhost:4433 --ca-root ca/root.pem --peer alice/card.json &
-  molt send --agent-dir alice --edge localhost:4433 --ca-root ca/root.pem --to bob/card.json 'hello bob'
+  molt keygen --dir .molt/agents/alice && molt dev-ca issue-agent --ca .molt/ca --agent-dir .molt/agents/alice
+  molt keygen --dir .molt/agents/bob   && molt dev-ca issue-agent --ca .molt/ca --agent-dir .molt/agents/bob
+  molt listen --agent-dir .molt/agents/bob --edge 127.0.0.1:4433 --ca-root .molt/ca/root.pem --peer .molt/agents/alice/card.json &
+  molt send --agent-dir .molt/agents/alice --edge 127.0.0.1:4433 --ca-root .molt/ca/root.pem --to .molt/agents/bob/card.json 'hello bob'
+
+For a network of your own, see `molt dev-ca --help` (a CA, and certificates for molt-edge).
 
 Exit status: 0 on success, 1 on error (one line on stderr starting with `error:`), 2 on a \
 command-line usage error. Set RUST_LOG (e.g. RUST_LOG=debug) for diagnostics on stderr."
@@ -46,6 +48,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    Up(up::UpArgs),
     Keygen(keygen::KeygenArgs),
     #[command(subcommand)]
     DevCa(dev_ca::DevCaCommand),
@@ -57,7 +60,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // `molt up` logs as its edge's configuration says.
+    if !matches!(cli.command, Command::Up(_)) {
+        init_logging();
+    }
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -69,6 +75,7 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Up(args) => up::run(&args),
         Command::Keygen(args) => keygen::run(&args),
         Command::DevCa(command) => dev_ca::run(command),
         Command::Card(command) => card::run(command),
@@ -91,4 +98,14 @@ fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
 }

@@ -192,7 +192,8 @@ fn every_command_explains_itself_with_an_example() {
     let temp = tempfile::tempdir().unwrap();
     let top = succeeds(&["--help"], temp.path());
     assert!(top.contains("Quick start"), "{top}");
-    let commands: [&[&str]; 9] = [
+    let commands: [&[&str]; 10] = [
+        &["up"],
         &["keygen"],
         &["dev-ca"],
         &["dev-ca", "init"],
