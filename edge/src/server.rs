@@ -287,19 +287,29 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming, _ip_sl
     relay.register(&session);
     relay.prime(&session);
     tracing::debug!(%agent, %remote, session = session.id, "agent connected");
-    let writer = tokio::spawn(relay::write_loop(outbound_receiver, send));
-    let drainer = tokio::spawn({
+    let writer = AbortOnDrop(tokio::spawn(relay::write_loop(outbound_receiver, send)));
+    let drainer = AbortOnDrop(tokio::spawn({
         let relay = relay.clone();
         let session = session.clone();
         async move { relay.drain(session).await }
-    });
+    }));
     let code = relay::read_loop(relay, &session, recv).await;
-    drainer.abort();
+    drop(drainer);
     relay.unregister(&session).await;
     if code != close_code::NORMAL {
         tokio::time::sleep(CLOSE_FLUSH_TIMEOUT).await;
         connection.close(code.into(), b"closing");
     }
-    writer.abort();
+    drop(writer);
     tracing::debug!(%agent, session = session.id, code, "agent disconnected");
+}
+
+/// Aborts its task when dropped: a connection task aborted at shutdown takes its helper
+/// tasks (and their handles on the relay and the store) with it.
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

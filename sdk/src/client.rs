@@ -282,6 +282,9 @@ impl Client {
 
 /// How long [`Client::close`] waits for the driver to say goodbye.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long closing waits for the edge to acknowledge the session stream's last bytes.
+const LINK_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+const _: () = assert!(LINK_FLUSH_TIMEOUT.as_millis() < CLOSE_TIMEOUT.as_millis());
 
 fn quic_client_config(config: &ClientConfig) -> Result<quinn::ClientConfig, ConnectError> {
     let tls = tls::client_config(
@@ -430,6 +433,8 @@ impl Driver {
             match self.serve(current).await {
                 LinkEnd::Closed => {
                     self.endpoint.close(0u32.into(), b"closed");
+                    // The close frame leaves only while the endpoint is driven.
+                    self.endpoint.wait_idle().await;
                     return;
                 }
                 LinkEnd::Lost(reason) => {
@@ -491,6 +496,11 @@ impl Driver {
                 return end;
             }
         }
+        // Frames that came in the pong's chunk, after it: nothing may follow to wake the
+        // read below (say, the only buffered message), so handle them now.
+        if let Some(end) = self.handle_buffered(&mut reader, &mut out, &link).await {
+            return end;
+        }
         while let Some(id) = self.resend.pop_front() {
             if let Some((bytes, _)) = self.unanswered.get(&id) {
                 Frame::Send(bytes.clone()).encode_into(&mut out);
@@ -526,17 +536,8 @@ impl Driver {
                     };
                     reader.extend(&chunk.bytes);
                     out.clear();
-                    loop {
-                        match reader.next_frame() {
-                            Ok(Some(frame)) => {
-                                if let Some(end) = self.handle(frame, &mut out).await {
-                                    link.connection.close(0u32.into(), b"reconnecting");
-                                    return end;
-                                }
-                            }
-                            Ok(None) => break,
-                            Err(error) => return LinkEnd::Lost(format!("edge sent a malformed frame: {error}")),
-                        }
+                    if let Some(end) = self.handle_buffered(&mut reader, &mut out, &link).await {
+                        return end;
                     }
                     if !out.is_empty() && let Err(error) = link.send.write_all(&out).await {
                         return LinkEnd::Lost(format!("write failed: {error}"));
@@ -546,8 +547,28 @@ impl Driver {
         }
     }
 
+    /// Handles every complete frame the reader holds, appending answers to `out`.
+    async fn handle_buffered(&mut self, reader: &mut FrameReader, out: &mut Vec<u8>, link: &Link) -> Option<LinkEnd> {
+        loop {
+            match reader.next_frame() {
+                Ok(Some(frame)) => {
+                    if let Some(end) = self.handle(frame, out).await {
+                        link.connection.close(0u32.into(), b"reconnecting");
+                        return Some(end);
+                    }
+                }
+                Ok(None) => return None,
+                Err(error) => return Some(LinkEnd::Lost(format!("edge sent a malformed frame: {error}"))),
+            }
+        }
+    }
+
     async fn close_link(&mut self, mut link: Link) -> LinkEnd {
-        let _ = link.send.finish();
+        // Closing a connection discards unsent stream data: let the edge acknowledge what
+        // was written (receipts above all) first.
+        if link.send.finish().is_ok() {
+            let _ = tokio::time::timeout(LINK_FLUSH_TIMEOUT, link.send.stopped()).await;
+        }
         link.connection.close(0u32.into(), b"bye");
         LinkEnd::Closed
     }

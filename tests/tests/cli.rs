@@ -21,9 +21,6 @@ const LISTEN_START_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[test]
-#[ignore = "flaky until the sdk flushes the session stream and the close frame on Client::close (the \
-            receipt is lost) and the edge's shutdown aborts connection helper tasks (it hangs): \
-            /work/shared/molt-up-sdk-edge-fixes.patch"]
 fn molt_up_relays_between_cli_agents() -> anyhow::Result<()> {
     let temp = tempfile::tempdir()?;
     let mut up = MoltUp::start(temp.path(), "net")?;
@@ -51,8 +48,6 @@ fn molt_up_relays_between_cli_agents() -> anyhow::Result<()> {
 }
 
 #[test]
-#[ignore = "fails until the sdk handles frames that follow the pong in its chunk (buffered messages \
-            wait for more traffic): /work/shared/molt-up-sdk-edge-fixes.patch"]
 fn molt_up_stores_for_an_offline_cli_agent() -> anyhow::Result<()> {
     let temp = tempfile::tempdir()?;
     let mut up = MoltUp::start(temp.path(), "net")?;

@@ -358,3 +358,17 @@ async fn full_recipient_queue_is_reported_to_the_sender() {
     // Another recipient's queue is unaffected.
     assert_eq!(a.send(carol.id(), b"for carol").await.unwrap().disposition, Disposition::Stored);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_buffered_message_arrives_on_connect() {
+    // The message can arrive in the same read as the handshake's pong; nothing else follows.
+    let net = Network::new().unwrap();
+    let edge = net.edge("edge", "").unwrap().spawn().unwrap();
+    let alice = net.agent("alice").unwrap();
+    let bob = net.agent("bob").unwrap();
+    let a = net.connect(&alice, edge.quic_addr(), &[&bob]).await.unwrap();
+    let report = a.send(bob.id(), b"only one").await.unwrap();
+    assert_eq!(report.disposition, Disposition::Stored);
+    let mut b = net.connect(&bob, edge.quic_addr(), &[&alice]).await.unwrap();
+    assert_eq!(next_message(&mut b).await.message_id, report.message_id);
+}
