@@ -18,19 +18,51 @@ use molt_sdk::{AgentIdentity, Client, ClientConfig, Directory};
 /// How long a spawned edge may take to answer its health check.
 pub const EDGE_START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Path of a workspace binary built next to the running test executable.
+/// Path of a workspace binary built next to the running test executable, rebuilt first
+/// (once per test process) if it is missing or older than the workspace sources: a test
+/// crate cannot depend on another crate's binary, so `cargo test -p molt-tests` alone
+/// would otherwise run a stale one.
 pub fn binary(name: &str) -> PathBuf {
+    static CHECKED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let exe = std::env::current_exe().expect("test executable path");
     // Tests run from target/<profile>/deps/, binaries such as molt-bench from
     // target/<profile>/; workspace binaries sit in target/<profile>/.
     let exe_dir = exe.parent().expect("executable directory");
-    let profile_dir = if exe_dir.ends_with("deps") { exe_dir.parent().expect("target profile directory") } else { exe_dir };
+    let profile_dir =
+        if exe_dir.ends_with("deps") { exe_dir.parent().expect("target profile directory") } else { exe_dir };
     let path = profile_dir.join(name);
-    if !path.exists() {
-        let status = Command::new(env!("CARGO")).args(["build", "--bin", name]).status().expect("cargo build runs");
-        assert!(status.success(), "building {name} failed");
+    let mut checked = CHECKED.lock().unwrap_or_else(|p| p.into_inner());
+    if !checked.iter().any(|n| n == name) {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
+        let newest_source = ["protocol", "edge", "sdk", "cli"]
+            .iter()
+            .filter_map(|member| newest_modification(&workspace.join(member).join("src")))
+            .max();
+        let built = std::fs::metadata(&path).and_then(|metadata| metadata.modified()).ok();
+        if built.is_none() || newest_source > built {
+            let mut build = Command::new(env!("CARGO"));
+            build.args(["build", "--quiet", "--bin", name]);
+            if !cfg!(debug_assertions) {
+                build.arg("--release");
+            }
+            let status = build.status().expect("cargo build runs");
+            assert!(status.success(), "building {name} failed");
+        }
+        checked.push(name.to_string());
     }
     path
+}
+
+/// When the newest file under `dir` was last modified.
+fn newest_modification(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let modified =
+            if path.is_dir() { newest_modification(&path) } else { entry.metadata().and_then(|m| m.modified()).ok() };
+        newest = newest.max(modified);
+    }
+    newest
 }
 
 /// A free loopback port for UDP (QUIC) and one for TCP (admin HTTP).

@@ -5,8 +5,8 @@ use std::io::{BufRead as _, BufReader, Read as _};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use molt_tests::{binary, free_ports, http_get};
@@ -87,43 +87,8 @@ fn molt_up_reuses_its_directory() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The `molt` binary, rebuilt first if it is older than the sources it is made from:
-/// this crate cannot depend on a binary-only crate, and `binary` only builds a missing one.
 fn molt() -> PathBuf {
-    static CHECKED: OnceLock<PathBuf> = OnceLock::new();
-    CHECKED
-        .get_or_init(|| {
-            let path = binary("molt");
-            let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
-            let newest_source = ["cli", "sdk", "edge", "protocol"]
-                .iter()
-                .filter_map(|member| newest_modification(&workspace.join(member).join("src")))
-                .max();
-            let built = std::fs::metadata(&path).and_then(|metadata| metadata.modified()).ok();
-            if newest_source > built {
-                let mut build = Command::new(env!("CARGO"));
-                build.args(["build", "--quiet", "-p", "molt", "--bin", "molt"]);
-                if !cfg!(debug_assertions) {
-                    build.arg("--release");
-                }
-                let status = build.status().expect("cargo build runs");
-                assert!(status.success(), "building molt failed");
-            }
-            path
-        })
-        .clone()
-}
-
-/// When the newest file under `dir` was last modified.
-fn newest_modification(dir: &Path) -> Option<SystemTime> {
-    let mut newest = None;
-    for entry in std::fs::read_dir(dir).ok()?.flatten() {
-        let path = entry.path();
-        let modified =
-            if path.is_dir() { newest_modification(&path) } else { entry.metadata().and_then(|m| m.modified()).ok() };
-        newest = newest.max(modified);
-    }
-    newest
+    binary("molt")
 }
 
 /// A child process killed (and reaped) when dropped, so a failing test leaves none behind.
