@@ -1,0 +1,171 @@
+//! The HTTP API: routes, shared state, the OpenAPI document and the server loop.
+//!
+//! Handlers are thin: extract (rejections are problem documents), call [`Database`],
+//! map domain errors to stable problem codes. Admin routes take an
+//! [`extract::Authorized`] for the scope they need, so a handler cannot run unchecked.
+
+pub mod admin_keys;
+pub mod extract;
+pub mod ops;
+pub mod orgs;
+pub mod problem;
+
+use std::convert::Infallible;
+use std::future::{Future, IntoFuture as _};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{delete, get, post};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::clock::Clock;
+use crate::db::Database;
+use crate::metrics::{self, Metrics};
+use problem::ApiError;
+
+/// Largest request body accepted; larger ones get a 413 problem.
+pub const REQUEST_BODY_BYTES_MAX: usize = 64 * 1024;
+/// How long `/readyz` waits for the database.
+pub const READY_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What handlers share; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub db: Database,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Arc<Metrics>,
+    openapi: Arc<str>,
+}
+
+impl AppState {
+    pub fn new(db: Database, clock: Arc<dyn Clock>, metrics: Arc<Metrics>) -> Self {
+        // Invariant: the document is built from static derive output; serialising it
+        // cannot fail.
+        let openapi = ApiDoc::openapi().to_pretty_json().expect("the OpenAPI document serialises");
+        AppState { db, clock, metrics, openapi: openapi.into() }
+    }
+}
+
+/// The OpenAPI 3.1 document of every route.
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(
+        title = "Molt control plane",
+        description = "Admin API of the Molt control plane. Errors are RFC 9457 problem documents \
+                       (application/problem+json) with a stable `code`."
+    ),
+    paths(
+        ops::healthz,
+        ops::readyz,
+        ops::metrics,
+        ops::openapi,
+        admin_keys::create_admin_key,
+        admin_keys::list_admin_keys,
+        admin_keys::revoke_admin_key,
+        orgs::create_org,
+        orgs::list_orgs,
+        orgs::get_org,
+    ),
+    components(schemas(problem::Problem)),
+    modifiers(&BearerSecurity),
+    tags(
+        (name = "operations", description = "Health, readiness, metrics and this document"),
+        (name = "admin keys", description = "Scoped admin API keys"),
+        (name = "orgs", description = "Organisations"),
+    )
+)]
+pub struct ApiDoc;
+
+/// Name of the security scheme admin routes use (the `security(("admin_key" = …))` literals).
+pub const BEARER_SCHEME: &str = "admin_key";
+
+#[derive(Debug)]
+struct BearerSecurity;
+
+impl Modify for BearerSecurity {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            BEARER_SCHEME,
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("An admin key: `molt_admin_…`"))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// Builds every route.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(ops::openapi))
+        .route("/v1/admin/keys", post(admin_keys::create_admin_key).get(admin_keys::list_admin_keys))
+        .route("/v1/admin/keys/{id}", delete(admin_keys::revoke_admin_key))
+        .route("/v1/orgs", post(orgs::create_org).get(orgs::list_orgs))
+        .route("/v1/orgs/{id}", get(orgs::get_org))
+        .route_layer(middleware::from_fn_with_state(state.clone(), record_request))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(REQUEST_BODY_BYTES_MAX))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown` completes, then lets in-flight requests
+/// finish. Runs the metrics upkeep for as long as it serves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    if let Ok(address) = listener.local_addr() {
+        tracing::info!(%address, "control plane API listening");
+    }
+    let metrics = state.metrics.clone();
+    let server = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown);
+    tokio::select! {
+        result = server.into_future() => result,
+        never = run_upkeep(metrics) => match never {},
+    }
+}
+
+async fn run_upkeep(metrics: Arc<Metrics>) -> Infallible {
+    let mut interval = tokio::time::interval(metrics::UPKEEP_INTERVAL);
+    loop {
+        interval.tick().await;
+        metrics.run_upkeep();
+    }
+}
+
+async fn record_request(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request.extensions().get::<MatchedPath>().map_or_else(String::new, |path| path.as_str().to_owned());
+    let method = request.method().as_str().to_owned();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    state.metrics.record(|| {
+        ::metrics::counter!(metrics::HTTP_REQUESTS_TOTAL, "route" => route.clone(), "method" => method.clone(), "status" => status)
+            .increment(1);
+        ::metrics::histogram!(metrics::HTTP_REQUEST_DURATION_SECONDS, "route" => route, "method" => method)
+            .record(started.elapsed().as_secs_f64());
+    });
+    response
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "the route does not accept this method")
+}

@@ -1,0 +1,458 @@
+//! The service's configuration: defaults, then a TOML file, then `MOLT_CP_*` environment
+//! variables, then command-line flags, each overriding the one before.
+//!
+//! The file is read into [`ConfigFile`], its own serde type: a syntax error or an unknown
+//! key stops there, with the line. Then every setting is validated from wherever it came,
+//! and *all* the problems are reported together, each naming its key and origin
+//! (`database.max_connections (file)`, `MOLT_CP_LISTEN (environment)`).
+//!
+//! | file key                       | environment                            | default |
+//! |--------------------------------|----------------------------------------|---------|
+//! | `listen_addr`                  | `MOLT_CP_LISTEN`                       | `127.0.0.1:8080` |
+//! | `database.url`                 | `MOLT_CP_DATABASE_URL`                 | `sqlite:molt-control-plane.db` |
+//! | `database.max_connections`     | `MOLT_CP_DATABASE_MAX_CONNECTIONS`     | 8 |
+//! | `database.acquire_timeout_ms`  | `MOLT_CP_DATABASE_ACQUIRE_TIMEOUT_MS`  | 5000 |
+//! | `log.level`                    | `MOLT_CP_LOG_LEVEL`                    | `info` |
+//! | `log.format`                   | `MOLT_CP_LOG_FORMAT`                   | `text` |
+//!
+//! Unknown `MOLT_CP_*` variables are reported too: a typo must not go unnoticed.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::db::{Backend, DatabaseOptions};
+
+/// Default HTTP address: loopback, so a fresh install is not reachable from outside.
+pub const DEFAULT_LISTEN_ADDR: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
+/// Default database: a SQLite file in the working directory, created on first start.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite:molt-control-plane.db";
+/// Default size of the connection pool.
+pub const DEFAULT_DATABASE_MAX_CONNECTIONS: u32 = 8;
+/// Largest `database.max_connections`.
+pub const DATABASE_MAX_CONNECTIONS_MAX: u32 = 1000;
+/// Default wait for a pooled connection.
+pub const DEFAULT_DATABASE_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest `database.acquire_timeout_ms`.
+pub const DATABASE_ACQUIRE_TIMEOUT_MAX: Duration = Duration::from_secs(300);
+/// Prefix of the environment variables read.
+pub const ENV_PREFIX: &str = "MOLT_CP_";
+
+const _: () = assert!(DEFAULT_DATABASE_MAX_CONNECTIONS <= DATABASE_MAX_CONNECTIONS_MAX);
+const _: () = assert!(DEFAULT_DATABASE_ACQUIRE_TIMEOUT.as_millis() <= DATABASE_ACQUIRE_TIMEOUT_MAX.as_millis());
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// HTTP address of the API.
+    pub listen_addr: SocketAddr,
+    pub database: DatabaseOptions,
+    pub log: LogConfig,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// `tracing` env-filter directive, e.g. `info,molt_control_plane=debug`.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The file's shape. Every key is optional; values keep their TOML type so that a wrong
+/// type is reported with the other value errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub listen_addr: Option<toml::Value>,
+    #[serde(default)]
+    pub database: DatabaseSection,
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSection {
+    pub url: Option<toml::Value>,
+    pub max_connections: Option<toml::Value>,
+    pub acquire_timeout_ms: Option<toml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    pub level: Option<toml::Value>,
+    pub format: Option<toml::Value>,
+}
+
+/// Values given on the command line; they win over everything else.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub database_url: Option<String>,
+    pub listen_addr: Option<String>,
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("failed to read the config file {}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("failed to parse the config file {}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration:{}", Problems(.0))]
+    Invalid(Vec<Problem>),
+}
+
+/// One invalid setting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The file key (`database.url`), or the variable or flag it came from.
+    pub key: String,
+    pub origin: Origin,
+    pub message: String,
+}
+
+/// Where a value came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    File,
+    Environment,
+    Flag,
+}
+
+/// Loads the configuration from an optional file, the environment (`MOLT_CP_*` entries
+/// of `environment`) and the command line.
+pub fn load(
+    file: Option<&Path>,
+    environment: &BTreeMap<String, String>,
+    overrides: &Overrides,
+) -> Result<Config, ConfigError> {
+    let parsed = match file {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+            parse_file(&text).map_err(|message| ConfigError::Parse { path: path.to_owned(), message })?
+        }
+        None => ConfigFile::default(),
+    };
+    validate(parsed, environment, overrides)
+}
+
+/// The process environment's `MOLT_CP_*` variables.
+pub fn process_environment() -> BTreeMap<String, String> {
+    std::env::vars().filter(|(name, _)| name.starts_with(ENV_PREFIX)).collect()
+}
+
+/// Parses the file's text; the message names the line and key of the first error.
+pub fn parse_file(text: &str) -> Result<ConfigFile, String> {
+    toml::from_str(text).map_err(|error| error.to_string().trim_end().to_owned())
+}
+
+/// Merges file, environment and overrides, and validates every value.
+pub fn validate(
+    file: ConfigFile,
+    environment: &BTreeMap<String, String>,
+    overrides: &Overrides,
+) -> Result<Config, ConfigError> {
+    let mut checker = Checker { environment, problems: Vec::new() };
+    checker.unknown_variables();
+
+    let listen_addr = checker
+        .setting("listen_addr", "MOLT_CP_LISTEN", file.listen_addr, overrides.listen_addr.as_deref(), "--listen")
+        .and_then(|input| checker.check(input, parse_listen_addr))
+        .unwrap_or(DEFAULT_LISTEN_ADDR);
+    let url = checker
+        .setting(
+            "database.url",
+            "MOLT_CP_DATABASE_URL",
+            file.database.url,
+            overrides.database_url.as_deref(),
+            "--database-url",
+        )
+        .and_then(|input| checker.check(input, parse_database_url))
+        .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
+    let max_connections = checker
+        .setting(
+            "database.max_connections",
+            "MOLT_CP_DATABASE_MAX_CONNECTIONS",
+            file.database.max_connections,
+            None,
+            "",
+        )
+        .and_then(|input| checker.check(input, |value| integer_in(value, 1, DATABASE_MAX_CONNECTIONS_MAX.into())))
+        .map_or(DEFAULT_DATABASE_MAX_CONNECTIONS, |count| u32::try_from(count).unwrap_or(DATABASE_MAX_CONNECTIONS_MAX));
+    let acquire_timeout_ms_max = u64::try_from(DATABASE_ACQUIRE_TIMEOUT_MAX.as_millis()).unwrap_or(u64::MAX);
+    let acquire_timeout = checker
+        .setting(
+            "database.acquire_timeout_ms",
+            "MOLT_CP_DATABASE_ACQUIRE_TIMEOUT_MS",
+            file.database.acquire_timeout_ms,
+            None,
+            "",
+        )
+        .and_then(|input| checker.check(input, |value| integer_in(value, 1, acquire_timeout_ms_max)))
+        .map_or(DEFAULT_DATABASE_ACQUIRE_TIMEOUT, Duration::from_millis);
+    let level = checker
+        .setting("log.level", "MOLT_CP_LOG_LEVEL", file.log.level, None, "")
+        .and_then(|input| checker.check(input, parse_log_level))
+        .unwrap_or_else(|| "info".to_owned());
+    let format = checker
+        .setting("log.format", "MOLT_CP_LOG_FORMAT", file.log.format, None, "")
+        .and_then(|input| checker.check(input, parse_log_format))
+        .unwrap_or(LogFormat::Text);
+
+    if !checker.problems.is_empty() {
+        return Err(ConfigError::Invalid(checker.problems));
+    }
+    Ok(Config {
+        listen_addr,
+        database: DatabaseOptions { url, max_connections, acquire_timeout },
+        log: LogConfig { level, format },
+    })
+}
+
+/// Every `MOLT_CP_*` variable this module reads.
+pub const ENVIRONMENT_VARIABLES: [&str; 6] = [
+    "MOLT_CP_LISTEN",
+    "MOLT_CP_DATABASE_URL",
+    "MOLT_CP_DATABASE_MAX_CONNECTIONS",
+    "MOLT_CP_DATABASE_ACQUIRE_TIMEOUT_MS",
+    "MOLT_CP_LOG_LEVEL",
+    "MOLT_CP_LOG_FORMAT",
+];
+
+/// A raw value and where it came from.
+#[derive(Debug)]
+struct Input {
+    value: toml::Value,
+    key: String,
+    origin: Origin,
+}
+
+struct Checker<'a> {
+    environment: &'a BTreeMap<String, String>,
+    problems: Vec<Problem>,
+}
+
+impl Checker<'_> {
+    fn unknown_variables(&mut self) {
+        for name in self.environment.keys() {
+            if name.starts_with(ENV_PREFIX) && !ENVIRONMENT_VARIABLES.contains(&name.as_str()) {
+                self.problems.push(Problem {
+                    key: name.clone(),
+                    origin: Origin::Environment,
+                    message: format!("unknown variable (known: {})", ENVIRONMENT_VARIABLES.join(", ")),
+                });
+            }
+        }
+    }
+
+    /// The winning input for one setting: flag, then environment, then file.
+    fn setting(
+        &self,
+        file_key: &str,
+        variable: &str,
+        file_value: Option<toml::Value>,
+        flag_value: Option<&str>,
+        flag: &str,
+    ) -> Option<Input> {
+        let text = |value: &str| toml::Value::String(value.to_owned());
+        if let Some(value) = flag_value {
+            return Some(Input { value: text(value), key: flag.to_owned(), origin: Origin::Flag });
+        }
+        if let Some(value) = self.environment.get(variable) {
+            return Some(Input { value: text(value), key: variable.to_owned(), origin: Origin::Environment });
+        }
+        file_value.map(|value| Input { value, key: file_key.to_owned(), origin: Origin::File })
+    }
+
+    fn check<T>(&mut self, input: Input, parse: impl FnOnce(&toml::Value) -> Result<T, String>) -> Option<T> {
+        parse(&input.value)
+            .map_err(|message| self.problems.push(Problem { key: input.key, origin: input.origin, message }))
+            .ok()
+    }
+}
+
+fn text(value: &toml::Value) -> Result<&str, String> {
+    value.as_str().ok_or_else(|| format!("expected a string, found {}", value.type_str()))
+}
+
+/// An integer: a TOML integer, or a decimal string from the environment.
+fn integer_in(value: &toml::Value, min: u64, max: u64) -> Result<u64, String> {
+    let number = match value {
+        toml::Value::Integer(number) => *number,
+        toml::Value::String(text) => {
+            text.trim().parse::<i64>().map_err(|_| format!("expected an integer, found {text:?}"))?
+        }
+        other => return Err(format!("expected an integer, found {}", other.type_str())),
+    };
+    u64::try_from(number)
+        .ok()
+        .filter(|number| (min..=max).contains(number))
+        .ok_or_else(|| format!("must be between {min} and {max}, found {number}"))
+}
+
+fn parse_listen_addr(value: &toml::Value) -> Result<SocketAddr, String> {
+    let text = text(value)?;
+    text.parse().map_err(|_| format!("expected an address like 127.0.0.1:8080, found {text:?}"))
+}
+
+fn parse_database_url(value: &toml::Value) -> Result<String, String> {
+    let url = text(value)?;
+    match Backend::from_url(url) {
+        None => Err("expected sqlite:PATH or postgres://USER@HOST/DATABASE".to_owned()),
+        // Each pooled connection would get its own empty in-memory database.
+        Some(Backend::Sqlite) if url.contains(":memory:") || url.contains("mode=memory") => {
+            Err("in-memory SQLite is not supported: give a file path".to_owned())
+        }
+        Some(Backend::Sqlite) if url.trim_start_matches("sqlite:").trim_start_matches("//").is_empty() => {
+            Err("expected a file path after sqlite:".to_owned())
+        }
+        Some(_) => Ok(url.to_owned()),
+    }
+}
+
+fn parse_log_level(value: &toml::Value) -> Result<String, String> {
+    let level = text(value)?;
+    tracing_subscriber::EnvFilter::try_new(level).map_err(|error| format!("not a log filter: {error}"))?;
+    Ok(level.to_owned())
+}
+
+fn parse_log_format(value: &toml::Value) -> Result<LogFormat, String> {
+    match text(value)? {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        other => Err(format!("expected \"text\" or \"json\", found {other:?}")),
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Origin::File => "file",
+            Origin::Environment => "environment",
+            Origin::Flag => "command line",
+        })
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({}): {}", self.key, self.origin, self.message)
+    }
+}
+
+struct Problems<'a>(&'a [Problem]);
+
+impl fmt::Display for Problems<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|problem| write!(f, "\n  {problem}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn environment(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(name, value)| (name.to_string(), value.to_string())).collect()
+    }
+
+    fn problems(result: Result<Config, ConfigError>) -> Vec<String> {
+        match result {
+            Err(ConfigError::Invalid(problems)) => problems.iter().map(ToString::to_string).collect(),
+            other => panic!("expected invalid configuration, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn no_input_gives_the_embedded_defaults() {
+        let config = validate(ConfigFile::default(), &BTreeMap::new(), &Overrides::default()).unwrap();
+        assert_eq!(config.listen_addr, DEFAULT_LISTEN_ADDR);
+        assert_eq!(config.database.url, DEFAULT_DATABASE_URL);
+        assert_eq!(config.database.max_connections, DEFAULT_DATABASE_MAX_CONNECTIONS);
+        assert_eq!(config.database.acquire_timeout, DEFAULT_DATABASE_ACQUIRE_TIMEOUT);
+        assert_eq!(config.log, LogConfig { level: "info".into(), format: LogFormat::Text });
+    }
+
+    #[test]
+    fn flags_beat_environment_beat_file() {
+        let file = parse_file(
+            "listen_addr = \"0.0.0.0:1\"\n[database]\nurl = \"sqlite:file.db\"\nmax_connections = 3\n[log]\nformat = \"json\"\n",
+        )
+        .unwrap();
+        let env = environment(&[("MOLT_CP_LISTEN", "0.0.0.0:2"), ("MOLT_CP_DATABASE_URL", "postgres://env@h/db")]);
+        let flags = Overrides { database_url: Some("postgres://flag@h/db".into()), listen_addr: None };
+        let config = validate(file, &env, &flags).unwrap();
+        assert_eq!(config.listen_addr, "0.0.0.0:2".parse().unwrap());
+        assert_eq!(config.database.url, "postgres://flag@h/db");
+        assert_eq!(config.database.max_connections, 3);
+        assert_eq!(config.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn every_value_error_is_reported_with_its_key_and_origin() {
+        let file = parse_file(
+            "listen_addr = 8080\n[database]\nurl = \"mysql://x\"\nmax_connections = 0\nacquire_timeout_ms = \"soon\"\n[log]\nformat = \"xml\"\n",
+        )
+        .unwrap();
+        let env = environment(&[("MOLT_CP_LOG_LEVEL", "info,=[bad"), ("MOLT_CP_LISTN", "x")]);
+        let found = problems(validate(file, &env, &Overrides::default()));
+        let expected = [
+            "MOLT_CP_LISTN (environment): unknown variable",
+            "listen_addr (file): expected a string, found integer",
+            "database.url (file): expected sqlite:PATH or postgres://",
+            "database.max_connections (file): must be between 1 and 1000, found 0",
+            "database.acquire_timeout_ms (file): expected an integer, found \"soon\"",
+            "MOLT_CP_LOG_LEVEL (environment): not a log filter",
+            "log.format (file): expected \"text\" or \"json\", found \"xml\"",
+        ];
+        assert_eq!(found.len(), expected.len(), "{found:#?}");
+        for (found, expected) in found.iter().zip(expected) {
+            assert!(found.starts_with(expected), "{found:?} should start with {expected:?}");
+        }
+    }
+
+    #[test]
+    fn environment_integers_and_flags_are_checked_too() {
+        let env = environment(&[("MOLT_CP_DATABASE_MAX_CONNECTIONS", "many")]);
+        let flags = Overrides { database_url: Some("sqlite::memory:".into()), listen_addr: Some("nowhere".into()) };
+        let found = problems(validate(ConfigFile::default(), &env, &flags));
+        assert_eq!(found.len(), 3, "{found:#?}");
+        assert!(found[0].starts_with("--listen (command line): expected an address"));
+        assert!(found[1].starts_with("--database-url (command line): in-memory SQLite is not supported"));
+        assert!(found[2].starts_with("MOLT_CP_DATABASE_MAX_CONNECTIONS (environment): expected an integer"));
+    }
+
+    #[test]
+    fn unknown_file_keys_and_syntax_errors_stop_at_parsing() {
+        let error = parse_file("[database]\nurll = \"sqlite:x.db\"\n").unwrap_err();
+        assert!(error.contains("unknown field `urll`"), "{error}");
+        assert!(error.contains("line 2"), "{error}");
+        assert!(parse_file("listen_addr = ").is_err());
+    }
+
+    #[test]
+    fn files_are_read_from_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cp.toml");
+        std::fs::write(&path, "[database]\nurl = \"postgres://postgres@127.0.0.1/cp\"\n").unwrap();
+        let config = load(Some(&path), &BTreeMap::new(), &Overrides::default()).unwrap();
+        assert_eq!(config.database.url, "postgres://postgres@127.0.0.1/cp");
+        assert!(matches!(
+            load(Some(&dir.path().join("missing.toml")), &BTreeMap::new(), &Overrides::default()),
+            Err(ConfigError::Read { .. })
+        ));
+    }
+}

@@ -1,0 +1,475 @@
+//! Storage: one [`Database`] handle over SQLite (the embedded default) or PostgreSQL.
+//!
+//! **Design.** The handle wraps a [`sqlx::AnyPool`] plus the [`Backend`] it talks to.
+//! Every statement is written once, with `$N` placeholders, which both SQLite and
+//! PostgreSQL accept; the SQL used sticks to what both implement (`ON CONFLICT … DO
+//! UPDATE … WHERE`, `RETURNING`-free inserts, 64-bit integers, byte strings, text). Where
+//! a later feature needs dialect-specific SQL (full-text search), it branches on
+//! [`Database::backend`]. The DDL differs per backend, so each has its own migrations
+//! (`migrations/sqlite`, `migrations/postgres`), embedded in the binary and applied by
+//! [`Database::connect`]; on PostgreSQL sqlx serialises concurrent migration runs with an
+//! advisory lock, so replicas may start together.
+//!
+//! **Rules for callers and for new queries.** Every change touching more than one row
+//! runs in one transaction ([`Database::begin`]). Races between replicas are settled by
+//! the database in a single statement (a unique index, a conditional upsert), never by a
+//! read followed by a write. Times are passed in (`now`), never read here.
+
+use std::fmt;
+use std::time::Duration;
+
+use molt_protocol::time::UnixMillis;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::migrate::Migrator;
+use sqlx::{AnyPool, Row as _};
+
+use crate::auth::{AdminToken, BOOTSTRAP_KEY_NAME, Scopes};
+use crate::ids::{AdminKeyId, OrgId};
+use crate::model::{AdminKey, AdminKeyName, Org, OrgName};
+
+/// Rows a listing returns when the caller does not say.
+pub const PAGE_LIMIT_DEFAULT: u32 = 100;
+/// Most rows one listing returns.
+pub const PAGE_LIMIT_MAX: u32 = 1000;
+
+/// Columns of an [`AdminKey`] row, for `concat!`.
+macro_rules! admin_key_columns {
+    () => {
+        "id, name, scopes, created_at_ms, revoked_at_ms"
+    };
+}
+
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
+
+/// Which database server the handle talks to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    /// The backend a connection URL selects, if any.
+    pub fn from_url(url: &str) -> Option<Backend> {
+        if url.starts_with("sqlite:") {
+            Some(Backend::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(Backend::Postgres)
+        } else {
+            None
+        }
+    }
+}
+
+/// How to reach the database.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseOptions {
+    /// `sqlite:PATH` (created if missing) or `postgres://…`.
+    pub url: String,
+    /// Connections in the pool.
+    pub max_connections: u32,
+    /// How long a query waits for a free connection (and a new connection to open).
+    pub acquire_timeout: Duration,
+}
+
+impl fmt::Debug for DatabaseOptions {
+    // The URL may carry a password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseOptions")
+            .field("backend", &Backend::from_url(&self.url))
+            .field("max_connections", &self.max_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The control plane's storage handle; cheap to clone (a pool).
+#[derive(Clone, Debug)]
+pub struct Database {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+/// Why [`Database::connect`] failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    #[error("failed to connect: the database url is neither sqlite: nor postgres://")]
+    UnsupportedUrl,
+    #[error("failed to connect to the database")]
+    Connect(#[source] sqlx::Error),
+    #[error("failed to configure the database")]
+    Configure(#[source] sqlx::Error),
+    #[error("failed to apply the database migrations")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+}
+
+/// A query failed; `operation` names it.
+#[derive(Debug, thiserror::Error)]
+#[error("database query failed while {operation}")]
+pub struct QueryError {
+    operation: &'static str,
+    #[source]
+    source: sqlx::Error,
+}
+
+/// Why [`Database::create_org`] failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CreateOrgError {
+    #[error("failed to create the org: the name is taken")]
+    NameTaken,
+    #[error(transparent)]
+    Query(#[from] QueryError),
+}
+
+/// Why [`Database::revoke_admin_key`] failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RevokeAdminKeyError {
+    #[error("failed to revoke the admin key: no such key")]
+    NotFound,
+    #[error(transparent)]
+    Query(#[from] QueryError),
+}
+
+/// One page of a listing ordered by a unique column: rows after `after`, at most `limit`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Page<C> {
+    pub after: Option<C>,
+    pub limit: u32,
+}
+
+impl Database {
+    /// Opens the pool and applies the migrations. A missing SQLite file is created.
+    pub async fn connect(options: &DatabaseOptions) -> Result<Database, ConnectError> {
+        sqlx::any::install_default_drivers();
+        let backend = Backend::from_url(&options.url).ok_or(ConnectError::UnsupportedUrl)?;
+        let url = match backend {
+            Backend::Sqlite => sqlite_url_creating_file(&options.url),
+            Backend::Postgres => options.url.clone(),
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(options.max_connections)
+            .acquire_timeout(options.acquire_timeout)
+            .connect(&url)
+            .await
+            .map_err(ConnectError::Connect)?;
+        if backend == Backend::Sqlite {
+            // Readers do not block the writer; the mode is stored in the file.
+            sqlx::query("PRAGMA journal_mode = WAL").execute(&pool).await.map_err(ConnectError::Configure)?;
+        }
+        let migrator = match backend {
+            Backend::Sqlite => &SQLITE_MIGRATIONS,
+            Backend::Postgres => &POSTGRES_MIGRATIONS,
+        };
+        migrator.run(&pool).await.map_err(ConnectError::Migrate)?;
+        Ok(Database { pool, backend })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The pool, for queries this module does not offer yet.
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Starts a transaction: every change touching several rows goes through one.
+    pub async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, QueryError> {
+        self.pool.begin().await.map_err(query_error("starting a transaction"))
+    }
+
+    /// Closes every connection; later queries fail.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Open connections, idle connections and the pool's capacity.
+    pub fn pool_usage(&self) -> (u32, usize, u32) {
+        (self.pool.size(), self.pool.num_idle(), self.pool.options().get_max_connections())
+    }
+
+    /// Runs a trivial query: the database is reachable and answering.
+    pub async fn ping(&self) -> Result<(), QueryError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(query_error("pinging"))?;
+        Ok(())
+    }
+
+    // ---- admin keys ----
+
+    /// Creates the bootstrap credential, with every scope, if the database has no admin
+    /// key and never had a bootstrap credential. Returns its token, to show once, or
+    /// `None` when there was nothing to do.
+    ///
+    /// One statement decides: the insert is conditional on the table being empty, and
+    /// the unique `bootstrap_slot` makes a concurrent second insert a no-op, so any number
+    /// of processes starting together create exactly one.
+    pub async fn bootstrap_admin_key(&self, now: UnixMillis) -> Result<Option<AdminToken>, QueryError> {
+        let token = AdminToken::generate();
+        let inserted = sqlx::query(
+            "INSERT INTO admin_keys (id, name, scopes, token_hash, bootstrap_slot, created_at_ms) \
+             SELECT $1, $2, $3, $4, 1, $5 WHERE NOT EXISTS (SELECT 1 FROM admin_keys) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(AdminKeyId::generate().as_str().to_owned())
+        .bind(BOOTSTRAP_KEY_NAME)
+        .bind(Scopes::all().to_stored())
+        .bind(token.hash().0.to_vec())
+        .bind(to_db(now))
+        .execute(&self.pool)
+        .await
+        .map_err(query_error("creating the bootstrap admin key"))?
+        .rows_affected();
+        Ok((inserted == 1).then_some(token))
+    }
+
+    /// Creates an admin key and returns it with its token, to show once.
+    pub async fn create_admin_key(
+        &self,
+        name: &AdminKeyName,
+        scopes: &Scopes,
+        now: UnixMillis,
+    ) -> Result<(AdminKey, AdminToken), QueryError> {
+        let token = AdminToken::generate();
+        let key = AdminKey {
+            id: AdminKeyId::generate(),
+            name: name.clone(),
+            scopes: scopes.clone(),
+            created_at: now,
+            revoked_at: None,
+        };
+        sqlx::query("INSERT INTO admin_keys (id, name, scopes, token_hash, created_at_ms) VALUES ($1, $2, $3, $4, $5)")
+            .bind(key.id.as_str().to_owned())
+            .bind(key.name.as_str().to_owned())
+            .bind(key.scopes.to_stored())
+            .bind(token.hash().0.to_vec())
+            .bind(to_db(now))
+            .execute(&self.pool)
+            .await
+            .map_err(query_error("creating an admin key"))?;
+        Ok((key, token))
+    }
+
+    /// The key whose token this is, revoked or not; `None` if no key has this token.
+    pub async fn admin_key_by_token(&self, token: &AdminToken) -> Result<Option<AdminKey>, QueryError> {
+        let hash = token.hash();
+        let row =
+            sqlx::query(concat!("SELECT ", admin_key_columns!(), ", token_hash FROM admin_keys WHERE token_hash = $1"))
+                .bind(hash.0.to_vec())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(query_error("looking up an admin key"))?;
+        let Some(row) = row else { return Ok(None) };
+        let stored: Vec<u8> = row.try_get("token_hash").map_err(query_error("reading an admin key"))?;
+        if !hash.matches(&stored) {
+            return Ok(None);
+        }
+        admin_key_from_row(&row).map(Some)
+    }
+
+    /// Admin keys ordered by id, revoked ones included.
+    pub async fn list_admin_keys(&self, page: &Page<AdminKeyId>) -> Result<Vec<AdminKey>, QueryError> {
+        let rows = match &page.after {
+            None => sqlx::query(concat!("SELECT ", admin_key_columns!(), " FROM admin_keys ORDER BY id LIMIT $1"))
+                .bind(i64::from(page.limit)),
+            Some(after) => sqlx::query(concat!(
+                "SELECT ",
+                admin_key_columns!(),
+                " FROM admin_keys WHERE id > $1 ORDER BY id LIMIT $2"
+            ))
+            .bind(after.as_str().to_owned())
+            .bind(i64::from(page.limit)),
+        }
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_error("listing admin keys"))?;
+        rows.iter().map(admin_key_from_row).collect()
+    }
+
+    /// Revokes a key from `now` on. Revoking a revoked key changes nothing and succeeds.
+    pub async fn revoke_admin_key(&self, id: &AdminKeyId, now: UnixMillis) -> Result<AdminKey, RevokeAdminKeyError> {
+        sqlx::query("UPDATE admin_keys SET revoked_at_ms = $1 WHERE id = $2 AND revoked_at_ms IS NULL")
+            .bind(to_db(now))
+            .bind(id.as_str().to_owned())
+            .execute(&self.pool)
+            .await
+            .map_err(query_error("revoking an admin key"))?;
+        let row = sqlx::query(concat!("SELECT ", admin_key_columns!(), " FROM admin_keys WHERE id = $1"))
+            .bind(id.as_str().to_owned())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_error("reading a revoked admin key"))?;
+        Ok(admin_key_from_row(&row.ok_or(RevokeAdminKeyError::NotFound)?)?)
+    }
+
+    // ---- orgs ----
+
+    /// Creates an org; its name must be free.
+    pub async fn create_org(&self, name: &OrgName, now: UnixMillis) -> Result<Org, CreateOrgError> {
+        let org = Org { id: OrgId::generate(), name: name.clone(), created_at: now };
+        let inserted =
+            sqlx::query("INSERT INTO orgs (id, name, created_at_ms) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING")
+                .bind(org.id.as_str().to_owned())
+                .bind(org.name.as_str().to_owned())
+                .bind(to_db(now))
+                .execute(&self.pool)
+                .await
+                .map_err(query_error("creating an org"))?
+                .rows_affected();
+        if inserted == 0 {
+            return Err(CreateOrgError::NameTaken);
+        }
+        Ok(org)
+    }
+
+    pub async fn org(&self, id: &OrgId) -> Result<Option<Org>, QueryError> {
+        let row = sqlx::query("SELECT id, name, created_at_ms FROM orgs WHERE id = $1")
+            .bind(id.as_str().to_owned())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_error("reading an org"))?;
+        row.as_ref().map(org_from_row).transpose()
+    }
+
+    /// Orgs ordered by name (byte order).
+    pub async fn list_orgs(&self, page: &Page<OrgName>) -> Result<Vec<Org>, QueryError> {
+        let rows = match &page.after {
+            None => sqlx::query("SELECT id, name, created_at_ms FROM orgs ORDER BY name LIMIT $1")
+                .bind(i64::from(page.limit)),
+            Some(after) => {
+                sqlx::query("SELECT id, name, created_at_ms FROM orgs WHERE name > $1 ORDER BY name LIMIT $2")
+                    .bind(after.as_str().to_owned())
+                    .bind(i64::from(page.limit))
+            }
+        }
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_error("listing orgs"))?;
+        rows.iter().map(org_from_row).collect()
+    }
+
+    // ---- leases ----
+
+    /// Takes or renews the lease `name` for `holder` until `now + ttl`; `true` if
+    /// `holder` holds it now. It succeeds when the lease is free, expired, or already
+    /// `holder`'s. One conditional upsert decides, so two replicas racing for a lease
+    /// cannot both win: the database serialises the writes to the row and re-checks the
+    /// condition against the winner's version.
+    pub async fn try_acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+        now: UnixMillis,
+    ) -> Result<bool, QueryError> {
+        let acquired = sqlx::query(
+            "INSERT INTO leases (name, holder, expires_at_ms) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at_ms = excluded.expires_at_ms \
+             WHERE leases.holder = excluded.holder OR leases.expires_at_ms <= $4",
+        )
+        .bind(name.to_owned())
+        .bind(holder.to_owned())
+        .bind(to_db(now.saturating_add(ttl)))
+        .bind(to_db(now))
+        .execute(&self.pool)
+        .await
+        .map_err(query_error("acquiring a lease"))?
+        .rows_affected();
+        Ok(acquired == 1)
+    }
+
+    /// Gives the lease up early if `holder` holds it; `true` if it did.
+    pub async fn release_lease(&self, name: &str, holder: &str) -> Result<bool, QueryError> {
+        let released = sqlx::query("DELETE FROM leases WHERE name = $1 AND holder = $2")
+            .bind(name.to_owned())
+            .bind(holder.to_owned())
+            .execute(&self.pool)
+            .await
+            .map_err(query_error("releasing a lease"))?
+            .rows_affected();
+        Ok(released == 1)
+    }
+}
+
+/// `sqlite:PATH` opens an existing file only; the control plane creates it.
+fn sqlite_url_creating_file(url: &str) -> String {
+    match url.split_once('?') {
+        Some((_, query)) if query.split('&').any(|pair| pair.starts_with("mode=")) => url.to_owned(),
+        Some(_) => format!("{url}&mode=rwc"),
+        None => format!("{url}?mode=rwc"),
+    }
+}
+
+fn admin_key_from_row(row: &AnyRow) -> Result<AdminKey, QueryError> {
+    let read = query_error("reading an admin key");
+    let decode = |message: String| read(sqlx::Error::Decode(message.into()));
+    let id: String = row.try_get("id").map_err(read)?;
+    let name: String = row.try_get("name").map_err(read)?;
+    let scopes: String = row.try_get("scopes").map_err(read)?;
+    let created_at_ms: i64 = row.try_get("created_at_ms").map_err(read)?;
+    let revoked_at_ms: Option<i64> = row.try_get("revoked_at_ms").map_err(read)?;
+    Ok(AdminKey {
+        id: id.parse().map_err(|error| decode(format!("admin_keys.id: {error}")))?,
+        name: AdminKeyName::new(&name).map_err(|error| decode(format!("admin_keys.name: {error}")))?,
+        scopes: Scopes::from_stored(&scopes).map_err(|error| decode(format!("admin_keys.scopes: {error}")))?,
+        created_at: from_db(created_at_ms),
+        revoked_at: revoked_at_ms.map(from_db),
+    })
+}
+
+fn org_from_row(row: &AnyRow) -> Result<Org, QueryError> {
+    let read = query_error("reading an org");
+    let decode = |message: String| read(sqlx::Error::Decode(message.into()));
+    let id: String = row.try_get("id").map_err(read)?;
+    let name: String = row.try_get("name").map_err(read)?;
+    let created_at_ms: i64 = row.try_get("created_at_ms").map_err(read)?;
+    Ok(Org {
+        id: id.parse().map_err(|error| decode(format!("orgs.id: {error}")))?,
+        name: OrgName::new(&name).map_err(|error| decode(format!("orgs.name: {error}")))?,
+        created_at: from_db(created_at_ms),
+    })
+}
+
+fn query_error(operation: &'static str) -> impl Fn(sqlx::Error) -> QueryError + Copy {
+    move |source| QueryError { operation, source }
+}
+
+/// Times are stored as signed 64-bit milliseconds; later than year 292 million saturates.
+fn to_db(time: UnixMillis) -> i64 {
+    i64::try_from(time.0).unwrap_or(i64::MAX)
+}
+
+fn from_db(millis: i64) -> UnixMillis {
+    UnixMillis(u64::try_from(millis).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backends_are_chosen_by_scheme() {
+        assert_eq!(Backend::from_url("sqlite:cp.db"), Some(Backend::Sqlite));
+        assert_eq!(Backend::from_url("sqlite:///var/lib/cp.db"), Some(Backend::Sqlite));
+        assert_eq!(Backend::from_url("postgres://u@h/db"), Some(Backend::Postgres));
+        assert_eq!(Backend::from_url("postgresql://u@h/db"), Some(Backend::Postgres));
+        assert_eq!(Backend::from_url("mysql://u@h/db"), None);
+    }
+
+    #[test]
+    fn sqlite_urls_create_the_file_unless_told_otherwise() {
+        assert_eq!(sqlite_url_creating_file("sqlite:a.db"), "sqlite:a.db?mode=rwc");
+        assert_eq!(sqlite_url_creating_file("sqlite:a.db?cache=private"), "sqlite:a.db?cache=private&mode=rwc");
+        assert_eq!(sqlite_url_creating_file("sqlite:a.db?mode=ro"), "sqlite:a.db?mode=ro");
+    }
+
+    #[test]
+    fn times_round_trip() {
+        assert_eq!(from_db(to_db(UnixMillis(1_700_000_000_000))), UnixMillis(1_700_000_000_000));
+        assert_eq!(to_db(UnixMillis(u64::MAX)), i64::MAX);
+        assert_eq!(from_db(-1), UnixMillis(0));
+    }
+}

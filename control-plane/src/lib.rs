@@ -1,0 +1,58 @@
+//! The Molt control plane: the central service that will host the registry, the
+//! certificate authority, trust, credits, jobs and governance. This crate holds its
+//! foundation:
+//!
+//! - [`config`]: defaults, a TOML file, `MOLT_CP_*` variables and flags, validated at once;
+//! - [`db`]: the [`db::Database`] handle over SQLite (default) or PostgreSQL, migrations,
+//!   and leases for singleton background work across replicas;
+//! - [`auth`]: admin tokens (stored as SHA-256 only), scopes, the bootstrap credential;
+//! - [`api`]: the axum HTTP API with problem+json errors and its OpenAPI document;
+//! - [`metrics`]: a private Prometheus registry.
+//!
+//! Processes are stateless: everything lives in the database, so several replicas can
+//! serve one PostgreSQL. The binary (`src/main.rs`) only parses arguments and calls
+//! [`start`] and [`api::serve`].
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod auth;
+pub mod clock;
+pub mod config;
+pub mod db;
+pub mod ids;
+pub mod metrics;
+pub mod model;
+
+use std::sync::Arc;
+
+use crate::auth::AdminToken;
+use crate::clock::Clock;
+use crate::db::{ConnectError, Database, QueryError};
+
+/// A control plane ready to serve: its state and, on the first start against this
+/// database, the bootstrap credential to show the operator once.
+#[derive(Debug)]
+pub struct Started {
+    pub state: api::AppState,
+    pub bootstrap_token: Option<AdminToken>,
+}
+
+/// Why [`start`] failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    #[error("failed to start the control plane")]
+    Connect(#[from] ConnectError),
+    #[error("failed to start the control plane: creating the bootstrap admin key")]
+    Bootstrap(#[from] QueryError),
+}
+
+/// Connects to the database, applies migrations and creates the bootstrap credential
+/// if the database has no admin key.
+pub async fn start(options: &db::DatabaseOptions, clock: Arc<dyn Clock>) -> Result<Started, StartError> {
+    let db = Database::connect(options).await?;
+    let bootstrap_token = db.bootstrap_admin_key(clock.now()).await?;
+    let state = api::AppState::new(db, clock, Arc::new(metrics::Metrics::new()));
+    Ok(Started { state, bootstrap_token })
+}

@@ -1,0 +1,171 @@
+//! The `Database` API on both backends.
+
+use std::time::Duration;
+
+use molt_control_plane::auth::{BOOTSTRAP_KEY_NAME, Scope, Scopes};
+use molt_control_plane::db::{CreateOrgError, Page, RevokeAdminKeyError};
+use molt_control_plane::ids::{AdminKeyId, OrgId};
+use molt_control_plane::model::{AdminKeyName, OrgName};
+use molt_protocol::time::UnixMillis;
+
+use crate::fixture::Fixture;
+
+crate::on_both_backends!(
+    migrations_apply_once_and_again,
+    bootstrap_creates_exactly_one_key,
+    bootstrap_does_nothing_when_keys_exist,
+    concurrent_bootstrap_from_two_handles_creates_one_key,
+    admin_keys_are_created_found_listed_and_revoked,
+    org_names_are_unique_and_listings_page,
+    a_lease_has_one_holder_until_it_expires,
+    racing_replicas_never_both_win_a_lease,
+);
+
+const T0: UnixMillis = UnixMillis(1_700_000_000_000);
+
+async fn migrations_apply_once_and_again(fixture: &Fixture) {
+    let org = fixture.db.create_org(&OrgName::new("acme").unwrap(), T0).await.unwrap();
+    // A second process starting runs the migrator again: nothing changes, nothing is lost.
+    let again = fixture.second_handle().await;
+    assert_eq!(again.backend(), fixture.backend);
+    assert_eq!(again.org(&org.id).await.unwrap(), Some(org));
+    again.ping().await.unwrap();
+}
+
+async fn bootstrap_creates_exactly_one_key(fixture: &Fixture) {
+    let token = fixture.db.bootstrap_admin_key(T0).await.unwrap().expect("first start bootstraps");
+    assert!(fixture.db.bootstrap_admin_key(T0).await.unwrap().is_none(), "second start does not");
+    let key = fixture.db.admin_key_by_token(&token).await.unwrap().expect("the token is a key");
+    assert_eq!(key.name.as_str(), BOOTSTRAP_KEY_NAME);
+    assert_eq!(key.scopes, Scopes::all());
+    assert_eq!((key.created_at, key.revoked_at), (T0, None));
+    // Only the hash is stored.
+    let tokens_stored = fixture.count(&format!("admin_keys WHERE name = '{}'", token.expose())).await;
+    assert_eq!((fixture.count("admin_keys").await, tokens_stored), (1, 0));
+    // Revoking the bootstrap key does not open the door to a new one.
+    fixture.db.revoke_admin_key(&key.id, T0).await.unwrap();
+    assert!(fixture.db.bootstrap_admin_key(T0).await.unwrap().is_none());
+}
+
+async fn bootstrap_does_nothing_when_keys_exist(fixture: &Fixture) {
+    let name = AdminKeyName::new("provisioned").unwrap();
+    fixture.db.create_admin_key(&name, &Scopes::all(), T0).await.unwrap();
+    assert!(fixture.db.bootstrap_admin_key(T0).await.unwrap().is_none());
+    assert_eq!(fixture.count("admin_keys").await, 1);
+}
+
+async fn concurrent_bootstrap_from_two_handles_creates_one_key(fixture: &Fixture) {
+    // Two processes starting together against one database, several attempts each.
+    let other = fixture.second_handle().await;
+    let mut attempts = Vec::new();
+    for round in 0..4 {
+        let db = if round % 2 == 0 { fixture.db.clone() } else { other.clone() };
+        attempts.push(tokio::spawn(async move { db.bootstrap_admin_key(T0).await }));
+    }
+    let mut created = 0;
+    for attempt in attempts {
+        created += usize::from(attempt.await.unwrap().unwrap().is_some());
+    }
+    assert_eq!(created, 1);
+    assert_eq!(fixture.count("admin_keys").await, 1);
+}
+
+async fn admin_keys_are_created_found_listed_and_revoked(fixture: &Fixture) {
+    let db = &fixture.db;
+    let scopes: Scopes = [Scope::Read, Scope::OrgsWrite].into_iter().collect();
+    let mut created = Vec::new();
+    for index in 0..5 {
+        let name = AdminKeyName::new(&format!("key {index}")).unwrap();
+        created.push(db.create_admin_key(&name, &scopes, T0).await.unwrap());
+    }
+    let (first, first_token) = &created[0];
+    assert_eq!(db.admin_key_by_token(first_token).await.unwrap().as_ref(), Some(first));
+    let stranger = molt_control_plane::auth::AdminToken::generate();
+    assert_eq!(db.admin_key_by_token(&stranger).await.unwrap(), None);
+
+    let mut ids: Vec<AdminKeyId> = created.iter().map(|(key, _)| key.id.clone()).collect();
+    ids.sort();
+    let page_one = db.list_admin_keys(&Page { after: None, limit: 3 }).await.unwrap();
+    let page_two = db.list_admin_keys(&Page { after: Some(page_one[2].id.clone()), limit: 3 }).await.unwrap();
+    let listed: Vec<AdminKeyId> = page_one.iter().chain(&page_two).map(|key| key.id.clone()).collect();
+    assert_eq!(listed, ids);
+
+    let revoked = db.revoke_admin_key(&first.id, UnixMillis(T0.0 + 5)).await.unwrap();
+    assert_eq!(revoked.revoked_at, Some(UnixMillis(T0.0 + 5)));
+    // Revoking again keeps the first revocation time.
+    let again = db.revoke_admin_key(&first.id, UnixMillis(T0.0 + 9)).await.unwrap();
+    assert_eq!(again.revoked_at, Some(UnixMillis(T0.0 + 5)));
+    assert_eq!(db.admin_key_by_token(first_token).await.unwrap().unwrap().revoked_at, Some(UnixMillis(T0.0 + 5)));
+    assert!(matches!(db.revoke_admin_key(&AdminKeyId::generate(), T0).await, Err(RevokeAdminKeyError::NotFound)));
+    assert_eq!(fixture.count("admin_keys WHERE revoked_at_ms IS NOT NULL").await, 1);
+}
+
+async fn org_names_are_unique_and_listings_page(fixture: &Fixture) {
+    let db = &fixture.db;
+    // Hyphens sort before digits and letters in byte order (not in some collations).
+    let names = ["b", "a-b", "ab", "a", "a-a", "0"];
+    for name in names {
+        db.create_org(&OrgName::new(name).unwrap(), T0).await.unwrap();
+    }
+    let taken = db.create_org(&OrgName::new("ab").unwrap(), T0).await;
+    assert!(matches!(taken, Err(CreateOrgError::NameTaken)), "{taken:?}");
+    assert_eq!(fixture.count("orgs").await, names.len() as i64);
+
+    let mut listed = Vec::new();
+    let mut after = None;
+    loop {
+        let page = db.list_orgs(&Page { after: after.clone(), limit: 4 }).await.unwrap();
+        listed.extend(page.iter().map(|org| org.name.to_string()));
+        match page.last() {
+            Some(last) if page.len() == 4 => after = Some(last.name.clone()),
+            _ => break,
+        }
+    }
+    assert_eq!(listed, ["0", "a", "a-a", "a-b", "ab", "b"]);
+
+    let first = db.list_orgs(&Page { after: None, limit: 1 }).await.unwrap().remove(0);
+    assert_eq!(db.org(&first.id).await.unwrap(), Some(first));
+    assert_eq!(db.org(&OrgId::generate()).await.unwrap(), None);
+}
+
+async fn a_lease_has_one_holder_until_it_expires(fixture: &Fixture) {
+    let db = &fixture.db;
+    let ttl = Duration::from_secs(10);
+    let at = |seconds: u64| UnixMillis(T0.0 + seconds * 1000);
+    assert!(db.try_acquire_lease("expiry-sweeper", "replica-a", ttl, at(0)).await.unwrap());
+    assert!(!db.try_acquire_lease("expiry-sweeper", "replica-b", ttl, at(5)).await.unwrap());
+    // Another lease is independent.
+    assert!(db.try_acquire_lease("health-checker", "replica-b", ttl, at(5)).await.unwrap());
+    // The holder renews: now valid until 18 s.
+    assert!(db.try_acquire_lease("expiry-sweeper", "replica-a", ttl, at(8)).await.unwrap());
+    assert!(!db.try_acquire_lease("expiry-sweeper", "replica-b", ttl, at(17)).await.unwrap());
+    // Expired: the other replica takes over, and the old holder is out.
+    assert!(db.try_acquire_lease("expiry-sweeper", "replica-b", ttl, at(18)).await.unwrap());
+    assert!(!db.try_acquire_lease("expiry-sweeper", "replica-a", ttl, at(19)).await.unwrap());
+    // Only the holder releases.
+    assert!(!db.release_lease("expiry-sweeper", "replica-a").await.unwrap());
+    assert!(db.release_lease("expiry-sweeper", "replica-b").await.unwrap());
+    assert!(db.try_acquire_lease("expiry-sweeper", "replica-a", ttl, at(20)).await.unwrap());
+}
+
+async fn racing_replicas_never_both_win_a_lease(fixture: &Fixture) {
+    let other = fixture.second_handle().await;
+    let ttl = Duration::from_secs(30);
+    for round in 0..5u64 {
+        let name = format!("lease-{round}");
+        let now = UnixMillis(T0.0 + round);
+        let mut racers = Vec::new();
+        for racer in 0..6 {
+            let db = if racer % 2 == 0 { fixture.db.clone() } else { other.clone() };
+            let name = name.clone();
+            racers.push(tokio::spawn(async move {
+                db.try_acquire_lease(&name, &format!("replica-{racer}"), ttl, now).await
+            }));
+        }
+        let mut winners = 0;
+        for racer in racers {
+            winners += usize::from(racer.await.unwrap().unwrap());
+        }
+        assert_eq!(winners, 1, "round {round}");
+    }
+}
