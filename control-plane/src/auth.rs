@@ -39,17 +39,20 @@ pub enum Scope {
     OrgsWrite,
     /// `keys:admin`: create, list and revoke admin keys.
     KeysAdmin,
+    /// `ca:write`: create org CAs, issue and revoke certificates.
+    CaWrite,
 }
 
 impl Scope {
     /// Every scope; the bootstrap credential holds all of them.
-    pub const ALL: [Scope; 3] = [Scope::Read, Scope::OrgsWrite, Scope::KeysAdmin];
+    pub const ALL: [Scope; 4] = [Scope::Read, Scope::OrgsWrite, Scope::KeysAdmin, Scope::CaWrite];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Scope::Read => "read",
             Scope::OrgsWrite => "orgs:write",
             Scope::KeysAdmin => "keys:admin",
+            Scope::CaWrite => "ca:write",
         }
     }
 }
@@ -62,7 +65,7 @@ impl fmt::Display for Scope {
 
 /// The text is not a known scope.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown scope {0:?} (known: read, orgs:write, keys:admin)")]
+#[error("unknown scope {0:?} (known: read, orgs:write, keys:admin, ca:write)")]
 pub struct UnknownScopeError(pub String);
 
 impl FromStr for Scope {

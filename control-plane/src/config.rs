@@ -14,6 +14,9 @@
 //! | `database.acquire_timeout_ms`  | `MOLT_CP_DATABASE_ACQUIRE_TIMEOUT_MS`  | 5000 |
 //! | `log.level`                    | `MOLT_CP_LOG_LEVEL`                    | `info` |
 //! | `log.format`                   | `MOLT_CP_LOG_FORMAT`                   | `text` |
+//! | `ca.key_encryption_key_file`   | `MOLT_CP_KEK` (the key itself, hex)    | `<database file>.kek` (SQLite only) |
+//! | `ca.root_certificate_file`     |                                        | generated development root |
+//! | `ca.root_key_file`             |                                        | (with the certificate file) |
 //!
 //! Unknown `MOLT_CP_*` variables are reported too: a typo must not go unnoticed.
 
@@ -52,6 +55,7 @@ pub struct Config {
     pub listen_addr: SocketAddr,
     pub database: DatabaseOptions,
     pub log: LogConfig,
+    pub ca: crate::ca::CaOptions,
 }
 
 /// `[log]`.
@@ -78,6 +82,16 @@ pub struct ConfigFile {
     pub database: DatabaseSection,
     #[serde(default)]
     pub log: LogSection,
+    #[serde(default)]
+    pub ca: CaSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaSection {
+    pub key_encryption_key_file: Option<toml::Value>,
+    pub root_certificate_file: Option<toml::Value>,
+    pub root_key_file: Option<toml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -212,6 +226,8 @@ pub fn validate(
         .and_then(|input| checker.check(input, parse_log_format))
         .unwrap_or(LogFormat::Text);
 
+    let ca = checker.ca(file.ca);
+
     if !checker.problems.is_empty() {
         return Err(ConfigError::Invalid(checker.problems));
     }
@@ -219,17 +235,19 @@ pub fn validate(
         listen_addr,
         database: DatabaseOptions { url, max_connections, acquire_timeout },
         log: LogConfig { level, format },
+        ca,
     })
 }
 
 /// Every `MOLT_CP_*` variable this module reads.
-pub const ENVIRONMENT_VARIABLES: [&str; 6] = [
+pub const ENVIRONMENT_VARIABLES: [&str; 7] = [
     "MOLT_CP_LISTEN",
     "MOLT_CP_DATABASE_URL",
     "MOLT_CP_DATABASE_MAX_CONNECTIONS",
     "MOLT_CP_DATABASE_ACQUIRE_TIMEOUT_MS",
     "MOLT_CP_LOG_LEVEL",
     "MOLT_CP_LOG_FORMAT",
+    crate::ca::KEK_VARIABLE,
 ];
 
 /// A raw value and where it came from.
@@ -275,6 +293,45 @@ impl Checker<'_> {
             return Some(Input { value: text(value), key: variable.to_owned(), origin: Origin::Environment });
         }
         file_value.map(|value| Input { value, key: file_key.to_owned(), origin: Origin::File })
+    }
+
+    /// `[ca]` and `MOLT_CP_KEK`: the KEK from the variable or a file, the root from both
+    /// files or neither.
+    fn ca(&mut self, section: CaSection) -> crate::ca::CaOptions {
+        use crate::ca::{CaOptions, KekSource, KeyEncryptionKey, RootSource};
+        let path = |value: &toml::Value| text(value).map(std::path::PathBuf::from);
+        let kek_file = self
+            .setting("ca.key_encryption_key_file", "", section.key_encryption_key_file, None, "")
+            .and_then(|input| self.check(input, path));
+        let kek_variable = self.environment.get(crate::ca::KEK_VARIABLE).map(|hex| toml::Value::String(hex.clone()));
+        let kek_value = kek_variable.and_then(|value| {
+            let input = Input { value, key: crate::ca::KEK_VARIABLE.to_owned(), origin: Origin::Environment };
+            self.check(input, |value| KeyEncryptionKey::from_hex(text(value)?).map_err(|error| error.to_string()))
+        });
+        let key_encryption_key = match (kek_value, kek_file) {
+            (Some(key), _) => KekSource::Value(key),
+            (None, Some(file)) => KekSource::File(file),
+            (None, None) => KekSource::BesideDatabase,
+        };
+        let certificate = self
+            .setting("ca.root_certificate_file", "", section.root_certificate_file, None, "")
+            .and_then(|input| self.check(input, path));
+        let key = self
+            .setting("ca.root_key_file", "", section.root_key_file, None, "")
+            .and_then(|input| self.check(input, path));
+        let root = match (certificate, key) {
+            (Some(certificate), Some(key)) => RootSource::Files { certificate, key },
+            (None, None) => RootSource::Generated,
+            _ => {
+                self.problems.push(Problem {
+                    key: "ca.root_certificate_file".to_owned(),
+                    origin: Origin::File,
+                    message: "give both ca.root_certificate_file and ca.root_key_file, or neither".to_owned(),
+                });
+                RootSource::Generated
+            }
+        };
+        CaOptions { key_encryption_key, root }
     }
 
     fn check<T>(&mut self, input: Input, parse: impl FnOnce(&toml::Value) -> Result<T, String>) -> Option<T> {

@@ -6,6 +6,8 @@
 //! - [`db`]: the [`db::Database`] handle over SQLite (default) or PostgreSQL, migrations,
 //!   and leases for singleton background work across replicas;
 //! - [`auth`]: admin tokens (stored as SHA-256 only), scopes, the bootstrap credential;
+//! - [`ca`]: the certificate authority: root, org CAs with keys sealed at rest, agent and
+//!   edge certificates on proof of possession, revocation, CRLs and the trust bundle;
 //! - [`api`]: the axum HTTP API with problem+json errors and its OpenAPI document;
 //! - [`metrics`]: a private Prometheus registry.
 //!
@@ -17,6 +19,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod ca;
 pub mod clock;
 pub mod config;
 pub mod db;
@@ -46,13 +49,21 @@ pub enum StartError {
     Connect(#[from] ConnectError),
     #[error("failed to start the control plane: creating the bootstrap admin key")]
     Bootstrap(#[from] QueryError),
+    #[error("failed to start the control plane: loading the certificate authority")]
+    Ca(#[from] ca::LoadAuthorityError),
 }
 
-/// Connects to the database, applies migrations and creates the bootstrap credential
-/// if the database has no admin key.
-pub async fn start(options: &db::DatabaseOptions, clock: Arc<dyn Clock>) -> Result<Started, StartError> {
+/// Connects to the database, applies migrations, creates the bootstrap credential if the
+/// database has no admin key, and loads the certificate authority (creating the
+/// development root and the KEK file on the first start, as [`ca`] describes).
+pub async fn start(
+    options: &db::DatabaseOptions,
+    ca_options: &ca::CaOptions,
+    clock: Arc<dyn Clock>,
+) -> Result<Started, StartError> {
     let db = Database::connect(options).await?;
     let bootstrap_token = db.bootstrap_admin_key(clock.now()).await?;
-    let state = api::AppState::new(db, clock, Arc::new(metrics::Metrics::new()));
+    let authority = ca::Authority::load(&db, ca_options, &options.url, clock.now()).await?;
+    let state = api::AppState::new(db, clock, Arc::new(metrics::Metrics::new())).with_ca(Arc::new(authority));
     Ok(Started { state, bootstrap_token })
 }

@@ -5,6 +5,7 @@
 //! [`extract::Authorized`] for the scope they need, so a handler cannot run unchecked.
 
 pub mod admin_keys;
+pub mod ca;
 pub mod extract;
 pub mod ops;
 pub mod orgs;
@@ -40,6 +41,8 @@ pub struct AppState {
     pub db: Database,
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
+    /// The certificate authority; its routes answer 503 `ca_unavailable` without one.
+    pub ca: Option<Arc<crate::ca::Authority>>,
     openapi: Arc<str>,
 }
 
@@ -48,7 +51,13 @@ impl AppState {
         // Invariant: the document is built from static derive output; serialising it
         // cannot fail.
         let openapi = ApiDoc::openapi().to_pretty_json().expect("the OpenAPI document serialises");
-        AppState { db, clock, metrics, openapi: openapi.into() }
+        AppState { db, clock, metrics, ca: None, openapi: openapi.into() }
+    }
+
+    /// The state with a certificate authority.
+    pub fn with_ca(mut self, ca: Arc<crate::ca::Authority>) -> Self {
+        self.ca = Some(ca);
+        self
     }
 }
 
@@ -71,6 +80,12 @@ impl AppState {
         orgs::create_org,
         orgs::list_orgs,
         orgs::get_org,
+        ca::create_org_ca,
+        ca::issue_agent_certificate,
+        ca::issue_edge_certificate,
+        ca::revoke_certificate,
+        ca::get_crl,
+        ca::trust_bundle,
     ),
     components(schemas(problem::Problem)),
     modifiers(&BearerSecurity),
@@ -78,6 +93,7 @@ impl AppState {
         (name = "operations", description = "Health, readiness, metrics and this document"),
         (name = "admin keys", description = "Scoped admin API keys"),
         (name = "orgs", description = "Organisations"),
+        (name = "certificate authority", description = "Org CAs, certificates, revocation, CRLs, trust bundle"),
     )
 )]
 pub struct ApiDoc;
@@ -114,6 +130,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/admin/keys/{id}", delete(admin_keys::revoke_admin_key))
         .route("/v1/orgs", post(orgs::create_org).get(orgs::list_orgs))
         .route("/v1/orgs/{id}", get(orgs::get_org))
+        .route("/v1/orgs/{id}/ca", post(ca::create_org_ca))
+        .route("/v1/orgs/{id}/agents/certificates", post(ca::issue_agent_certificate))
+        .route("/v1/orgs/{id}/edges/certificates", post(ca::issue_edge_certificate))
+        .route("/v1/orgs/{id}/crl", get(ca::get_crl))
+        .route("/v1/certificates/{serial}/revoke", post(ca::revoke_certificate))
+        .route("/v1/trust-bundle", get(ca::trust_bundle))
         .route_layer(middleware::from_fn_with_state(state.clone(), record_request))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -3,6 +3,7 @@
 //! never skip: if the server is unreachable they fail and say so.
 
 mod api;
+mod ca;
 mod fixture;
 mod storage;
 
