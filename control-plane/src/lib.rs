@@ -17,6 +17,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod agent_auth;
 pub mod api;
 pub mod auth;
 pub mod ca;
@@ -26,6 +27,7 @@ pub mod db;
 pub mod ids;
 pub mod metrics;
 pub mod model;
+pub mod registry;
 
 use std::sync::Arc;
 

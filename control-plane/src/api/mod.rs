@@ -10,6 +10,7 @@ pub mod extract;
 pub mod ops;
 pub mod orgs;
 pub mod problem;
+pub mod registry;
 
 use std::convert::Infallible;
 use std::future::{Future, IntoFuture as _};
@@ -86,6 +87,12 @@ impl AppState {
         ca::revoke_certificate,
         ca::get_crl,
         ca::trust_bundle,
+        registry::register_agent,
+        registry::search_agents,
+        registry::get_agent,
+        registry::update_agent,
+        registry::heartbeat,
+        registry::agent_card,
     ),
     components(schemas(problem::Problem)),
     modifiers(&BearerSecurity),
@@ -94,6 +101,7 @@ impl AppState {
         (name = "admin keys", description = "Scoped admin API keys"),
         (name = "orgs", description = "Organisations"),
         (name = "certificate authority", description = "Org CAs, certificates, revocation, CRLs, trust bundle"),
+        (name = "registry", description = "Agent registry: signed registration, heartbeats, search, agent cards"),
     )
 )]
 pub struct ApiDoc;
@@ -136,6 +144,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/orgs/{id}/crl", get(ca::get_crl))
         .route("/v1/certificates/{serial}/revoke", post(ca::revoke_certificate))
         .route("/v1/trust-bundle", get(ca::trust_bundle))
+        .route("/v1/agents", post(registry::register_agent).get(registry::search_agents))
+        .route("/v1/agents/{id}", get(registry::get_agent).put(registry::update_agent))
+        .route("/v1/agents/{id}/heartbeat", post(registry::heartbeat))
+        .route("/v1/agents/{id}/agent-card.json", get(registry::agent_card))
         .route_layer(middleware::from_fn_with_state(state.clone(), record_request))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -5,6 +5,7 @@
 mod api;
 mod ca;
 mod fixture;
+mod registry;
 mod storage;
 
 /// Generates one `#[tokio::test]` per backend for each `async fn(&Fixture)` named.

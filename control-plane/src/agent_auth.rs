@@ -1,0 +1,247 @@
+//! Agent-signed requests: every state-changing request by an agent carries
+//!
+//! ```text
+//! Molt-Agent: agent-…            the agent's id
+//! Molt-Timestamp: 1700000000000  milliseconds since the Unix epoch
+//! Molt-Nonce: <32 hex>           16 random bytes, never reused
+//! Molt-Signature: <128 hex>      Ed25519 by the agent's current key over the string below
+//! ```
+//!
+//! The signed string is [`canonical_request`]: the lines `molt/agent-request/v1`, the
+//! method, the path with query, the timestamp, the nonce and the lower-case hex SHA-256 of
+//! the body, joined by `\n`. The server refuses timestamps more than [`TIMESTAMP_SKEW_MAX`]
+//! from its clock and nonces it has seen from the agent within that window; nonces live in
+//! the database (`agent_request_nonces`, primary key (agent, nonce)), so replicas agree.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::{HeaderMap, StatusCode};
+use molt_protocol::keys::{PublicKey, Signature, SigningKey};
+use molt_protocol::{AgentId, UnixMillis};
+use sha2::{Digest as _, Sha256};
+
+use crate::api::AppState;
+use crate::api::problem::ApiError;
+use crate::db::Database;
+use crate::registry::{self, RegistryQueryError, to_db};
+
+/// Domain separator, the first line of the signed string.
+pub const REQUEST_DOMAIN: &str = "molt/agent-request/v1";
+/// How far a request's timestamp may be from the server's clock, either way.
+pub const TIMESTAMP_SKEW_MAX: Duration = Duration::from_secs(5 * 60);
+/// Bytes of a nonce (32 hex digits).
+pub const NONCE_BYTES: usize = 16;
+
+pub const AGENT_HEADER: &str = "molt-agent";
+pub const TIMESTAMP_HEADER: &str = "molt-timestamp";
+pub const NONCE_HEADER: &str = "molt-nonce";
+pub const SIGNATURE_HEADER: &str = "molt-signature";
+
+/// The string an agent signs.
+pub fn canonical_request(
+    method: &str,
+    path_and_query: &str,
+    timestamp: UnixMillis,
+    nonce: &str,
+    body: &[u8],
+) -> String {
+    let body_hash = hex::encode(Sha256::digest(body));
+    format!("{REQUEST_DOMAIN}\n{method}\n{path_and_query}\n{}\n{nonce}\n{body_hash}", timestamp.0)
+}
+
+/// The four headers of a request signed by `key` for `agent` (client side; tests, SDK).
+pub fn sign_request(
+    key: &SigningKey,
+    agent: AgentId,
+    method: &str,
+    path_and_query: &str,
+    timestamp: UnixMillis,
+    nonce: [u8; NONCE_BYTES],
+    body: &[u8],
+) -> [(&'static str, String); 4] {
+    let nonce = hex::encode(nonce);
+    let signature = key.sign(canonical_request(method, path_and_query, timestamp, &nonce, body).as_bytes());
+    [
+        (AGENT_HEADER, agent.to_string()),
+        (TIMESTAMP_HEADER, timestamp.0.to_string()),
+        (NONCE_HEADER, nonce),
+        (SIGNATURE_HEADER, hex::encode(signature.0)),
+    ]
+}
+
+/// A request whose signature headers are well formed and whose timestamp is in the
+/// window, with its body read. Not yet verified: see [`SignedRequest::verify`], or use
+/// [`AuthenticatedAgent`] for registered agents.
+#[derive(Debug)]
+pub struct SignedRequest {
+    pub agent: AgentId,
+    timestamp: UnixMillis,
+    nonce: String,
+    signature: Signature,
+    canonical: String,
+    pub body: Bytes,
+}
+
+/// Proof that a request was signed by the registered, unrevoked agent `agent` and that
+/// its nonce was fresh. Handlers that take it cannot run unchecked.
+#[derive(Debug)]
+pub struct AuthenticatedAgent {
+    pub agent: AgentId,
+    pub body: Bytes,
+}
+
+/// Proof that a request was signed by `key` with a fresh nonce.
+#[derive(Debug)]
+pub struct Verified {
+    pub agent: AgentId,
+    pub body: Bytes,
+}
+
+fn unauthorized(code: &'static str, detail: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, code, detail)
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<&'a str, ApiError> {
+    let value = headers.get(name).ok_or_else(|| {
+        unauthorized("missing_signature", format!("agent requests must be signed: {name} is missing"))
+    })?;
+    value.to_str().map_err(|_| unauthorized("malformed_signature", format!("{name} is not text")))
+}
+
+impl FromRequest<AppState> for SignedRequest {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
+        let headers = request.headers();
+        let malformed = |name: &str| unauthorized("malformed_signature", format!("{name} is malformed"));
+        let agent: AgentId = header(headers, AGENT_HEADER)?.parse().map_err(|_| malformed(AGENT_HEADER))?;
+        let timestamp = header(headers, TIMESTAMP_HEADER)?;
+        let timestamp = UnixMillis(
+            timestamp
+                .parse()
+                .ok()
+                .filter(|_| timestamp.bytes().all(|b| b.is_ascii_digit()))
+                .ok_or_else(|| malformed(TIMESTAMP_HEADER))?,
+        );
+        let nonce = header(headers, NONCE_HEADER)?;
+        if nonce.len() != NONCE_BYTES * 2 || !nonce.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Err(malformed(NONCE_HEADER));
+        }
+        let nonce = nonce.to_owned();
+        let signature = header(headers, SIGNATURE_HEADER)?;
+        let signature = hex::decode(signature)
+            .ok()
+            .and_then(|bytes| Signature::from_slice(&bytes))
+            .ok_or_else(|| malformed(SIGNATURE_HEADER))?;
+        let now = state.clock.now();
+        if now.since(timestamp) > TIMESTAMP_SKEW_MAX || timestamp.since(now) > TIMESTAMP_SKEW_MAX {
+            return Err(unauthorized(
+                "stale_request",
+                format!("Molt-Timestamp is more than {} s from the server's clock", TIMESTAMP_SKEW_MAX.as_secs()),
+            ));
+        }
+        let method = request.method().as_str().to_owned();
+        let path_and_query =
+            request.uri().path_and_query().map_or_else(|| request.uri().path().to_owned(), |p| p.as_str().to_owned());
+        let body = Bytes::from_request(request, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    format!("the body is larger than {} bytes", crate::api::REQUEST_BODY_BYTES_MAX),
+                )
+            } else {
+                ApiError::new(rejection.status(), "unreadable_body", "the request body could not be read")
+            }
+        })?;
+        let canonical = canonical_request(&method, &path_and_query, timestamp, &nonce, &body);
+        Ok(SignedRequest { agent, timestamp, nonce, signature, canonical, body })
+    }
+}
+
+impl SignedRequest {
+    /// Checks the signature with `key` and records the nonce. Rejections: 401
+    /// `invalid_signature`, `replayed_request`.
+    pub async fn verify(self, key: &PublicKey, db: &Database, now: UnixMillis) -> Result<Verified, ApiError> {
+        if key.verify(self.canonical.as_bytes(), &self.signature).is_err() {
+            tracing::info!(agent = %self.agent, "agent request with a bad signature");
+            return Err(unauthorized("invalid_signature", "Molt-Signature does not verify with the agent's key"));
+        }
+        let fresh = record_nonce(db, self.agent, &self.nonce, self.timestamp.saturating_add(TIMESTAMP_SKEW_MAX), now)
+            .await
+            .map_err(|error| ApiError::internal(&error))?;
+        if !fresh {
+            tracing::info!(agent = %self.agent, "replayed agent request");
+            return Err(unauthorized("replayed_request", "this Molt-Nonce was already used"));
+        }
+        Ok(Verified { agent: self.agent, body: self.body })
+    }
+}
+
+impl FromRequest<AppState> for AuthenticatedAgent {
+    type Rejection = ApiError;
+
+    /// Rejections: those of [`SignedRequest`], 401 `unknown_agent`, `revoked_agent`,
+    /// `invalid_signature`, `replayed_request`.
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
+        let signed = SignedRequest::from_request(request, state).await?;
+        let key = registry::agent_key(&state.db, signed.agent).await.map_err(|error| ApiError::internal(&error))?;
+        let Some((key, revoked)) = key else {
+            return Err(unauthorized("unknown_agent", "the agent is not registered"));
+        };
+        if revoked {
+            return Err(unauthorized("revoked_agent", "the agent has been revoked"));
+        }
+        let verified = signed.verify(&key, &state.db, state.clock.now()).await?;
+        Ok(AuthenticatedAgent { agent: verified.agent, body: verified.body })
+    }
+}
+
+/// Records `nonce` for `agent` until `expires_at`; `false` if it is already recorded and
+/// unexpired. One conditional upsert decides, so two replicas cannot both accept it.
+/// Expired nonces are purged on the way.
+pub async fn record_nonce(
+    db: &Database,
+    agent: AgentId,
+    nonce: &str,
+    expires_at: UnixMillis,
+    now: UnixMillis,
+) -> Result<bool, RegistryQueryError> {
+    let error = registry::query_error("recording a request nonce");
+    sqlx::query("DELETE FROM agent_request_nonces WHERE expires_at_ms < $1")
+        .bind(to_db(now))
+        .execute(db.pool())
+        .await
+        .map_err(error)?;
+    let inserted = sqlx::query(
+        "INSERT INTO agent_request_nonces (agent_id, nonce, expires_at_ms) VALUES ($1, $2, $3) \
+         ON CONFLICT (agent_id, nonce) DO UPDATE SET expires_at_ms = excluded.expires_at_ms \
+         WHERE agent_request_nonces.expires_at_ms < $4",
+    )
+    .bind(agent.to_string())
+    .bind(nonce.to_owned())
+    .bind(to_db(expires_at))
+    .bind(to_db(now))
+    .execute(db.pool())
+    .await
+    .map_err(error)?
+    .rows_affected();
+    Ok(inserted == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_request_is_line_separated() {
+        let text = canonical_request("POST", "/v1/agents?x=1", UnixMillis(5), "00ff", b"");
+        assert_eq!(
+            text,
+            "molt/agent-request/v1\nPOST\n/v1/agents?x=1\n5\n00ff\n\
+             e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+}
