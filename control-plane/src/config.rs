@@ -9,6 +9,7 @@
 //! | file key                       | environment                            | default |
 //! |--------------------------------|----------------------------------------|---------|
 //! | `listen_addr`                  | `MOLT_CP_LISTEN`                       | `127.0.0.1:8080` |
+//! | `grpc_listen_addr`             | `MOLT_CP_GRPC_LISTEN`                  | off (no gRPC listener) |
 //! | `database.url`                 | `MOLT_CP_DATABASE_URL`                 | `sqlite:molt-control-plane.db` |
 //! | `database.max_connections`     | `MOLT_CP_DATABASE_MAX_CONNECTIONS`     | 8 |
 //! | `database.acquire_timeout_ms`  | `MOLT_CP_DATABASE_ACQUIRE_TIMEOUT_MS`  | 5000 |
@@ -53,6 +54,8 @@ const _: () = assert!(DEFAULT_DATABASE_ACQUIRE_TIMEOUT.as_millis() <= DATABASE_A
 pub struct Config {
     /// HTTP address of the API.
     pub listen_addr: SocketAddr,
+    /// Address of the gRPC service for edges ([`crate::grpc`]); `None`: not served.
+    pub grpc_listen_addr: Option<SocketAddr>,
     pub database: DatabaseOptions,
     pub log: LogConfig,
     pub ca: crate::ca::CaOptions,
@@ -78,6 +81,7 @@ pub enum LogFormat {
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     pub listen_addr: Option<toml::Value>,
+    pub grpc_listen_addr: Option<toml::Value>,
     #[serde(default)]
     pub database: DatabaseSection,
     #[serde(default)]
@@ -186,6 +190,9 @@ pub fn validate(
         .setting("listen_addr", "MOLT_CP_LISTEN", file.listen_addr, overrides.listen_addr.as_deref(), "--listen")
         .and_then(|input| checker.check(input, parse_listen_addr))
         .unwrap_or(DEFAULT_LISTEN_ADDR);
+    let grpc_listen_addr = checker
+        .setting("grpc_listen_addr", "MOLT_CP_GRPC_LISTEN", file.grpc_listen_addr, None, "")
+        .and_then(|input| checker.check(input, parse_listen_addr));
     let url = checker
         .setting(
             "database.url",
@@ -233,6 +240,7 @@ pub fn validate(
     }
     Ok(Config {
         listen_addr,
+        grpc_listen_addr,
         database: DatabaseOptions { url, max_connections, acquire_timeout },
         log: LogConfig { level, format },
         ca,
@@ -240,8 +248,9 @@ pub fn validate(
 }
 
 /// Every `MOLT_CP_*` variable this module reads.
-pub const ENVIRONMENT_VARIABLES: [&str; 7] = [
+pub const ENVIRONMENT_VARIABLES: [&str; 8] = [
     "MOLT_CP_LISTEN",
+    "MOLT_CP_GRPC_LISTEN",
     "MOLT_CP_DATABASE_URL",
     "MOLT_CP_DATABASE_MAX_CONNECTIONS",
     "MOLT_CP_DATABASE_ACQUIRE_TIMEOUT_MS",
@@ -441,6 +450,20 @@ mod tests {
         assert_eq!(config.database.max_connections, DEFAULT_DATABASE_MAX_CONNECTIONS);
         assert_eq!(config.database.acquire_timeout, DEFAULT_DATABASE_ACQUIRE_TIMEOUT);
         assert_eq!(config.log, LogConfig { level: "info".into(), format: LogFormat::Text });
+        assert_eq!(config.grpc_listen_addr, None);
+    }
+
+    #[test]
+    fn the_grpc_listener_is_configured_by_file_or_environment() {
+        let file = parse_file("grpc_listen_addr = \"127.0.0.1:8443\"\n").unwrap();
+        let config = validate(file, &BTreeMap::new(), &Overrides::default()).unwrap();
+        assert_eq!(config.grpc_listen_addr, Some("127.0.0.1:8443".parse().unwrap()));
+        let env = environment(&[("MOLT_CP_GRPC_LISTEN", "0.0.0.0:9443")]);
+        let config = validate(ConfigFile::default(), &env, &Overrides::default()).unwrap();
+        assert_eq!(config.grpc_listen_addr, Some("0.0.0.0:9443".parse().unwrap()));
+        let env = environment(&[("MOLT_CP_GRPC_LISTEN", "nowhere")]);
+        let found = problems(validate(ConfigFile::default(), &env, &Overrides::default()));
+        assert!(found[0].starts_with("MOLT_CP_GRPC_LISTEN (environment): expected an address"), "{found:?}");
     }
 
     #[test]

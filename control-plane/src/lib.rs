@@ -8,6 +8,8 @@
 //! - [`auth`]: admin tokens (stored as SHA-256 only), scopes, the bootstrap credential;
 //! - [`ca`]: the certificate authority: root, org CAs with keys sealed at rest, agent and
 //!   edge certificates on proof of possession, revocation, CRLs and the trust bundle;
+//! - [`grpc`]: the tonic gRPC service for edges over mutual TLS (registration, trust
+//!   stream, presence, agent lookup);
 //! - [`api`]: the axum HTTP API with problem+json errors and its OpenAPI document;
 //! - [`metrics`]: a private Prometheus registry.
 //!
@@ -24,6 +26,7 @@ pub mod ca;
 pub mod clock;
 pub mod config;
 pub mod db;
+pub mod grpc;
 pub mod ids;
 pub mod metrics;
 pub mod model;
@@ -41,6 +44,8 @@ use crate::db::{ConnectError, Database, QueryError};
 pub struct Started {
     pub state: api::AppState,
     pub bootstrap_token: Option<AdminToken>,
+    /// The gRPC service for edges, if an address was given; stops when dropped.
+    pub grpc: Option<grpc::GrpcServer>,
 }
 
 /// Why [`start`] failed.
@@ -53,19 +58,31 @@ pub enum StartError {
     Bootstrap(#[from] QueryError),
     #[error("failed to start the control plane: loading the certificate authority")]
     Ca(#[from] ca::LoadAuthorityError),
+    #[error("failed to start the control plane: starting the gRPC service")]
+    Grpc(#[from] grpc::GrpcStartError),
 }
 
 /// Connects to the database, applies migrations, creates the bootstrap credential if the
 /// database has no admin key, and loads the certificate authority (creating the
-/// development root and the KEK file on the first start, as [`ca`] describes).
+/// development root and the KEK file on the first start, as [`ca`] describes), then, if
+/// `grpc_listen_addr` is given, serves the edge gRPC service there ([`grpc`]).
 pub async fn start(
     options: &db::DatabaseOptions,
     ca_options: &ca::CaOptions,
+    grpc_listen_addr: Option<std::net::SocketAddr>,
     clock: Arc<dyn Clock>,
 ) -> Result<Started, StartError> {
     let db = Database::connect(options).await?;
     let bootstrap_token = db.bootstrap_admin_key(clock.now()).await?;
     let authority = ca::Authority::load(&db, ca_options, &options.url, clock.now()).await?;
-    let state = api::AppState::new(db, clock, Arc::new(metrics::Metrics::new())).with_ca(Arc::new(authority));
-    Ok(Started { state, bootstrap_token })
+    let authority = Arc::new(authority);
+    let grpc = match grpc_listen_addr {
+        Some(addr) => {
+            let identity = grpc::issue_server_identity(&db, &authority, clock.now()).await?;
+            Some(grpc::serve(addr, &identity, db.clone(), Arc::clone(&authority), Arc::clone(&clock)).await?)
+        }
+        None => None,
+    };
+    let state = api::AppState::new(db, clock, Arc::new(metrics::Metrics::new())).with_ca(authority);
+    Ok(Started { state, bootstrap_token, grpc })
 }

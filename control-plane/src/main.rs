@@ -53,7 +53,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("while starting the runtime")?;
     runtime.block_on(async {
-        let started = molt_control_plane::start(&config.database, &config.ca, Arc::new(SystemClock))
+        let started = molt_control_plane::start(&config.database, &config.ca, config.grpc_listen_addr, Arc::new(SystemClock))
             .await
             .context("while opening the database")?;
         if let Some(token) = &started.bootstrap_token {

@@ -5,6 +5,7 @@
 mod api;
 mod ca;
 mod fixture;
+mod grpc;
 mod registry;
 mod storage;
 

@@ -1,0 +1,212 @@
+//! The edge gRPC service over real TCP and mutual TLS on loopback, on both backends, with
+//! certificates issued by the CA: registration, the trust stream, presence and lookup,
+//! and refusals (agent certificate, no certificate, malformed agent id).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use molt_control_plane::ca::{
+    self, Authority, CaOptions, KekSource, KeyEncryptionKey, LeafKind, PossessionProof, RevocationReason, RootSource,
+};
+use molt_control_plane::clock::{Clock, SystemClock};
+use molt_control_plane::grpc::proto::edge_control_client::EdgeControlClient;
+use molt_control_plane::grpc::proto::{LookupAgentRequest, PresenceReport, RegisterRequest, WatchTrustRequest};
+use molt_control_plane::grpc::{self, GrpcServer};
+use molt_control_plane::ids::OrgId;
+use molt_control_plane::model::OrgName;
+use molt_protocol::cert::{ExpectedRole, Revocations, TrustAnchors};
+use molt_protocol::ids::{AgentId, EdgeId};
+use molt_protocol::keys::SigningKey;
+use molt_protocol::tls::{self, TlsIdentity};
+use rustls::client::ResolvesClientCert;
+use rustls::pki_types::ServerName;
+use rustls::sign::CertifiedKey;
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::fixture::Fixture;
+
+crate::on_both_backends!(
+    an_edge_registers_and_watches_the_trust_bundle_grow,
+    presence_then_lookup_finds_the_agent_at_its_edge,
+    an_agent_certificate_is_refused_at_the_handshake,
+    a_client_without_certificate_is_refused,
+    a_malformed_agent_id_is_an_invalid_argument,
+);
+
+/// Longest wait for a trust update; several poll intervals.
+const UPDATE_WAIT: Duration = Duration::from_secs(10);
+
+struct Harness {
+    db: molt_control_plane::db::Database,
+    authority: Arc<Authority>,
+    server: GrpcServer,
+    org: OrgId,
+}
+
+impl Harness {
+    async fn new(fixture: &Fixture) -> Harness {
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let options = CaOptions {
+            key_encryption_key: KekSource::Value(KeyEncryptionKey::generate()),
+            root: RootSource::Generated,
+        };
+        let authority =
+            Arc::new(Authority::load(&fixture.db, &options, "postgres://unused", clock.now()).await.expect("load CA"));
+        let identity = grpc::issue_server_identity(&fixture.db, &authority, clock.now()).await.expect("identity");
+        let server =
+            grpc::serve("127.0.0.1:0".parse().unwrap(), &identity, fixture.db.clone(), Arc::clone(&authority), clock)
+                .await
+                .expect("start the gRPC server");
+        let org = fixture.db.create_org(&OrgName::new("acme").unwrap(), SystemClock.now()).await.unwrap().id;
+        Harness { db: fixture.db.clone(), authority, server, org }
+    }
+
+    async fn issue(&self, kind: LeafKind) -> TlsIdentity {
+        let key = SigningKey::generate(&mut rand::rngs::OsRng);
+        let now = SystemClock.now();
+        let public_key = key.public_key();
+        let signature = key.sign(&ca::proof_message(kind, &self.org, &public_key, now));
+        let proof = PossessionProof::verify(kind, &self.org, &public_key, now, &signature, now).unwrap();
+        let issued = self.authority.issue(&self.db, &proof, &[], now).await.expect("issue a certificate");
+        TlsIdentity { chain: vec![issued.certificate, issued.org_ca], key }
+    }
+
+    fn client_config(&self, identity: &TlsIdentity) -> rustls::ClientConfig {
+        let anchors = TrustAnchors::new(vec![self.authority.root().clone()]).unwrap();
+        let revocations = Arc::new(std::sync::RwLock::new(Revocations::default()));
+        tls::client_config(identity, Arc::new(anchors), revocations, ExpectedRole::AnyEdge, grpc::ALPN_H2).unwrap()
+    }
+
+    async fn connect(
+        &self,
+        config: rustls::ClientConfig,
+    ) -> Result<EdgeControlClient<Channel>, tonic::transport::Error> {
+        let addr = self.server.local_addr();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let channel = Endpoint::from_static("http://control-plane.molt")
+            .connect_with_connector(tower::service_fn(move |_| {
+                let connector = connector.clone();
+                async move {
+                    let tcp = tokio::net::TcpStream::connect(addr).await?;
+                    let tls = connector.connect(ServerName::try_from("control-plane.molt").unwrap(), tcp).await?;
+                    Ok::<_, std::io::Error>(TokioIo::new(tls))
+                }
+            }))
+            .await?;
+        Ok(EdgeControlClient::new(channel))
+    }
+
+    async fn edge_client(&self) -> (EdgeId, EdgeControlClient<Channel>) {
+        let identity = self.issue(LeafKind::Edge).await;
+        let edge = EdgeId::from_inception_key(&identity.key.public_key());
+        (edge, self.connect(self.client_config(&identity)).await.expect("connect as an edge"))
+    }
+}
+
+fn register_request() -> RegisterRequest {
+    RegisterRequest { region: "eu-west".into(), quic_addrs: vec!["127.0.0.1:4433".into()], version: "0.1.0".into() }
+}
+
+async fn an_edge_registers_and_watches_the_trust_bundle_grow(fixture: &Fixture) {
+    let harness = Harness::new(fixture).await;
+    let (edge, mut client) = harness.edge_client().await;
+    let registered = client.register(register_request()).await.expect("register").into_inner();
+    assert_eq!(registered.edge_id, edge.to_string());
+    assert!(registered.trust_bundle_sequence > 0);
+    assert_eq!(fixture.count("edges").await, 1);
+
+    let mut stream = client.watch_trust(WatchTrustRequest { after_sequence: 0 }).await.expect("watch").into_inner();
+    let first = tokio::time::timeout(UPDATE_WAIT, stream.message()).await.unwrap().unwrap().expect("first update");
+    assert_eq!(first.sequence, registered.trust_bundle_sequence);
+    assert_eq!(first.roots, vec![harness.authority.root().der().to_vec()]);
+    assert_eq!(first.org_cas.len(), 2, "the control plane's org and acme");
+    assert_eq!(first.crls.len(), 2);
+
+    let victim = harness.issue(LeafKind::Agent).await;
+    ca::revoke(&harness.db, victim.chain[0].serial(), RevocationReason::KeyCompromise, SystemClock.now())
+        .await
+        .expect("revoke");
+    let second = tokio::time::timeout(UPDATE_WAIT, stream.message()).await.unwrap().unwrap().expect("second update");
+    assert!(second.sequence > first.sequence, "{} after {}", second.sequence, first.sequence);
+    assert_ne!(second.crls, first.crls);
+
+    // A watcher already at the current sequence gets nothing until it grows.
+    let mut caught_up =
+        client.watch_trust(WatchTrustRequest { after_sequence: second.sequence }).await.unwrap().into_inner();
+    assert!(tokio::time::timeout(Duration::from_millis(1500), caught_up.message()).await.is_err());
+}
+
+async fn presence_then_lookup_finds_the_agent_at_its_edge(fixture: &Fixture) {
+    let harness = Harness::new(fixture).await;
+    let (edge, mut client) = harness.edge_client().await;
+    let agent = AgentId::from_inception_key(&SigningKey::generate(&mut rand::rngs::OsRng).public_key());
+    let report = PresenceReport { connected_agents: vec![agent.to_string()], at_ms: SystemClock.now().0 };
+    let refused = client.report_presence(report.clone()).await.expect_err("presence before Register");
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+
+    client.register(register_request()).await.expect("register");
+    let ack = client.report_presence(report).await.expect("presence").into_inner();
+    assert_eq!(ack.accepted, 1);
+    let found = client.lookup_agent(LookupAgentRequest { agent_id: agent.to_string() }).await.unwrap().into_inner();
+    assert!(found.found);
+    assert_eq!(found.home_edge_id, edge.to_string());
+    assert_eq!(found.edge_quic_addrs, ["127.0.0.1:4433"]);
+    assert!(found.key_binding.is_empty(), "the agent has no registry profile");
+
+    let empty = PresenceReport { connected_agents: vec![], at_ms: SystemClock.now().0 };
+    client.report_presence(empty).await.expect("empty presence");
+    let gone = client.lookup_agent(LookupAgentRequest { agent_id: agent.to_string() }).await.unwrap().into_inner();
+    assert!(!gone.found);
+}
+
+async fn an_agent_certificate_is_refused_at_the_handshake(fixture: &Fixture) {
+    let harness = Harness::new(fixture).await;
+    let identity = harness.issue(LeafKind::Agent).await;
+    assert_refused(&harness, harness.client_config(&identity)).await;
+}
+
+async fn a_client_without_certificate_is_refused(fixture: &Fixture) {
+    let harness = Harness::new(fixture).await;
+    let identity = harness.issue(LeafKind::Edge).await;
+    let mut config = harness.client_config(&identity);
+    config.client_auth_cert_resolver = Arc::new(NoClientCertificate);
+    assert_refused(&harness, config).await;
+}
+
+async fn a_malformed_agent_id_is_an_invalid_argument(fixture: &Fixture) {
+    let harness = Harness::new(fixture).await;
+    let (_, mut client) = harness.edge_client().await;
+    let status = client.lookup_agent(LookupAgentRequest { agent_id: "not-an-agent".into() }).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status}");
+    client.register(register_request()).await.expect("register");
+    let report = PresenceReport { connected_agents: vec!["agent:nope".into()], at_ms: 0 };
+    let status = client.report_presence(report).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status}");
+}
+
+/// In TLS 1.3 the server judges the client certificate after the client's handshake
+/// finished, so the refusal shows either at connect or at the first call; either way no
+/// call succeeds and nothing is written.
+async fn assert_refused(harness: &Harness, config: rustls::ClientConfig) {
+    if let Ok(mut client) = harness.connect(config).await {
+        let status = client.register(register_request()).await.expect_err("a non-edge client was served");
+        assert_ne!(status.code(), Code::Ok);
+    }
+    let edges: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM edges").fetch_one(harness.db.pool()).await.unwrap();
+    assert_eq!(edges, 0);
+}
+
+#[derive(Debug)]
+struct NoClientCertificate;
+
+impl ResolvesClientCert for NoClientCertificate {
+    fn resolve(&self, _: &[&[u8]], _: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        None
+    }
+
+    fn has_certs(&self) -> bool {
+        false
+    }
+}
