@@ -31,7 +31,7 @@ use molt_protocol::replay::{ReplayError, ReplayWindow, check_time};
 use molt_protocol::{AgentId, MessageId, UnixMillis};
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 
-use crate::ratelimit::{MessageLimiter, RateLimited};
+use crate::ratelimit::MessageLimiter;
 use crate::store::{OfflineStore, PutOutcome, RecordKind, StoreError};
 
 /// Bytes asked of the stream per read.
@@ -321,7 +321,6 @@ impl Relay {
         }
         if let Err(limit) = self.limiter.check(&session.agent, bytes.len()) {
             metrics::counter!(names::RATE_LIMITED_TOTAL).increment(1);
-            let _: RateLimited = limit;
             return Err((header.message_id, RejectCode::RateLimited, limit.to_string(), false));
         }
         if let Err(error) = check_time(&header, now, self.config.clock_skew) {
