@@ -7,69 +7,34 @@
 //! Molt-Signature: <128 hex>      Ed25519 by the agent's current key over the string below
 //! ```
 //!
-//! The signed string is [`canonical_request`]: the lines `molt/agent-request/v1`, the
-//! method, the path with query, the timestamp, the nonce and the lower-case hex SHA-256 of
-//! the body, joined by `\n`. The server refuses timestamps more than [`TIMESTAMP_SKEW_MAX`]
-//! from its clock and nonces it has seen from the agent within that window; nonces live in
-//! the database (`agent_request_nonces`, primary key (agent, nonce)), so replicas agree.
+//! The signed string is [`canonical_request`] (in [`molt_protocol::request`], shared with
+//! clients): the lines `molt/agent-request/v1`, the method, the path with query, the
+//! timestamp, the nonce and the lower-case hex SHA-256 of the body, joined by `\n`. The
+//! server refuses timestamps more than [`TIMESTAMP_SKEW_MAX`] from its clock and nonces it
+//! has seen from the agent within that window; nonces live in the database
+//! (`agent_request_nonces`, primary key (agent, nonce)), so replicas agree.
 
 use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderMap, StatusCode};
-use molt_protocol::keys::{PublicKey, Signature, SigningKey};
+use molt_protocol::keys::{PublicKey, Signature};
 use molt_protocol::{AgentId, UnixMillis};
-use sha2::{Digest as _, Sha256};
 
 use crate::api::AppState;
 use crate::api::problem::ApiError;
 use crate::db::Database;
 use crate::registry::{self, RegistryQueryError, to_db};
 
-/// Domain separator, the first line of the signed string.
-pub const REQUEST_DOMAIN: &str = "molt/agent-request/v1";
 /// How far a request's timestamp may be from the server's clock, either way.
 pub const TIMESTAMP_SKEW_MAX: Duration = Duration::from_secs(5 * 60);
-/// Bytes of a nonce (32 hex digits).
-pub const NONCE_BYTES: usize = 16;
 
-pub const AGENT_HEADER: &str = "molt-agent";
-pub const TIMESTAMP_HEADER: &str = "molt-timestamp";
-pub const NONCE_HEADER: &str = "molt-nonce";
-pub const SIGNATURE_HEADER: &str = "molt-signature";
-
-/// The string an agent signs.
-pub fn canonical_request(
-    method: &str,
-    path_and_query: &str,
-    timestamp: UnixMillis,
-    nonce: &str,
-    body: &[u8],
-) -> String {
-    let body_hash = hex::encode(Sha256::digest(body));
-    format!("{REQUEST_DOMAIN}\n{method}\n{path_and_query}\n{}\n{nonce}\n{body_hash}", timestamp.0)
-}
-
-/// The four headers of a request signed by `key` for `agent` (client side; tests, SDK).
-pub fn sign_request(
-    key: &SigningKey,
-    agent: AgentId,
-    method: &str,
-    path_and_query: &str,
-    timestamp: UnixMillis,
-    nonce: [u8; NONCE_BYTES],
-    body: &[u8],
-) -> [(&'static str, String); 4] {
-    let nonce = hex::encode(nonce);
-    let signature = key.sign(canonical_request(method, path_and_query, timestamp, &nonce, body).as_bytes());
-    [
-        (AGENT_HEADER, agent.to_string()),
-        (TIMESTAMP_HEADER, timestamp.0.to_string()),
-        (NONCE_HEADER, nonce),
-        (SIGNATURE_HEADER, hex::encode(signature.0)),
-    ]
-}
+// The signed string and headers are shared with clients (the SDK) through the protocol crate.
+pub use molt_protocol::request::{
+    AGENT_HEADER, NONCE_BYTES, NONCE_HEADER, REQUEST_DOMAIN, SIGNATURE_HEADER, TIMESTAMP_HEADER, canonical_request,
+    sign_request,
+};
 
 /// A request whose signature headers are well formed and whose timestamp is in the
 /// window, with its body read. Not yet verified: see [`SignedRequest::verify`], or use
@@ -229,19 +194,4 @@ pub async fn record_nonce(
     .map_err(error)?
     .rows_affected();
     Ok(inserted == 1)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn canonical_request_is_line_separated() {
-        let text = canonical_request("POST", "/v1/agents?x=1", UnixMillis(5), "00ff", b"");
-        assert_eq!(
-            text,
-            "molt/agent-request/v1\nPOST\n/v1/agents?x=1\n5\n00ff\n\
-             e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
-    }
 }

@@ -20,6 +20,7 @@ pub mod keys;
 pub mod limits;
 pub mod receipt;
 pub mod replay;
+pub mod request;
 pub mod time;
 #[cfg(feature = "tls")]
 pub mod tls;
