@@ -28,6 +28,7 @@ pub mod config;
 pub mod db;
 pub mod grpc;
 pub mod ids;
+pub mod ledger;
 pub mod metrics;
 pub mod model;
 pub mod registry;
@@ -56,6 +57,8 @@ pub enum StartError {
     Connect(#[from] ConnectError),
     #[error("failed to start the control plane: creating the bootstrap admin key")]
     Bootstrap(#[from] QueryError),
+    #[error("failed to start the control plane")]
+    Index(#[from] registry::EnsureIndexError),
     #[error("failed to start the control plane: loading the certificate authority")]
     Ca(#[from] ca::LoadAuthorityError),
     #[error("failed to start the control plane: starting the gRPC service")]
@@ -74,6 +77,8 @@ pub async fn start(
 ) -> Result<Started, StartError> {
     let db = Database::connect(options).await?;
     let bootstrap_token = db.bootstrap_admin_key(clock.now()).await?;
+    let holder = format!("{}-{:016x}", std::process::id(), rand::random::<u64>());
+    registry::ensure_index(&db, &holder, clock.now()).await?;
     let authority = ca::Authority::load(&db, ca_options, &options.url, clock.now()).await?;
     let authority = Arc::new(authority);
     let grpc = match grpc_listen_addr {

@@ -1,0 +1,748 @@
+//! Persistence: loads a [`View`] for a batch of commands and writes its effects, in one
+//! transaction.
+//!
+//! **Locking.** On PostgreSQL a batch first locks the account rows it may touch with
+//! `SELECT … FOR UPDATE`, ordered by id, then the journal head row. Every writer takes its
+//! locks in that one global order (accounts by id, head last), so writers never deadlock;
+//! the head lock gives the journal one order. On SQLite the batch's first statement writes
+//! the head row, which takes the database's write lock at once (SQLite has one writer;
+//! a transaction that read first and then wrote could fail to upgrade). Serialization
+//! and deadlock failures, and SQLite's busy errors, are retried by
+//! [`super::service::Ledger`] a bounded number of times with a new transaction.
+//!
+//! **Hot accounts.** A batch applies its transfers in memory and writes each account row
+//! once with its final totals, so a thousand transfers into the treasury in one batch
+//! cost one row update.
+
+use std::collections::{BTreeSet, HashMap};
+
+use molt_protocol::{AgentId, UnixMillis};
+use sqlx::any::AnyRow;
+use sqlx::{Any, Row as _, Transaction};
+
+use super::books::{Books, Known, TransferError};
+use super::engine::{self, Command, View, ViewEffects};
+use super::escrow::{Escrow, EscrowState, OnExpiry};
+use super::journal::{AuditReport, Auditor};
+use super::stake::{Unbonding, UnbondingState};
+use super::types::{
+    Account, AccountFlags, AccountId, Credits, Purpose, Rejection, StakeKind, Transfer, TransferFlags, TransferId,
+    TransferKind, TransferSpec,
+};
+use crate::db::{Backend, Database};
+
+/// Rows per multi-row statement (every backend accepts this many bound values).
+pub const ROWS_PER_STATEMENT: usize = 500;
+/// Journal entries read per query by the audit.
+pub const AUDIT_PAGE_ROWS: i64 = 10_000;
+
+/// A ledger query failed; `operation` names it.
+#[derive(Debug, thiserror::Error)]
+#[error("ledger query failed while {operation}")]
+pub struct LedgerQueryError {
+    operation: &'static str,
+    #[source]
+    source: sqlx::Error,
+}
+
+impl LedgerQueryError {
+    /// A serialization failure, a deadlock or a busy database: worth running again.
+    pub fn is_retryable(&self) -> bool {
+        let sqlx::Error::Database(error) = &self.source else { return false };
+        match error.code().as_deref() {
+            // PostgreSQL: serialization_failure, deadlock_detected, lock_not_available.
+            Some("40001" | "40P01" | "55P03") => true,
+            // SQLite: SQLITE_BUSY and its extended codes, SQLITE_LOCKED.
+            Some(code) => code == "5" || code == "6" || code.parse::<u32>().is_ok_and(|c| c & 0xff == 5),
+            None => false,
+        }
+    }
+}
+
+pub(crate) fn query_error(operation: &'static str) -> impl Fn(sqlx::Error) -> LedgerQueryError + Copy {
+    move |source| LedgerQueryError { operation, source }
+}
+
+fn decode_error(operation: &'static str, what: &str) -> LedgerQueryError {
+    LedgerQueryError { operation, source: sqlx::Error::Decode(format!("bad stored {what}").into()) }
+}
+
+type Tx = Transaction<'static, Any>;
+
+/// Runs `commands` in one transaction and returns the outcomes; the caller commits
+/// nothing: this function commits.
+pub async fn execute(
+    db: &Database,
+    commands: &[Command],
+    now: UnixMillis,
+) -> Result<Vec<engine::Outcome>, LedgerQueryError> {
+    let (escrow_ids, unbonding_ids) = referenced_records(commands);
+    // Escrow and unbonding accounts never change, so reading them before the locks is
+    // safe; their state is read again under the locks.
+    let mut connection = db.pool().acquire().await.map_err(query_error("reading escrows"))?;
+    let escrow_accounts: HashMap<TransferId, (AccountId, AccountId)> =
+        escrows(&mut connection, &escrow_ids).await?.into_iter().map(|e| (e.id.clone(), (e.payer, e.payee))).collect();
+    let unbonding_owners: HashMap<TransferId, (AgentId, StakeKind)> = unbondings(&mut connection, &unbonding_ids)
+        .await?
+        .into_iter()
+        .map(|u| (u.id.clone(), (u.owner, u.kind)))
+        .collect();
+    drop(connection);
+    let mut account_ids = BTreeSet::from([AccountId::treasury()]);
+    for command in commands {
+        engine::accounts_of(
+            command,
+            |id| escrow_accounts.get(id).cloned(),
+            |id| unbonding_owners.get(id).copied(),
+            &mut account_ids,
+        );
+    }
+
+    let mut tx = db.pool().begin().await.map_err(query_error("starting a ledger transaction"))?;
+    let (seq, hash, fee_bps) = lock_head_and_accounts(&mut tx, db.backend(), &account_ids).await?;
+    let mut books = Books::new(seq, hash, fee_bps, now);
+    for account in accounts_in(&mut *tx, &account_ids).await? {
+        books.insert_account(account);
+    }
+    let ids: Vec<TransferId> = commands.iter().flat_map(spec_ids).collect();
+    for (id, known) in known_ids(&mut tx, &ids).await? {
+        books.insert_known(id, known);
+    }
+    let mut view = View::new(books);
+    for escrow in escrows(&mut *tx, &escrow_ids).await? {
+        view.insert_escrow(escrow);
+    }
+    for unbonding in unbondings(&mut *tx, &unbonding_ids).await? {
+        view.insert_unbonding(unbonding);
+    }
+    let outcomes = view.run(commands);
+    let effects = view.take_effects();
+    persist(&mut tx, &effects).await?;
+    tx.commit().await.map_err(query_error("committing a ledger batch"))?;
+    Ok(outcomes)
+}
+
+/// Creates the accounts if missing (their own transaction, before any batch uses them).
+pub async fn ensure_accounts(db: &Database, ids: &[AccountId], now: UnixMillis) -> Result<(), LedgerQueryError> {
+    let mut sorted: Vec<&AccountId> = ids.iter().collect();
+    sorted.sort();
+    sorted.dedup();
+    for id in sorted {
+        let (kind, owner) = id.kind_and_owner();
+        sqlx::query(
+            "INSERT INTO ledger_accounts (id, kind, owner, flags, debits_pending, debits_posted, credits_pending, \
+             credits_posted, created_at_ms) VALUES ($1, $2, $3, $4, 0, 0, 0, 0, $5) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id.as_str().to_owned())
+        .bind(kind.as_str())
+        .bind(owner.map(|agent| agent.to_string()))
+        .bind(AccountFlags::for_kind(kind).0 as i64)
+        .bind(to_db(now))
+        .execute(db.pool())
+        .await
+        .map_err(query_error("creating an account"))?;
+    }
+    Ok(())
+}
+
+/// One account, if it exists.
+pub async fn account(db: &Database, id: &AccountId) -> Result<Option<Account>, LedgerQueryError> {
+    let mut connection = db.pool().acquire().await.map_err(query_error("reading an account"))?;
+    Ok(accounts_in(&mut connection, &BTreeSet::from([id.clone()])).await?.pop())
+}
+
+/// The accounts owned by `agent` (wallet, stakes, unbondings), by id.
+pub async fn accounts_of_owner(db: &Database, agent: AgentId) -> Result<Vec<Account>, LedgerQueryError> {
+    let rows =
+        sqlx::query(concat!("SELECT ", account_columns!(), " FROM ledger_accounts WHERE owner = $1 ORDER BY id"))
+            .bind(agent.to_string())
+            .fetch_all(db.pool())
+            .await
+            .map_err(query_error("reading accounts"))?;
+    rows.iter().map(account_from_row).collect()
+}
+
+/// Journal entries touching `account`, newest first, with `seq` below `before`.
+pub async fn history(
+    db: &Database,
+    account: &AccountId,
+    before: Option<u64>,
+    limit: u32,
+) -> Result<Vec<Transfer>, LedgerQueryError> {
+    let rows = sqlx::query(concat!(
+        "SELECT ",
+        transfer_columns!(),
+        " FROM ledger_transfers WHERE (debit_account = $1 OR credit_account = $1) AND seq < $2 \
+         ORDER BY seq DESC LIMIT $3"
+    ))
+    .bind(account.as_str().to_owned())
+    .bind(before.map_or(i64::MAX, |seq| i64::try_from(seq).unwrap_or(i64::MAX)))
+    .bind(i64::from(limit))
+    .fetch_all(db.pool())
+    .await
+    .map_err(query_error("reading account history"))?;
+    rows.iter().map(transfer_from_row).collect()
+}
+
+/// What is known about a transfer id: applied or remembered as refused.
+pub async fn transfer(db: &Database, id: &TransferId) -> Result<Option<Known>, LedgerQueryError> {
+    let mut connection = db.pool().acquire().await.map_err(query_error("reading a transfer"))?;
+    Ok(known_ids_on(&mut connection, std::slice::from_ref(id)).await?.pop().map(|(_, known)| known))
+}
+
+pub async fn escrow(db: &Database, id: &TransferId) -> Result<Option<Escrow>, LedgerQueryError> {
+    let mut connection = db.pool().acquire().await.map_err(query_error("reading an escrow"))?;
+    Ok(escrows(&mut connection, std::slice::from_ref(id)).await?.pop())
+}
+
+/// Unbondings of `agent`, newest first (at most 1000).
+pub async fn unbondings_of(db: &Database, agent: AgentId) -> Result<Vec<Unbonding>, LedgerQueryError> {
+    let rows = sqlx::query(concat!(
+        "SELECT ",
+        unbonding_columns!(),
+        " FROM ledger_unbondings WHERE owner = $1 ORDER BY created_at_ms DESC, id LIMIT 1000"
+    ))
+    .bind(agent.to_string())
+    .fetch_all(db.pool())
+    .await
+    .map_err(query_error("reading unbondings"))?;
+    rows.iter().map(unbonding_from_row).collect()
+}
+
+/// Ids of escrows past their expiry and not disputed or resolved, oldest first.
+pub async fn due_escrows(db: &Database, now: UnixMillis, limit: u32) -> Result<Vec<TransferId>, LedgerQueryError> {
+    let rows = sqlx::query(
+        "SELECT id FROM ledger_escrows WHERE state = 'locked' AND expires_at_ms <= $1 ORDER BY expires_at_ms LIMIT $2",
+    )
+    .bind(to_db(now))
+    .bind(i64::from(limit))
+    .fetch_all(db.pool())
+    .await
+    .map_err(query_error("finding expired escrows"))?;
+    rows.iter()
+        .map(|row| row.try_get::<String, _>("id").map(TransferId::from_stored))
+        .collect::<Result<_, _>>()
+        .map_err(query_error("reading expired escrows"))
+}
+
+/// Ids of unbondings that have matured, oldest first.
+pub async fn due_unbondings(db: &Database, now: UnixMillis, limit: u32) -> Result<Vec<TransferId>, LedgerQueryError> {
+    let rows = sqlx::query(
+        "SELECT id FROM ledger_unbondings WHERE state = 'unbonding' AND matures_at_ms <= $1 \
+         ORDER BY matures_at_ms LIMIT $2",
+    )
+    .bind(to_db(now))
+    .bind(i64::from(limit))
+    .fetch_all(db.pool())
+    .await
+    .map_err(query_error("finding matured unbondings"))?;
+    rows.iter()
+        .map(|row| row.try_get::<String, _>("id").map(TransferId::from_stored))
+        .collect::<Result<_, _>>()
+        .map_err(query_error("reading matured unbondings"))
+}
+
+/// Sets the transfer fee in basis points (0–10 000).
+pub async fn set_fee_bps(db: &Database, fee_bps: u32) -> Result<(), LedgerQueryError> {
+    sqlx::query("UPDATE ledger_head SET fee_bps = $1 WHERE id = 1")
+        .bind(i64::from(fee_bps))
+        .execute(db.pool())
+        .await
+        .map_err(query_error("setting the fee"))?;
+    Ok(())
+}
+
+pub async fn fee_bps(db: &Database) -> Result<u32, LedgerQueryError> {
+    let row = sqlx::query("SELECT fee_bps FROM ledger_head WHERE id = 1")
+        .fetch_one(db.pool())
+        .await
+        .map_err(query_error("reading the fee"))?;
+    let fee: i64 = row.try_get("fee_bps").map_err(query_error("reading the fee"))?;
+    u32::try_from(fee).map_err(|_| decode_error("reading the fee", "fee"))
+}
+
+/// Replays the whole journal and checks it against the accounts and the head, in one
+/// read transaction (a consistent snapshot on PostgreSQL; SQLite's WAL readers too).
+pub async fn audit(db: &Database) -> Result<AuditReport, LedgerQueryError> {
+    let mut tx = db.pool().begin().await.map_err(query_error("starting the audit"))?;
+    if db.backend() == Backend::Postgres {
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .execute(&mut *tx)
+            .await
+            .map_err(query_error("starting the audit"))?;
+    }
+    let mut auditor = Auditor::new();
+    let mut after = 0i64;
+    loop {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            transfer_columns!(),
+            " FROM ledger_transfers WHERE seq > $1 ORDER BY seq LIMIT $2"
+        ))
+        .bind(after)
+        .bind(AUDIT_PAGE_ROWS)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(query_error("reading the journal"))?;
+        for row in &rows {
+            auditor.push(&transfer_from_row(row)?);
+        }
+        match rows.last() {
+            Some(row) => after = row.try_get("seq").map_err(query_error("reading the journal"))?,
+            None => break,
+        }
+    }
+    let accounts = sqlx::query(concat!("SELECT ", account_columns!(), " FROM ledger_accounts ORDER BY id"))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(query_error("reading accounts"))?
+        .iter()
+        .map(account_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    let (seq, hash, _) = head(&mut tx).await?;
+    if auditor.head() != (seq, hash) {
+        auditor.problem(format!("the stored head (entry {seq}) does not match the journal's last entry"));
+    }
+    tx.rollback().await.map_err(query_error("ending the audit"))?;
+    Ok(auditor.finish(&accounts))
+}
+
+macro_rules! account_columns {
+    () => {
+        "id, flags, debits_pending, debits_posted, credits_pending, credits_posted"
+    };
+}
+use account_columns;
+
+macro_rules! transfer_columns {
+    () => {
+        "seq, id, debit_account, credit_account, amount, kind, pending_id, purpose, flags, created_at_ms, hash"
+    };
+}
+use transfer_columns;
+
+macro_rules! unbonding_columns {
+    () => {
+        "id, owner, stake_kind, amount, matures_at_ms, state, created_at_ms"
+    };
+}
+use unbonding_columns;
+
+const ESCROW_COLUMNS: &str =
+    "id, payer, payee, amount, state, on_expiry, expires_at_ms, released, created_at_ms, updated_at_ms";
+
+fn referenced_records(commands: &[Command]) -> (Vec<TransferId>, Vec<TransferId>) {
+    let (mut escrow_ids, mut unbonding_ids) = (Vec::new(), Vec::new());
+    for command in commands {
+        match command {
+            Command::CreateEscrow { spec, .. } => escrow_ids.push(spec.id.clone()),
+            Command::Escrow { id, .. } => escrow_ids.push(id.clone()),
+            Command::Unlock { spec, .. } => unbonding_ids.push(spec.id.clone()),
+            Command::Mature { id } => unbonding_ids.push(id.clone()),
+            Command::Transfers(_) => {}
+        }
+    }
+    (escrow_ids, unbonding_ids)
+}
+
+fn spec_ids(command: &Command) -> Vec<TransferId> {
+    match command {
+        Command::Transfers(specs) => specs.iter().map(|spec| spec.id.clone()).collect(),
+        Command::CreateEscrow { spec, .. } | Command::Unlock { spec, .. } => vec![spec.id.clone()],
+        Command::Escrow { .. } | Command::Mature { .. } => Vec::new(),
+    }
+}
+
+/// Takes the locks in the global order and reads the head.
+async fn lock_head_and_accounts(
+    tx: &mut Tx,
+    backend: Backend,
+    account_ids: &BTreeSet<AccountId>,
+) -> Result<(u64, [u8; 32], u32), LedgerQueryError> {
+    match backend {
+        Backend::Sqlite => {
+            sqlx::query("UPDATE ledger_head SET seq = seq WHERE id = 1")
+                .execute(&mut **tx)
+                .await
+                .map_err(query_error("taking the write lock"))?;
+        }
+        Backend::Postgres => {
+            let ids: Vec<&AccountId> = account_ids.iter().collect();
+            for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+                let sql = format!(
+                    "SELECT id FROM ledger_accounts WHERE id IN ({}) ORDER BY id FOR UPDATE",
+                    placeholders(1, chunk.len())
+                );
+                let mut query = sqlx::query(&sql);
+                for id in chunk {
+                    query = query.bind(id.as_str().to_owned());
+                }
+                query.fetch_all(&mut **tx).await.map_err(query_error("locking accounts"))?;
+            }
+            sqlx::query("SELECT id FROM ledger_head WHERE id = 1 FOR UPDATE")
+                .fetch_all(&mut **tx)
+                .await
+                .map_err(query_error("locking the journal head"))?;
+        }
+    }
+    head(tx).await
+}
+
+async fn head(tx: &mut Tx) -> Result<(u64, [u8; 32], u32), LedgerQueryError> {
+    let operation = "reading the journal head";
+    let row = sqlx::query("SELECT seq, hash, fee_bps FROM ledger_head WHERE id = 1")
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(query_error(operation))?;
+    let seq: i64 = row.try_get("seq").map_err(query_error(operation))?;
+    let hash: Vec<u8> = row.try_get("hash").map_err(query_error(operation))?;
+    let fee: i64 = row.try_get("fee_bps").map_err(query_error(operation))?;
+    Ok((
+        u64::try_from(seq).map_err(|_| decode_error(operation, "seq"))?,
+        hash.try_into().map_err(|_| decode_error(operation, "hash"))?,
+        u32::try_from(fee).map_err(|_| decode_error(operation, "fee"))?,
+    ))
+}
+
+async fn accounts_in(
+    connection: &mut sqlx::AnyConnection,
+    ids: &BTreeSet<AccountId>,
+) -> Result<Vec<Account>, LedgerQueryError> {
+    let ids: Vec<&AccountId> = ids.iter().collect();
+    let mut accounts = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "SELECT {} FROM ledger_accounts WHERE id IN ({})",
+            account_columns!(),
+            placeholders(1, chunk.len())
+        );
+        let mut query = sqlx::query(&sql);
+        for id in chunk {
+            query = query.bind(id.as_str().to_owned());
+        }
+        for row in query.fetch_all(&mut *connection).await.map_err(query_error("reading accounts"))? {
+            accounts.push(account_from_row(&row)?);
+        }
+    }
+    Ok(accounts)
+}
+
+async fn known_ids(tx: &mut Tx, ids: &[TransferId]) -> Result<Vec<(TransferId, Known)>, LedgerQueryError> {
+    known_ids_on(&mut **tx, ids).await
+}
+
+async fn known_ids_on(
+    connection: &mut sqlx::AnyConnection,
+    ids: &[TransferId],
+) -> Result<Vec<(TransferId, Known)>, LedgerQueryError> {
+    let mut known = Vec::new();
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let list = placeholders(1, chunk.len());
+        let sql = format!("SELECT {} FROM ledger_transfers WHERE id IN ({list})", transfer_columns!());
+        let mut query = sqlx::query(&sql);
+        for id in chunk {
+            query = query.bind(id.as_str().to_owned());
+        }
+        for row in query.fetch_all(&mut *connection).await.map_err(query_error("reading transfers"))? {
+            let transfer = transfer_from_row(&row)?;
+            known.push((transfer.spec.id.clone(), Known::Applied(transfer)));
+        }
+        let sql = format!(
+            "SELECT id, debit_account, credit_account, amount, kind, pending_id, purpose, flags, code \
+             FROM ledger_rejections WHERE id IN ({list})"
+        );
+        let mut query = sqlx::query(&sql);
+        for id in chunk {
+            query = query.bind(id.as_str().to_owned());
+        }
+        for row in query.fetch_all(&mut *connection).await.map_err(query_error("reading rejections"))? {
+            let spec = spec_from_row(&row, "reading rejections")?;
+            let code: String = row.try_get("code").map_err(query_error("reading rejections"))?;
+            let error = TransferError::from_code(&code).ok_or_else(|| decode_error("reading rejections", "code"))?;
+            known.push((spec.id.clone(), Known::Rejected(spec, error)));
+        }
+    }
+    Ok(known)
+}
+
+async fn escrows(connection: &mut sqlx::AnyConnection, ids: &[TransferId]) -> Result<Vec<Escrow>, LedgerQueryError> {
+    let mut escrows = Vec::new();
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!("SELECT {ESCROW_COLUMNS} FROM ledger_escrows WHERE id IN ({})", placeholders(1, chunk.len()));
+        let mut query = sqlx::query(&sql);
+        for id in chunk {
+            query = query.bind(id.as_str().to_owned());
+        }
+        for row in query.fetch_all(&mut *connection).await.map_err(query_error("reading escrows"))? {
+            escrows.push(escrow_from_row(&row)?);
+        }
+    }
+    Ok(escrows)
+}
+
+async fn unbondings(
+    connection: &mut sqlx::AnyConnection,
+    ids: &[TransferId],
+) -> Result<Vec<Unbonding>, LedgerQueryError> {
+    let mut unbondings = Vec::new();
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "SELECT {} FROM ledger_unbondings WHERE id IN ({})",
+            unbonding_columns!(),
+            placeholders(1, chunk.len())
+        );
+        let mut query = sqlx::query(&sql);
+        for id in chunk {
+            query = query.bind(id.as_str().to_owned());
+        }
+        for row in query.fetch_all(&mut *connection).await.map_err(query_error("reading unbondings"))? {
+            unbondings.push(unbonding_from_row(&row)?);
+        }
+    }
+    Ok(unbondings)
+}
+
+async fn persist(tx: &mut Tx, effects: &ViewEffects) -> Result<(), LedgerQueryError> {
+    for chunk in effects.books.transfers.chunks(ROWS_PER_STATEMENT) {
+        insert_transfers(tx, chunk).await?;
+    }
+    for chunk in effects.books.rejections.chunks(ROWS_PER_STATEMENT) {
+        insert_rejections(tx, chunk).await?;
+    }
+    for chunk in effects.books.accounts.chunks(ROWS_PER_STATEMENT) {
+        update_accounts(tx, chunk).await?;
+    }
+    for escrow in &effects.escrows {
+        upsert_escrow(tx, escrow).await?;
+    }
+    for unbonding in &effects.unbondings {
+        upsert_unbonding(tx, unbonding).await?;
+    }
+    let (seq, hash) = effects.books.head;
+    sqlx::query("UPDATE ledger_head SET seq = $1, hash = $2 WHERE id = 1")
+        .bind(i64::try_from(seq).map_err(|_| decode_error("writing the journal head", "seq"))?)
+        .bind(hash.to_vec())
+        .execute(&mut **tx)
+        .await
+        .map_err(query_error("writing the journal head"))?;
+    Ok(())
+}
+
+async fn insert_transfers(tx: &mut Tx, chunk: &[Transfer]) -> Result<(), LedgerQueryError> {
+    let sql =
+        format!("INSERT INTO ledger_transfers ({}) VALUES {}", transfer_columns!(), rows_placeholders(chunk.len(), 11));
+    let mut query = sqlx::query(&sql);
+    for transfer in chunk {
+        let spec = &transfer.spec;
+        query = query
+            .bind(i64::try_from(transfer.seq).unwrap_or(i64::MAX))
+            .bind(spec.id.as_str().to_owned())
+            .bind(spec.debit.as_str().to_owned())
+            .bind(spec.credit.as_str().to_owned())
+            .bind(spec.amount.to_db())
+            .bind(spec.kind.as_str())
+            .bind(spec.pending_id.as_ref().map(|id| id.as_str().to_owned()))
+            .bind(spec.purpose.as_str())
+            .bind(spec.flags.0 as i64)
+            .bind(to_db(transfer.created_at))
+            .bind(transfer.hash.to_vec());
+    }
+    query.execute(&mut **tx).await.map_err(query_error("writing transfers"))?;
+    Ok(())
+}
+
+async fn insert_rejections(tx: &mut Tx, chunk: &[Rejection]) -> Result<(), LedgerQueryError> {
+    let sql = format!(
+        "INSERT INTO ledger_rejections (id, debit_account, credit_account, amount, kind, pending_id, purpose, flags, \
+         code, created_at_ms) VALUES {}",
+        rows_placeholders(chunk.len(), 10)
+    );
+    let mut query = sqlx::query(&sql);
+    for rejection in chunk {
+        let spec = &rejection.spec;
+        query = query
+            .bind(spec.id.as_str().to_owned())
+            .bind(spec.debit.as_str().to_owned())
+            .bind(spec.credit.as_str().to_owned())
+            .bind(spec.amount.to_db())
+            .bind(spec.kind.as_str())
+            .bind(spec.pending_id.as_ref().map(|id| id.as_str().to_owned()))
+            .bind(spec.purpose.as_str())
+            .bind(spec.flags.0 as i64)
+            .bind(rejection.error.code())
+            .bind(to_db(rejection.created_at));
+    }
+    query.execute(&mut **tx).await.map_err(query_error("writing rejections"))?;
+    Ok(())
+}
+
+/// Writes final totals; the rows exist and are locked, so an upsert that always updates.
+async fn update_accounts(tx: &mut Tx, chunk: &[Account]) -> Result<(), LedgerQueryError> {
+    let sql = format!(
+        "INSERT INTO ledger_accounts (id, kind, flags, debits_pending, debits_posted, credits_pending, credits_posted, \
+         created_at_ms) VALUES {} ON CONFLICT (id) DO UPDATE SET debits_pending = excluded.debits_pending, \
+         debits_posted = excluded.debits_posted, credits_pending = excluded.credits_pending, \
+         credits_posted = excluded.credits_posted",
+        rows_placeholders(chunk.len(), 8)
+    );
+    let mut query = sqlx::query(&sql);
+    for account in chunk {
+        query = query
+            .bind(account.id.as_str().to_owned())
+            .bind(account.id.kind_and_owner().0.as_str())
+            .bind(account.flags.0 as i64)
+            .bind(account.debits_pending.to_db())
+            .bind(account.debits_posted.to_db())
+            .bind(account.credits_pending.to_db())
+            .bind(account.credits_posted.to_db())
+            .bind(0i64);
+    }
+    query.execute(&mut **tx).await.map_err(query_error("writing account totals"))?;
+    Ok(())
+}
+
+async fn upsert_escrow(tx: &mut Tx, escrow: &Escrow) -> Result<(), LedgerQueryError> {
+    sqlx::query(&format!(
+        "INSERT INTO ledger_escrows ({ESCROW_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+         ON CONFLICT (id) DO UPDATE SET state = excluded.state, released = excluded.released, \
+         updated_at_ms = excluded.updated_at_ms"
+    ))
+    .bind(escrow.id.as_str().to_owned())
+    .bind(escrow.payer.as_str().to_owned())
+    .bind(escrow.payee.as_str().to_owned())
+    .bind(escrow.amount.to_db())
+    .bind(escrow.state.as_str())
+    .bind(escrow.on_expiry.as_str())
+    .bind(to_db(escrow.expires_at))
+    .bind(escrow.released.to_db())
+    .bind(to_db(escrow.created_at))
+    .bind(to_db(escrow.updated_at))
+    .execute(&mut **tx)
+    .await
+    .map_err(query_error("writing an escrow"))?;
+    Ok(())
+}
+
+async fn upsert_unbonding(tx: &mut Tx, unbonding: &Unbonding) -> Result<(), LedgerQueryError> {
+    sqlx::query(concat!(
+        "INSERT INTO ledger_unbondings (",
+        unbonding_columns!(),
+        ") VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO UPDATE SET state = excluded.state"
+    ))
+    .bind(unbonding.id.as_str().to_owned())
+    .bind(unbonding.owner.to_string())
+    .bind(unbonding.kind.as_str())
+    .bind(unbonding.amount.to_db())
+    .bind(to_db(unbonding.matures_at))
+    .bind(unbonding.state.as_str())
+    .bind(to_db(unbonding.created_at))
+    .execute(&mut **tx)
+    .await
+    .map_err(query_error("writing an unbonding"))?;
+    Ok(())
+}
+
+/// `$first, $first+1, …` (`count` of them).
+fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count).map(|n| format!("${n}")).collect::<Vec<_>>().join(", ")
+}
+
+/// `($1, …, $width), ($width+1, …)` for `rows` rows.
+fn rows_placeholders(rows: usize, width: usize) -> String {
+    (0..rows).map(|row| format!("({})", placeholders(row * width + 1, width))).collect::<Vec<_>>().join(", ")
+}
+
+fn account_from_row(row: &AnyRow) -> Result<Account, LedgerQueryError> {
+    let operation = "reading an account";
+    let read = query_error(operation);
+    let id: String = row.try_get("id").map_err(read)?;
+    let flags: i64 = row.try_get("flags").map_err(read)?;
+    let total = |column: &str| -> Result<Credits, LedgerQueryError> {
+        let value: i64 = row.try_get(column).map_err(read)?;
+        Credits::from_db(value).ok_or_else(|| decode_error(operation, column))
+    };
+    Ok(Account {
+        id: AccountId::parse(&id).ok_or_else(|| decode_error(operation, "account id"))?,
+        flags: AccountFlags(flags as u64),
+        debits_pending: total("debits_pending")?,
+        debits_posted: total("debits_posted")?,
+        credits_pending: total("credits_pending")?,
+        credits_posted: total("credits_posted")?,
+    })
+}
+
+fn spec_from_row(row: &AnyRow, operation: &'static str) -> Result<TransferSpec, LedgerQueryError> {
+    let read = query_error(operation);
+    let text = |column: &str| -> Result<String, LedgerQueryError> { row.try_get(column).map_err(read) };
+    let amount: i64 = row.try_get("amount").map_err(read)?;
+    let pending: Option<String> = row.try_get("pending_id").map_err(read)?;
+    let flags: i64 = row.try_get("flags").map_err(read)?;
+    Ok(TransferSpec {
+        id: TransferId::from_stored(text("id")?),
+        debit: AccountId::parse(&text("debit_account")?).ok_or_else(|| decode_error(operation, "debit account"))?,
+        credit: AccountId::parse(&text("credit_account")?).ok_or_else(|| decode_error(operation, "credit account"))?,
+        amount: Credits::from_db(amount).ok_or_else(|| decode_error(operation, "amount"))?,
+        kind: TransferKind::parse(&text("kind")?).ok_or_else(|| decode_error(operation, "kind"))?,
+        pending_id: pending.map(TransferId::from_stored),
+        purpose: Purpose::parse(&text("purpose")?).ok_or_else(|| decode_error(operation, "purpose"))?,
+        flags: TransferFlags(flags as u64),
+    })
+}
+
+fn transfer_from_row(row: &AnyRow) -> Result<Transfer, LedgerQueryError> {
+    let operation = "reading a transfer";
+    let read = query_error(operation);
+    let seq: i64 = row.try_get("seq").map_err(read)?;
+    let created_at_ms: i64 = row.try_get("created_at_ms").map_err(read)?;
+    let hash: Vec<u8> = row.try_get("hash").map_err(read)?;
+    Ok(Transfer {
+        seq: u64::try_from(seq).map_err(|_| decode_error(operation, "seq"))?,
+        spec: spec_from_row(row, operation)?,
+        created_at: from_db(created_at_ms),
+        hash: hash.try_into().map_err(|_| decode_error(operation, "hash"))?,
+    })
+}
+
+fn escrow_from_row(row: &AnyRow) -> Result<Escrow, LedgerQueryError> {
+    let operation = "reading an escrow";
+    let read = query_error(operation);
+    let text = |column: &str| -> Result<String, LedgerQueryError> { row.try_get(column).map_err(read) };
+    let number = |column: &str| -> Result<i64, LedgerQueryError> { row.try_get(column).map_err(read) };
+    let account = |column: &str| AccountId::parse(&text(column)?).ok_or_else(|| decode_error(operation, "account"));
+    Ok(Escrow {
+        id: TransferId::from_stored(text("id")?),
+        payer: account("payer")?,
+        payee: account("payee")?,
+        amount: Credits::from_db(number("amount")?).ok_or_else(|| decode_error(operation, "amount"))?,
+        state: EscrowState::parse(&text("state")?).ok_or_else(|| decode_error(operation, "state"))?,
+        on_expiry: OnExpiry::parse(&text("on_expiry")?).ok_or_else(|| decode_error(operation, "on_expiry"))?,
+        expires_at: from_db(number("expires_at_ms")?),
+        released: Credits::from_db(number("released")?).ok_or_else(|| decode_error(operation, "released"))?,
+        created_at: from_db(number("created_at_ms")?),
+        updated_at: from_db(number("updated_at_ms")?),
+    })
+}
+
+fn unbonding_from_row(row: &AnyRow) -> Result<Unbonding, LedgerQueryError> {
+    let operation = "reading an unbonding";
+    let read = query_error(operation);
+    let text = |column: &str| -> Result<String, LedgerQueryError> { row.try_get(column).map_err(read) };
+    let number = |column: &str| -> Result<i64, LedgerQueryError> { row.try_get(column).map_err(read) };
+    Ok(Unbonding {
+        id: TransferId::from_stored(text("id")?),
+        owner: text("owner")?.parse().map_err(|_| decode_error(operation, "owner"))?,
+        kind: StakeKind::parse(&text("stake_kind")?).ok_or_else(|| decode_error(operation, "kind"))?,
+        amount: Credits::from_db(number("amount")?).ok_or_else(|| decode_error(operation, "amount"))?,
+        matures_at: from_db(number("matures_at_ms")?),
+        state: UnbondingState::parse(&text("state")?).ok_or_else(|| decode_error(operation, "state"))?,
+        created_at: from_db(number("created_at_ms")?),
+    })
+}
+
+fn to_db(time: UnixMillis) -> i64 {
+    i64::try_from(time.0).unwrap_or(i64::MAX)
+}
+
+fn from_db(millis: i64) -> UnixMillis {
+    UnixMillis(u64::try_from(millis).unwrap_or(0))
+}
