@@ -16,7 +16,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use crate::cert::{Certificate, ExpectedRole, Revocations, TrustAnchors, VerifiedCert, verify_chain};
-use crate::keys::SigningKey;
+use crate::keys::{Signer, SigningKey};
 use crate::time::UnixMillis;
 
 /// ALPN for agent ↔ edge connections.
@@ -55,6 +55,132 @@ impl TlsIdentity {
 
     fn key_der(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.to_pkcs8_der().to_vec()))
+    }
+}
+
+/// A certificate chain (leaf first) whose leaf key is held by a [`Signer`], such as an
+/// HSM key: the private key never reaches rustls, which asks the signer for one Ed25519
+/// signature per handshake.
+#[derive(Clone)]
+pub struct SignerTlsIdentity {
+    pub chain: Vec<Certificate>,
+    pub signer: Arc<dyn Signer>,
+}
+
+impl fmt::Debug for SignerTlsIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SignerTlsIdentity")
+            .field("leaf", &self.chain.first().map(Certificate::role))
+            .field("public_key", &self.signer.public_key())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SignerTlsIdentity {
+    fn certified_key(&self) -> Arc<rustls::sign::CertifiedKey> {
+        let chain = self.chain.iter().map(|c| CertificateDer::from(c.der().to_vec())).collect();
+        let key: Arc<dyn rustls::sign::SigningKey> = Arc::new(SignerKey(self.signer.clone()));
+        Arc::new(rustls::sign::CertifiedKey::new(chain, key))
+    }
+}
+
+/// Server side with the key in a [`Signer`]; otherwise as [`server_config`].
+pub fn server_config_with_signer(
+    identity: &SignerTlsIdentity,
+    anchors: Arc<TrustAnchors>,
+    revocations: SharedRevocations,
+    expected: ExpectedRole,
+    alpn: &[u8],
+) -> Result<rustls::ServerConfig, TlsConfigError> {
+    let verifier = Arc::new(PeerVerifier { anchors, revocations, expected });
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(FixedKey(identity.certified_key())));
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(config)
+}
+
+/// Client side with the key in a [`Signer`]; otherwise as [`client_config`].
+pub fn client_config_with_signer(
+    identity: &SignerTlsIdentity,
+    anchors: Arc<TrustAnchors>,
+    revocations: SharedRevocations,
+    expected: ExpectedRole,
+    alpn: &[u8],
+) -> Result<rustls::ClientConfig, TlsConfigError> {
+    let verifier = Arc::new(PeerVerifier { anchors, revocations, expected });
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(Arc::new(FixedKey(identity.certified_key())));
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(config)
+}
+
+/// A rustls signing key that signs through a Molt [`Signer`] (Ed25519 only).
+pub struct SignerKey(pub Arc<dyn Signer>);
+
+impl fmt::Debug for SignerKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("SignerKey").field(&self.0.public_key()).finish()
+    }
+}
+
+impl rustls::sign::SigningKey for SignerKey {
+    fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn rustls::sign::Signer>> {
+        offered
+            .contains(&SignatureScheme::ED25519)
+            .then(|| Box::new(SignerKey(self.0.clone())) as Box<dyn rustls::sign::Signer>)
+    }
+
+    fn public_key(&self) -> Option<rustls::pki_types::SubjectPublicKeyInfoDer<'_>> {
+        // SEQUENCE { SEQUENCE { OID 1.3.101.112 }, BIT STRING { 0 unused bits, key } }
+        let mut der = vec![0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
+        der.extend_from_slice(self.0.public_key().as_bytes());
+        Some(rustls::pki_types::SubjectPublicKeyInfoDer::from(der))
+    }
+
+    fn algorithm(&self) -> rustls::SignatureAlgorithm {
+        rustls::SignatureAlgorithm::ED25519
+    }
+}
+
+impl rustls::sign::Signer for SignerKey {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+        self.0
+            .try_sign(message)
+            .map(|signature| signature.0.to_vec())
+            .map_err(|error| rustls::Error::General(format!("tls signature: {error}")))
+    }
+
+    fn scheme(&self) -> SignatureScheme {
+        SignatureScheme::ED25519
+    }
+}
+
+/// Always presents the same certificate and key.
+#[derive(Debug)]
+struct FixedKey(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for FixedKey {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for FixedKey {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        sigschemes.contains(&SignatureScheme::ED25519).then(|| self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 
