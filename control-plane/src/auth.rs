@@ -41,11 +41,14 @@ pub enum Scope {
     KeysAdmin,
     /// `ca:write`: create org CAs, issue and revoke certificates.
     CaWrite,
+    /// `ledger:admin`: mint credits, set the fee, rule on escrow disputes, slash stakes,
+    /// read any account and audit the ledger.
+    LedgerAdmin,
 }
 
 impl Scope {
     /// Every scope; the bootstrap credential holds all of them.
-    pub const ALL: [Scope; 4] = [Scope::Read, Scope::OrgsWrite, Scope::KeysAdmin, Scope::CaWrite];
+    pub const ALL: [Scope; 5] = [Scope::Read, Scope::OrgsWrite, Scope::KeysAdmin, Scope::CaWrite, Scope::LedgerAdmin];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -53,6 +56,7 @@ impl Scope {
             Scope::OrgsWrite => "orgs:write",
             Scope::KeysAdmin => "keys:admin",
             Scope::CaWrite => "ca:write",
+            Scope::LedgerAdmin => "ledger:admin",
         }
     }
 }
@@ -65,7 +69,7 @@ impl fmt::Display for Scope {
 
 /// The text is not a known scope.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown scope {0:?} (known: read, orgs:write, keys:admin, ca:write)")]
+#[error("unknown scope {0:?} (known: read, orgs:write, keys:admin, ca:write, ledger:admin)")]
 pub struct UnknownScopeError(pub String);
 
 impl FromStr for Scope {

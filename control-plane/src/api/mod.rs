@@ -44,6 +44,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The certificate authority; its routes answer 503 `ca_unavailable` without one.
     pub ca: Option<Arc<crate::ca::Authority>>,
+    /// The credits ledger (its writer tasks start with the first command).
+    pub ledger: Arc<crate::ledger::Ledger>,
     openapi: Arc<str>,
 }
 
@@ -52,7 +54,8 @@ impl AppState {
         // Invariant: the document is built from static derive output; serialising it
         // cannot fail.
         let openapi = ApiDoc::openapi().to_pretty_json().expect("the OpenAPI document serialises");
-        AppState { db, clock, metrics, ca: None, openapi: openapi.into() }
+        let ledger = Arc::new(crate::ledger::Ledger::new(db.clone(), Arc::clone(&clock)));
+        AppState { db, clock, metrics, ca: None, ledger, openapi: openapi.into() }
     }
 
     /// The state with a certificate authority.
@@ -93,6 +96,8 @@ impl AppState {
         registry::update_agent,
         registry::heartbeat,
         registry::agent_card,
+        registry::import_agent_card,
+        registry::revoke_agent,
     ),
     components(schemas(problem::Problem)),
     modifiers(&BearerSecurity),
@@ -147,7 +152,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/agents", post(registry::register_agent).get(registry::search_agents))
         .route("/v1/agents/{id}", get(registry::get_agent).put(registry::update_agent))
         .route("/v1/agents/{id}/heartbeat", post(registry::heartbeat))
-        .route("/v1/agents/{id}/agent-card.json", get(registry::agent_card))
+        .route("/v1/agents/{id}/agent-card.json", get(registry::agent_card).put(registry::import_agent_card))
+        .route("/v1/agents/{id}/revoke", post(registry::revoke_agent))
         .route_layer(middleware::from_fn_with_state(state.clone(), record_request))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

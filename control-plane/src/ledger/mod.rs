@@ -27,9 +27,11 @@ pub mod books;
 pub mod engine;
 pub mod escrow;
 pub mod journal;
+pub mod service;
 pub mod stake;
 pub mod store;
 pub mod types;
 
 pub use books::{Applied, TransferError};
+pub use service::Ledger;
 pub use types::{AccountId, ClientId, Credits, StakeKind, TransferId};

@@ -1,0 +1,233 @@
+//! [`Ledger`]: the handle the API and the background work use.
+//!
+//! **Group commit.** Requests queue their commands ([`LEDGER_QUEUE_DEPTH`] jobs at most);
+//! [`WRITER_TASKS`] writer tasks each take every queued job up to
+//! [`BATCH_COMMANDS_MAX`] commands and run them in one transaction
+//! ([`store::execute`]), then answer each job. Under load one commit (one fsync) carries
+//! hundreds of requests; idle, a request is a transaction of its own. Two writers let one
+//! batch be prepared while the other commits; the database orders them (row locks).
+//!
+//! **Retries.** A batch that fails with a serialization failure, a deadlock or a busy
+//! database is run again from the start in a new transaction, up to
+//! [`RETRY_ATTEMPTS_MAX`] times with a growing pause; clients never see these. A batch
+//! of several jobs failing otherwise is split and each job run alone, so one job cannot
+//! fail another.
+//!
+//! **Expiry.** [`Ledger::spawn_expiry_worker`] runs [`Ledger::run_expiry_once`] every
+//! [`EXPIRY_INTERVAL`] while this replica holds the `ledger-expiry` lease: expired escrows
+//! are voided or released as each says, and matured unbondings return to the wallet.
+//! Both are commands like any other, so an escrow resolved meanwhile is simply skipped.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use molt_protocol::UnixMillis;
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+use super::engine::{Command, Outcome, Requester};
+use super::escrow::EscrowEvent;
+use super::store::{self, LedgerQueryError};
+use crate::clock::Clock;
+use crate::db::Database;
+
+/// Jobs waiting for a writer.
+pub const LEDGER_QUEUE_DEPTH: usize = 4096;
+/// Most commands one transaction carries (a job larger than this runs alone).
+pub const BATCH_COMMANDS_MAX: usize = 8192;
+/// Writer tasks per process.
+pub const WRITER_TASKS: usize = 2;
+/// Attempts at a batch that keeps failing with retryable errors.
+pub const RETRY_ATTEMPTS_MAX: u32 = 10;
+/// How often the expiry worker looks for due escrows and unbondings.
+pub const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
+/// How long the expiry lease lasts without renewal.
+pub const EXPIRY_LEASE_TTL: Duration = Duration::from_secs(15);
+/// Name of the expiry lease.
+pub const EXPIRY_LEASE: &str = "ledger-expiry";
+/// Escrows and unbondings one expiry pass handles at most (each kind).
+pub const EXPIRY_BATCH_MAX: u32 = 1000;
+
+/// Why a ledger call failed (the ledger's own refusals are in the outcomes).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LedgerError {
+    #[error("ledger unavailable")]
+    Query(#[from] LedgerQueryError),
+    #[error("ledger unavailable: the writer stopped")]
+    Stopped,
+}
+
+type Reply = oneshot::Sender<Result<Vec<Outcome>, Arc<LedgerError>>>;
+
+#[derive(Debug)]
+struct Job {
+    commands: Vec<Command>,
+    reply: Reply,
+}
+
+/// The ledger service; cheap to share (`Arc`). Its writer tasks start with the first
+/// command and stop when the handle is dropped.
+#[derive(Debug)]
+pub struct Ledger {
+    db: Database,
+    clock: Arc<dyn Clock>,
+    queue: OnceLock<mpsc::Sender<Job>>,
+}
+
+impl Ledger {
+    pub fn new(db: Database, clock: Arc<dyn Clock>) -> Ledger {
+        Ledger { db, clock, queue: OnceLock::new() }
+    }
+
+    pub fn db(&self) -> &Database {
+        &self.db
+    }
+
+    pub fn now(&self) -> UnixMillis {
+        self.clock.now()
+    }
+
+    /// Runs commands through the group-commit writers; one outcome per command.
+    pub async fn execute(&self, commands: Vec<Command>) -> Result<Vec<Outcome>, Arc<LedgerError>> {
+        let queue = self.queue.get_or_init(|| spawn_writers(self.db.clone(), Arc::clone(&self.clock)));
+        let (reply, answer) = oneshot::channel();
+        queue.send(Job { commands, reply }).await.map_err(|_| Arc::new(LedgerError::Stopped))?;
+        answer.await.map_err(|_| Arc::new(LedgerError::Stopped))?
+    }
+
+    /// Runs commands in the caller's task, in one transaction, with retries.
+    pub async fn execute_now(&self, commands: &[Command]) -> Result<Vec<Outcome>, LedgerError> {
+        execute_with_retries(&self.db, self.clock.as_ref(), commands).await
+    }
+
+    /// One expiry pass: resolves expired escrows and releases matured unbondings.
+    /// Returns how many commands it ran.
+    pub async fn run_expiry_once(&self) -> Result<usize, Arc<LedgerError>> {
+        let now = self.clock.now();
+        let escrows = store::due_escrows(&self.db, now, EXPIRY_BATCH_MAX).await.map_err(|e| Arc::new(e.into()))?;
+        let unbondings =
+            store::due_unbondings(&self.db, now, EXPIRY_BATCH_MAX).await.map_err(|e| Arc::new(e.into()))?;
+        let commands: Vec<Command> = escrows
+            .into_iter()
+            .map(|id| Command::Escrow { id, requester: Requester::System, event: EscrowEvent::Expire })
+            .chain(unbondings.into_iter().map(|id| Command::Mature { id }))
+            .collect();
+        let count = commands.len();
+        if count > 0 {
+            self.execute(commands).await?;
+        }
+        Ok(count)
+    }
+
+    /// Runs the expiry work while `holder` holds the lease; stops when the returned
+    /// handle is dropped.
+    pub fn spawn_expiry_worker(self: &Arc<Self>, holder: String) -> ExpiryWorker {
+        let ledger = Arc::clone(self);
+        let task = tokio::spawn(async move {
+            let mut interval = tokio::time::interval(EXPIRY_INTERVAL);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                interval.tick().await;
+                let now = ledger.clock.now();
+                match ledger.db.try_acquire_lease(EXPIRY_LEASE, &holder, EXPIRY_LEASE_TTL, now).await {
+                    Ok(true) => {
+                        if let Err(error) = ledger.run_expiry_once().await {
+                            tracing::warn!(error = %error, "ledger expiry pass failed");
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(error) => tracing::warn!(%error, "ledger expiry lease check failed"),
+                }
+            }
+        });
+        ExpiryWorker { task }
+    }
+}
+
+/// The expiry worker; stops when dropped.
+#[derive(Debug)]
+pub struct ExpiryWorker {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ExpiryWorker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn spawn_writers(db: Database, clock: Arc<dyn Clock>) -> mpsc::Sender<Job> {
+    let (sender, receiver) = mpsc::channel(LEDGER_QUEUE_DEPTH);
+    let receiver = Arc::new(Mutex::new(receiver));
+    for _ in 0..WRITER_TASKS {
+        // The tasks end when every sender (the Ledger) is gone and the queue is empty.
+        tokio::spawn(run_writer(db.clone(), Arc::clone(&clock), Arc::clone(&receiver)));
+    }
+    sender
+}
+
+async fn run_writer(db: Database, clock: Arc<dyn Clock>, receiver: Arc<Mutex<mpsc::Receiver<Job>>>) {
+    loop {
+        let jobs = {
+            let mut receiver = receiver.lock().await;
+            let Some(first) = receiver.recv().await else { return };
+            let mut size = first.commands.len();
+            let mut jobs = vec![first];
+            while size < BATCH_COMMANDS_MAX {
+                match receiver.try_recv() {
+                    Ok(job) => {
+                        size += job.commands.len();
+                        jobs.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            jobs
+        };
+        run_jobs(&db, clock.as_ref(), jobs).await;
+    }
+}
+
+async fn run_jobs(db: &Database, clock: &dyn Clock, jobs: Vec<Job>) {
+    let commands: Vec<Command> = jobs.iter().flat_map(|job| job.commands.iter().cloned()).collect();
+    match execute_with_retries(db, clock, &commands).await {
+        Ok(mut outcomes) => {
+            for job in jobs.into_iter().rev() {
+                let rest = outcomes.split_off(outcomes.len() - job.commands.len());
+                let _ = job.reply.send(Ok(rest));
+            }
+        }
+        Err(error) if jobs.len() == 1 => {
+            if let Some(job) = jobs.into_iter().next() {
+                let _ = job.reply.send(Err(Arc::new(error)));
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, jobs = jobs.len(), "ledger batch failed; running its jobs one by one");
+            for job in jobs {
+                let result = execute_with_retries(db, clock, &job.commands).await.map_err(Arc::new);
+                let _ = job.reply.send(result);
+            }
+        }
+    }
+}
+
+async fn execute_with_retries(
+    db: &Database,
+    clock: &dyn Clock,
+    commands: &[Command],
+) -> Result<Vec<Outcome>, LedgerError> {
+    let mut attempt = 0;
+    loop {
+        match store::execute(db, commands, clock.now()).await {
+            Ok(outcomes) => return Ok(outcomes),
+            Err(error) if error.is_retryable() && attempt + 1 < RETRY_ATTEMPTS_MAX => {
+                attempt += 1;
+                tracing::debug!(%error, attempt, "ledger batch conflicted; retrying");
+                let jitter = u64::from(rand::random::<u8>() % 8);
+                tokio::time::sleep(Duration::from_millis((2u64 << attempt.min(6)) + jitter)).await;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+}
