@@ -308,6 +308,10 @@ impl EdgeControl for EdgeControlService {
             .await
             .map_err(internal("recording presence"))?;
         }
+        crate::registry::renew_by_presence(&mut transaction, &agents, self.clock.now()).await.map_err(|error| {
+            tracing::error!(error = %error, "gRPC request failed");
+            Status::internal("renewing registrations")
+        })?;
         transaction.commit().await.map_err(internal("recording presence"))?;
         let accepted = u32::try_from(agents.len()).unwrap_or(u32::MAX);
         Ok(Response::new(proto::PresenceAck { accepted }))

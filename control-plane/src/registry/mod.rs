@@ -1,22 +1,26 @@
-//! The agent registry: profiles, registration expiry renewed by heartbeats, health read
-//! from the last heartbeat, and search.
+//! The agent registry: profiles, registration expiry renewed by heartbeats and edge
+//! presence, health read from the last sign of life, and search.
 //!
-//! **Storage.** `agents` holds one row per agent (its profile, with capabilities as JSON).
-//! Search reads denormalised tables written in the same transaction as the profile:
-//! `agent_search` (token, agent, weight: name 3, capability 2, description 1),
-//! `agent_name_trigrams` (for typo-tolerant names), `agent_capabilities` and `agent_tags`
-//! (exact filters). Only public agents get search rows; capability rows exist for all.
+//! **Storage.** `agents` holds one row per agent (its profile, with capabilities as JSON,
+//! and the trust factor the trust engine writes). The search index ([`index`]) is
+//! derived from profiles and written in the same transaction; [`search`] reads it.
 //!
-//! **Search** ([`search`]) is portable SQL plus a little Rust: the database returns a
-//! bounded candidate set (exact token hits, and the agents sharing the most name
-//! trigrams with the query), filtered by capability, tag, visibility, expiry and
-//! revocation; Rust then scores each candidate — relevance (exact and edit-distance
-//! matches) × liveness × trust — and pages the ranked list. Every value from the query is
-//! a bound parameter; only placeholders (`$3, $4…`) are formatted into the SQL.
-//!
-//! Health is computed at read time from the last heartbeat: no background pinging.
+//! Health is computed at read time from the last heartbeat or presence report: no
+//! background pinging.
 
-use std::collections::{BTreeMap, BTreeSet};
+mod index;
+mod search;
+
+pub use index::{
+    EnsureIndexError, INDEX_VERSION, REBUILD_BATCH, SetTrustError, TRUST_MAX, TRUST_MIN, ensure_index, set_trust,
+    tokens,
+};
+pub use search::{
+    POSTINGS_PER_EXPANSION, POSTINGS_PER_WORD, PREFIX_TERMS_MAX, QUERY_TOKENS_MAX, SearchHit, SearchPage, SearchQuery,
+    TYPO_CANDIDATES_MAX, TYPO_TERMS_MAX, search,
+};
+
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use molt_protocol::keys::{KeyBinding, PublicKey};
@@ -50,27 +54,15 @@ pub const CAPABILITY_FIELD_BYTES_MAX: usize = 64;
 pub const DESCRIPTION_TOKENS_MAX: usize = 200;
 /// Longest indexed token, in bytes; longer ones are cut.
 pub const TOKEN_BYTES_MAX: usize = 64;
-/// Most query tokens used; further words are ignored.
-pub const QUERY_TOKENS_MAX: usize = 8;
-/// Most agents ranked per search: pages reach this far.
+/// Deepest result a search reaches: pages end there.
 pub const SEARCH_CANDIDATES_MAX: u32 = 1000;
-/// Most agents considered for typo-tolerant name matches.
-pub const FUZZY_CANDIDATES_MAX: u32 = 200;
 /// Results per page when the caller does not say, and at most.
 pub const SEARCH_LIMIT_DEFAULT: u32 = 20;
 pub const SEARCH_LIMIT_MAX: u32 = 100;
 const _: () = assert!(SEARCH_LIMIT_MAX <= SEARCH_CANDIDATES_MAX);
 
-/// Relevance weights of the fields a query token can match.
-const WEIGHT_NAME: i64 = 3;
-const WEIGHT_CAPABILITY: i64 = 2;
-const WEIGHT_DESCRIPTION: i64 = 1;
-/// Liveness factors of the ranking.
-const LIVENESS_ONLINE: f64 = 1.0;
-const LIVENESS_DEGRADED: f64 = 0.6;
-const LIVENESS_OFFLINE: f64 = 0.2;
-/// Trust factor until the trust engine exists.
-pub const TRUST_NEUTRAL: f64 = 1.0;
+/// Trust factor until the trust engine writes one: the middle of [`TRUST_MIN`]..[`TRUST_MAX`].
+pub const TRUST_NEUTRAL: f64 = 0.5;
 
 /// Who may read a profile: public agents are listed and searchable, unlisted ones are
 /// readable by id, private ones by no one but the registry.
@@ -122,15 +114,6 @@ impl Health {
             Health::Degraded
         } else {
             Health::Offline
-        }
-    }
-
-    fn liveness(self) -> f64 {
-        match self {
-            Health::Online => LIVENESS_ONLINE,
-            Health::Degraded => LIVENESS_DEGRADED,
-            Health::Offline => LIVENESS_OFFLINE,
-            Health::Expired => 0.0,
         }
     }
 }
@@ -271,6 +254,9 @@ pub struct Agent {
     pub last_heartbeat: UnixMillis,
     pub expires_at: UnixMillis,
     pub revoked_at: Option<UnixMillis>,
+    /// Trust factor from [`TRUST_MIN`] to [`TRUST_MAX`]; [`TRUST_NEUTRAL`] until the
+    /// trust engine writes one.
+    pub trust: f64,
 }
 
 impl Agent {
@@ -313,7 +299,8 @@ pub enum AgentWriteError {
 }
 
 const AGENT_COLUMNS: &str = "id, public_key, name, description, capabilities, key_binding, visibility, home_edge, \
-                             revision, registered_at_ms, updated_at_ms, last_heartbeat_ms, expires_at_ms, revoked_at_ms";
+                             revision, registered_at_ms, updated_at_ms, last_heartbeat_ms, expires_at_ms, revoked_at_ms, \
+                             trust";
 
 /// Registers a new agent with `profile`, its registration valid until `now + REGISTRATION_TTL`.
 /// The profile and its search rows are written in one transaction.
@@ -347,7 +334,7 @@ pub async fn register(
     if inserted == 0 {
         return Err(RegisterError::AlreadyRegistered);
     }
-    write_index(&mut tx, id, profile).await?;
+    index::write_index(&mut tx, id, profile, TRUST_NEUTRAL).await?;
     tx.commit().await.map_err(query_error("committing a registration"))?;
     Ok(Agent {
         id,
@@ -359,6 +346,7 @@ pub async fn register(
         last_heartbeat: now,
         expires_at: now.saturating_add(REGISTRATION_TTL),
         revoked_at: None,
+        trust: TRUST_NEUTRAL,
     })
 }
 
@@ -372,7 +360,8 @@ pub async fn update_profile(
     let mut tx = db.pool().begin().await.map_err(query_error("starting a profile update"))?;
     let updated = sqlx::query(
         "UPDATE agents SET name = $1, description = $2, capabilities = $3, key_binding = $4, visibility = $5, \
-         home_edge = $6, revision = revision + 1, updated_at_ms = $7 WHERE id = $8",
+         home_edge = $6, revision = revision + 1, updated_at_ms = $7 WHERE id = $8 AND revoked_at_ms IS NULL \
+         RETURNING trust",
     )
     .bind(profile.name.clone())
     .bind(profile.description.clone())
@@ -382,21 +371,13 @@ pub async fn update_profile(
     .bind(profile.home_edge.map(|edge| edge.to_string()))
     .bind(to_db(now))
     .bind(id.to_string())
-    .execute(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await
-    .map_err(query_error("updating an agent"))?
-    .rows_affected();
-    if updated == 0 {
-        return Err(AgentWriteError::NotFound);
-    }
-    for table in ["agent_search", "agent_name_trigrams", "agent_capabilities", "agent_tags"] {
-        sqlx::query(&format!("DELETE FROM {table} WHERE agent_id = $1"))
-            .bind(id.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(query_error("clearing search rows"))?;
-    }
-    write_index(&mut tx, id, profile).await?;
+    .map_err(query_error("updating an agent"))?;
+    let Some(updated) = updated else { return Err(AgentWriteError::NotFound) };
+    let trust: f64 = updated.try_get("trust").map_err(query_error("updating an agent"))?;
+    index::clear_index(&mut tx, id).await?;
+    index::write_index(&mut tx, id, profile, trust).await?;
     tx.commit().await.map_err(query_error("committing a profile update"))?;
     Ok(())
 }
@@ -419,18 +400,138 @@ pub async fn heartbeat(db: &Database, id: AgentId, now: UnixMillis) -> Result<Un
     Ok(expires_at)
 }
 
-/// Revokes an agent: its signed requests are refused and it leaves search. Idempotent.
+/// Revokes an agent: its signed requests are refused and its index rows are removed, in
+/// one transaction. Idempotent.
 pub async fn revoke(db: &Database, id: AgentId, now: UnixMillis) -> Result<(), AgentWriteError> {
+    let mut tx = db.pool().begin().await.map_err(query_error("starting a revocation"))?;
+    let exists = sqlx::query("SELECT id FROM agents WHERE id = $1")
+        .bind(id.to_string())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(query_error("revoking an agent"))?;
+    if exists.is_none() {
+        return Err(AgentWriteError::NotFound);
+    }
     sqlx::query("UPDATE agents SET revoked_at_ms = $1 WHERE id = $2 AND revoked_at_ms IS NULL")
         .bind(to_db(now))
         .bind(id.to_string())
-        .execute(db.pool())
+        .execute(&mut *tx)
         .await
         .map_err(query_error("revoking an agent"))?;
-    match agent(db, id).await? {
-        Some(_) => Ok(()),
-        None => Err(AgentWriteError::NotFound),
+    index::clear_index(&mut tx, id).await?;
+    tx.commit().await.map_err(query_error("committing a revocation"))?;
+    Ok(())
+}
+
+/// Renews the registrations of agents an edge reports connected: alive at `now`,
+/// registered until `now + REGISTRATION_TTL`. Unknown and revoked agents are skipped.
+/// Returns how many were renewed.
+pub async fn renew_by_presence(
+    tx: &mut Transaction<'static, Any>,
+    agents: &[AgentId],
+    now: UnixMillis,
+) -> Result<u64, RegistryQueryError> {
+    let mut renewed = 0;
+    let mut sorted: Vec<String> = agents.iter().map(AgentId::to_string).collect();
+    sorted.sort();
+    sorted.dedup();
+    for chunk in sorted.chunks(index::BIND_PARAMETERS_MAX - 2) {
+        let placeholders: Vec<String> = (3..chunk.len() + 3).map(|n| format!("${n}")).collect();
+        let sql = format!(
+            "UPDATE agents SET last_heartbeat_ms = $1, expires_at_ms = $2 \
+             WHERE revoked_at_ms IS NULL AND last_heartbeat_ms < $1 AND id IN ({})",
+            placeholders.join(", ")
+        );
+        let mut statement = sqlx::query(&sql).bind(to_db(now)).bind(to_db(now.saturating_add(REGISTRATION_TTL)));
+        for id in chunk {
+            statement = statement.bind(id.clone());
+        }
+        renewed += statement.execute(&mut **tx).await.map_err(query_error("renewing by presence"))?.rows_affected();
     }
+    Ok(renewed)
+}
+
+/// An agent brought in whole, as from a backup or another registry: [`import_agents`].
+#[derive(Clone, Debug)]
+pub struct ImportedAgent {
+    pub id: AgentId,
+    pub public_key: PublicKey,
+    pub profile: Profile,
+    pub trust: f64,
+    pub registered_at: UnixMillis,
+    pub last_heartbeat: UnixMillis,
+}
+
+/// Why [`import_agents`] failed; nothing was written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ImportError {
+    #[error("failed to import agents: {0} is already registered")]
+    AlreadyRegistered(AgentId),
+    #[error("failed to import agents: {0} has a trust outside 0 to 1")]
+    Trust(AgentId),
+    #[error(transparent)]
+    Query(#[from] RegistryQueryError),
+}
+
+/// Registers many agents and their index rows in one transaction, with few statements:
+/// all or nothing. Registrations expire `REGISTRATION_TTL` after their last heartbeat.
+pub async fn import_agents(db: &Database, agents: &[ImportedAgent]) -> Result<(), ImportError> {
+    use index::Bind;
+    if let Some(agent) = agents.iter().find(|agent| !(TRUST_MIN..=TRUST_MAX).contains(&agent.trust)) {
+        return Err(ImportError::Trust(agent.id));
+    }
+    let mut tx = db.pool().begin().await.map_err(query_error("starting an import"))?;
+    let mut values = Vec::with_capacity(agents.len() * 15);
+    let mut rows = index::IndexRows::default();
+    for agent in agents {
+        let profile = &agent.profile;
+        values.extend([
+            Bind::Text(agent.id.to_string()),
+            Bind::Blob(agent.public_key.as_bytes().to_vec()),
+            Bind::Text(profile.name.clone()),
+            Bind::Text(profile.description.clone()),
+            Bind::Text(capabilities_json(&profile.capabilities)),
+            profile.key_binding.map_or(Bind::NullBlob, |binding| Bind::Blob(binding.encode().to_vec())),
+            Bind::Text(profile.visibility.as_str().to_owned()),
+            profile.home_edge.map_or(Bind::NullText, |edge| Bind::Text(edge.to_string())),
+            Bind::Int(1),
+            Bind::Int(to_db(agent.registered_at)),
+            Bind::Int(to_db(agent.registered_at)),
+            Bind::Int(to_db(agent.last_heartbeat)),
+            Bind::Int(to_db(agent.last_heartbeat.saturating_add(REGISTRATION_TTL))),
+            Bind::NullInt,
+            Bind::Real(agent.trust),
+        ]);
+        rows.add(agent.id, profile, agent.trust);
+    }
+    let mut ids = BTreeSet::new();
+    if let Some(agent) = agents.iter().find(|agent| !ids.insert(agent.id)) {
+        return Err(ImportError::AlreadyRegistered(agent.id));
+    }
+    let ids: Vec<String> = ids.iter().map(AgentId::to_string).collect();
+    for chunk in ids.chunks(index::BIND_PARAMETERS_MAX) {
+        let placeholders: Vec<String> = (1..=chunk.len()).map(|n| format!("${n}")).collect();
+        let sql = format!("SELECT id FROM agents WHERE id IN ({}) LIMIT 1", placeholders.join(", "));
+        let mut statement = sqlx::query(&sql);
+        for id in chunk {
+            statement = statement.bind(id.clone());
+        }
+        if let Some(row) = statement.fetch_optional(&mut *tx).await.map_err(query_error("checking an import"))? {
+            let id: String = row.try_get("id").map_err(query_error("checking an import"))?;
+            let id =
+                id.parse().map_err(|_| query_error("checking an import")(sqlx::Error::Decode("agents.id".into())))?;
+            return Err(ImportError::AlreadyRegistered(id));
+        }
+    }
+    // A concurrent registration of the same id makes this insert fail: nothing is written.
+    let sql = "INSERT INTO agents (id, public_key, name, description, capabilities, key_binding, visibility, \
+               home_edge, revision, registered_at_ms, updated_at_ms, last_heartbeat_ms, expires_at_ms, revoked_at_ms, \
+               trust) VALUES";
+    index::insert_rows(&mut tx, sql, 15, values, "", "importing agents").await?;
+    rows.write(&mut tx).await?;
+    tx.commit().await.map_err(query_error("committing an import"))?;
+    Ok(())
 }
 
 /// The stored agent, whatever its visibility or state.
@@ -456,303 +557,6 @@ pub async fn agent_key(db: &Database, id: AgentId) -> Result<Option<(PublicKey, 
     let revoked: Option<i64> = row.try_get("revoked_at_ms").map_err(read)?;
     let key = PublicKey::from_slice(&key).map_err(|_| read(sqlx::Error::Decode("agents.public_key".into())))?;
     Ok(Some((key, revoked.is_some())))
-}
-
-async fn write_index(
-    tx: &mut Transaction<'static, Any>,
-    id: AgentId,
-    profile: &Profile,
-) -> Result<(), RegistryQueryError> {
-    let id = id.to_string();
-    for capability in &profile.capabilities {
-        sqlx::query("INSERT INTO agent_capabilities (name, agent_id) VALUES ($1, $2)")
-            .bind(capability.name.clone())
-            .bind(id.clone())
-            .execute(&mut **tx)
-            .await
-            .map_err(query_error("indexing a capability"))?;
-    }
-    let tags: BTreeSet<&str> = profile.capabilities.iter().flat_map(|c| c.tags.iter().map(String::as_str)).collect();
-    for tag in tags {
-        sqlx::query("INSERT INTO agent_tags (tag, agent_id) VALUES ($1, $2)")
-            .bind(tag.to_owned())
-            .bind(id.clone())
-            .execute(&mut **tx)
-            .await
-            .map_err(query_error("indexing a tag"))?;
-    }
-    if profile.visibility != Visibility::Public {
-        return Ok(());
-    }
-    for (token, weight) in index_tokens(profile) {
-        sqlx::query("INSERT INTO agent_search (token, agent_id, weight) VALUES ($1, $2, $3)")
-            .bind(token)
-            .bind(id.clone())
-            .bind(weight)
-            .execute(&mut **tx)
-            .await
-            .map_err(query_error("indexing a search token"))?;
-    }
-    let trigrams: BTreeSet<String> = tokens(&profile.name).iter().flat_map(|token| trigrams(token)).collect();
-    for trigram in trigrams {
-        sqlx::query("INSERT INTO agent_name_trigrams (trigram, agent_id) VALUES ($1, $2)")
-            .bind(trigram)
-            .bind(id.clone())
-            .execute(&mut **tx)
-            .await
-            .map_err(query_error("indexing a name trigram"))?;
-    }
-    Ok(())
-}
-
-/// Distinct (token, weight) pairs of a profile.
-fn index_tokens(profile: &Profile) -> BTreeSet<(String, i64)> {
-    let mut out = BTreeSet::new();
-    out.extend(tokens(&profile.name).into_iter().map(|token| (token, WEIGHT_NAME)));
-    for capability in &profile.capabilities {
-        out.extend(capability_tokens(capability).into_iter().map(|token| (token, WEIGHT_CAPABILITY)));
-    }
-    out.extend(
-        tokens(&profile.description).into_iter().take(DESCRIPTION_TOKENS_MAX).map(|token| (token, WEIGHT_DESCRIPTION)),
-    );
-    out
-}
-
-fn capability_tokens(capability: &Capability) -> Vec<String> {
-    let mut out = tokens(&capability.name);
-    for tag in &capability.tags {
-        out.extend(tokens(tag));
-    }
-    out
-}
-
-/// Lower-case alphanumeric words, in order, duplicates removed, each cut to
-/// [`TOKEN_BYTES_MAX`].
-pub fn tokens(text: &str) -> Vec<String> {
-    let mut seen = BTreeSet::new();
-    let mut out = Vec::new();
-    for word in text.split(|c: char| !c.is_alphanumeric()).filter(|word| !word.is_empty()) {
-        let mut token = word.to_lowercase();
-        if token.len() > TOKEN_BYTES_MAX {
-            let mut end = TOKEN_BYTES_MAX;
-            while !token.is_char_boundary(end) {
-                end -= 1;
-            }
-            token.truncate(end);
-        }
-        if seen.insert(token.clone()) {
-            out.push(token);
-        }
-    }
-    out
-}
-
-/// Trigrams of a token with boundary marks, e.g. `^ab`, `abc`, `bc$`.
-fn trigrams(token: &str) -> Vec<String> {
-    let chars: Vec<char> = std::iter::once('^').chain(token.chars()).chain(std::iter::once('$')).collect();
-    chars.windows(3).map(|window| window.iter().collect()).collect()
-}
-
-/// Edits a query token of this many characters may be off by and still match a name.
-fn typo_budget(chars: usize) -> usize {
-    match chars {
-        0..=3 => 0,
-        4..=7 => 1,
-        _ => 2,
-    }
-}
-
-/// Levenshtein distance if it is at most `max`, else `None`.
-fn bounded_edit_distance(a: &str, b: &str, max: usize) -> Option<usize> {
-    let a: Vec<char> = a.chars().collect();
-    let b: Vec<char> = b.chars().collect();
-    if a.len().abs_diff(b.len()) > max {
-        return None;
-    }
-    let mut previous: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.iter().enumerate() {
-        let mut current = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let substitution = previous[j] + usize::from(ca != cb);
-            current[j + 1] = substitution.min(previous[j + 1] + 1).min(current[j] + 1);
-        }
-        if current.iter().min().is_some_and(|&best| best > max) {
-            return None;
-        }
-        previous = current;
-    }
-    previous.last().copied().filter(|&distance| distance <= max)
-}
-
-/// Relevance of an agent to the query tokens: for each token its best match among name
-/// (exact 3, within the typo budget 2 minus 0.5 per edit, prefix 1.5), capability (2) and
-/// description (1) tokens.
-fn relevance(query: &[String], profile: &Profile) -> f64 {
-    let name = tokens(&profile.name);
-    let capabilities: BTreeSet<String> = profile.capabilities.iter().flat_map(capability_tokens).collect();
-    let description: BTreeSet<String> = tokens(&profile.description).into_iter().take(DESCRIPTION_TOKENS_MAX).collect();
-    query
-        .iter()
-        .map(|token| {
-            let mut best: f64 = 0.0;
-            let budget = typo_budget(token.chars().count());
-            for candidate in &name {
-                let score = if candidate == token {
-                    WEIGHT_NAME as f64
-                } else if let Some(distance) = bounded_edit_distance(token, candidate, budget) {
-                    2.0 - 0.5 * distance as f64
-                } else if token.chars().count() >= 3 && candidate.starts_with(token.as_str()) {
-                    1.5
-                } else {
-                    0.0
-                };
-                best = best.max(score);
-            }
-            if capabilities.contains(token) {
-                best = best.max(WEIGHT_CAPABILITY as f64);
-            }
-            if description.contains(token) {
-                best = best.max(WEIGHT_DESCRIPTION as f64);
-            }
-            best
-        })
-        .sum()
-}
-
-/// A search request, validated.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SearchQuery {
-    pub text: String,
-    pub capability: Option<String>,
-    pub tag: Option<String>,
-    pub limit: u32,
-    pub offset: u32,
-}
-
-/// One ranked result.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SearchHit {
-    pub agent: Agent,
-    pub health: Health,
-    pub relevance: f64,
-    pub trust: f64,
-    pub score: f64,
-}
-
-/// One page of results; `next_offset` is set when more follow.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SearchPage {
-    pub hits: Vec<SearchHit>,
-    pub next_offset: Option<u32>,
-}
-
-/// Searches public, unrevoked, unexpired agents. See the module documentation.
-pub async fn search(db: &Database, query: &SearchQuery, now: UnixMillis) -> Result<SearchPage, RegistryQueryError> {
-    // A filter no capability could satisfy matches nothing; it never reaches the database.
-    if query.capability.as_deref().is_some_and(|name| !is_capability_name(name))
-        || query.tag.as_deref().is_some_and(|tag| !is_tag(tag))
-    {
-        return Ok(SearchPage { hits: Vec::new(), next_offset: None });
-    }
-    let query_tokens: Vec<String> = tokens(&query.text).into_iter().take(QUERY_TOKENS_MAX).collect();
-    let candidates = candidates(db, query, &query_tokens, now).await?;
-    let mut hits = Vec::new();
-    for chunk in candidates.chunks(500) {
-        let placeholders = placeholders(1, chunk.len());
-        let sql = format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id IN ({placeholders})");
-        let mut statement = sqlx::query(&sql);
-        for id in chunk {
-            statement = statement.bind(id.clone());
-        }
-        let rows = statement.fetch_all(db.pool()).await.map_err(query_error("reading search candidates"))?;
-        for row in &rows {
-            let agent = agent_from_row(row)?;
-            let relevance = if query_tokens.is_empty() { 1.0 } else { relevance(&query_tokens, &agent.profile) };
-            if relevance <= 0.0 {
-                continue;
-            }
-            let health = agent.health(now);
-            let trust = TRUST_NEUTRAL;
-            let score = relevance * health.liveness() * trust;
-            hits.push(SearchHit { agent, health, relevance, trust, score });
-        }
-    }
-    hits.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.agent.id.cmp(&b.agent.id)));
-    let start = (query.offset as usize).min(hits.len());
-    let end = start.saturating_add(query.limit as usize).min(hits.len());
-    let next_offset = (end < hits.len()).then(|| u32::try_from(end).unwrap_or(u32::MAX));
-    let hits = hits.drain(start..end).collect();
-    Ok(SearchPage { hits, next_offset })
-}
-
-/// Ids of agents that may match: exact token hits and fuzzy name candidates, filtered.
-async fn candidates(
-    db: &Database,
-    query: &SearchQuery,
-    query_tokens: &[String],
-    now: UnixMillis,
-) -> Result<Vec<String>, RegistryQueryError> {
-    // $1 now, then the optional filters, then the tokens: all bound.
-    let mut filter = String::from("a.visibility = 'public' AND a.revoked_at_ms IS NULL AND a.expires_at_ms > $1");
-    let mut binds: Vec<String> = Vec::new();
-    let mut next = 2;
-    if let Some(capability) = &query.capability {
-        filter.push_str(&format!(" AND a.id IN (SELECT agent_id FROM agent_capabilities WHERE name = ${next})"));
-        binds.push(capability.clone());
-        next += 1;
-    }
-    if let Some(tag) = &query.tag {
-        filter.push_str(&format!(" AND a.id IN (SELECT agent_id FROM agent_tags WHERE tag = ${next})"));
-        binds.push(tag.clone());
-        next += 1;
-    }
-    let run = |sql: String, extra: Vec<String>| {
-        let binds = binds.clone();
-        async move {
-            let mut statement = sqlx::query(&sql).bind(to_db(now));
-            for value in binds.into_iter().chain(extra) {
-                statement = statement.bind(value);
-            }
-            let rows = statement.fetch_all(db.pool()).await.map_err(query_error("finding search candidates"))?;
-            rows.iter()
-                .map(|row| row.try_get::<String, _>("agent_id").map_err(query_error("reading search candidates")))
-                .collect::<Result<Vec<String>, _>>()
-        }
-    };
-    if query_tokens.is_empty() {
-        let sql = format!(
-            "SELECT a.id AS agent_id FROM agents a WHERE {filter} ORDER BY a.last_heartbeat_ms DESC LIMIT {SEARCH_CANDIDATES_MAX}"
-        );
-        return run(sql, Vec::new()).await;
-    }
-    let exact_sql = format!(
-        "SELECT DISTINCT s.agent_id AS agent_id FROM agent_search s JOIN agents a ON a.id = s.agent_id \
-         WHERE s.token IN ({}) AND {filter} LIMIT {SEARCH_CANDIDATES_MAX}",
-        placeholders(next, query_tokens.len())
-    );
-    let mut found: BTreeMap<String, ()> =
-        run(exact_sql, query_tokens.to_vec()).await?.into_iter().map(|id| (id, ())).collect();
-    let query_trigrams: Vec<String> = query_tokens
-        .iter()
-        .filter(|token| token.chars().count() >= 4)
-        .flat_map(|token| trigrams(token))
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    if !query_trigrams.is_empty() {
-        let fuzzy_sql = format!(
-            "SELECT t.agent_id AS agent_id, COUNT(*) AS hits FROM agent_name_trigrams t JOIN agents a ON a.id = t.agent_id \
-             WHERE t.trigram IN ({}) AND {filter} GROUP BY t.agent_id ORDER BY hits DESC, t.agent_id LIMIT {FUZZY_CANDIDATES_MAX}",
-            placeholders(next, query_trigrams.len())
-        );
-        found.extend(run(fuzzy_sql, query_trigrams).await?.into_iter().map(|id| (id, ())));
-    }
-    Ok(found.into_keys().take(SEARCH_CANDIDATES_MAX as usize).collect())
-}
-
-/// `$first, $first+1, …`: only placeholders are ever formatted into SQL.
-fn placeholders(first: usize, count: usize) -> String {
-    (first..first + count).map(|n| format!("${n}")).collect::<Vec<_>>().join(", ")
 }
 
 fn capabilities_json(capabilities: &[Capability]) -> String {
@@ -792,6 +596,7 @@ fn agent_from_row(row: &AnyRow) -> Result<Agent, RegistryQueryError> {
         last_heartbeat: time("last_heartbeat_ms")?,
         expires_at: time("expires_at_ms")?,
         revoked_at: revoked_at.map(from_db),
+        trust: row.try_get("trust").map_err(read)?,
     })
 }
 
@@ -807,21 +612,6 @@ fn from_db(millis: i64) -> UnixMillis {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn edit_distance_is_bounded() {
-        assert_eq!(bounded_edit_distance("translator", "translater", 2), Some(1));
-        assert_eq!(bounded_edit_distance("kitten", "sitting", 2), None);
-        assert_eq!(bounded_edit_distance("kitten", "sitting", 3), Some(3));
-        assert_eq!(bounded_edit_distance("abc", "abc", 0), Some(0));
-    }
-
-    #[test]
-    fn tokens_are_lower_case_words() {
-        assert_eq!(tokens("Hello, World! hello"), ["hello", "world"]);
-        assert_eq!(tokens("'; DROP TABLE agents; --"), ["drop", "table", "agents"]);
-        assert!(tokens("%_").is_empty());
-    }
 
     #[test]
     fn health_follows_the_last_heartbeat() {

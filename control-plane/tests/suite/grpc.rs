@@ -15,9 +15,11 @@ use molt_control_plane::grpc::proto::{LookupAgentRequest, PresenceReport, Regist
 use molt_control_plane::grpc::{self, GrpcServer};
 use molt_control_plane::ids::OrgId;
 use molt_control_plane::model::OrgName;
+use molt_control_plane::registry;
 use molt_protocol::cert::{ExpectedRole, Revocations, TrustAnchors};
 use molt_protocol::ids::{AgentId, EdgeId};
 use molt_protocol::keys::SigningKey;
+use molt_protocol::time::UnixMillis;
 use molt_protocol::tls::{self, TlsIdentity};
 use rustls::client::ResolvesClientCert;
 use rustls::pki_types::ServerName;
@@ -141,7 +143,21 @@ async fn an_edge_registers_and_watches_the_trust_bundle_grow(fixture: &Fixture) 
 async fn presence_then_lookup_finds_the_agent_at_its_edge(fixture: &Fixture) {
     let harness = Harness::new(fixture).await;
     let (edge, mut client) = harness.edge_client().await;
-    let agent = AgentId::from_inception_key(&SigningKey::generate(&mut rand::rngs::OsRng).public_key());
+    let key = SigningKey::generate(&mut rand::rngs::OsRng).public_key();
+    let agent = AgentId::from_inception_key(&key);
+    // Registered an hour ago, quiet since: presence renews the registration.
+    let hour_ago = UnixMillis(SystemClock.now().0 - 3_600_000);
+    let profile = registry::ProfileInput {
+        name: "roaming".into(),
+        description: String::new(),
+        capabilities: Vec::new(),
+        key_binding: None,
+        visibility: registry::Visibility::Public,
+        home_edge: None,
+    }
+    .validate(agent, &key)
+    .unwrap();
+    registry::register(&harness.db, agent, &key, &profile, hour_ago).await.expect("register the agent");
     let report = PresenceReport { connected_agents: vec![agent.to_string()], at_ms: SystemClock.now().0 };
     let refused = client.report_presence(report.clone()).await.expect_err("presence before Register");
     assert_eq!(refused.code(), Code::FailedPrecondition);
@@ -149,11 +165,14 @@ async fn presence_then_lookup_finds_the_agent_at_its_edge(fixture: &Fixture) {
     client.register(register_request()).await.expect("register");
     let ack = client.report_presence(report).await.expect("presence").into_inner();
     assert_eq!(ack.accepted, 1);
+    let renewed = registry::agent(&harness.db, agent).await.unwrap().unwrap();
+    assert_eq!(renewed.health(SystemClock.now()), registry::Health::Online, "presence renews the registration");
+    assert!(renewed.expires_at > hour_ago.saturating_add(registry::REGISTRATION_TTL));
     let found = client.lookup_agent(LookupAgentRequest { agent_id: agent.to_string() }).await.unwrap().into_inner();
     assert!(found.found);
     assert_eq!(found.home_edge_id, edge.to_string());
     assert_eq!(found.edge_quic_addrs, ["127.0.0.1:4433"]);
-    assert!(found.key_binding.is_empty(), "the agent has no registry profile");
+    assert!(found.key_binding.is_empty(), "the agent published no key binding");
 
     let empty = PresenceReport { connected_agents: vec![], at_ms: SystemClock.now().0 };
     client.report_presence(empty).await.expect("empty presence");

@@ -7,6 +7,7 @@ mod ca;
 mod fixture;
 mod grpc;
 mod registry;
+mod search;
 mod storage;
 
 /// Generates one `#[tokio::test]` per backend for each `async fn(&Fixture)` named.

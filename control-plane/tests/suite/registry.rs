@@ -158,7 +158,7 @@ async fn registry_rows(fixture: &Fixture) -> [i64; 5] {
     [
         fixture.count("agents").await,
         fixture.count("agent_search").await,
-        fixture.count("agent_name_trigrams").await,
+        fixture.count("search_term_trigrams").await,
         fixture.count("agent_capabilities").await,
         fixture.count("agent_tags").await,
     ]
@@ -216,7 +216,7 @@ async fn agents_register_update_heartbeat_and_age(fixture: &Fixture) {
     assert_eq!(updated["visibility"], "unlisted");
     assert!(updated.get("key_binding").is_none());
     assert_eq!(fixture.count("agent_search").await, 0, "unlisted agents are not indexed for search");
-    assert_eq!(fixture.count("agent_capabilities").await, 1);
+    assert_eq!(fixture.count("agent_capabilities").await, 0);
     assert_eq!(harness.get(&uri).await.0, StatusCode::OK, "unlisted agents are readable by id");
 
     // The card.
@@ -534,7 +534,7 @@ async fn search_filters_ranks_pages_and_tolerates_typos(fixture: &Fixture) {
     assert_eq!(names(&page)[0], "weather helper 5", "{page}");
     assert_eq!(page["items"][0]["agent"]["health"], "online");
     assert_eq!(page["items"][1]["agent"]["health"], "offline");
-    assert_eq!(page["items"][0]["trust"], 1.0);
+    assert_eq!(page["items"][0]["trust"], registry::TRUST_NEUTRAL);
     let scores: Vec<f64> =
         page["items"].as_array().unwrap().iter().map(|item| item["score"].as_f64().unwrap()).collect();
     assert!(scores.windows(2).all(|pair| pair[0] >= pair[1]), "{scores:?}");

@@ -1,0 +1,254 @@
+//! The search index through the library, on both backends: trust ordering and its
+//! updates, prefix and typo expansion through the vocabulary, bounded posting depth,
+//! renewal by edge presence, bulk import, and the rebuild after a layout change.
+
+use std::time::Duration;
+
+use molt_control_plane::registry::{
+    self, Capability, Health, ImportError, ImportedAgent, POSTINGS_PER_WORD, Profile, SearchQuery, SetTrustError,
+    Visibility,
+};
+use molt_protocol::keys::SigningKey;
+use molt_protocol::{AgentId, UnixMillis};
+use rand::rngs::OsRng;
+
+use crate::fixture::Fixture;
+
+crate::on_both_backends!(
+    trust_orders_listings_and_ranking,
+    trust_updates_are_all_or_nothing,
+    names_match_by_prefix_and_typo,
+    deep_postings_are_cut_at_a_fixed_depth,
+    presence_renews_registrations,
+    imports_are_all_or_nothing,
+    revoked_agents_leave_the_index,
+    the_index_is_rebuilt_when_its_layout_is_behind,
+);
+
+const T0: UnixMillis = UnixMillis(1_700_000_000_000);
+
+fn profile(name: &str, capabilities: &[(&str, &[&str])]) -> Profile {
+    Profile {
+        name: name.to_owned(),
+        description: format!("the {name} agent"),
+        capabilities: capabilities
+            .iter()
+            .map(|(capability, tags)| Capability {
+                name: (*capability).to_owned(),
+                version: "1".to_owned(),
+                tags: tags.iter().map(|tag| (*tag).to_owned()).collect(),
+            })
+            .collect(),
+        key_binding: None,
+        visibility: Visibility::Public,
+        home_edge: None,
+    }
+}
+
+fn imported(profile: Profile, trust: f64) -> ImportedAgent {
+    let key = SigningKey::generate(&mut OsRng).public_key();
+    ImportedAgent {
+        id: AgentId::from_inception_key(&key),
+        public_key: key,
+        profile,
+        trust,
+        registered_at: T0,
+        last_heartbeat: T0,
+    }
+}
+
+fn query(text: &str) -> SearchQuery {
+    SearchQuery { text: text.to_owned(), limit: 20, ..SearchQuery::default() }
+}
+
+async fn names(fixture: &Fixture, query: &SearchQuery) -> Vec<String> {
+    let page = registry::search(&fixture.db, query, T0).await.expect("search");
+    page.hits.into_iter().map(|hit| hit.agent.profile.name).collect()
+}
+
+async fn trust_orders_listings_and_ranking(fixture: &Fixture) {
+    let agents: Vec<ImportedAgent> = [("low", 0.1), ("high", 0.9), ("middle", 0.5)]
+        .into_iter()
+        .map(|(name, trust)| imported(profile(&format!("{name} forecaster"), &[("weather.v1", &["rain"])]), trust))
+        .collect();
+    registry::import_agents(&fixture.db, &agents).await.expect("import");
+    let by_capability = SearchQuery { capability: Some("weather.v1".into()), limit: 10, ..SearchQuery::default() };
+    let expected = ["high forecaster", "middle forecaster", "low forecaster"];
+    assert_eq!(names(fixture, &by_capability).await, expected);
+    let by_tag = SearchQuery { tag: Some("rain".into()), limit: 10, ..SearchQuery::default() };
+    assert_eq!(names(fixture, &by_tag).await, expected);
+    assert_eq!(names(fixture, &SearchQuery { limit: 10, ..SearchQuery::default() }).await, expected);
+    assert_eq!(names(fixture, &query("forecaster")).await, expected, "equal relevance: trust decides");
+
+    // The trust engine reverses the order; listings and ranked text follow.
+    let reversed: Vec<(AgentId, f64)> = agents.iter().map(|agent| (agent.id, 1.0 - agent.trust)).collect();
+    registry::set_trust(&fixture.db, &reversed).await.expect("set trust");
+    let expected = ["low forecaster", "middle forecaster", "high forecaster"];
+    assert_eq!(names(fixture, &by_capability).await, expected);
+    assert_eq!(names(fixture, &by_tag).await, expected);
+    assert_eq!(names(fixture, &query("forecaster")).await, expected);
+    let page = registry::search(&fixture.db, &query("forecaster"), T0).await.unwrap();
+    assert!((page.hits[0].trust - 0.9).abs() < 1e-9);
+    assert!((page.hits[0].score - 3.0 * 0.9).abs() < 1e-9, "name word 3 × online 1 × trust 0.9");
+
+    // Liveness ranks text: the most trusted goes quiet and falls behind.
+    let later = T0.saturating_add(Duration::from_secs(11 * 60));
+    for agent in &agents[1..] {
+        registry::heartbeat(&fixture.db, agent.id, later).await.expect("heartbeat");
+    }
+    let page = registry::search(&fixture.db, &query("forecaster"), later).await.unwrap();
+    let order: Vec<&str> = page.hits.iter().map(|hit| hit.agent.profile.name.as_str()).collect();
+    assert_eq!(order, ["middle forecaster", "low forecaster", "high forecaster"], "1.5, 0.2 × 0.9 × 3, 0.1 × 3");
+    assert_eq!(page.hits[1].health, Health::Offline);
+}
+
+async fn trust_updates_are_all_or_nothing(fixture: &Fixture) {
+    let agent = imported(profile("steady", &[("x", &[])]), 0.5);
+    registry::import_agents(&fixture.db, std::slice::from_ref(&agent)).await.unwrap();
+    let stranger = AgentId::from_inception_key(&SigningKey::generate(&mut OsRng).public_key());
+    let error = registry::set_trust(&fixture.db, &[(agent.id, 0.8), (stranger, 0.8)]).await.unwrap_err();
+    assert!(matches!(error, SetTrustError::NotFound(id) if id == stranger), "{error}");
+    for bad in [-0.1, 1.5, f64::NAN, f64::INFINITY] {
+        let error = registry::set_trust(&fixture.db, &[(agent.id, bad)]).await.unwrap_err();
+        assert!(matches!(error, SetTrustError::OutOfRange(_)), "{error}");
+    }
+    let stored = registry::agent(&fixture.db, agent.id).await.unwrap().unwrap();
+    assert_eq!(stored.trust, 0.5, "nothing was written");
+    let page = registry::search(&fixture.db, &query("steady"), T0).await.unwrap();
+    assert_eq!(page.hits[0].trust, 0.5);
+}
+
+async fn names_match_by_prefix_and_typo(fixture: &Fixture) {
+    let agents = vec![
+        imported(profile("Meteorologist Prime", &[]), 0.5),
+        imported(profile("Translator", &[]), 0.5),
+        imported(profile("Transcriber", &[]), 0.5),
+    ];
+    registry::import_agents(&fixture.db, &agents).await.unwrap();
+    assert_eq!(names(fixture, &query("meteo")).await, ["Meteorologist Prime"], "prefix");
+    assert_eq!(names(fixture, &query("meteorolgist")).await, ["Meteorologist Prime"], "one edit");
+    assert_eq!(names(fixture, &query("metaorolgist")).await, ["Meteorologist Prime"], "two edits");
+    assert!(names(fixture, &query("mateorolgsit")).await.is_empty(), "three edits");
+    assert_eq!(names(fixture, &query("translater")).await, ["Translator"], "one edit in 10 letters");
+    let mut both = names(fixture, &query("trans")).await;
+    both.sort();
+    assert_eq!(both, ["Transcriber", "Translator"], "prefix of two names");
+    assert!(names(fixture, &query("tra")).await.len() == 2, "3 letters are a prefix too");
+    assert!(names(fixture, &query("tr")).await.is_empty(), "2 letters are not");
+    // Relevance: exact 3, one edit 1.5, prefix 1.5.
+    let page = registry::search(&fixture.db, &query("translator"), T0).await.unwrap();
+    assert_eq!(page.hits[0].relevance, 3.0);
+    let page = registry::search(&fixture.db, &query("translater"), T0).await.unwrap();
+    assert_eq!(page.hits[0].relevance, 1.5);
+}
+
+async fn deep_postings_are_cut_at_a_fixed_depth(fixture: &Fixture) {
+    let count = POSTINGS_PER_WORD as usize + 50;
+    let agents: Vec<ImportedAgent> = (0..count)
+        .map(|i| imported(profile(&format!("common {i}"), &[]), (i as f64 + 1.0) / (count as f64 + 1.0)))
+        .collect();
+    registry::import_agents(&fixture.db, &agents).await.unwrap();
+    let mut seen = Vec::new();
+    let mut offset = 0;
+    loop {
+        let page =
+            registry::search(&fixture.db, &SearchQuery { offset, limit: 100, ..query("common") }, T0).await.unwrap();
+        seen.extend(page.hits.iter().map(|hit| hit.trust));
+        match page.next_offset {
+            Some(next) => offset = next,
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), POSTINGS_PER_WORD as usize, "a word reads a fixed number of postings");
+    assert!(seen.windows(2).all(|pair| pair[0] > pair[1]), "best trust first");
+    let lowest_kept = agents[count - POSTINGS_PER_WORD as usize].trust;
+    assert_eq!(*seen.last().unwrap(), lowest_kept, "the most trusted were kept");
+}
+
+async fn presence_renews_registrations(fixture: &Fixture) {
+    let agent = imported(profile("wanderer", &[]), 0.5);
+    registry::import_agents(&fixture.db, std::slice::from_ref(&agent)).await.unwrap();
+    let revoked = imported(profile("revoked", &[]), 0.5);
+    registry::import_agents(&fixture.db, std::slice::from_ref(&revoked)).await.unwrap();
+    registry::revoke(&fixture.db, revoked.id, T0).await.unwrap();
+    let later = T0.saturating_add(registry::REGISTRATION_TTL).saturating_add(Duration::from_secs(1));
+    assert_eq!(registry::agent(&fixture.db, agent.id).await.unwrap().unwrap().health(later), Health::Expired);
+
+    let stranger = AgentId::from_inception_key(&SigningKey::generate(&mut OsRng).public_key());
+    let mut tx = fixture.db.begin().await.unwrap();
+    let renewed = registry::renew_by_presence(&mut tx, &[agent.id, revoked.id, stranger, agent.id], later).await;
+    tx.commit().await.unwrap();
+    assert_eq!(renewed.unwrap(), 1, "only the registered, unrevoked agent");
+    let stored = registry::agent(&fixture.db, agent.id).await.unwrap().unwrap();
+    assert_eq!(stored.health(later), Health::Online);
+    assert_eq!(stored.expires_at, later.saturating_add(registry::REGISTRATION_TTL));
+    let page = registry::search(&fixture.db, &query("wanderer"), later).await.unwrap();
+    assert_eq!(page.hits.len(), 1);
+}
+
+async fn imports_are_all_or_nothing(fixture: &Fixture) {
+    let first = imported(profile("first", &[("a", &["t"])]), 0.5);
+    registry::import_agents(&fixture.db, std::slice::from_ref(&first)).await.unwrap();
+    let before = index_rows(fixture).await;
+    let fresh = imported(profile("fresh", &[("b", &["u"])]), 0.5);
+    let error = registry::import_agents(&fixture.db, &[fresh.clone(), first.clone()]).await.unwrap_err();
+    assert!(matches!(error, ImportError::AlreadyRegistered(id) if id == first.id), "{error}");
+    let error = registry::import_agents(&fixture.db, &[fresh.clone(), fresh.clone()]).await.unwrap_err();
+    assert!(matches!(error, ImportError::AlreadyRegistered(id) if id == fresh.id), "{error}");
+    let error = registry::import_agents(&fixture.db, &[imported(profile("bad", &[]), 2.0)]).await.unwrap_err();
+    assert!(matches!(error, ImportError::Trust(_)), "{error}");
+    assert_eq!(index_rows(fixture).await, before, "nothing was written");
+    assert!(registry::agent(&fixture.db, fresh.id).await.unwrap().is_none());
+}
+
+async fn revoked_agents_leave_the_index(fixture: &Fixture) {
+    let agent = imported(profile("leaving", &[("gone.v1", &["bye"])]), 0.5);
+    registry::import_agents(&fixture.db, std::slice::from_ref(&agent)).await.unwrap();
+    assert!(index_rows(fixture).await[1..4].iter().all(|&rows| rows > 0));
+    registry::revoke(&fixture.db, agent.id, T0).await.unwrap();
+    registry::revoke(&fixture.db, agent.id, T0).await.expect("revocation is idempotent");
+    assert_eq!(index_rows(fixture).await[1..4], [0, 0, 0]);
+    assert!(names(fixture, &query("leaving")).await.is_empty());
+    let listing = SearchQuery { capability: Some("gone.v1".into()), limit: 5, ..SearchQuery::default() };
+    assert!(names(fixture, &listing).await.is_empty());
+}
+
+async fn the_index_is_rebuilt_when_its_layout_is_behind(fixture: &Fixture) {
+    let agents: Vec<ImportedAgent> = (0..(registry::REBUILD_BATCH + 7))
+        .map(|i| imported(profile(&format!("rebuilt {i}"), &[("r", &[])]), 0.5))
+        .collect();
+    registry::import_agents(&fixture.db, &agents).await.unwrap();
+    let hidden = imported(Profile { visibility: Visibility::Unlisted, ..profile("hidden", &[]) }, 0.5);
+    registry::import_agents(&fixture.db, std::slice::from_ref(&hidden)).await.unwrap();
+    let before = index_rows(fixture).await;
+    // A database migrated without a start has not recorded its version yet: the first
+    // call rebuilds what is already there, the second finds it current.
+    registry::ensure_index(&fixture.db, "test", T0).await.unwrap();
+    assert_eq!(index_rows(fixture).await, before, "a rebuild of a current index changes nothing");
+    assert_eq!(registry::ensure_index(&fixture.db, "test", T0).await.unwrap(), 0, "current: nothing to do");
+
+    // As after a migration that dropped the index.
+    for table in ["agent_search", "agent_capabilities", "agent_tags", "search_terms", "search_term_trigrams"] {
+        sqlx::query(&format!("DELETE FROM {table}")).execute(fixture.db.pool()).await.unwrap();
+    }
+    sqlx::query("UPDATE registry_meta SET value = 0 WHERE key = 'index_version'")
+        .execute(fixture.db.pool())
+        .await
+        .unwrap();
+    assert!(names(fixture, &query("rebuilt")).await.is_empty());
+    let rebuilt = registry::ensure_index(&fixture.db, "test", T0).await.unwrap();
+    assert_eq!(rebuilt, agents.len() as u64 + 1);
+    assert_eq!(index_rows(fixture).await, before);
+    assert_eq!(names(fixture, &query("rebuilt 3")).await[0], "rebuilt 3");
+    assert_eq!(registry::ensure_index(&fixture.db, "test", T0).await.unwrap(), 0);
+}
+
+async fn index_rows(fixture: &Fixture) -> [i64; 5] {
+    [
+        fixture.count("agents").await,
+        fixture.count("agent_search").await,
+        fixture.count("agent_capabilities").await,
+        fixture.count("agent_tags").await,
+        fixture.count("search_terms").await,
+    ]
+}
