@@ -19,6 +19,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod a2a;
 pub mod agent_auth;
 pub mod api;
 pub mod auth;

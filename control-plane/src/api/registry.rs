@@ -1,5 +1,6 @@
 //! `/v1/agents`: registration, profile updates and heartbeats signed by the agent
-//! ([`crate::agent_auth`]), public reads, search and A2A-style agent cards.
+//! ([`crate::agent_auth`]), public reads, search, A2A-style agent cards (export and
+//! signed import, [`crate::a2a`]) and the admin revocation of agents.
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -11,8 +12,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
-use super::extract::ApiQuery;
+use super::ca::CaWriteScope;
+use super::extract::{ApiQuery, Authorized};
 use super::problem::{ApiError, Problem};
+use crate::a2a::{CardError, ImportedCard};
 use crate::agent_auth::{AuthenticatedAgent, SignedRequest};
 use crate::registry::{
     self, Agent, AgentWriteError, Capability, Health, ProfileError, ProfileInput, RegisterError, SEARCH_CANDIDATES_MAX,
@@ -122,39 +125,15 @@ pub struct SearchResults {
     pub next_cursor: Option<String>,
 }
 
-/// An A2A-style agent card (`/.well-known/agent-card.json` shape) with a `molt` extension.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct AgentCardBody {
-    pub name: String,
-    pub description: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub url: Option<String>,
-    pub version: String,
-    pub capabilities: serde_json::Value,
-    pub skills: Vec<AgentCardSkill>,
-    pub default_input_modes: Vec<String>,
-    pub default_output_modes: Vec<String>,
-    pub molt: AgentCardMolt,
-}
+/// The card types live with their mapping in [`crate::a2a`].
+pub use crate::a2a::{AgentCard as AgentCardBody, AgentCardMolt, AgentCardSkill};
 
+/// Answer to `POST /v1/agents/{id}/revoke`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct AgentCardSkill {
+pub struct RevokedAgentBody {
     pub id: String,
-    pub name: String,
-    pub description: String,
-    pub tags: Vec<String>,
-    pub version: String,
-}
-
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct AgentCardMolt {
-    pub id: String,
-    pub public_key: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub key_binding: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub home_edge: Option<String>,
+    /// When the agent was first revoked; later calls return the same time.
+    pub revoked_at_ms: u64,
 }
 
 fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
@@ -295,33 +274,89 @@ pub async fn agent_card(
     Path(id): Path<String>,
 ) -> Result<Json<AgentCardBody>, ApiError> {
     let agent = visible_agent(&state, &id).await?;
-    let profile = &agent.profile;
-    Ok(Json(AgentCardBody {
-        name: profile.name.clone(),
-        description: profile.description.clone(),
-        url: None,
-        version: agent.revision.to_string(),
-        capabilities: serde_json::json!({}),
-        skills: profile
-            .capabilities
-            .iter()
-            .map(|capability| AgentCardSkill {
-                id: capability.name.clone(),
-                name: capability.name.clone(),
-                description: String::new(),
-                tags: capability.tags.clone(),
-                version: capability.version.clone(),
-            })
-            .collect(),
-        default_input_modes: vec!["application/json".to_owned()],
-        default_output_modes: vec!["application/json".to_owned()],
-        molt: AgentCardMolt {
-            id: agent.id.to_string(),
-            public_key: hex::encode(agent.public_key.as_bytes()),
-            key_binding: profile.key_binding.map(|binding| hex::encode(binding.encode())),
-            home_edge: profile.home_edge.map(|edge| edge.to_string()),
-        },
-    }))
+    Ok(Json(AgentCardBody::from_agent(&agent)))
+}
+
+/// Registers or updates an agent from an A2A-style card. Signed by the agent.
+///
+/// The card maps to a profile as [`crate::a2a`] describes; members with no place in a
+/// profile are refused (`unmappable_card`), never dropped. An unregistered agent is
+/// registered with the key in `molt.public_key` (201), a registered one gets its whole
+/// profile replaced (200).
+#[utoipa::path(put, path = "/v1/agents/{id}/agent-card.json", tag = "registry", request_body = AgentCardBody,
+    params(("id" = String, Path, description = "Agent id")),
+    responses(
+        (status = 200, description = "Profile replaced", body = AgentBody),
+        (status = 201, description = "Registered", body = AgentBody),
+        (status = 400, description = "Malformed JSON (malformed_json)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing, malformed, stale, replayed or invalid signature; revoked agent; Molt-Agent not the card's agent (agent_mismatch)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Signed by another agent (not_your_agent)", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Malformed agent id in the path", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body larger than 64 KiB", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Unknown or mistyped members (invalid_body), members with no place in a profile (unmappable_card), a card for another agent (card_agent_mismatch), an invalid key, id, profile or key binding", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn import_agent_card(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    signed: SignedRequest,
+) -> Result<(StatusCode, Json<AgentBody>), ApiError> {
+    let id: AgentId = id.parse().map_err(|_| ApiError::not_found("no such agent"))?;
+    let now = state.clock.now();
+    let stored = registry::agent_key(&state.db, signed.agent).await.map_err(|error| ApiError::internal(&error))?;
+    let Some((stored_key, revoked)) = stored else {
+        return register_from_card(&state, id, signed).await;
+    };
+    if revoked {
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "revoked_agent", "the agent has been revoked"));
+    }
+    let verified = signed.verify(&stored_key, &state.db, now).await?;
+    if verified.agent != id {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "not_your_agent", "agents may only change themselves"));
+    }
+    let card = ImportedCard::from_json(&verified.body).map_err(card_error)?;
+    if card.id != id {
+        return Err(card_agent_mismatch());
+    }
+    if card.public_key != stored_key {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "card_key_mismatch",
+            "molt.public_key is not the agent's registered key",
+        ));
+    }
+    let profile = card.profile.validate(id, &stored_key).map_err(card_profile_error)?;
+    registry::update_profile(&state.db, id, &profile, now).await.map_err(write_error)?;
+    let agent = read_agent(&state, id).await?;
+    tracing::info!(agent = %id, "agent profile imported from a card");
+    Ok((StatusCode::OK, Json(agent_body(&agent, now))))
+}
+
+/// Revokes an agent: it leaves reads and search, and its signed requests are refused.
+/// Idempotent: later calls change nothing and return the first revocation time.
+#[utoipa::path(post, path = "/v1/agents/{id}/revoke", tag = "registry",
+    params(("id" = String, Path, description = "Agent id")),
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "Revoked (now or earlier)", body = RevokedAgentBody),
+        (status = 400, description = "Malformed agent id (invalid_agent_id)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing, invalid or revoked admin key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The admin key lacks ca:write (missing_scope)", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such agent", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn revoke_agent(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    authorized: Authorized<CaWriteScope>,
+) -> Result<Json<RevokedAgentBody>, ApiError> {
+    let id: AgentId = id.parse().map_err(|_| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_agent_id", "the path does not name an agent id (agent-…)")
+    })?;
+    registry::revoke(&state.db, id, state.clock.now()).await.map_err(write_error)?;
+    let agent = read_agent(&state, id).await?;
+    // Invariant: `registry::revoke` succeeded, so the agent is revoked.
+    let revoked_at = agent.revoked_at.expect("a revoked agent has a revocation time");
+    tracing::info!(agent = %id, key = %authorized.key_id, "agent revoked");
+    Ok(Json(RevokedAgentBody { id: id.to_string(), revoked_at_ms: revoked_at.0 }))
 }
 
 /// Searches public agents, ranked by relevance × liveness × trust.
@@ -407,6 +442,55 @@ fn write_error(error: AgentWriteError) -> ApiError {
         AgentWriteError::NotFound => ApiError::not_found("no such agent"),
         other => ApiError::internal(&other),
     }
+}
+
+/// Registration through a card: the key comes from the card, as with `POST /v1/agents`.
+async fn register_from_card(
+    state: &AppState,
+    id: AgentId,
+    signed: SignedRequest,
+) -> Result<(StatusCode, Json<AgentBody>), ApiError> {
+    let card = ImportedCard::from_json(&signed.body).map_err(card_error)?;
+    if card.id != id {
+        return Err(card_agent_mismatch());
+    }
+    if signed.agent != id {
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "agent_mismatch", "Molt-Agent is not the card's agent"));
+    }
+    let now = state.clock.now();
+    signed.verify(&card.public_key, &state.db, now).await?;
+    let profile = card.profile.validate(id, &card.public_key).map_err(card_profile_error)?;
+    let agent =
+        registry::register(&state.db, id, &card.public_key, &profile, now).await.map_err(|error| match error {
+            RegisterError::AlreadyRegistered => {
+                ApiError::new(StatusCode::CONFLICT, "agent_exists", format!("{id} is already registered"))
+            }
+            other => ApiError::internal(&other),
+        })?;
+    tracing::info!(agent = %id, "agent registered from a card");
+    Ok((StatusCode::CREATED, Json(agent_body(&agent, now))))
+}
+
+fn card_error(error: CardError) -> ApiError {
+    let unprocessable = |code| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, error.to_string());
+    match &error {
+        CardError::Malformed(_) => ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", error.to_string()),
+        CardError::Invalid(_) => unprocessable("invalid_body"),
+        CardError::Unmappable(_) => unprocessable("unmappable_card"),
+        CardError::PublicKey => unprocessable("invalid_public_key"),
+        CardError::AgentId => unprocessable("invalid_agent_id"),
+        CardError::NotDerived => unprocessable("agent_id_not_derived"),
+    }
+}
+
+fn card_profile_error(error: ProfileError) -> ApiError {
+    let mut problem = profile_error(error);
+    problem.detail = format!("the card does not make a valid profile: {}", problem.detail);
+    problem
+}
+
+fn card_agent_mismatch() -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "card_agent_mismatch", "molt.id is not the agent in the path")
 }
 
 fn agent_body(agent: &Agent, now: molt_protocol::UnixMillis) -> AgentBody {

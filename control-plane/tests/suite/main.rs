@@ -4,6 +4,7 @@
 
 mod api;
 mod ca;
+mod cards;
 mod fixture;
 mod grpc;
 mod registry;
