@@ -48,6 +48,9 @@ pub struct Started {
     pub bootstrap_token: Option<AdminToken>,
     /// The gRPC service for edges, if an address was given; stops when dropped.
     pub grpc: Option<grpc::GrpcServer>,
+    /// The ledger's escrow-expiry and unbonding work (runs while this replica holds the
+    /// lease); stops when dropped.
+    pub ledger_expiry: ledger::service::ExpiryWorker,
 }
 
 /// Why [`start`] failed.
@@ -90,5 +93,6 @@ pub async fn start(
         None => None,
     };
     let state = api::AppState::new(db, clock, Arc::new(metrics::Metrics::new())).with_ca(authority);
-    Ok(Started { state, bootstrap_token, grpc })
+    let ledger_expiry = state.ledger.spawn_expiry_worker(format!("replica-{:016x}", rand::random::<u64>()));
+    Ok(Started { state, bootstrap_token, grpc, ledger_expiry })
 }

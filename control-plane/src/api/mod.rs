@@ -7,6 +7,7 @@
 pub mod admin_keys;
 pub mod ca;
 pub mod extract;
+pub mod ledger;
 pub mod ops;
 pub mod orgs;
 pub mod problem;
@@ -98,11 +99,17 @@ impl AppState {
         registry::agent_card,
         registry::import_agent_card,
         registry::revoke_agent,
+        ledger::open_wallet, ledger::get_wallet, ledger::wallet_history, ledger::create_transfer,
+        ledger::create_transfer_batch, ledger::get_transfer, ledger::create_escrow, ledger::get_escrow,
+        ledger::release_escrow, ledger::refund_escrow, ledger::dispute_escrow, ledger::lock_stake,
+        ledger::unlock_stake, ledger::get_stakes, ledger::mint, ledger::get_fee, ledger::set_fee,
+        ledger::rule_escrow, ledger::slash_stake, ledger::get_account, ledger::audit,
     ),
     components(schemas(problem::Problem)),
     modifiers(&BearerSecurity),
     tags(
         (name = "operations", description = "Health, readiness, metrics and this document"),
+        (name = "ledger", description = "Credits: wallets, transfers, escrows, stakes; admin mint, fee, rulings, audit"),
         (name = "admin keys", description = "Scoped admin API keys"),
         (name = "orgs", description = "Organisations"),
         (name = "certificate authority", description = "Org CAs, certificates, revocation, CRLs, trust bundle"),
@@ -154,11 +161,36 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/agents/{id}/heartbeat", post(registry::heartbeat))
         .route("/v1/agents/{id}/agent-card.json", get(registry::agent_card).put(registry::import_agent_card))
         .route("/v1/agents/{id}/revoke", post(registry::revoke_agent))
+        .merge(ledger_routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), record_request))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(REQUEST_BODY_BYTES_MAX))
         .with_state(state)
+}
+
+/// The ledger's routes ([`ledger`]).
+fn ledger_routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/ledger/wallet", post(ledger::open_wallet).get(ledger::get_wallet))
+        .route("/v1/ledger/wallet/history", get(ledger::wallet_history))
+        .route("/v1/ledger/transfers", post(ledger::create_transfer))
+        .route("/v1/ledger/transfers/batch", post(ledger::create_transfer_batch))
+        .route("/v1/ledger/transfers/{id}", get(ledger::get_transfer))
+        .route("/v1/ledger/escrows", post(ledger::create_escrow))
+        .route("/v1/ledger/escrows/{id}", get(ledger::get_escrow))
+        .route("/v1/ledger/escrows/{id}/release", post(ledger::release_escrow))
+        .route("/v1/ledger/escrows/{id}/refund", post(ledger::refund_escrow))
+        .route("/v1/ledger/escrows/{id}/dispute", post(ledger::dispute_escrow))
+        .route("/v1/ledger/stakes", get(ledger::get_stakes))
+        .route("/v1/ledger/stakes/lock", post(ledger::lock_stake))
+        .route("/v1/ledger/stakes/unlock", post(ledger::unlock_stake))
+        .route("/v1/admin/ledger/mint", post(ledger::mint))
+        .route("/v1/admin/ledger/fee", get(ledger::get_fee).put(ledger::set_fee))
+        .route("/v1/admin/ledger/escrows/{id}/ruling", post(ledger::rule_escrow))
+        .route("/v1/admin/ledger/stakes/slash", post(ledger::slash_stake))
+        .route("/v1/admin/ledger/accounts/{id}", get(ledger::get_account))
+        .route("/v1/admin/ledger/audit", get(ledger::audit))
 }
 
 /// Serves the API on `listener` until `shutdown` completes, then lets in-flight requests
