@@ -375,6 +375,107 @@ impl AgentFiles {
     }
 }
 
+/// An agent's keys, read without its certificate: what signing control plane requests
+/// needs (see [`crate::api::AgentCredentials`]).
+pub struct AgentKeys {
+    pub agent_id: AgentId,
+    pub signing_key: SigningKey,
+    pub encryption_secret: EncryptionSecret,
+}
+
+impl std::fmt::Debug for AgentKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentKeys").field("agent_id", &self.agent_id).finish_non_exhaustive()
+    }
+}
+
+impl AgentKeys {
+    /// A key binding of the agent's encryption key, signed now.
+    pub fn key_binding(&self, now: UnixMillis) -> KeyBinding {
+        // Invariant: a software key cannot fail to sign.
+        KeyBinding::sign(self.agent_id, self.encryption_secret.public_key(), now, &self.signing_key)
+            .expect("software signing does not fail")
+    }
+}
+
+impl AgentFiles {
+    /// Reads the agent's id and keys from `dir` (made by [`AgentFiles::generate`]); no
+    /// certificate needed.
+    pub fn load_keys(dir: &Path) -> Result<AgentKeys, DevError> {
+        let agent_id = read_agent_id(dir)?;
+        let signing_key = read_agent_signing_key(dir)?;
+        let encryption_secret = read_encryption_secret(&dir.join(ENCRYPTION_KEY_FILE))?;
+        Ok(AgentKeys { agent_id, signing_key, encryption_secret })
+    }
+
+    /// Installs a certificate chain issued elsewhere (the control plane's CA) for the agent
+    /// in `dir`: checks that it certifies the agent's key and id, then writes `agent.pem`
+    /// and `card.json` as [`DevCa::issue_agent`] does.
+    pub fn install_chain(dir: &Path, chain_pem_text: &str, now: UnixMillis) -> Result<AgentIdentity, DevError> {
+        let keys = AgentFiles::load_keys(dir)?;
+        let chain_path = dir.join(AGENT_CHAIN_FILE);
+        let chain = Certificate::chain_from_pem(chain_pem_text)
+            .map_err(|error| DevError::Certificate { path: chain_path.clone(), error })?;
+        let identity = AgentIdentity::new(chain, keys.signing_key, keys.encryption_secret)
+            .map_err(|error| DevError::Identity { dir: dir.to_owned(), error })?;
+        if identity.agent_id != keys.agent_id {
+            return Err(DevError::AgentIdMismatch {
+                path: chain_path,
+                recorded: keys.agent_id,
+                certificate: identity.agent_id,
+            });
+        }
+        write_replacing(&chain_path, chain_pem(&identity.chain).as_bytes())?;
+        AgentCard::from_identity(&identity, now).save(&dir.join(CARD_FILE))?;
+        Ok(identity)
+    }
+}
+
+/// The edge key in `dir`: read if `edge.key` exists, else generated and written (mode
+/// 0600). The flag is `true` if it was generated.
+pub fn edge_key(dir: &Path) -> Result<(SigningKey, bool), DevError> {
+    fs::create_dir_all(dir).map_err(|error| DevError::Write { path: dir.to_owned(), error })?;
+    let path = dir.join(EDGE_KEY_FILE);
+    if path.exists() {
+        return Ok((read_signing_key(&path)?, false));
+    }
+    let key = SigningKey::generate(&mut OsRng);
+    write_new_file(&path, key.to_pkcs8_pem().as_bytes(), PRIVATE_FILE_MODE)?;
+    Ok((key, true))
+}
+
+/// Writes an edge's files issued elsewhere (the control plane's CA) into `dir`, beside
+/// its `edge.key`: `edge.pem` (leaf, then org CA), `org.pem`, `root.pem` and
+/// `revoked.crl`, the layout [`DevCa::issue_edge`] writes. Checks that the chain certifies
+/// the key in `edge.key`.
+pub fn install_edge_files(
+    dir: &Path,
+    chain_pem_text: &str,
+    root_pem: &str,
+    crl_pem: &str,
+) -> Result<EdgeFiles, DevError> {
+    let key_path = dir.join(EDGE_KEY_FILE);
+    let key = read_signing_key(&key_path)?;
+    let chain_path = dir.join(EDGE_CHAIN_FILE);
+    let chain = Certificate::chain_from_pem(chain_pem_text)
+        .map_err(|error| DevError::Certificate { path: chain_path.clone(), error })?;
+    let (Some(leaf), Some(org)) = (chain.first(), chain.get(1)) else {
+        return Err(DevError::Certificate {
+            path: chain_path,
+            error: CertError::Malformed("expected a leaf and its org CA"),
+        });
+    };
+    if leaf.public_key() != key.public_key() {
+        return Err(DevError::KeyMismatch { key: key_path, certificate: chain_path });
+    }
+    let edge_id = EdgeId::from_inception_key(&key.public_key());
+    write_replacing(&chain_path, chain_pem(&chain).as_bytes())?;
+    write_replacing(&dir.join(ORG_CERT_FILE), org.to_pem().as_bytes())?;
+    write_replacing(&dir.join(ROOT_CERT_FILE), root_pem.as_bytes())?;
+    write_replacing(&dir.join(CRL_FILE), crl_pem.as_bytes())?;
+    Ok(EdgeFiles { dir: dir.to_owned(), edge_id, leaf: leaf.clone() })
+}
+
 /// An edge directory written by [`DevCa::issue_edge`].
 #[derive(Clone, Debug)]
 pub struct EdgeFiles {

@@ -1,8 +1,10 @@
 //! What an agent links against to use Molt: connect to an edge over QUIC with mutual TLS,
 //! send end-to-end encrypted and signed messages, receive and verify them, and keep the
-//! connection up with back-off and jitter.
+//! connection up with back-off and jitter; and call the control plane's HTTP API
+//! ([`api::ApiClient`]).
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod client;
 pub mod dev;
 pub mod identity;
