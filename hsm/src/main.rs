@@ -1,1 +1,235 @@
-fn main() {}
+//! `molt-hsm`: key ceremonies, transcript verification and module checks. Thin: parses
+//! arguments and calls the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use molt_hsm::ceremony::{Ceremony, Mode};
+use molt_hsm::softhsm::{SOFTHSM2_MODULE, SoftHsm};
+use molt_hsm::{PinSource, SESSION_POOL_SIZE_DEFAULT, Token, TokenConfig, TokenSelector, doctor, transcript};
+
+/// Variable that carries the throw-away PIN from a dry run to its rehearsal process.
+const REHEARSAL_PIN_VAR: &str = "MOLT_HSM_REHEARSAL_PIN";
+
+#[derive(Parser, Debug)]
+#[command(name = "molt-hsm", version, about = "Molt HSM keys: ceremonies, transcripts, module doctor")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Runs the key ceremony a ceremony file describes.
+    Ceremony {
+        file: PathBuf,
+        /// Rehearse on a throw-away SoftHSM2 token; the real token is not touched.
+        #[arg(long)]
+        dry_run: bool,
+        /// SoftHSM2 module used by --dry-run.
+        #[arg(long, default_value = SOFTHSM2_MODULE)]
+        softhsm_module: PathBuf,
+        #[command(flatten)]
+        pin: PinArgs,
+        /// Internal: the rehearsal process of --dry-run, writing into this directory.
+        #[arg(long, hide = true)]
+        rehearse_into: Option<PathBuf>,
+    },
+    /// Transcript commands.
+    Transcript {
+        #[command(subcommand)]
+        command: TranscriptCommand,
+    },
+    /// Lists slots, tokens and mechanisms; with --token, checks Ed25519 for real.
+    Doctor {
+        #[arg(long)]
+        module: PathBuf,
+        /// Label of a token the doctor may create (and then destroy) a test key on.
+        #[arg(long)]
+        token: Option<String>,
+        #[command(flatten)]
+        pin: PinArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TranscriptCommand {
+    /// Checks a transcript's hash chain and signatures, and the outputs next to it.
+    Verify {
+        file: PathBuf,
+        /// Require the transcript to be signed by this certificate's key (PEM).
+        #[arg(long)]
+        signer_certificate: Option<PathBuf>,
+    },
+}
+
+/// Where the token PIN comes from; the default is a prompt.
+#[derive(Args, Debug)]
+struct PinArgs {
+    /// Read the PIN from this environment variable.
+    #[arg(long, conflicts_with = "pin_file")]
+    pin_env: Option<String>,
+    /// Read the PIN from this file (mode 0600).
+    #[arg(long)]
+    pin_file: Option<PathBuf>,
+}
+
+impl PinArgs {
+    fn source(&self) -> PinSource {
+        match (&self.pin_env, &self.pin_file) {
+            (Some(name), _) => PinSource::Env(name.clone()),
+            (None, Some(path)) => PinSource::File(path.clone()),
+            (None, None) => PinSource::Prompt,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Ceremony { file, dry_run, softhsm_module, pin, rehearse_into } => {
+            let ceremony = Ceremony::load(&file)?;
+            match (rehearse_into, dry_run) {
+                (Some(out_dir), _) => rehearse(&ceremony, &softhsm_module, out_dir),
+                (None, true) => dry_run_ceremony(&ceremony, &file, &softhsm_module),
+                (None, false) => real_ceremony(&ceremony, pin.source()),
+            }
+        }
+        Command::Transcript { command: TranscriptCommand::Verify { file, signer_certificate } } => {
+            verify_transcript(&file, signer_certificate.as_deref())
+        }
+        Command::Doctor { module, token, pin } => {
+            let config = token.map(|label| TokenConfig {
+                module: module.clone(),
+                token: TokenSelector::Label(label),
+                pin: pin.source(),
+                pool_size: 1,
+            });
+            let report = doctor::run(&module, config.as_ref()).context("while examining the module")?;
+            print!("{}", report.render());
+            Ok(if report.has_problems() { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+        }
+    }
+}
+
+fn real_ceremony(ceremony: &Ceremony, pin: PinSource) -> anyhow::Result<ExitCode> {
+    ceremony.check_outputs_absent(&Mode::Real)?;
+    let token = Token::open(&TokenConfig {
+        module: ceremony.file.hsm.module.clone(),
+        token: ceremony.token_selector(),
+        pin,
+        pool_size: SESSION_POOL_SIZE_DEFAULT,
+    })
+    .context("while opening the ceremony token")?;
+    let report = ceremony.run(&token, &Mode::Real)?;
+    print_report(&report)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Sets up a throw-away SoftHSM2 token named like the real one and re-runs this program
+/// as the rehearsal, so the module sees that token directory.
+fn dry_run_ceremony(ceremony: &Ceremony, file: &Path, softhsm_module: &Path) -> anyhow::Result<ExitCode> {
+    ceremony.check_outputs_absent(&Mode::Real)?;
+    let out_dir = std::env::temp_dir().join(format!(
+        "molt-ceremony-dry-run-{}-{}",
+        std::process::id(),
+        molt_protocol::UnixMillis::now_from_system().0
+    ));
+    std::fs::create_dir(&out_dir).with_context(|| format!("while creating {}", out_dir.display()))?;
+    let token_dir = out_dir.join("softhsm");
+    let softhsm = SoftHsm::create(&token_dir, softhsm_module)?;
+    let label = match ceremony.token_selector() {
+        TokenSelector::Label(label) => label,
+        TokenSelector::SlotIndex(_) => "rehearsal".to_owned(),
+    };
+    let pin = transcript::hex(&transcript::sha256(out_dir.as_os_str().as_encoded_bytes()))[..16].to_owned();
+    softhsm.init_token(&label, &pin, &pin)?;
+    let status = softhsm
+        .command(std::env::current_exe().context("while finding this program")?)
+        .arg("ceremony")
+        .arg(file)
+        .arg("--softhsm-module")
+        .arg(softhsm_module)
+        .arg("--rehearse-into")
+        .arg(&out_dir)
+        .env(REHEARSAL_PIN_VAR, &pin)
+        .status()
+        .context("while starting the rehearsal")?;
+    let _ = std::fs::remove_dir_all(&token_dir);
+    if !status.success() {
+        let _ = std::fs::remove_dir_all(&out_dir);
+        bail!("the dry run failed; the real ceremony would fail the same way");
+    }
+    println!("dry run passed; rehearsal outputs are in {} (the real token was not touched)", out_dir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rehearse(ceremony: &Ceremony, softhsm_module: &Path, out_dir: PathBuf) -> anyhow::Result<ExitCode> {
+    let token = Token::open(&TokenConfig {
+        module: softhsm_module.to_owned(),
+        token: TokenSelector::SlotIndex(0),
+        pin: PinSource::Env(REHEARSAL_PIN_VAR.to_owned()),
+        pool_size: SESSION_POOL_SIZE_DEFAULT,
+    })
+    .context("while opening the rehearsal token")?;
+    let report = ceremony.run(&token, &Mode::Rehearsal { out_dir })?;
+    print_report(&report)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_report(report: &molt_hsm::ceremony::Report) -> anyhow::Result<()> {
+    let verified = transcript::verify_file(&report.transcript, Some(&report.signer))
+        .context("while verifying the transcript just written")?;
+    for note in &report.notes {
+        println!("note: {note}");
+    }
+    for (path, digest) in &report.outputs {
+        println!("wrote {}  sha256 {}", path.display(), transcript::hex(digest));
+    }
+    println!(
+        "transcript {} ({} entries) signed by {}",
+        report.transcript.display(),
+        verified.entries.len(),
+        transcript::hex(report.signer.as_bytes())
+    );
+    Ok(())
+}
+
+fn verify_transcript(file: &Path, signer_certificate: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let expected = match signer_certificate {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("while reading {}", path.display()))?;
+            let certificate = molt_protocol::cert::Certificate::from_pem(&text)
+                .with_context(|| format!("while reading {}", path.display()))?;
+            Some(certificate.public_key())
+        }
+        None => None,
+    };
+    let verified = transcript::verify_file(file, expected.as_ref())?;
+    for entry in &verified.entries {
+        println!("{:>3} {} {}", entry.seq, entry.time, entry.event);
+    }
+    for (path, digest, found) in &verified.outputs {
+        let status = if *found { "matches" } else { "not found next to the transcript" };
+        println!("output {path} sha256 {digest}: {status}");
+    }
+    let signer = transcript::hex(verified.signer.as_bytes());
+    match expected {
+        Some(_) => println!("transcript verifies; signed by the expected key {signer}"),
+        None => println!(
+            "transcript verifies; signed by {signer} (compare with the ceremony key, or pass --signer-certificate)"
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
