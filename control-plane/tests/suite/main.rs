@@ -7,7 +7,9 @@ mod ca;
 mod cards;
 mod fixture;
 mod grpc;
+mod ledger;
 mod registry;
+mod replicas;
 mod search;
 mod storage;
 

@@ -1,0 +1,1035 @@
+//! The credits ledger on both backends: the HTTP API (signed agent requests, admin
+//! routes, every refused input with its problem code and nothing written), escrow and
+//! stake lifecycles with the expiry worker's pass, a property test of random operation
+//! sequences against an in-memory model, and concurrent clients on two handles.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode, header};
+use http_body_util::BodyExt as _;
+use molt_control_plane::agent_auth::{self, NONCE_BYTES};
+use molt_control_plane::api::{self, AppState};
+use molt_control_plane::auth::AdminToken;
+use molt_control_plane::clock::{Clock as _, ManualClock};
+use molt_control_plane::db::Database;
+use molt_control_plane::ledger::engine::{Command, Outcome, Requester};
+use molt_control_plane::ledger::escrow::{EscrowEvent, EscrowState, OnExpiry};
+use molt_control_plane::ledger::store;
+use molt_control_plane::ledger::types::{
+    AccountId, ClientId, Credits, Namespace, Purpose, StakeKind, TransferFlags, TransferId, TransferKind, TransferSpec,
+};
+use molt_control_plane::ledger::{Applied, Ledger, TransferError};
+use molt_control_plane::metrics::Metrics;
+use molt_protocol::keys::SigningKey;
+use molt_protocol::{AgentId, UnixMillis};
+use proptest::prelude::*;
+use rand::RngCore as _;
+use rand::rngs::OsRng;
+use serde_json::{Value, json};
+use tower::ServiceExt as _;
+
+use crate::fixture::Fixture;
+
+crate::on_both_backends!(
+    payments_fees_history_and_audit,
+    bad_transfers_get_problems_and_write_nothing,
+    unsigned_and_replayed_requests_are_refused,
+    linked_batches_are_all_or_none,
+    escrow_release_refund_dispute_and_expiry,
+    stakes_lock_unbond_mature_and_slash,
+    random_operations_match_the_model,
+    concurrent_clients_keep_the_books,
+);
+
+const T0: UnixMillis = UnixMillis(1_700_000_000_000);
+const CREDIT: u64 = 1_000_000;
+
+struct TestAgent {
+    key: SigningKey,
+    id: AgentId,
+}
+
+impl TestAgent {
+    fn new() -> TestAgent {
+        let key = SigningKey::generate(&mut OsRng);
+        let id = AgentId::from_inception_key(&key.public_key());
+        TestAgent { key, id }
+    }
+
+    fn wallet(&self) -> String {
+        format!("wallet:{}", self.id)
+    }
+}
+
+struct Harness {
+    app: Router,
+    clock: Arc<ManualClock>,
+    token: AdminToken,
+    state: AppState,
+}
+
+fn nonce() -> [u8; NONCE_BYTES] {
+    let mut nonce = [0u8; NONCE_BYTES];
+    OsRng.fill_bytes(&mut nonce);
+    nonce
+}
+
+impl Harness {
+    async fn new(fixture: &Fixture) -> Harness {
+        let token = fixture.db.bootstrap_admin_key(T0).await.unwrap().expect("a fresh database bootstraps");
+        let clock = Arc::new(ManualClock::new(T0));
+        let state = AppState::new(fixture.db.clone(), clock.clone(), Arc::new(Metrics::new()));
+        Harness { app: api::router(state.clone()), clock, token, state }
+    }
+
+    fn advance(&self, by: Duration) {
+        self.clock.set(self.clock.now().saturating_add(by));
+    }
+
+    /// A registered agent with an open wallet.
+    async fn agent(&self) -> TestAgent {
+        let agent = TestAgent::new();
+        let body = json!({"id": agent.id.to_string(), "public_key": hex::encode(agent.key.public_key().as_bytes()), "name": "ledger test"});
+        let (status, _) = self.signed(&agent, Method::POST, "/v1/agents", &body.to_string()).await;
+        assert_eq!(status, StatusCode::CREATED);
+        let (status, wallet) = self.signed(&agent, Method::POST, "/v1/ledger/wallet", "").await;
+        assert_eq!(status, StatusCode::OK, "{wallet}");
+        assert_eq!(wallet["wallet"]["balance"], 0);
+        agent
+    }
+
+    async fn signed(&self, agent: &TestAgent, method: Method, uri: &str, body: &str) -> (StatusCode, Value) {
+        self.signed_with_nonce(agent, method, uri, body, nonce()).await
+    }
+
+    async fn signed_with_nonce(
+        &self,
+        agent: &TestAgent,
+        method: Method,
+        uri: &str,
+        body: &str,
+        nonce: [u8; NONCE_BYTES],
+    ) -> (StatusCode, Value) {
+        let headers = agent_auth::sign_request(
+            &agent.key,
+            agent.id,
+            method.as_str(),
+            uri,
+            self.clock.now(),
+            nonce,
+            body.as_bytes(),
+        );
+        let mut request = Request::builder().method(method).uri(uri).header(header::CONTENT_TYPE, "application/json");
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        self.call(request.body(Body::from(body.to_owned())).unwrap()).await
+    }
+
+    async fn admin(&self, method: Method, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::AUTHORIZATION, format!("Bearer {}", self.token.expose()));
+        if body.is_some() {
+            request = request.header(header::CONTENT_TYPE, "application/json");
+        }
+        let body = body.map_or_else(Body::empty, |body| Body::from(body.to_string()));
+        self.call(request.body(body).unwrap()).await
+    }
+
+    async fn call(&self, request: Request<Body>) -> (StatusCode, Value) {
+        let response = self.app.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let content_type = response.headers().get(header::CONTENT_TYPE).map(|value| value.to_str().unwrap().to_owned());
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        if status.is_client_error() || status.is_server_error() {
+            assert_eq!(content_type.as_deref(), Some("application/problem+json"), "{status}");
+        }
+        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    async fn mint(&self, id: &str, to: &str, amount: u64) {
+        let (status, body) = self
+            .admin(Method::POST, "/v1/admin/ledger/mint", Some(json!({"id": id, "amount": amount, "to": to})))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+
+    async fn balance(&self, account: &str) -> i64 {
+        let (status, body) = self.admin(Method::GET, &format!("/v1/admin/ledger/accounts/{account}"), None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["balance"].as_i64().unwrap()
+    }
+
+    async fn available(&self, account: &str) -> i64 {
+        let (_, body) = self.admin(Method::GET, &format!("/v1/admin/ledger/accounts/{account}"), None).await;
+        body["available"].as_i64().unwrap()
+    }
+
+    async fn pay(&self, from: &TestAgent, to: &TestAgent, id: &str, amount: Value) -> (StatusCode, Value) {
+        let body = json!({"id": id, "to": to.id.to_string(), "amount": amount}).to_string();
+        self.signed(from, Method::POST, "/v1/ledger/transfers", &body).await
+    }
+
+    async fn assert_audit_ok(&self) -> Value {
+        let (status, report) = self.admin(Method::GET, "/v1/admin/ledger/audit", None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(report["ok"], true, "{report}");
+        assert_eq!(report["debits_posted"], report["credits_posted"]);
+        report
+    }
+}
+
+async fn payments_fees_history_and_audit(fixture: &Fixture) {
+    let h = Harness::new(fixture).await;
+    let (alice, bob) = (h.agent().await, h.agent().await);
+    h.mint("m1", &alice.wallet(), 100 * CREDIT).await;
+    let (status, fee) = h.admin(Method::PUT, "/v1/admin/ledger/fee", Some(json!({"fee_bps": 100}))).await;
+    assert_eq!((status, fee["fee_bps"].as_u64()), (StatusCode::OK, Some(100)));
+
+    let (status, first) = h.pay(&alice, &bob, "pay-1", json!(10 * CREDIT)).await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    assert_eq!(first["purpose"], "payment");
+    assert_eq!(h.balance(&alice.wallet()).await, 90 * CREDIT as i64);
+    // 1% fee paid by the recipient, to the treasury.
+    assert_eq!(h.balance(&bob.wallet()).await, (10 * CREDIT - CREDIT / 10) as i64);
+    assert_eq!(h.balance("treasury").await, (CREDIT / 10) as i64);
+
+    // A retry returns the original result and moves nothing.
+    let (status, again) = h.pay(&alice, &bob, "pay-1", json!(10 * CREDIT)).await;
+    assert_eq!((status, &again), (StatusCode::CREATED, &first));
+    assert_eq!(h.balance(&alice.wallet()).await, 90 * CREDIT as i64);
+    // Amounts as strings work too; the fee can be zero.
+    h.admin(Method::PUT, "/v1/admin/ledger/fee", Some(json!({"fee_bps": 0}))).await;
+    let (status, _) = h.pay(&alice, &bob, "pay-2", json!("5")).await;
+    assert_eq!(status, StatusCode::CREATED);
+
+    let (status, wallet) = h.signed(&bob, Method::GET, "/v1/ledger/wallet", "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(wallet["wallet"]["balance"], (10 * CREDIT - CREDIT / 10 + 5) as i64);
+    // History: newest first, paged.
+    let (status, page) = h.signed(&bob, Method::GET, "/v1/ledger/wallet/history?limit=2", "").await;
+    assert_eq!(status, StatusCode::OK);
+    let items = page["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2);
+    assert_eq!(items[0]["id"], format!("{}:pay-2", alice.id));
+    assert_eq!(items[1]["purpose"], "fee");
+    let before = page["next_before"].as_u64().unwrap();
+    let (_, page) =
+        h.signed(&bob, Method::GET, &format!("/v1/ledger/wallet/history?limit=2&before={before}"), "").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 1);
+    assert!(page.get("next_before").is_none());
+    let (status, _) = h.signed(&bob, Method::GET, "/v1/ledger/wallet/history?limit=0", "").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    let (status, lookup) = h.signed(&alice, Method::GET, "/v1/ledger/transfers/pay-1", "").await;
+    assert_eq!((status, lookup["status"].as_str()), (StatusCode::OK, Some("applied")));
+    let (status, _) = h.signed(&bob, Method::GET, "/v1/ledger/transfers/pay-1", "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "ids are per agent");
+
+    let report = h.assert_audit_ok().await;
+    assert_eq!(report["transfers"], 4, "mint, payment, fee, payment");
+    let (status, body) = h.admin(Method::PUT, "/v1/admin/ledger/fee", Some(json!({"fee_bps": 10_001}))).await;
+    assert_eq!((status, body["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_fee")));
+}
+
+async fn bad_transfers_get_problems_and_write_nothing(fixture: &Fixture) {
+    let h = Harness::new(fixture).await;
+    let (alice, bob) = (h.agent().await, h.agent().await);
+    h.mint("m1", &alice.wallet(), 10).await;
+    let journal = fixture.count("ledger_transfers").await;
+
+    let cases: Vec<(Value, StatusCode, &str)> = vec![
+        (json!({"id": "z", "to": bob.id.to_string(), "amount": 0}), StatusCode::UNPROCESSABLE_ENTITY, "invalid_amount"),
+        (
+            json!({"id": "n", "to": bob.id.to_string(), "amount": -5}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_amount",
+        ),
+        (
+            json!({"id": "f", "to": bob.id.to_string(), "amount": 1.5}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_amount",
+        ),
+        (
+            json!({"id": "o", "to": bob.id.to_string(), "amount": 9_223_372_036_854_775_808u64}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_amount",
+        ),
+        (
+            json!({"id": "o2", "to": bob.id.to_string(), "amount": "99999999999999999999999"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_amount",
+        ),
+        (
+            json!({"id": "bad id!", "to": bob.id.to_string(), "amount": 1}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_id",
+        ),
+        (json!({"id": "x", "to": "nobody", "amount": 1}), StatusCode::UNPROCESSABLE_ENTITY, "invalid_account"),
+        (
+            json!({"id": "x", "to": bob.id.to_string(), "amount": 1, "extra": 1}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+        ),
+        (
+            json!({"id": "u", "to": TestAgent::new().id.to_string(), "amount": 1}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown_account",
+        ),
+        (json!({"id": "s", "to": alice.id.to_string(), "amount": 1}), StatusCode::UNPROCESSABLE_ENTITY, "same_account"),
+        (json!({"id": "i", "to": bob.id.to_string(), "amount": 11}), StatusCode::CONFLICT, "insufficient_funds"),
+    ];
+    for (body, status, code) in cases {
+        let (got, problem) = h.signed(&alice, Method::POST, "/v1/ledger/transfers", &body.to_string()).await;
+        assert_eq!((got, problem["code"].as_str()), (status, Some(code)), "{body}");
+    }
+    assert_eq!(fixture.count("ledger_transfers").await, journal, "no refused transfer is journaled");
+    assert_eq!(h.balance(&alice.wallet()).await, 10);
+    assert_eq!(h.balance(&bob.wallet()).await, 0);
+
+    // The failure is remembered: after a top-up, the same request still fails.
+    h.mint("m2", &alice.wallet(), 100).await;
+    let (status, problem) = h.pay(&alice, &bob, "i", json!(11)).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::CONFLICT, Some("insufficient_funds")));
+    let (_, lookup) = h.signed(&alice, Method::GET, "/v1/ledger/transfers/i", "").await;
+    assert_eq!((lookup["status"].as_str(), lookup["code"].as_str()), (Some("rejected"), Some("insufficient_funds")));
+    // The same id with other fields is refused, applied or not.
+    let (status, problem) = h.pay(&alice, &bob, "i", json!(12)).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::CONFLICT, Some("id_reused")));
+    let (status, _) = h.pay(&alice, &bob, "ok", json!(3)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, problem) = h.pay(&alice, &bob, "ok", json!(4)).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::CONFLICT, Some("id_reused")));
+    assert_eq!(h.balance(&alice.wallet()).await, 107);
+
+    // Admin routes need the scope; mint refuses bad input.
+    let (status, problem) =
+        h.admin(Method::POST, "/v1/admin/ledger/mint", Some(json!({"id": "m3", "amount": 0}))).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_amount")));
+    let (status, problem) =
+        h.admin(Method::POST, "/v1/admin/ledger/mint", Some(json!({"id": "m3", "amount": 1, "to": "issuance"}))).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_account")));
+    let (status, problem) = h
+        .admin(
+            Method::POST,
+            "/v1/admin/ledger/mint",
+            Some(json!({"id": "m4", "amount": i64::MAX, "to": alice.wallet()})),
+        )
+        .await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::CONFLICT, Some("balance_overflow")));
+    let (status, problem) = h.call(Request::builder().uri("/v1/admin/ledger/audit").body(Body::empty()).unwrap()).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("missing_credentials")));
+    h.assert_audit_ok().await;
+}
+
+async fn unsigned_and_replayed_requests_are_refused(fixture: &Fixture) {
+    let h = Harness::new(fixture).await;
+    let (alice, bob) = (h.agent().await, h.agent().await);
+    h.mint("m1", &alice.wallet(), 100).await;
+    let body = json!({"id": "p", "to": bob.id.to_string(), "amount": 1}).to_string();
+    let unsigned = Request::builder()
+        .method(Method::POST)
+        .uri("/v1/ledger/transfers")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.clone()))
+        .unwrap();
+    let (status, problem) = h.call(unsigned).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("missing_signature")));
+    let fixed = nonce();
+    let (status, _) = h.signed_with_nonce(&alice, Method::POST, "/v1/ledger/transfers", &body, fixed).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, problem) = h.signed_with_nonce(&alice, Method::POST, "/v1/ledger/transfers", &body, fixed).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("replayed_request")));
+    // An unregistered agent cannot open a wallet.
+    let (status, problem) = h.signed(&TestAgent::new(), Method::POST, "/v1/ledger/wallet", "").await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("unknown_agent")));
+    assert_eq!(h.balance(&bob.wallet()).await, 1);
+}
+
+async fn linked_batches_are_all_or_none(fixture: &Fixture) {
+    let h = Harness::new(fixture).await;
+    let (alice, bob, carol) = (h.agent().await, h.agent().await, h.agent().await);
+    h.mint("m1", &alice.wallet(), 100).await;
+    let batch = |items: Value| json!({"transfers": items}).to_string();
+    let body = batch(json!([
+        {"id": "a", "to": bob.id.to_string(), "amount": 60, "linked": true},
+        {"id": "b", "to": carol.id.to_string(), "amount": 60},
+        {"id": "c", "to": carol.id.to_string(), "amount": 30},
+    ]));
+    let (status, results) = h.signed(&alice, Method::POST, "/v1/ledger/transfers/batch", &body).await;
+    assert_eq!(status, StatusCode::OK, "{results}");
+    let codes: Vec<Option<&str>> = results["results"].as_array().unwrap().iter().map(|r| r["code"].as_str()).collect();
+    assert_eq!(codes, vec![Some("linked_transfer_failed"), Some("insufficient_funds"), None]);
+    assert_eq!((h.balance(&bob.wallet()).await, h.balance(&carol.wallet()).await), (0, 30));
+    // Retrying the batch gives the same answers.
+    let (_, again) = h.signed(&alice, Method::POST, "/v1/ledger/transfers/batch", &body).await;
+    assert_eq!(again, results);
+    // A chain that fits succeeds as a whole.
+    let body = batch(json!([
+        {"id": "d", "to": bob.id.to_string(), "amount": 40, "linked": true},
+        {"id": "e", "to": carol.id.to_string(), "amount": 30},
+    ]));
+    let (_, results) = h.signed(&alice, Method::POST, "/v1/ledger/transfers/batch", &body).await;
+    assert!(results["results"].as_array().unwrap().iter().all(|r| r["transfer"].is_object()), "{results}");
+    assert_eq!(h.balance(&alice.wallet()).await, 0);
+    // An open chain at the end of a batch is refused.
+    let body = batch(json!([{"id": "f", "to": bob.id.to_string(), "amount": 0, "linked": true}]));
+    let (status, problem) = h.signed(&alice, Method::POST, "/v1/ledger/transfers/batch", &body).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_amount")));
+    let body = batch(json!([{"id": "g", "to": bob.id.to_string(), "amount": 1, "linked": true}]));
+    let (_, results) = h.signed(&alice, Method::POST, "/v1/ledger/transfers/batch", &body).await;
+    assert_eq!(results["results"][0]["code"], "linked_chain_open");
+    let (status, _) = h.signed(&alice, Method::POST, "/v1/ledger/transfers/batch", &batch(json!([]))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    h.assert_audit_ok().await;
+}
+
+async fn escrow_release_refund_dispute_and_expiry(fixture: &Fixture) {
+    let h = Harness::new(fixture).await;
+    let (payer, payee, stranger) = (h.agent().await, h.agent().await, h.agent().await);
+    h.mint("m1", &payer.wallet(), 1000).await;
+    let expires = T0.0 + 60_000;
+    let create = |id: &str, amount: u64, on_expiry: &str| {
+        json!({"id": id, "payee": payee.id.to_string(), "amount": amount, "expires_at_ms": expires, "on_expiry": on_expiry})
+            .to_string()
+    };
+    let (status, escrow) = h.signed(&payer, Method::POST, "/v1/ledger/escrows", &create("job-1", 300, "refund")).await;
+    assert_eq!(status, StatusCode::CREATED, "{escrow}");
+    assert_eq!(escrow["state"], "locked");
+    let e1 = escrow["id"].as_str().unwrap().to_owned();
+    assert_eq!((h.balance(&payer.wallet()).await, h.available(&payer.wallet()).await), (1000, 700));
+    let (status, again) = h.signed(&payer, Method::POST, "/v1/ledger/escrows", &create("job-1", 300, "refund")).await;
+    assert_eq!((status, &again), (StatusCode::CREATED, &escrow), "a retry returns the escrow");
+    let (status, problem) = h.signed(&payer, Method::POST, "/v1/ledger/escrows", &create("job-9", 701, "refund")).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::CONFLICT, Some("insufficient_funds")));
+
+    // Only the parties see it; only the payer releases; partial release returns the rest.
+    let (status, _) = h.signed(&stranger, Method::GET, &format!("/v1/ledger/escrows/{e1}"), "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, problem) = h.signed(&payee, Method::POST, &format!("/v1/ledger/escrows/{e1}/release"), "").await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::FORBIDDEN, Some("not_escrow_party")));
+    let (status, problem) =
+        h.signed(&payer, Method::POST, &format!("/v1/ledger/escrows/{e1}/release"), r#"{"amount": 301}"#).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_release_amount")));
+    let (status, released) =
+        h.signed(&payer, Method::POST, &format!("/v1/ledger/escrows/{e1}/release"), r#"{"amount": 200}"#).await;
+    assert_eq!(
+        (status, released["state"].as_str(), released["released"].as_u64()),
+        (StatusCode::OK, Some("released"), Some(200))
+    );
+    assert_eq!((h.balance(&payer.wallet()).await, h.available(&payer.wallet()).await), (800, 800));
+    assert_eq!(h.balance(&payee.wallet()).await, 200);
+    // Double release, refund after release: refused, nothing moves.
+    for action in ["release", "refund", "dispute"] {
+        let who = if action == "refund" { &payee } else { &payer };
+        let (status, problem) = h.signed(who, Method::POST, &format!("/v1/ledger/escrows/{e1}/{action}"), "").await;
+        assert_eq!((status, problem["code"].as_str()), (StatusCode::CONFLICT, Some("escrow_resolved")), "{action}");
+    }
+    assert_eq!(h.balance(&payee.wallet()).await, 200);
+
+    // Refund, then release after refund is refused.
+    let (_, escrow) = h.signed(&payer, Method::POST, "/v1/ledger/escrows", &create("job-2", 100, "release")).await;
+    let e2 = escrow["id"].as_str().unwrap().to_owned();
+    let (status, refunded) = h.signed(&payee, Method::POST, &format!("/v1/ledger/escrows/{e2}/refund"), "").await;
+    assert_eq!((status, refunded["state"].as_str()), (StatusCode::OK, Some("refunded")));
+    let (status, problem) = h.signed(&payer, Method::POST, &format!("/v1/ledger/escrows/{e2}/release"), "").await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::CONFLICT, Some("escrow_resolved")));
+    assert_eq!(h.available(&payer.wallet()).await, 800);
+
+    // Expiry: job-3 releases on expiry, job-4 refunds, job-5 is disputed and waits.
+    let mut ids = Vec::new();
+    for (id, on_expiry) in [("job-3", "release"), ("job-4", "refund"), ("job-5", "refund")] {
+        let (_, escrow) = h.signed(&payer, Method::POST, "/v1/ledger/escrows", &create(id, 100, on_expiry)).await;
+        ids.push(escrow["id"].as_str().unwrap().to_owned());
+    }
+    let (status, disputed) =
+        h.signed(&payee, Method::POST, &format!("/v1/ledger/escrows/{}/dispute", ids[2]), "").await;
+    assert_eq!((status, disputed["state"].as_str()), (StatusCode::OK, Some("disputed")));
+    assert_eq!(h.state.ledger.run_expiry_once().await.unwrap(), 0, "nothing is due yet");
+    h.advance(Duration::from_secs(61));
+    assert_eq!(h.state.ledger.run_expiry_once().await.unwrap(), 2);
+    let state_of = |id: String| {
+        let h = &h;
+        let payer = &payer;
+        async move { h.signed(payer, Method::GET, &format!("/v1/ledger/escrows/{id}"), "").await.1["state"].clone() }
+    };
+    assert_eq!(state_of(ids[0].clone()).await, "released");
+    assert_eq!(state_of(ids[1].clone()).await, "refunded");
+    assert_eq!(state_of(ids[2].clone()).await, "disputed", "a dispute freezes expiry");
+    assert_eq!(h.balance(&payee.wallet()).await, 300);
+    // The ruling resolves it; a second ruling is refused.
+    let uri = format!("/v1/admin/ledger/escrows/{}/ruling", ids[2]);
+    let (status, ruled) = h.admin(Method::POST, &uri, Some(json!({"release": 40}))).await;
+    assert_eq!((status, ruled["state"].as_str()), (StatusCode::OK, Some("released")), "{ruled}");
+    let (status, problem) = h.admin(Method::POST, &uri, Some(json!({"release": 40}))).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::CONFLICT, Some("escrow_resolved")));
+    let uri = format!("/v1/admin/ledger/escrows/{}/ruling", ids[0]);
+    let (status, _) = h.admin(Method::POST, &uri, Some(json!({"release": 0}))).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(h.balance(&payee.wallet()).await, 340);
+    assert_eq!((h.balance(&payer.wallet()).await, h.available(&payer.wallet()).await), (660, 660));
+    h.assert_audit_ok().await;
+}
+
+async fn stakes_lock_unbond_mature_and_slash(fixture: &Fixture) {
+    let h = Harness::new(fixture).await;
+    let agent = h.agent().await;
+    h.mint("m1", &agent.wallet(), 1000).await;
+    let stake = |id: &str, amount: i64| json!({"id": id, "kind": "trust", "amount": amount}).to_string();
+    let (status, locked) = h.signed(&agent, Method::POST, "/v1/ledger/stakes/lock", &stake("s1", 600)).await;
+    assert_eq!((status, locked["purpose"].as_str()), (StatusCode::CREATED, Some("stake_lock")), "{locked}");
+    let (status, problem) = h.signed(&agent, Method::POST, "/v1/ledger/stakes/lock", &stake("s2", 401)).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::CONFLICT, Some("insufficient_funds")));
+    let (status, unbonding) = h.signed(&agent, Method::POST, "/v1/ledger/stakes/unlock", &stake("u1", 200)).await;
+    assert_eq!((status, unbonding["state"].as_str()), (StatusCode::CREATED, Some("unbonding")), "{unbonding}");
+    let (status, problem) = h.signed(&agent, Method::POST, "/v1/ledger/stakes/unlock", &stake("u2", 401)).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::CONFLICT, Some("insufficient_funds")));
+    let stake_account = format!("stake:{}:trust", agent.id);
+    assert_eq!(h.balance(&stake_account).await, 400);
+    // Slashing hook: locked stake to the treasury.
+    let slash = json!({"id": "sl1", "agent": agent.id.to_string(), "kind": "trust", "amount": 100});
+    let (status, slashed) = h.admin(Method::POST, "/v1/admin/ledger/stakes/slash", Some(slash)).await;
+    assert_eq!((status, slashed["purpose"].as_str()), (StatusCode::CREATED, Some("stake_slash")), "{slashed}");
+    assert_eq!(h.balance(&stake_account).await, 300);
+    // Maturity after the unbonding period returns the credits to the wallet.
+    h.advance(Duration::from_secs(6 * 24 * 3600));
+    assert_eq!(h.state.ledger.run_expiry_once().await.unwrap(), 0);
+    h.advance(Duration::from_secs(24 * 3600));
+    assert_eq!(h.state.ledger.run_expiry_once().await.unwrap(), 1);
+    assert_eq!(h.balance(&agent.wallet()).await, 600);
+    let (_, stakes) = h.signed(&agent, Method::GET, "/v1/ledger/stakes", "").await;
+    assert_eq!(stakes["unbondings"][0]["state"], "released", "{stakes}");
+    assert_eq!(h.state.ledger.run_expiry_once().await.unwrap(), 0, "released once");
+    h.assert_audit_ok().await;
+}
+
+// ---- the property test ----
+
+/// One random operation over a few agents (indices) and small amounts.
+#[derive(Clone, Debug)]
+enum Op {
+    Mint {
+        to: usize,
+        amount: u64,
+    },
+    Pay {
+        from: usize,
+        to: usize,
+        amount: u64,
+    },
+    Linked {
+        from: usize,
+        to: [usize; 2],
+        amounts: [u64; 2],
+    },
+    Escrow {
+        from: usize,
+        to: usize,
+        amount: u64,
+        release_on_expiry: bool,
+    },
+    Release {
+        escrow: usize,
+        amount: u64,
+    },
+    Refund {
+        escrow: usize,
+    },
+    Dispute {
+        escrow: usize,
+    },
+    Expire {
+        advance_ms: u64,
+    },
+    Lock {
+        who: usize,
+        amount: u64,
+    },
+    Unlock {
+        who: usize,
+        amount: u64,
+    },
+    /// Sends an earlier operation's transfer again, the same or changed.
+    Retry {
+        op: usize,
+        change: bool,
+    },
+}
+
+const AGENTS: usize = 3;
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    let agent = 0..AGENTS;
+    let amount = 0u64..60;
+    prop_oneof![
+        (agent.clone(), 1u64..200).prop_map(|(to, amount)| Op::Mint { to, amount }),
+        (agent.clone(), agent.clone(), amount.clone()).prop_map(|(from, to, amount)| Op::Pay { from, to, amount }),
+        (agent.clone(), agent.clone(), agent.clone(), amount.clone(), amount.clone())
+            .prop_map(|(from, a, b, x, y)| Op::Linked { from, to: [a, b], amounts: [x, y] }),
+        (agent.clone(), agent.clone(), 1u64..80, any::<bool>())
+            .prop_map(|(from, to, amount, release_on_expiry)| Op::Escrow { from, to, amount, release_on_expiry }),
+        (0usize..8, 0u64..80).prop_map(|(escrow, amount)| Op::Release { escrow, amount }),
+        (0usize..8).prop_map(|escrow| Op::Refund { escrow }),
+        (0usize..8).prop_map(|escrow| Op::Dispute { escrow }),
+        (0u64..120_000).prop_map(|advance_ms| Op::Expire { advance_ms }),
+        (agent.clone(), 1u64..60).prop_map(|(who, amount)| Op::Lock { who, amount }),
+        (agent.clone(), 1u64..60).prop_map(|(who, amount)| Op::Unlock { who, amount }),
+        (0usize..40, any::<bool>()).prop_map(|(op, change)| Op::Retry { op, change }),
+    ]
+}
+
+/// The model: balances per account, escrows, remembered results per transfer id.
+#[derive(Debug, Default)]
+struct Model {
+    balances: BTreeMap<AccountId, i128>,
+    pending_out: BTreeMap<AccountId, i128>,
+    escrows: Vec<ModelEscrow>,
+    /// Client transfer id → (spec, result code or None for success).
+    results: HashMap<TransferId, (TransferSpec, Option<&'static str>)>,
+    sent: Vec<TransferSpec>,
+}
+
+#[derive(Debug, Clone)]
+struct ModelEscrow {
+    id: TransferId,
+    payer: AccountId,
+    payee: AccountId,
+    amount: u64,
+    release_on_expiry: bool,
+    expires_at: u64,
+    state: EscrowState,
+}
+
+impl Model {
+    fn available(&self, account: &AccountId) -> i128 {
+        self.balances.get(account).copied().unwrap_or(0) - self.pending_out.get(account).copied().unwrap_or(0)
+    }
+
+    fn moved(&mut self, from: &AccountId, to: &AccountId, amount: u64) {
+        *self.balances.entry(from.clone()).or_default() -= i128::from(amount);
+        *self.balances.entry(to.clone()).or_default() += i128::from(amount);
+    }
+
+    /// The model's answer to a transfer spec (issuance may go negative).
+    fn transfer(&mut self, spec: &TransferSpec) -> Option<&'static str> {
+        if let Some((original, result)) = self.results.get(&spec.id) {
+            return if original == spec { *result } else { Some("id_reused") };
+        }
+        let result = if spec.debit == spec.credit {
+            Some("same_account")
+        } else if spec.debit != AccountId::issuance() && self.available(&spec.debit) < i128::from(spec.amount.micros())
+        {
+            Some("insufficient_funds")
+        } else {
+            self.moved(&spec.debit, &spec.credit, spec.amount.micros());
+            None
+        };
+        self.results.insert(spec.id.clone(), (spec.clone(), result));
+        result
+    }
+
+    fn resolve(&mut self, index: usize, release: u64) {
+        let escrow = self.escrows[index].clone();
+        *self.pending_out.entry(escrow.payer.clone()).or_default() -= i128::from(escrow.amount);
+        if release > 0 {
+            self.moved(&escrow.payer, &escrow.payee, release);
+        }
+        self.escrows[index].state = if release > 0 { EscrowState::Released } else { EscrowState::Refunded };
+    }
+}
+
+struct PropCase<'a> {
+    ledger: &'a Ledger,
+    clock: &'a ManualClock,
+    agents: Vec<AgentId>,
+    model: Model,
+    case: u64,
+}
+
+fn spec(
+    namespace: Namespace,
+    id: &str,
+    debit: AccountId,
+    credit: AccountId,
+    amount: u64,
+    purpose: Purpose,
+    linked: bool,
+) -> TransferSpec {
+    TransferSpec {
+        id: TransferId::new(namespace, &ClientId::new(id).unwrap()),
+        debit,
+        credit,
+        amount: Credits::new(amount).unwrap(),
+        kind: TransferKind::Posted,
+        pending_id: None,
+        purpose,
+        flags: if linked { TransferFlags::LINKED } else { TransferFlags::default() },
+    }
+}
+
+fn codes(outcome: &Outcome) -> Vec<Option<&'static str>> {
+    match outcome {
+        Outcome::Transfers(results) => results.iter().map(|r| r.as_ref().err().map(|e| e.code())).collect(),
+        Outcome::Escrow(result) => vec![result.as_ref().err().map(|e| match e {
+            molt_control_plane::ledger::engine::CommandError::Transfer(t) => t.code(),
+            molt_control_plane::ledger::engine::CommandError::Escrow(e) => e.code(),
+            _ => "other",
+        })],
+        Outcome::Unbonding(result) => vec![result.as_ref().err().map(|_| "unbonding")],
+    }
+}
+
+impl PropCase<'_> {
+    async fn run_op(&mut self, step: usize, op: &Op) {
+        let ns = |agent: AgentId| Namespace::Agent(agent);
+        let wallet = |i: usize| AccountId::wallet(self.agents[i]);
+        let id = format!("c{}-s{step}", self.case);
+        match op.clone() {
+            Op::Mint { to, amount } => {
+                let s = spec(Namespace::Admin, &id, AccountId::issuance(), wallet(to), amount, Purpose::Mint, false);
+                self.transfers(vec![s]).await;
+            }
+            Op::Pay { from, to, amount } if amount > 0 => {
+                let s = spec(ns(self.agents[from]), &id, wallet(from), wallet(to), amount, Purpose::Payment, false);
+                self.transfers(vec![s]).await;
+            }
+            Op::Linked { from, to, amounts } if amounts.iter().all(|a| *a > 0) => {
+                let first = spec(
+                    ns(self.agents[from]),
+                    &format!("{id}a"),
+                    wallet(from),
+                    wallet(to[0]),
+                    amounts[0],
+                    Purpose::Payment,
+                    true,
+                );
+                let second = spec(
+                    ns(self.agents[from]),
+                    &format!("{id}b"),
+                    wallet(from),
+                    wallet(to[1]),
+                    amounts[1],
+                    Purpose::Payment,
+                    false,
+                );
+                self.transfers(vec![first, second]).await;
+            }
+            Op::Pay { .. } | Op::Linked { .. } => {}
+            Op::Escrow { from, to, amount, release_on_expiry } => {
+                self.escrow(&id, from, to, amount, release_on_expiry).await
+            }
+            Op::Release { escrow, amount } => {
+                self.escrow_event(
+                    escrow,
+                    |e| EscrowEvent::Release { amount: Credits::new(amount.min(e)).filter(|a| !a.is_zero()) },
+                    true,
+                )
+                .await;
+            }
+            Op::Refund { escrow } => self.escrow_event(escrow, |_| EscrowEvent::Refund, false).await,
+            Op::Dispute { escrow } => self.escrow_event(escrow, |_| EscrowEvent::Dispute, false).await,
+            Op::Expire { advance_ms } => {
+                self.clock.set(self.clock.now().saturating_add(Duration::from_millis(advance_ms)));
+                let now = self.clock.now().0;
+                self.ledger.run_expiry_once().await.unwrap();
+                for index in 0..self.model.escrows.len() {
+                    let escrow = &self.model.escrows[index];
+                    if escrow.state == EscrowState::Locked && escrow.expires_at <= now {
+                        let release = if escrow.release_on_expiry { escrow.amount } else { 0 };
+                        self.model.resolve(index, release);
+                    }
+                }
+            }
+            Op::Lock { who, amount } => {
+                let agent = self.agents[who];
+                let s = spec(
+                    ns(agent),
+                    &id,
+                    wallet(who),
+                    AccountId::stake(agent, StakeKind::Job),
+                    amount,
+                    Purpose::StakeLock,
+                    false,
+                );
+                self.transfers(vec![s]).await;
+            }
+            Op::Unlock { who, amount } => {
+                let agent = self.agents[who];
+                let s = spec(
+                    ns(agent),
+                    &id,
+                    AccountId::stake(agent, StakeKind::Job),
+                    AccountId::unbonding(agent, StakeKind::Job),
+                    amount,
+                    Purpose::StakeUnlock,
+                    false,
+                );
+                let expected = self.model.transfer(&s);
+                let command =
+                    Command::Unlock { spec: s, owner: agent, kind: StakeKind::Job, matures_at: self.clock.now() };
+                let outcome = self.ledger.execute(vec![command]).await.unwrap().pop().unwrap();
+                assert_eq!(codes(&outcome)[0].is_none(), expected.is_none(), "unlock {outcome:?}");
+                if expected.is_none() {
+                    // Matures at once: the next expiry pass returns it to the wallet.
+                    self.model.moved(&AccountId::unbonding(agent, StakeKind::Job), &wallet(who), amount);
+                    self.ledger.run_expiry_once().await.unwrap();
+                }
+            }
+            Op::Retry { op, change } => {
+                let Some(mut s) = self.model.sent.get(op % self.model.sent.len().max(1)).cloned() else { return };
+                if change {
+                    s.amount = Credits::new(s.amount.micros() + 1).unwrap();
+                }
+                s.flags = TransferFlags::default();
+                self.transfers(vec![s]).await;
+            }
+        }
+    }
+
+    async fn transfers(&mut self, specs: Vec<TransferSpec>) {
+        let outcome = self.ledger.execute(vec![Command::Transfers(specs.clone())]).await.unwrap().pop().unwrap();
+        let mut expected: Vec<Option<&'static str>> = Vec::new();
+        if specs.len() == 2 {
+            // Linked: all or none, in the model too.
+            let saved = (self.model.balances.clone(), self.model.results.clone());
+            let a = self.model.transfer(&specs[0]);
+            let b = self.model.transfer(&specs[1]);
+            if a.is_some() || b.is_some() {
+                (self.model.balances, self.model.results) = saved;
+                let (ea, eb) =
+                    if a.is_some() { (a, Some("linked_transfer_failed")) } else { (Some("linked_transfer_failed"), b) };
+                for (s, e) in [(&specs[0], ea), (&specs[1], eb)] {
+                    if e != Some("id_reused") {
+                        self.model.results.entry(s.id.clone()).or_insert((s.clone(), e));
+                    }
+                }
+                expected = vec![ea, eb];
+            } else {
+                expected = vec![a, b];
+            }
+        } else {
+            for s in &specs {
+                expected.push(self.model.transfer(s));
+            }
+        }
+        self.model.sent.extend(specs.iter().cloned());
+        assert_eq!(codes(&outcome), expected, "{specs:?}");
+    }
+
+    async fn escrow(&mut self, id: &str, from: usize, to: usize, amount: u64, release_on_expiry: bool) {
+        let (payer, payee) = (AccountId::wallet(self.agents[from]), AccountId::wallet(self.agents[to]));
+        let mut s =
+            spec(Namespace::Agent(self.agents[from]), id, payer.clone(), payee.clone(), amount, Purpose::Escrow, false);
+        s.kind = TransferKind::Pending;
+        let expires_at = self.clock.now().0 + 60_000;
+        let on_expiry = if release_on_expiry { OnExpiry::Release } else { OnExpiry::Refund };
+        let command = Command::CreateEscrow { spec: s.clone(), on_expiry, expires_at: UnixMillis(expires_at) };
+        let outcome = self.ledger.execute(vec![command]).await.unwrap().pop().unwrap();
+        let expected = if payer == payee {
+            Some("same_account")
+        } else if self.model.available(&payer) < i128::from(amount) {
+            Some("insufficient_funds")
+        } else {
+            *self.model.pending_out.entry(payer.clone()).or_default() += i128::from(amount);
+            self.model.escrows.push(ModelEscrow {
+                id: s.id.clone(),
+                payer,
+                payee,
+                amount,
+                release_on_expiry,
+                expires_at,
+                state: EscrowState::Locked,
+            });
+            None
+        };
+        assert_eq!(codes(&outcome), vec![expected]);
+    }
+
+    async fn escrow_event(&mut self, index: usize, event: impl Fn(u64) -> EscrowEvent, by_payer: bool) {
+        if self.model.escrows.is_empty() {
+            return;
+        }
+        let index = index % self.model.escrows.len();
+        let escrow = self.model.escrows[index].clone();
+        let event = event(escrow.amount);
+        let requester_wallet = if by_payer { &escrow.payer } else { &escrow.payee };
+        let agent = self.agents.iter().copied().find(|a| AccountId::wallet(*a) == *requester_wallet).unwrap();
+        let command = Command::Escrow { id: escrow.id.clone(), requester: Requester::Agent(agent), event };
+        let outcome = self.ledger.execute(vec![command]).await.unwrap().pop().unwrap();
+        let resolved = matches!(escrow.state, EscrowState::Released | EscrowState::Refunded);
+        let expected = match event {
+            _ if resolved => Some("escrow_resolved"),
+            EscrowEvent::Release { amount: None } => Some("invalid_release_amount"),
+            EscrowEvent::Release { amount: Some(amount) } => {
+                self.model.resolve(index, amount.micros());
+                None
+            }
+            EscrowEvent::Refund => {
+                self.model.resolve(index, 0);
+                None
+            }
+            EscrowEvent::Dispute if escrow.state == EscrowState::Disputed => Some("escrow_disputed"),
+            EscrowEvent::Dispute => {
+                self.model.escrows[index].state = EscrowState::Disputed;
+                None
+            }
+            _ => unreachable!(),
+        };
+        // Release with no amount means "all": the strategy never sends it, the ledger
+        // would accept it; the model maps a zero request to None → full release.
+        let expected = if matches!(event, EscrowEvent::Release { amount: None }) && !resolved {
+            self.model.resolve(index, escrow.amount);
+            None
+        } else {
+            expected
+        };
+        assert_eq!(codes(&outcome), vec![expected], "{event:?} on {escrow:?}");
+    }
+
+    /// Every account of the case against the model, and the audit.
+    async fn check(&self, db: &Database) {
+        for (account, balance) in &self.model.balances {
+            if account == &AccountId::issuance() || account == &AccountId::treasury() {
+                continue;
+            }
+            let stored = store::account(db, account).await.unwrap().unwrap();
+            assert_eq!(stored.balance(), *balance, "{account}");
+            assert_eq!(stored.available(), self.model.available(account), "{account}");
+            assert!(stored.available() >= 0, "{account} overdrawn");
+        }
+        let report = store::audit(db).await.unwrap();
+        assert!(report.ok, "{report:?}");
+    }
+}
+
+async fn random_operations_match_the_model(fixture: &Fixture) {
+    let clock = Arc::new(ManualClock::new(T0));
+    let ledger = Ledger::new(fixture.db.clone(), clock.clone());
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 12,
+        max_shrink_iters: 200,
+        ..ProptestConfig::default()
+    });
+    let case = std::sync::atomic::AtomicU64::new(0);
+    let handle = tokio::runtime::Handle::current();
+    let result = runner.run(&proptest::collection::vec(op_strategy(), 1..40), |ops| {
+        tokio::task::block_in_place(|| {
+            handle.block_on(async {
+                let agents: Vec<AgentId> = (0..AGENTS).map(|_| TestAgent::new().id).collect();
+                let mut accounts = Vec::new();
+                for agent in &agents {
+                    accounts.push(AccountId::wallet(*agent));
+                    accounts.push(AccountId::stake(*agent, StakeKind::Job));
+                    accounts.push(AccountId::unbonding(*agent, StakeKind::Job));
+                }
+                store::ensure_accounts(&fixture.db, &accounts, clock.now()).await.unwrap();
+                let mut prop = PropCase {
+                    ledger: &ledger,
+                    clock: &clock,
+                    agents,
+                    model: Model::default(),
+                    case: case.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                };
+                for (step, op) in ops.iter().enumerate() {
+                    prop.run_op(step, op).await;
+                    prop.check(&fixture.db).await;
+                }
+            })
+        });
+        Ok(())
+    });
+    if let Err(error) = result {
+        panic!("{error}");
+    }
+}
+
+// ---- concurrency ----
+
+async fn concurrent_clients_keep_the_books(fixture: &Fixture) {
+    const CLIENTS: usize = 12;
+    const TRANSFERS_PER_CLIENT: usize = 60;
+    const HOT_ACCOUNTS: usize = 6;
+    let clock: Arc<ManualClock> = Arc::new(ManualClock::new(T0));
+    // Two handles with their own writers: two replicas on one database.
+    let replicas = [
+        Arc::new(Ledger::new(fixture.db.clone(), clock.clone())),
+        Arc::new(Ledger::new(fixture.second_handle().await, clock.clone())),
+    ];
+    let agents: Vec<AgentId> = (0..HOT_ACCOUNTS).map(|_| TestAgent::new().id).collect();
+    let wallets: Vec<AccountId> = agents.iter().map(|a| AccountId::wallet(*a)).collect();
+    store::ensure_accounts(&fixture.db, &wallets, T0).await.unwrap();
+    let mints: Vec<TransferSpec> = wallets
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            spec(Namespace::Admin, &format!("m{i}"), AccountId::issuance(), w.clone(), 1_000, Purpose::Mint, false)
+        })
+        .collect();
+    replicas[0].execute(vec![Command::Transfers(mints)]).await.unwrap();
+
+    let mut tasks = Vec::new();
+    for client in 0..CLIENTS {
+        let ledger = Arc::clone(&replicas[client % 2]);
+        let agents = agents.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            for n in 0..TRANSFERS_PER_CLIENT {
+                let from = (client + n) % HOT_ACCOUNTS;
+                let to = (client * 7 + n * 3 + 1) % HOT_ACCOUNTS;
+                if from == to {
+                    continue;
+                }
+                let s = spec(
+                    Namespace::Agent(agents[from]),
+                    &format!("c{client}-{n}"),
+                    AccountId::wallet(agents[from]),
+                    AccountId::wallet(agents[to]),
+                    1 + (n as u64 % 50),
+                    Purpose::Payment,
+                    false,
+                );
+                // Half go through the group-commit queue, half straight in their own
+                // transactions, so that row locks really contend.
+                let outcome = if n % 2 == 0 {
+                    ledger.execute(vec![Command::Transfers(vec![s.clone()])]).await.expect("no error reaches clients")
+                } else {
+                    ledger.execute_now(&[Command::Transfers(vec![s.clone()])]).await.expect("no error reaches clients")
+                };
+                let Outcome::Transfers(results) = &outcome[0] else { panic!("a transfer outcome") };
+                match &results[0] {
+                    Ok(Applied::Created(_)) => acknowledged.push(s.id.clone()),
+                    Err(TransferError::InsufficientFunds) => {}
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            acknowledged
+        }));
+    }
+    let mut acknowledged = Vec::new();
+    for task in tasks {
+        acknowledged.extend(task.await.unwrap());
+    }
+    assert!(acknowledged.len() > CLIENTS * TRANSFERS_PER_CLIENT / 2, "most transfers succeed");
+    let mut total = 0i128;
+    for wallet in &wallets {
+        let account = store::account(&fixture.db, wallet).await.unwrap().unwrap();
+        assert!(account.available() >= 0);
+        total += account.balance();
+    }
+    assert_eq!(total, 1_000 * HOT_ACCOUNTS as i128, "no credit lost or made");
+    for id in &acknowledged {
+        assert!(matches!(
+            store::transfer(&fixture.db, id).await.unwrap(),
+            Some(molt_control_plane::ledger::books::Known::Applied(_))
+        ));
+    }
+    let report = store::audit(&fixture.db).await.unwrap();
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.transfers as usize, acknowledged.len() + HOT_ACCOUNTS);
+}
