@@ -2,10 +2,15 @@
 //! needed, and calls `molt_sdk`. Every command lives in its own module.
 #![forbid(unsafe_code)]
 
+mod admin_key;
+mod agent;
 mod card;
+mod cert;
+mod control;
 mod dev_ca;
 mod keygen;
 mod listen;
+mod org;
 mod send;
 mod session;
 mod up;
@@ -22,7 +27,7 @@ const RUNTIME_WORKER_THREADS: usize = 2;
 #[command(
     name = "molt",
     version,
-    about = "Molt command line: agent keys, a development PKI, and sending and listening through an edge",
+    about = "Molt command line: agent keys, a development PKI, sending and listening through an edge, and the control plane's admin and registry commands",
     long_about = "Molt command line: agent keys, a development PKI, and sending and listening through an edge.
 
 Agents talk through QUIC edge relays with mutual TLS. An agent's id is derived from its first \
@@ -37,6 +42,17 @@ and an edge on 127.0.0.1:4433) and prints the commands to try it; in another ter
   molt send --agent-dir .molt/agents/alice --edge 127.0.0.1:4433 --ca-root .molt/ca/root.pem --to .molt/agents/bob/card.json 'hello bob'
 
 For a network of your own, see `molt dev-ca --help` (a CA, and certificates for molt-edge).
+
+With a control plane (`molt-control-plane`, default http://127.0.0.1:8080; --api or MOLT_API), \
+admins manage orgs, certificates and keys, and agents register and find each other:
+
+  export MOLT_ADMIN_TOKEN=molt_admin_…   # printed once by the control plane's first start
+  molt org create acme && molt org ca create org_…
+  molt keygen --dir alice && molt cert issue-agent --org org_… --agent-dir alice
+  molt agent register --agent-dir alice --name 'Alice' --capability translate.text#nlp
+  molt agent search alice
+
+See `molt org --help`, `molt cert --help`, `molt agent --help`, `molt admin-key --help`.
 
 Exit status: 0 on success, 1 on error (one line on stderr starting with `error:`), 2 on a \
 command-line usage error. Set RUST_LOG (e.g. RUST_LOG=debug) for diagnostics on stderr."
@@ -56,6 +72,10 @@ enum Command {
     Card(card::CardCommand),
     Send(send::SendArgs),
     Listen(listen::ListenArgs),
+    Org(org::OrgArgs),
+    Cert(cert::CertArgs),
+    Agent(agent::AgentArgs),
+    AdminKey(admin_key::AdminKeyArgs),
 }
 
 fn main() -> ExitCode {
@@ -81,6 +101,10 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Card(command) => card::run(command),
         Command::Send(args) => runtime()?.block_on(send::run(args)),
         Command::Listen(args) => runtime()?.block_on(listen::run(args)),
+        Command::Org(args) => runtime()?.block_on(org::run(args)),
+        Command::Cert(args) => runtime()?.block_on(cert::run(args)),
+        Command::Agent(args) => runtime()?.block_on(agent::run(args)),
+        Command::AdminKey(args) => runtime()?.block_on(admin_key::run(args)),
     }
 }
 
