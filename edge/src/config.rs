@@ -116,13 +116,36 @@ pub struct ServerConfig {
     pub region: Region,
 }
 
-/// The `[identity]` section: paths only, the files are not read here.
+/// The `[identity]` section: paths and names only, the files and token are not read here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdentityConfig {
     /// PEM chain: the edge's leaf certificate, then the org CA.
     pub certificate_chain: PathBuf,
-    /// PKCS#8 PEM private key of the leaf certificate.
-    pub private_key: PathBuf,
+    /// Where the leaf certificate's private key lives (`key_source`).
+    pub key: KeySource,
+}
+
+/// Where the edge's private key lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// `key_source = "file"` (the default): a PKCS#8 PEM file (`private_key`).
+    File(PathBuf),
+    /// `key_source = "pkcs11"`: a key inside a PKCS#11 token (`[identity.pkcs11]`); it
+    /// never leaves the token, which signs each TLS handshake.
+    Pkcs11(Pkcs11KeyConfig),
+}
+
+/// The `[identity.pkcs11]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pkcs11KeyConfig {
+    /// Path of the PKCS#11 module (shared library).
+    pub module: PathBuf,
+    /// Label of the token holding the key.
+    pub token_label: String,
+    /// Label of the Ed25519 key on the token.
+    pub key_label: String,
+    /// Where the token's user PIN comes from (`pin_env` or `pin_file`; never the config).
+    pub pin: molt_hsm::PinSource,
 }
 
 /// The `[trust]` section: paths only, the files are not read here.
@@ -492,7 +515,8 @@ impl fmt::Display for LogFormat {
 
 const SECTION_KEYS: &[&str] = &["edge", "identity", "trust", "limits", "buffer", "shutdown", "log"];
 const EDGE_KEYS: &[&str] = &["listen_addr", "admin_addr", "data_dir", "region"];
-const IDENTITY_KEYS: &[&str] = &["certificate_chain", "private_key"];
+const IDENTITY_KEYS: &[&str] = &["certificate_chain", "key_source", "private_key", "pkcs11"];
+const PKCS11_KEYS: &[&str] = &["module", "token_label", "key_label", "pin_env", "pin_file"];
 const TRUST_KEYS: &[&str] = &["anchors", "revocation_lists"];
 const REVOCATION_LIST_KEYS: &[&str] = &["crl", "issuer"];
 const LIMITS_KEYS: &[&str] = &[
@@ -517,6 +541,7 @@ const ALL_TABLES: &[(&str, &[&str])] = &[
     ("", SECTION_KEYS),
     ("edge", EDGE_KEYS),
     ("identity", IDENTITY_KEYS),
+    ("identity.pkcs11", PKCS11_KEYS),
     ("trust", TRUST_KEYS),
     ("trust.revocation_lists[]", REVOCATION_LIST_KEYS),
     ("limits", LIMITS_KEYS),
@@ -554,7 +579,19 @@ struct EdgeFile {
 #[derive(Debug, Default)]
 struct IdentityFile {
     certificate_chain: Raw<String>,
+    key_source: Raw<String>,
     private_key: Raw<String>,
+    pkcs11: Option<Pkcs11File>,
+}
+
+#[derive(Debug, Default)]
+struct Pkcs11File {
+    module: Raw<String>,
+    token_label: Raw<String>,
+    key_label: Raw<String>,
+    pin_env: Raw<String>,
+    pin_file: Raw<String>,
+    span: Option<Span>,
 }
 
 #[derive(Debug, Default)]
@@ -651,12 +688,7 @@ fn read_file<'t>(root: &DeTable<'t>, report: &mut Report<'t>) -> ConfigFile {
     };
     r.finish();
 
-    let mut r = TableReader::section(report, "identity", identity, IDENTITY_KEYS);
-    let identity = IdentityFile {
-        certificate_chain: r.required_string("certificate_chain"),
-        private_key: r.required_string("private_key"),
-    };
-    r.finish();
+    let identity = read_identity(report, identity);
 
     let trust = read_trust(report, trust);
 
@@ -697,6 +729,36 @@ fn read_file<'t>(root: &DeTable<'t>, report: &mut Report<'t>) -> ConfigFile {
     r.finish();
 
     ConfigFile { edge, identity, trust, limits, buffer, shutdown, log }
+}
+
+/// `private_key` is required for a file key; `[identity.pkcs11]` for a PKCS#11 key.
+fn read_identity<'t>(report: &mut Report<'t>, identity: TableAt<'_, 't>) -> IdentityFile {
+    let span = identity.span.map(|(start, end)| start..end);
+    let mut r = TableReader::section(report, "identity", identity, IDENTITY_KEYS);
+    let certificate_chain = r.required_string("certificate_chain");
+    let key_source = r.string("key_source");
+    let uses_pkcs11 = key_source.as_ref().is_some_and(|source| source.get_ref() == "pkcs11");
+    let private_key = if uses_pkcs11 { r.string("private_key") } else { r.required_string("private_key") };
+    let pkcs11_at = r.table("pkcs11");
+    if uses_pkcs11 && pkcs11_at.table.is_none() && r.value("pkcs11").is_none() {
+        r.report.push(Some("identity.pkcs11".to_owned()), span.clone(), ProblemKind::MissingKey);
+    }
+    r.finish();
+    let pkcs11 = pkcs11_at.table.is_some().then(|| {
+        let table_span = pkcs11_at.span.map(|(start, end)| start..end);
+        let mut r = TableReader::section(report, "identity.pkcs11", pkcs11_at, PKCS11_KEYS);
+        let file = Pkcs11File {
+            module: r.required_string("module"),
+            token_label: r.required_string("token_label"),
+            key_label: r.required_string("key_label"),
+            pin_env: r.string("pin_env"),
+            pin_file: r.string("pin_file"),
+            span: table_span,
+        };
+        r.finish();
+        file
+    });
+    IdentityFile { certificate_chain, key_source, private_key, pkcs11 }
 }
 
 fn read_trust<'t>(report: &mut Report<'t>, trust: TableAt<'_, 't>) -> TrustFile {
@@ -862,16 +924,78 @@ impl<'r, 'd, 't> TableReader<'r, 'd, 't> {
 fn validate(file: &ConfigFile, base_dir: &Path, report: &mut Report<'_>) -> EdgeConfig {
     EdgeConfig {
         edge: validate_server(&file.edge, base_dir, report),
-        identity: IdentityConfig {
-            certificate_chain: report.path("identity.certificate_chain", &file.identity.certificate_chain, base_dir),
-            private_key: report.path("identity.private_key", &file.identity.private_key, base_dir),
-        },
+        identity: validate_identity(&file.identity, base_dir, report),
         trust: validate_trust(&file.trust, base_dir, report),
         limits: validate_limits(&file.limits, report),
         buffer: validate_buffer(&file.buffer, report),
         shutdown: validate_shutdown(&file.shutdown, report),
         log: validate_log(&file.log, report),
     }
+}
+
+fn validate_identity(file: &IdentityFile, base_dir: &Path, report: &mut Report<'_>) -> IdentityConfig {
+    let certificate_chain = report.path("identity.certificate_chain", &file.certificate_chain, base_dir);
+    let uses_pkcs11 = report
+        .convert("identity.key_source", &file.key_source, |source| match source {
+            "file" => Ok(false),
+            "pkcs11" => Ok(true),
+            other => Err(format!("key source must be \"file\" or \"pkcs11\", found {other:?}")),
+        })
+        .unwrap_or(false);
+    if !uses_pkcs11 {
+        if let Some(pkcs11) = &file.pkcs11 {
+            let reason = "[identity.pkcs11] is only used with key_source = \"pkcs11\"".to_owned();
+            report.push(Some("identity.pkcs11".into()), pkcs11.span.clone(), ProblemKind::InvalidValue { reason });
+        }
+        let private_key = report.path("identity.private_key", &file.private_key, base_dir);
+        return IdentityConfig { certificate_chain, key: KeySource::File(private_key) };
+    }
+    if let Some(private_key) = &file.private_key {
+        let reason = "private_key is not used with key_source = \"pkcs11\"; remove it".to_owned();
+        report.invalid("identity.private_key", private_key.span(), reason);
+    }
+    let pkcs11 = file.pkcs11.as_ref().map(|pkcs11| validate_pkcs11(pkcs11, base_dir, report));
+    IdentityConfig {
+        certificate_chain,
+        key: KeySource::Pkcs11(pkcs11.unwrap_or_else(|| Pkcs11KeyConfig {
+            module: PathBuf::new(),
+            token_label: String::new(),
+            key_label: String::new(),
+            pin: molt_hsm::PinSource::Env(String::new()),
+        })),
+    }
+}
+
+fn validate_pkcs11(file: &Pkcs11File, base_dir: &Path, report: &mut Report<'_>) -> Pkcs11KeyConfig {
+    let label = |text: &str| {
+        if text.is_empty() { Err("label must not be empty".to_owned()) } else { Ok(text.to_owned()) }
+    };
+    let module = report.path("identity.pkcs11.module", &file.module, base_dir);
+    let token_label = report.convert("identity.pkcs11.token_label", &file.token_label, label).unwrap_or_default();
+    let key_label = report.convert("identity.pkcs11.key_label", &file.key_label, label).unwrap_or_default();
+    let pin = match (&file.pin_env, &file.pin_file) {
+        (Some(_), Some(pin_file)) => {
+            report.invalid("identity.pkcs11.pin_file", pin_file.span(), "give pin_env or pin_file, not both".into());
+            molt_hsm::PinSource::Env(String::new())
+        }
+        (Some(_), None) => molt_hsm::PinSource::Env(
+            report
+                .convert("identity.pkcs11.pin_env", &file.pin_env, |name| {
+                    if name.is_empty() {
+                        Err("variable name must not be empty".to_owned())
+                    } else {
+                        Ok(name.to_owned())
+                    }
+                })
+                .unwrap_or_default(),
+        ),
+        (None, Some(_)) => molt_hsm::PinSource::File(report.path("identity.pkcs11.pin_file", &file.pin_file, base_dir)),
+        (None, None) => {
+            report.push(Some("identity.pkcs11.pin_env".into()), file.span.clone(), ProblemKind::MissingKey);
+            molt_hsm::PinSource::Env(String::new())
+        }
+    };
+    Pkcs11KeyConfig { module, token_label, key_label, pin }
 }
 
 fn validate_server(file: &EdgeFile, base_dir: &Path, report: &mut Report<'_>) -> ServerConfig {
@@ -1255,7 +1379,7 @@ anchors = "root.pem"
         assert_eq!(config.edge.data_dir, Path::new("/etc/molt/data"));
         assert_eq!(config.edge.region.as_str(), "local");
         assert_eq!(config.identity.certificate_chain, Path::new("/etc/molt/edge.pem"));
-        assert_eq!(config.identity.private_key, Path::new("/etc/molt/edge.key"));
+        assert_eq!(config.identity.key, KeySource::File(Path::new("/etc/molt/edge.key").into()));
         assert_eq!(config.trust.anchors, Path::new("/etc/molt/root.pem"));
         assert!(config.trust.revocation_lists.is_empty());
         assert_eq!(config.limits, LimitsConfig::default());
@@ -1315,13 +1439,96 @@ anchors = "root.pem"
             for key in *keys {
                 let assignment = format!("\n{key} = ");
                 let header = format!("[{table}.{key}]");
+                // The PKCS#11 table is the alternative to `private_key`: shown commented out.
+                let commented = *table == "identity.pkcs11" && reference.contains(&format!("\n# {key} = "));
                 assert!(
-                    reference.contains(&assignment)
+                    commented
+                        || reference.contains(&assignment)
                         || reference.contains(&format!("[[{table}.{key}]]"))
                         || reference.contains(&header),
                     "{table}.{key} is not in the reference"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn identity_key_can_live_in_a_pkcs11_token() {
+        let text = "[identity]\ncertificate_chain = \"edge.pem\"\nkey_source = \"pkcs11\"\n\
+                    [identity.pkcs11]\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"edge\"\n\
+                    key_label = \"edge-tls\"\npin_file = \"hsm.pin\"\n[trust]\nanchors = \"root.pem\"\n";
+        let config = parse(text, base()).unwrap();
+        assert_eq!(
+            config.identity.key,
+            KeySource::Pkcs11(Pkcs11KeyConfig {
+                module: PathBuf::from("/usr/lib/softhsm/libsofthsm2.so"),
+                token_label: "edge".into(),
+                key_label: "edge-tls".into(),
+                pin: molt_hsm::PinSource::File(base().join("hsm.pin")),
+            })
+        );
+        let text = text.replace("pin_file = \"hsm.pin\"", "pin_env = \"EDGE_PIN\"");
+        let config = parse(&text, base()).unwrap();
+        let KeySource::Pkcs11(pkcs11) = config.identity.key else { panic!("pkcs11 key expected") };
+        assert_eq!(pkcs11.pin, molt_hsm::PinSource::Env("EDGE_PIN".into()));
+        let config = parse(MINIMAL, base()).unwrap();
+        assert!(matches!(config.identity.key, KeySource::File(_)));
+    }
+
+    #[test]
+    fn pkcs11_identity_mistakes_are_reported_with_key_and_line() {
+        let cases: &[(&str, &[(&str, usize)])] = &[
+            // No table for a pkcs11 key.
+            ("[identity]\ncertificate_chain = \"e.pem\"\nkey_source = \"pkcs11\"\n", &[("identity.pkcs11", 1)]),
+            // Unknown source.
+            (
+                "[identity]\ncertificate_chain = \"e.pem\"\nkey_source = \"tpm\"\nprivate_key = \"k\"\n",
+                &[("identity.key_source", 3)],
+            ),
+            // A pkcs11 table with a file key; a private key with a pkcs11 key.
+            (
+                "[identity]\ncertificate_chain = \"e.pem\"\nprivate_key = \"k\"\n[identity.pkcs11]\nmodule = \"m\"\n\
+                 token_label = \"t\"\nkey_label = \"k\"\npin_env = \"P\"\n",
+                &[("identity.pkcs11", 4)],
+            ),
+            (
+                "[identity]\ncertificate_chain = \"e.pem\"\nkey_source = \"pkcs11\"\nprivate_key = \"k\"\n\
+                 [identity.pkcs11]\nmodule = \"m\"\ntoken_label = \"t\"\nkey_label = \"k\"\npin_env = \"P\"\n",
+                &[("identity.private_key", 4)],
+            ),
+            // Missing keys, both PIN sources, an empty label, an unknown key.
+            (
+                "[identity]\ncertificate_chain = \"e.pem\"\nkey_source = \"pkcs11\"\n[identity.pkcs11]\n\
+                 token_label = \"\"\npin = \"1234\"\n",
+                &[
+                    ("identity.pkcs11.module", 4),
+                    ("identity.pkcs11.key_label", 4),
+                    ("identity.pkcs11.pin_env", 4),
+                    ("identity.pkcs11.token_label", 5),
+                    ("identity.pkcs11.pin", 6),
+                ],
+            ),
+            (
+                "[identity]\ncertificate_chain = \"e.pem\"\nkey_source = \"pkcs11\"\n[identity.pkcs11]\nmodule = \"m\"\n\
+                 token_label = \"t\"\nkey_label = \"k\"\npin_env = \"P\"\npin_file = \"f\"\n",
+                &[("identity.pkcs11.pin_file", 9)],
+            ),
+        ];
+        for (identity, expected) in cases {
+            let text = format!("{identity}[trust]\nanchors = \"root.pem\"\n");
+            let error = parse(&text, base()).unwrap_err();
+            let found: Vec<(String, usize)> = error
+                .problems()
+                .iter()
+                .map(|problem| (problem.key.clone().unwrap_or_default(), problem.line.unwrap_or(0)))
+                .collect();
+            for (key, line) in *expected {
+                assert!(
+                    found.contains(&((*key).to_owned(), *line)),
+                    "{key} at line {line} not in {found:?} for\n{text}"
+                );
+            }
+            assert_eq!(found.len(), expected.len(), "{found:?} for\n{text}");
         }
     }
 
@@ -1373,7 +1580,7 @@ level = "warn,molt_edge=debug"
         assert_eq!(config.edge.data_dir, Path::new("/var/lib/molt"));
         assert_eq!(config.edge.region.as_str(), "eu-west-1");
         assert_eq!(config.identity.certificate_chain, Path::new("/etc/molt/certs/edge.pem"));
-        assert_eq!(config.identity.private_key, Path::new("/secrets/edge.key"));
+        assert_eq!(config.identity.key, KeySource::File(Path::new("/secrets/edge.key").into()));
         assert_eq!(config.trust.revocation_lists.len(), 2);
         assert_eq!(config.trust.revocation_lists[1].issuer, Path::new("/etc/molt/b.pem"));
         assert_eq!(config.limits.bytes_per_minute.get(), 0x20_0000);
@@ -1636,7 +1843,7 @@ format = "yaml"
         std::fs::write(&path, with_minimal("[edge]\ndata_dir = \"../state\"\n")).unwrap();
         let config = load(&path).expect("config loads");
         assert_eq!(config.edge.data_dir, dir.path().join("../state"));
-        assert_eq!(config.identity.private_key, dir.path().join("edge.key"));
+        assert_eq!(config.identity.key, KeySource::File(dir.path().join("edge.key")));
         assert!(config.trust.anchors.is_absolute());
     }
 

@@ -1,12 +1,19 @@
 //! Loads the edge's certificate chain, private key, trust anchors and revocation lists
-//! from the files its configuration names, checking that they fit together.
+//! from the files its configuration names, checking that they fit together. The private
+//! key is either a file or a key inside a PKCS#11 token; either way it becomes a
+//! [`Signer`] that the TLS configuration signs handshakes with.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use molt_hsm::key::KeyName;
+use molt_hsm::{SESSION_POOL_SIZE_DEFAULT, Token, TokenConfig, TokenSelector};
 use molt_protocol::EdgeId;
 use molt_protocol::cert::{Certificate, RevocationList, Revocations, Role, TrustAnchors};
-use molt_protocol::keys::SigningKey;
-use molt_protocol::tls::TlsIdentity;
+use molt_protocol::keys::{Signer, SigningKey};
+use molt_protocol::tls::SignerTlsIdentity;
+
+use crate::config::{KeySource, Pkcs11KeyConfig};
 
 /// Why the edge's identity or trust material could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +27,12 @@ pub enum IdentityError {
     KeyMismatch { path: PathBuf },
     #[error("{path}: the leaf certificate is for {found:?}, not an edge")]
     NotAnEdge { path: PathBuf, found: Role },
+    #[error("pkcs#11 token {token:?} of {module}: {source}")]
+    Token { module: PathBuf, token: String, source: Box<molt_hsm::OpenError> },
+    #[error("pkcs#11 token {token:?}: {source}")]
+    HsmKey { token: String, source: Box<molt_hsm::FindKeyError> },
+    #[error("pkcs#11 key {key:?} on token {token:?} does not match the public key of {path}")]
+    HsmKeyMismatch { key: String, token: String, path: PathBuf },
 }
 
 fn read(path: &Path) -> Result<String, IdentityError> {
@@ -34,20 +47,55 @@ fn invalid(path: &Path, detail: impl ToString) -> IdentityError {
 #[derive(Debug)]
 pub struct EdgeIdentity {
     pub edge_id: EdgeId,
-    pub tls: TlsIdentity,
+    pub tls: SignerTlsIdentity,
 }
 
-pub fn load_identity(chain_path: &Path, key_path: &Path) -> Result<EdgeIdentity, IdentityError> {
+/// Reads the chain and finds the key (in its file or on its token), and checks that they
+/// belong together. A PKCS#11 key stays logged in for as long as the identity lives.
+pub fn load_identity(chain_path: &Path, key: &KeySource) -> Result<EdgeIdentity, IdentityError> {
     let chain = Certificate::chain_from_pem(&read(chain_path)?).map_err(|e| invalid(chain_path, e))?;
     let leaf = chain.first().ok_or_else(|| invalid(chain_path, "no certificate found"))?;
     let Role::Edge(edge_id) = leaf.role() else {
         return Err(IdentityError::NotAnEdge { path: chain_path.to_owned(), found: leaf.role() });
     };
-    let key = SigningKey::from_pkcs8_pem(&read(key_path)?).map_err(|e| invalid(key_path, e))?;
-    if key.public_key() != leaf.public_key() {
-        return Err(IdentityError::KeyMismatch { path: key_path.to_owned() });
-    }
-    Ok(EdgeIdentity { edge_id, tls: TlsIdentity { chain, key } })
+    let signer: Arc<dyn Signer> = match key {
+        KeySource::File(key_path) => {
+            let key = SigningKey::from_pkcs8_pem(&read(key_path)?).map_err(|e| invalid(key_path, e))?;
+            if key.public_key() != leaf.public_key() {
+                return Err(IdentityError::KeyMismatch { path: key_path.to_owned() });
+            }
+            Arc::new(key)
+        }
+        KeySource::Pkcs11(config) => {
+            let key = open_hsm_key(config)?;
+            if key.public_key() != leaf.public_key() {
+                return Err(IdentityError::HsmKeyMismatch {
+                    key: config.key_label.clone(),
+                    token: config.token_label.clone(),
+                    path: chain_path.to_owned(),
+                });
+            }
+            Arc::new(key)
+        }
+    };
+    Ok(EdgeIdentity { edge_id, tls: SignerTlsIdentity { chain, signer } })
+}
+
+fn open_hsm_key(config: &Pkcs11KeyConfig) -> Result<molt_hsm::HsmKey, IdentityError> {
+    let token = Token::open(&TokenConfig {
+        module: config.module.clone(),
+        token: TokenSelector::Label(config.token_label.clone()),
+        pin: config.pin.clone(),
+        pool_size: SESSION_POOL_SIZE_DEFAULT,
+    })
+    .map_err(|source| IdentityError::Token {
+        module: config.module.clone(),
+        token: config.token_label.clone(),
+        source: Box::new(source),
+    })?;
+    token
+        .find_ed25519(KeyName::Label(&config.key_label))
+        .map_err(|source| IdentityError::HsmKey { token: config.token_label.clone(), source: Box::new(source) })
 }
 
 pub fn load_anchors(path: &Path) -> Result<TrustAnchors, IdentityError> {
@@ -108,7 +156,8 @@ mod tests {
         let edge_id = EdgeId::from_inception_key(&key.public_key());
         std::fs::write(pki.dir.path().join("edge.pem"), leaf(&pki, &key, Role::Edge(edge_id))).unwrap();
         std::fs::write(pki.dir.path().join("edge.key"), key.to_pkcs8_pem().as_bytes()).unwrap();
-        let identity = load_identity(&pki.dir.path().join("edge.pem"), &pki.dir.path().join("edge.key")).unwrap();
+        let identity =
+            load_identity(&pki.dir.path().join("edge.pem"), &KeySource::File(pki.dir.path().join("edge.key"))).unwrap();
         assert_eq!(identity.edge_id, edge_id);
         assert_eq!(identity.tls.chain.len(), 2);
         load_anchors(&pki.dir.path().join("root.pem")).unwrap();
@@ -122,16 +171,28 @@ mod tests {
         let path = |name: &str| pki.dir.path().join(name);
         std::fs::write(path("edge.pem"), leaf(&pki, &key, Role::Edge(edge_id))).unwrap();
         std::fs::write(path("other.key"), SigningKey::from_bytes(&[5; 32]).to_pkcs8_pem().as_bytes()).unwrap();
-        assert!(matches!(load_identity(&path("edge.pem"), &path("other.key")), Err(IdentityError::KeyMismatch { .. })));
+        assert!(matches!(
+            load_identity(&path("edge.pem"), &KeySource::File(path("other.key"))),
+            Err(IdentityError::KeyMismatch { .. })
+        ));
 
         let agent = AgentId::from_inception_key(&key.public_key());
         std::fs::write(path("agent.pem"), leaf(&pki, &key, Role::Agent(agent))).unwrap();
         std::fs::write(path("edge.key"), key.to_pkcs8_pem().as_bytes()).unwrap();
-        assert!(matches!(load_identity(&path("agent.pem"), &path("edge.key")), Err(IdentityError::NotAnEdge { .. })));
+        assert!(matches!(
+            load_identity(&path("agent.pem"), &KeySource::File(path("edge.key"))),
+            Err(IdentityError::NotAnEdge { .. })
+        ));
 
         std::fs::write(path("garbage.pem"), "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap();
-        assert!(matches!(load_identity(&path("garbage.pem"), &path("edge.key")), Err(IdentityError::Invalid { .. })));
-        assert!(matches!(load_identity(&path("absent.pem"), &path("edge.key")), Err(IdentityError::Read { .. })));
+        assert!(matches!(
+            load_identity(&path("garbage.pem"), &KeySource::File(path("edge.key"))),
+            Err(IdentityError::Invalid { .. })
+        ));
+        assert!(matches!(
+            load_identity(&path("absent.pem"), &KeySource::File(path("edge.key"))),
+            Err(IdentityError::Read { .. })
+        ));
         assert!(matches!(load_anchors(&path("garbage.pem")), Err(IdentityError::Invalid { .. })));
     }
 

@@ -82,16 +82,21 @@ impl Edge {
     /// Loads identity and trust, opens the buffer, binds the QUIC and admin sockets and
     /// starts serving.
     pub async fn start(config: EdgeConfig) -> anyhow::Result<EdgeHandle> {
-        let identity = load_identity(&config.identity.certificate_chain, &config.identity.private_key)
+        let identity = load_identity(&config.identity.certificate_chain, &config.identity.key)
             .context("while loading the edge identity")?;
         let anchors = Arc::new(load_anchors(&config.trust.anchors).context("while loading trust anchors")?);
         let revocations =
             load_revocations(config.trust.revocation_lists.iter().map(|l| (l.crl.as_path(), l.issuer.as_path())))
                 .context("while loading revocation lists")?;
         let revocations: tls::SharedRevocations = Arc::new(RwLock::new(revocations));
-        let server_tls =
-            tls::server_config(&identity.tls, anchors, revocations, ExpectedRole::AnyAgent, tls::ALPN_AGENT)
-                .context("while building the tls configuration")?;
+        let server_tls = tls::server_config_with_signer(
+            &identity.tls,
+            anchors,
+            revocations,
+            ExpectedRole::AnyAgent,
+            tls::ALPN_AGENT,
+        )
+        .context("while building the tls configuration")?;
         let quic = quic_server_config(server_tls, &config)?;
         let endpoint = quinn::Endpoint::server(quic, config.edge.listen_addr)
             .with_context(|| format!("while binding udp {}", config.edge.listen_addr))?;
