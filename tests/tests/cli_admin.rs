@@ -1,0 +1,301 @@
+//! The `molt` admin and registry commands end to end, against a real `molt-control-plane`
+//! process on its embedded SQLite default: the admin reads the bootstrap credential the
+//! control plane prints once, creates an org and its CA, issues an agent certificate
+//! with proof of possession, the agent registers and is found by search, and after the
+//! admin revokes it its signed requests are refused.
+
+use std::io::{BufRead as _, BufReader, Read as _};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use molt_tests::{binary, free_ports, http_get};
+use serde_json::Value;
+
+/// How long the control plane may take to print its credential and answer /healthz.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long one `molt` command may run.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(40);
+
+#[test]
+fn admin_and_agent_flows_through_the_cli() -> anyhow::Result<()> {
+    let temp = tempfile::tempdir()?;
+    let control_plane = ControlPlane::start(temp.path())?;
+    let cli = Cli { api: control_plane.url(), token: Some(control_plane.token.clone()), dir: temp.path().to_owned() };
+
+    // Orgs and the org CA.
+    let org = cli.json(&["org", "create", "acme"])?;
+    let org_id = text(&org, "id")?;
+    ensure!(org["name"] == "acme", "{org}");
+    let duplicate = cli.fails(&["org", "create", "acme"])?;
+    ensure!(duplicate.contains("org_name_taken") && duplicate.contains("409"), "{duplicate}");
+    let listed = cli.json(&["org", "list"])?;
+    ensure!(listed["items"][0]["id"] == org_id.as_str(), "{listed}");
+    ensure!(cli.json(&["org", "show", &org_id])?["name"] == "acme");
+    let ca = cli.json(&["org", "ca", "create", &org_id])?;
+    ensure!(ca["created"] == true && ca["org_id"] == org_id.as_str(), "{ca}");
+    ensure!(cli.json(&["org", "ca", "create", &org_id])?["created"] == false, "the second call finds the CA");
+
+    // An agent certificate, with proof of possession of the agent's key.
+    let agent_id = cli.stdout(&["keygen", "--dir", "alice"])?.trim().to_owned();
+    let issued = cli.json(&["cert", "issue-agent", "--org", &org_id, "--agent-dir", "alice"])?;
+    ensure!(issued["subject_id"] == agent_id.as_str() && issued["kind"] == "agent", "{issued}");
+    let serial = text(&issued, "serial")?;
+    for file in ["agent.pem", "card.json"] {
+        ensure!(temp.path().join("alice").join(file).exists(), "issue-agent wrote {file}");
+    }
+
+    // Registration, search, heartbeat, card round trip.
+    let registered = cli.json(&[
+        "agent",
+        "register",
+        "--agent-dir",
+        "alice",
+        "--name",
+        "Alice Translator",
+        "--description",
+        "translates between forty languages",
+        "--capability",
+        "translate.text@1.2#nlp,text",
+    ])?;
+    ensure!(registered["id"] == agent_id.as_str() && registered["health"] == "online", "{registered}");
+    ensure!(registered["key_binding"].is_string(), "the encryption key is published by default: {registered}");
+    let found = cli.json(&["agent", "search", "translator"])?;
+    ensure!(found["items"][0]["agent"]["id"] == agent_id.as_str(), "{found}");
+    let by_capability = cli.json(&["agent", "search", "--capability", "translate.text", "--tag", "nlp"])?;
+    ensure!(by_capability["items"][0]["agent"]["id"] == agent_id.as_str(), "{by_capability}");
+    let human = cli.stdout(&["agent", "search", "translater"])?;
+    ensure!(human.contains(&agent_id) && human.contains("Alice Translator"), "typo-tolerant, human output: {human}");
+    ensure!(cli.json(&["agent", "heartbeat", "--agent-dir", "alice"])?["health"] == "online");
+    cli.stdout(&["agent", "export-card", &agent_id, "--out", "card-a2a.json"])?;
+    let imported = cli.json(&["agent", "import-card", "--agent-dir", "alice", "card-a2a.json"])?;
+    ensure!(imported["revision"] == 2 && imported["capabilities"] == registered["capabilities"], "{imported}");
+    let shown = cli.json(&["agent", "show", &agent_id])?;
+    ensure!(shown["name"] == "Alice Translator", "{shown}");
+
+    // Admin keys: a read-only key cannot create orgs.
+    let reader = cli.json(&["admin-key", "create", "--name", "reader", "--scope", "read"])?;
+    let reader_cli = Cli { token: Some(text(&reader, "token")?), ..cli.clone() };
+    ensure!(reader_cli.json(&["org", "list"])?["items"].as_array().is_some_and(|items| items.len() == 1));
+    let refused = reader_cli.fails(&["org", "create", "other"])?;
+    ensure!(refused.contains("missing_scope") && refused.contains("403"), "{refused}");
+    let keys = cli.json(&["admin-key", "list"])?;
+    ensure!(keys["items"].as_array().is_some_and(|items| items.len() == 2), "{keys}");
+    let revoked_key = cli.json(&["admin-key", "revoke", &text(&reader["key"], "id")?])?;
+    ensure!(revoked_key["revoked_at_ms"].is_u64(), "{revoked_key}");
+    ensure!(reader_cli.fails(&["org", "list"])?.contains("revoked_credentials"));
+
+    // Revocation: the agent leaves search and its signed requests are refused.
+    let revoked = cli.json(&["agent", "revoke", &agent_id])?;
+    ensure!(revoked["id"] == agent_id.as_str(), "{revoked}");
+    ensure!(cli.json(&["agent", "revoke", &agent_id])? == revoked, "revoking again changes nothing");
+    let refused = cli.fails(&["agent", "heartbeat", "--agent-dir", "alice"])?;
+    ensure!(refused.contains("revoked_agent") && refused.contains("401"), "{refused}");
+    let refused = cli.fails(&["agent", "update", "--agent-dir", "alice", "--name", "Alice Again"])?;
+    ensure!(refused.contains("revoked_agent"), "{refused}");
+    let after = cli.json(&["agent", "search", "translator"])?;
+    ensure!(after["items"].as_array().is_some_and(Vec::is_empty), "{after}");
+    ensure!(cli.fails(&["agent", "show", &agent_id])?.contains("not_found"));
+
+    // Certificate revocation shows in the trust bundle.
+    let before = cli.json(&["cert", "trust-bundle"])?["sequence"].as_u64().context("sequence")?;
+    let revocation = cli.json(&["cert", "revoke", &serial, "--reason", "key_compromise"])?;
+    ensure!(revocation["reason"] == "key_compromise", "{revocation}");
+    let bundle = cli.json(&["cert", "trust-bundle"])?;
+    ensure!(bundle["sequence"].as_u64() > Some(before), "{bundle}");
+    Ok(())
+}
+
+#[test]
+fn the_cli_reports_problems_and_missing_credentials() -> anyhow::Result<()> {
+    let temp = tempfile::tempdir()?;
+    let control_plane = ControlPlane::start(temp.path())?;
+    let anonymous = Cli { api: control_plane.url(), token: None, dir: temp.path().to_owned() };
+
+    let missing = anonymous.fails(&["org", "list"])?;
+    ensure!(missing.contains("an admin token is needed"), "{missing}");
+    let forged = Cli { token: Some("molt_admin_not-a-real-token".to_owned()), ..anonymous.clone() };
+    ensure!(forged.fails(&["org", "list"])?.contains("invalid_credentials"));
+    let admin = Cli { token: Some(control_plane.token.clone()), ..anonymous.clone() };
+    let invalid = admin.fails(&["org", "create", "Not A Label"])?;
+    ensure!(invalid.starts_with("error: creating an org: ") && invalid.contains("HTTP 422"), "{invalid}");
+    let unknown = admin.fails(&["cert", "issue-agent", "--org", "org_nope", "--agent-dir", "nobody"])?;
+    ensure!(unknown.contains("agent keys"), "no keys yet: {unknown}");
+
+    // Unregistered agents cannot heartbeat; a foreign card is refused with the server's detail.
+    anonymous.stdout(&["keygen", "--dir", "bob"])?;
+    ensure!(anonymous.fails(&["agent", "heartbeat", "--agent-dir", "bob"])?.contains("unknown_agent"));
+    let card = temp.path().join("foreign.json");
+    std::fs::write(
+        &card,
+        r#"{"name": "Foreign", "url": "https://agent.example/a2a", "version": "1", "skills": [],
+            "defaultInputModes": ["application/json"], "defaultOutputModes": ["application/json"]}"#,
+    )?;
+    let refused = anonymous.fails(&["agent", "import-card", "--agent-dir", "bob", "foreign.json"])?;
+    ensure!(refused.contains("unmappable_card") && refused.contains("url"), "{refused}");
+    let unreachable = Cli { api: "http://127.0.0.1:9".to_owned(), ..anonymous.clone() };
+    ensure!(unreachable.fails(&["agent", "search"])?.contains("searching agents"));
+    Ok(())
+}
+
+/// `molt` with the API flags set through its environment, run in `dir`.
+#[derive(Clone, Debug)]
+struct Cli {
+    api: String,
+    token: Option<String>,
+    dir: PathBuf,
+}
+
+impl Cli {
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(molt_binary());
+        command.args(args).current_dir(&self.dir).env("MOLT_API", &self.api).env_remove("MOLT_ADMIN_TOKEN");
+        if let Some(token) = &self.token {
+            command.env("MOLT_ADMIN_TOKEN", token);
+        }
+        command
+    }
+
+    /// Runs a command that must succeed; its standard output.
+    fn stdout(&self, args: &[&str]) -> anyhow::Result<String> {
+        let (status, stdout, stderr) = run(self.command(args))?;
+        ensure!(status.success(), "molt {args:?} exited with {status}:\n{stderr}");
+        Ok(stdout)
+    }
+
+    /// Runs a command with `--json`; its answer.
+    fn json(&self, args: &[&str]) -> anyhow::Result<Value> {
+        let mut with_json = args.to_vec();
+        with_json.push("--json");
+        let stdout = self.stdout(&with_json)?;
+        serde_json::from_str(stdout.trim()).with_context(|| format!("molt {args:?} printed {stdout:?}"))
+    }
+
+    /// Runs a command that must fail with exit status 1; its standard error.
+    fn fails(&self, args: &[&str]) -> anyhow::Result<String> {
+        let (status, stdout, stderr) = run(self.command(args))?;
+        ensure!(status.code() == Some(1), "molt {args:?} exited with {status}; stdout {stdout:?}, stderr {stderr:?}");
+        ensure!(stderr.starts_with("error: "), "molt {args:?}: {stderr:?}");
+        Ok(stderr)
+    }
+}
+
+fn text(value: &Value, field: &str) -> anyhow::Result<String> {
+    value[field].as_str().map(str::to_owned).with_context(|| format!("no {field} in {value}"))
+}
+
+fn run(mut command: Command) -> anyhow::Result<(ExitStatus, String, String)> {
+    let description = format!("{command:?}");
+    let mut child = Guard(command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?);
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    // Small outputs: they fit in the pipes until the process has exited.
+    let status = loop {
+        if let Some(status) = child.0.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            bail!("{description} did not exit within {COMMAND_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (mut stdout, mut stderr) = (String::new(), String::new());
+    child.0.stdout.take().context("stdout")?.read_to_string(&mut stdout)?;
+    child.0.stderr.take().context("stderr")?.read_to_string(&mut stderr)?;
+    Ok((status, stdout, stderr))
+}
+
+/// A child process killed and reaped when dropped.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A `molt-control-plane` process on a fresh SQLite file in `dir`.
+struct ControlPlane {
+    _process: Guard,
+    addr: SocketAddr,
+    /// The bootstrap admin credential it printed on its first start.
+    token: String,
+}
+
+impl ControlPlane {
+    fn start(dir: &Path) -> anyhow::Result<ControlPlane> {
+        let (_, port) = free_ports();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let database = format!("sqlite:{}", dir.join("control-plane.db").display());
+        let mut command = Command::new(control_plane_binary());
+        command
+            .args(["--listen", &addr.to_string(), "--database-url", &database])
+            .current_dir(dir)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut process = Guard(command.spawn().context("while starting molt-control-plane")?);
+        let stderr = process.0.stderr.take().context("stderr")?;
+        let (lines_tx, lines) = mpsc::sync_channel(256);
+        // Drains stderr for the life of the process, so it never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = lines_tx.try_send(line);
+            }
+        });
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut seen = String::new();
+        let token = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = lines.recv_timeout(left).with_context(|| format!("no bootstrap credential printed:\n{seen}"))?;
+            if let Some(token) = line.split_whitespace().find(|word| word.starts_with("molt_admin_")) {
+                break token.to_owned();
+            }
+            seen.push_str(&line);
+            seen.push('\n');
+        };
+        while http_get(addr, "/healthz").map(|(status, _)| status).ok() != Some(200) {
+            ensure!(Instant::now() < deadline, "the control plane did not answer /healthz:\n{seen}");
+            if let Some(status) = process.0.try_wait()? {
+                bail!("the control plane exited with {status}:\n{seen}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(ControlPlane { _process: process, addr, token })
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// Builds `molt` and `molt-control-plane` once per test process, from the workspace (not
+/// this package's directory), so that [`binary`] finds both fresh: it only rebuilds for
+/// the crates it watches, and the control plane is not among them.
+fn build_binaries() {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    BUILT.call_once(|| {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
+        let mut build = Command::new(env!("CARGO"));
+        build.current_dir(workspace).args(["build", "--quiet", "-p", "molt", "-p", "molt-control-plane", "--bins"]);
+        if !cfg!(debug_assertions) {
+            build.arg("--release");
+        }
+        let status = build.status().expect("cargo build runs");
+        assert!(status.success(), "building molt and molt-control-plane failed");
+    });
+}
+
+fn control_plane_binary() -> PathBuf {
+    build_binaries();
+    binary("molt-control-plane")
+}
+
+fn molt_binary() -> PathBuf {
+    build_binaries();
+    binary("molt")
+}
