@@ -42,6 +42,11 @@ enum Command {
         #[command(subcommand)]
         command: TranscriptCommand,
     },
+    /// Generates or shows an Ed25519 key on a token (prints its public key as PEM).
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
     /// Lists slots, tokens and mechanisms; with --token, checks Ed25519 for real.
     Doctor {
         #[arg(long)]
@@ -52,6 +57,35 @@ enum Command {
         #[command(flatten)]
         pin: PinArgs,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyCommand {
+    /// Generates an Ed25519 key pair inside the token (sensitive, never extractable).
+    Generate {
+        #[command(flatten)]
+        key: KeyArgs,
+    },
+    /// Prints the public key of an Ed25519 key on the token.
+    Show {
+        #[command(flatten)]
+        key: KeyArgs,
+    },
+}
+
+/// Which key on which token.
+#[derive(Args, Debug)]
+struct KeyArgs {
+    #[arg(long)]
+    module: PathBuf,
+    /// Label of the token.
+    #[arg(long)]
+    token: String,
+    /// Label of the key.
+    #[arg(long)]
+    label: String,
+    #[command(flatten)]
+    pin: PinArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -108,6 +142,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Transcript { command: TranscriptCommand::Verify { file, signer_certificate } } => {
             verify_transcript(&file, signer_certificate.as_deref())
+        }
+        Command::Key { command } => {
+            let (key, generate) = match command {
+                KeyCommand::Generate { key } => (key, true),
+                KeyCommand::Show { key } => (key, false),
+            };
+            let token = Token::open(&TokenConfig {
+                module: key.module.clone(),
+                token: TokenSelector::Label(key.token.clone()),
+                pin: key.pin.source(),
+                pool_size: 1,
+            })
+            .context("while opening the token")?;
+            let found = if generate {
+                token.generate_ed25519(&key.label)?
+            } else {
+                token.find_ed25519(molt_hsm::key::KeyName::Label(&key.label))?
+            };
+            print!("{}", public_key_pem(&found.public_key()));
+            Ok(ExitCode::SUCCESS)
         }
         Command::Doctor { module, token, pin } => {
             let config = token.map(|label| TokenConfig {
@@ -232,4 +286,11 @@ fn verify_transcript(file: &Path, signer_certificate: Option<&Path>) -> anyhow::
         ),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// PEM `PUBLIC KEY` (SubjectPublicKeyInfo), as `openssl pkey -pubout` writes it.
+fn public_key_pem(key: &molt_protocol::keys::PublicKey) -> String {
+    let mut der = vec![0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
+    der.extend_from_slice(key.as_bytes());
+    molt_protocol::cert::pem_encode("PUBLIC KEY", &der)
 }
