@@ -62,6 +62,11 @@ impl Backend {
     }
 }
 
+/// Bytes of a SQLite file read through a memory mapping (address space, not memory).
+pub const SQLITE_MMAP_BYTES: u64 = 4 << 30;
+const SQLITE_MMAP_PRAGMA: &str = "PRAGMA mmap_size = 4294967296";
+const _: () = assert!(SQLITE_MMAP_BYTES == 4_294_967_296);
+
 /// How to reach the database.
 #[derive(Clone, PartialEq, Eq)]
 pub struct DatabaseOptions {
@@ -153,6 +158,20 @@ impl Database {
         let pool = AnyPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)
+            .after_connect(move |connection, _| {
+                Box::pin(async move {
+                    let setting = match backend {
+                        // Statements are prepared once per connection and their shape never
+                        // depends on a value's selectivity: plan them once, not per call.
+                        Backend::Postgres => "SET plan_cache_mode = force_generic_plan",
+                        // Read pages through a shared mapping instead of a small cache and a
+                        // read() per page in every connection.
+                        Backend::Sqlite => SQLITE_MMAP_PRAGMA,
+                    };
+                    sqlx::Executor::execute(&mut *connection, setting).await?;
+                    Ok(())
+                })
+            })
             .connect(&url)
             .await
             .map_err(ConnectError::Connect)?;

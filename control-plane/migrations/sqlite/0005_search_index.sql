@@ -22,7 +22,7 @@ CREATE TABLE agent_search (
     impact   REAL NOT NULL
 ) STRICT;
 CREATE INDEX agent_search_postings ON agent_search (token, impact DESC, agent_id, weight);
-CREATE INDEX agent_search_agent ON agent_search (agent_id);
+CREATE INDEX agent_search_agent ON agent_search (agent_id, token, weight);
 
 -- Capabilities and tags of public agents, ordered by trust for filter-only listings.
 CREATE TABLE agent_capabilities (

@@ -29,8 +29,10 @@ pub(super) const WEIGHT_DESCRIPTION: i64 = 1;
 pub const INDEX_VERSION: i64 = 1;
 /// Agents rebuilt per transaction by [`ensure_index`].
 pub const REBUILD_BATCH: usize = 500;
-/// Bound parameters per statement, under SQLite's 32,766 and PostgreSQL's 65,535.
-pub(super) const BIND_PARAMETERS_MAX: usize = 30_000;
+/// Bound parameters per multi-row statement. Both databases allow far more (32,766 and
+/// 65,535), but SQLite resolves `$N` names by a linear search, so a statement's parse
+/// time grows with the square of its parameters.
+pub(super) const BIND_PARAMETERS_MAX: usize = 1_000;
 
 /// Lowest and highest trust factor; [`set_trust`] refuses anything outside.
 pub const TRUST_MIN: f64 = 0.0;

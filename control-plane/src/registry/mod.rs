@@ -16,7 +16,7 @@ pub use index::{
     tokens,
 };
 pub use search::{
-    POSTINGS_PER_EXPANSION, POSTINGS_PER_WORD, PREFIX_TERMS_MAX, QUERY_TOKENS_MAX, SearchHit, SearchPage, SearchQuery,
+    EXPANSION_WINDOW_DIVISOR, PREFIX_TERMS_MAX, QUERY_TOKENS_MAX, RANK_WINDOW_MIN, SearchHit, SearchPage, SearchQuery,
     TYPO_CANDIDATES_MAX, TYPO_TERMS_MAX, search,
 };
 

@@ -3,13 +3,18 @@
 //! **With text**, each query word becomes one or more *terms*: the word itself (matched
 //! in names, capabilities and descriptions) and, for words of 3 or more characters, name
 //! terms from the vocabulary that are within the word's typo budget or start with it.
-//! Each term reads at most a fixed number of postings in impact order (weight × trust),
-//! so a query costs the same whether a word occurs in ten agents or in a million. One
-//! statement then takes, per agent and query word, the best match, sums them into the
+//! Each term reads a bounded window of postings in impact order (weight × trust): the
+//! [`RANK_WINDOW_MIN`] best for the first pages, as deep as the page for deeper ones (a
+//! quarter of that for an expanded term). The windows give the candidates, so a query
+//! costs the same whether a word occurs in ten agents or in a million, and a deeper page
+//! costs what it reaches. One statement then scores each candidate from all its postings
+//! of the query's terms (an agent matching every word scores for each, however deep its
+//! postings lie), taking per query word the best match and summing them into the
 //! relevance, multiplies by liveness (from the last heartbeat or edge presence) and
-//! trust, and returns the requested page. Scores: a name word 3, within the typo budget
-//! 2 − 0.5 per edit, a prefix of a name word 1.5, a capability or tag word 2, a
-//! description word 1.
+//! trust, and returns the requested page. Ranking is exact among the candidates; as the
+//! windows grow with the offset, pages past the first window can shift slightly against
+//! earlier ones. Scores: a name word 3, within the typo budget 2 − 0.5 per edit, a prefix
+//! of a name word 1.5, a capability or tag word 2, a description word 1.
 //!
 //! **Without text** (filters only, or nothing), results are listed by trust, best first,
 //! straight from the `(capability or tag, trust)` indexes; liveness is shown, not ranked.
@@ -31,10 +36,11 @@ use crate::db::Database;
 
 /// Most query words used; further words are ignored.
 pub const QUERY_TOKENS_MAX: usize = 8;
-/// Postings read per query word, best impact first.
-pub const POSTINGS_PER_WORD: u32 = 250;
-/// Postings read per vocabulary term a word expands to.
-pub const POSTINGS_PER_EXPANSION: u32 = 100;
+/// Postings read per query word, best impact first, for pages within the first window;
+/// a deeper page reads as deep as it reaches (`offset + limit`).
+pub const RANK_WINDOW_MIN: u32 = 50;
+/// Postings read per vocabulary term a word expands to, as a fraction of the above.
+pub const EXPANSION_WINDOW_DIVISOR: u32 = 4;
 /// Name terms within the typo budget taken per word, nearest first.
 pub const TYPO_TERMS_MAX: usize = 4;
 /// Name terms that start with the word taken per word.
@@ -204,8 +210,12 @@ async fn ranked(
             terms.push(Term { word, term, name_score: Some(score) });
         }
     }
-    // $1 now, $2 limit, $3 offset, $4… the filters, then per term its text, its word and,
-    // for a name term, its score.
+    // One more than the page reaches, to know whether another page follows.
+    let window =
+        query.offset.saturating_add(query.limit).saturating_add(1).clamp(RANK_WINDOW_MIN, SEARCH_CANDIDATES_MAX);
+    let expansion_window = (window / EXPANSION_WINDOW_DIVISOR).max(1);
+    // $1 now, $2 limit, $3 offset, $4… the filters, then per term its text, its word and
+    // its score (-1: the word itself, scored by the field it occurs in).
     let filters = Filters::new(query, "s.agent_id", 4);
     let mut binds = filters.binds.clone();
     let placeholder = |binds: &mut Vec<Bind>, value: Bind| {
@@ -213,42 +223,44 @@ async fn ranked(
         format!("${}", 3 + binds.len())
     };
     let mut branches = Vec::with_capacity(terms.len());
+    let mut scoring = Vec::with_capacity(terms.len());
     for (i, term) in terms.iter().enumerate() {
         let token = placeholder(&mut binds, Bind::Text(term.term.clone()));
         let word = placeholder(&mut binds, Bind::Int(term.word as i64));
-        let branch = match term.name_score {
-            None => format!(
-                "SELECT agent_id, CAST({word} AS BIGINT) AS word, CAST(weight AS DOUBLE PRECISION) AS s \
-                 FROM (SELECT s.agent_id, s.weight FROM agent_search s WHERE s.token = {token}{} \
-                 ORDER BY s.impact DESC LIMIT {POSTINGS_PER_WORD}) AS b{i}",
-                filters.sql
-            ),
-            Some(value) => {
-                let score = placeholder(&mut binds, Bind::Real(value));
-                format!(
-                    "SELECT agent_id, CAST({word} AS BIGINT) AS word, CAST({score} AS DOUBLE PRECISION) AS s \
-                     FROM (SELECT s.agent_id FROM agent_search s WHERE s.token = {token} AND s.weight = {WEIGHT_NAME}{} \
-                     ORDER BY s.impact DESC LIMIT {POSTINGS_PER_EXPANSION}) AS b{i}",
-                    filters.sql
-                )
-            }
+        let score = placeholder(&mut binds, Bind::Real(term.name_score.unwrap_or(-1.0)));
+        scoring.push(format!("({token}, {word}, {score})"));
+        let (name_only, depth) = match term.name_score {
+            None => ("", window),
+            Some(_) => (" AND s.weight = 3", expansion_window),
         };
-        branches.push(branch);
+        branches.push(format!(
+            "SELECT agent_id FROM (SELECT s.agent_id FROM agent_search s WHERE s.token = {token}{name_only}{} \
+             ORDER BY s.impact DESC LIMIT {depth}) AS b{i}",
+            filters.sql
+        ));
     }
     let online = i64::try_from(ONLINE_WITHIN.as_millis()).unwrap_or(i64::MAX);
     let degraded = i64::try_from(DEGRADED_WITHIN.as_millis()).unwrap_or(i64::MAX);
     let columns = prefixed_agent_columns();
+    // Candidates come from the windows; their relevance from all their postings of the
+    // query's terms, however deep, so an agent matching every word scores for each.
     let sql = format!(
         "SELECT {columns}, r.relevance AS relevance FROM (\
             SELECT agent_id, SUM(best) AS relevance FROM (\
-                SELECT agent_id, word, MAX(s) AS best FROM ({}) AS h GROUP BY agent_id, word\
+                SELECT s.agent_id AS agent_id, q.column2 AS word, MAX(CASE WHEN q.column3 < 0 \
+                    THEN CAST(s.weight AS DOUBLE PRECISION) WHEN s.weight = {WEIGHT_NAME} THEN q.column3 ELSE 0.0 END) AS best \
+                FROM (SELECT DISTINCT agent_id FROM ({}) AS h) AS c \
+                JOIN agent_search s ON s.agent_id = c.agent_id \
+                JOIN (VALUES {}) AS q ON q.column1 = s.token \
+                GROUP BY s.agent_id, q.column2\
             ) AS m GROUP BY agent_id\
          ) AS r JOIN agents a ON a.id = r.agent_id \
-         WHERE a.expires_at_ms > $1 AND a.revoked_at_ms IS NULL \
+         WHERE a.expires_at_ms > $1 AND a.revoked_at_ms IS NULL AND r.relevance > 0 \
          ORDER BY r.relevance * (CASE WHEN a.last_heartbeat_ms > $1 - {online} THEN {LIVENESS_ONLINE:?} \
              WHEN a.last_heartbeat_ms > $1 - {degraded} THEN {LIVENESS_DEGRADED:?} ELSE {LIVENESS_OFFLINE:?} END) \
              * a.trust DESC, a.id LIMIT $2 OFFSET $3",
-        branches.join(" UNION ALL ")
+        branches.join(" UNION ALL "),
+        scoring.join(", ")
     );
     let mut statement =
         sqlx::query(&sql).bind(to_db(now)).bind(i64::from(query.limit) + 1).bind(i64::from(query.offset));
@@ -269,7 +281,8 @@ async fn ranked(
 }
 
 /// Name terms of the vocabulary a query word also matches, with their scores: within
-/// the word's typo budget (nearest first) or starting with it.
+/// the word's typo budget (nearest first) or starting with it. A word that is itself a
+/// name term is taken as typed: it expands to nothing.
 async fn expansions(db: &Database, word: &str) -> Result<Vec<(String, f64)>, RegistryQueryError> {
     let chars = word.chars().count();
     if chars < 3 {
@@ -292,7 +305,8 @@ async fn expansions(db: &Database, word: &str) -> Result<Vec<(String, f64)>, Reg
         binds.push(Bind::Int(shared_min));
         sql.push_str(&format!(
             "SELECT term, CAST(0 AS BIGINT) AS prefix FROM (SELECT term, COUNT(*) AS shared FROM search_term_trigrams \
-             WHERE trigram IN ({}) GROUP BY term HAVING COUNT(*) >= ${} \
+             WHERE trigram IN ({}) AND NOT EXISTS (SELECT 1 FROM search_terms WHERE term = $WORD) \
+             GROUP BY term HAVING COUNT(*) >= ${} \
              ORDER BY shared DESC, term LIMIT {TYPO_CANDIDATES_MAX}) AS typo UNION ALL ",
             placeholders.join(", "),
             binds.len()
@@ -303,8 +317,9 @@ async fn expansions(db: &Database, word: &str) -> Result<Vec<(String, f64)>, Reg
     binds.push(Bind::Text(format!("{word}{}", char::MAX)));
     sql.push_str(&format!(
         "SELECT term, CAST(1 AS BIGINT) AS prefix FROM (SELECT term FROM search_terms WHERE term > ${low} AND term < ${high} \
-         ORDER BY term LIMIT {PREFIX_TERMS_MAX}) AS prefixed"
+         AND NOT EXISTS (SELECT 1 FROM search_terms WHERE term = ${low}) ORDER BY term LIMIT {PREFIX_TERMS_MAX}) AS prefixed"
     ));
+    let sql = sql.replace("$WORD", &format!("${low}"));
     let mut statement = sqlx::query(&sql);
     for value in binds {
         statement = bind(statement, value);
