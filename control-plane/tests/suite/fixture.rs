@@ -82,6 +82,53 @@ impl Drop for Fixture {
     }
 }
 
+/// An empty PostgreSQL database (no migrations applied), dropped on drop: for tests
+/// where processes of their own open it.
+pub struct ScratchPostgres {
+    name: String,
+    url: String,
+}
+
+impl ScratchPostgres {
+    pub fn create() -> ScratchPostgres {
+        let name = format!("molt_test_{:016x}", rand::rngs::OsRng.next_u64());
+        let maintenance = maintenance_url();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        runtime.block_on(async {
+            let mut connection = sqlx::PgConnection::connect(&maintenance)
+                .await
+                .unwrap_or_else(|error| panic!("PostgreSQL is not reachable at {maintenance} ({error})"));
+            sqlx::query(&format!("CREATE DATABASE {name}"))
+                .execute(&mut connection)
+                .await
+                .unwrap_or_else(|error| panic!("create the test database {name}: {error}"));
+            let _ = connection.close().await;
+        });
+        ScratchPostgres { url: database_url(&maintenance, &name), name }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl Drop for ScratchPostgres {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let dropper = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            runtime.block_on(async {
+                let mut connection = sqlx::PgConnection::connect(&maintenance_url()).await?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut connection).await?;
+                connection.close().await
+            })
+        });
+        if let Ok(Err(error)) = dropper.join() {
+            eprintln!("warning: failed to drop a test database: {error}");
+        }
+    }
+}
+
 fn options(url: String) -> DatabaseOptions {
     DatabaseOptions { url, max_connections: 4, acquire_timeout: Duration::from_secs(10) }
 }

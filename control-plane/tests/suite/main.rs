@@ -10,6 +10,7 @@ mod grpc;
 mod ledger;
 mod registry;
 mod replicas;
+mod replicas;
 mod search;
 mod storage;
 
