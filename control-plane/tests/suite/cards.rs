@@ -29,6 +29,7 @@ crate::on_both_backends!(
     bad_cards_get_problems_and_change_nothing,
     bad_card_requests_are_refused,
     admins_revoke_agents_idempotently,
+    card_import_and_agent_revocation_are_documented,
 );
 
 const T0: UnixMillis = UnixMillis(1_700_000_000_000);
@@ -358,4 +359,17 @@ async fn admins_revoke_agents_idempotently(fixture: &Fixture) {
     assert_problem(&heartbeat, StatusCode::UNAUTHORIZED, "revoked_agent");
     let card = agent.card("Back Again");
     assert_problem(&harness.put_card(&agent, &card).await, StatusCode::UNAUTHORIZED, "revoked_agent");
+}
+
+async fn card_import_and_agent_revocation_are_documented(fixture: &Fixture) {
+    let harness = Harness::new(fixture).await;
+    let (status, document) = harness.get("/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    let import = &document["paths"]["/v1/agents/{id}/agent-card.json"]["put"];
+    assert!(import["requestBody"].is_object() && import["responses"]["201"].is_object(), "{import}");
+    assert!(import["responses"]["422"].is_object(), "{import}");
+    assert!(import.get("security").is_none(), "signed by the agent, not an admin: {import}");
+    let revoke = &document["paths"]["/v1/agents/{id}/revoke"]["post"];
+    assert!(revoke["security"][0]["admin_key"].is_array(), "{revoke}");
+    assert!(revoke["responses"]["401"].is_object() && revoke["responses"]["404"].is_object(), "{revoke}");
 }
