@@ -10,7 +10,6 @@ mod grpc;
 mod ledger;
 mod registry;
 mod replicas;
-mod replicas;
 mod search;
 mod storage;
 
