@@ -20,6 +20,7 @@ pub mod doctor;
 pub mod error;
 pub mod key;
 pub mod pin;
+pub mod rehearsal;
 pub mod softhsm;
 pub mod token;
 pub mod transcript;

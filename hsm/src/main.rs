@@ -4,14 +4,13 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use molt_hsm::ceremony::{Ceremony, Mode};
-use molt_hsm::softhsm::{SOFTHSM2_MODULE, SoftHsm};
-use molt_hsm::{PinSource, SESSION_POOL_SIZE_DEFAULT, Token, TokenConfig, TokenSelector, doctor, transcript};
-
-/// Variable that carries the throw-away PIN from a dry run to its rehearsal process.
-const REHEARSAL_PIN_VAR: &str = "MOLT_HSM_REHEARSAL_PIN";
+use molt_hsm::softhsm::SOFTHSM2_MODULE;
+use molt_hsm::{
+    PinSource, SESSION_POOL_SIZE_DEFAULT, Token, TokenConfig, TokenSelector, doctor, rehearsal, transcript,
+};
 
 #[derive(Parser, Debug)]
 #[command(name = "molt-hsm", version, about = "Molt HSM keys: ceremonies, transcripts, module doctor")]
@@ -191,53 +190,15 @@ fn real_ceremony(ceremony: &Ceremony, pin: PinSource) -> anyhow::Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
-/// Sets up a throw-away SoftHSM2 token named like the real one and re-runs this program
-/// as the rehearsal, so the module sees that token directory.
 fn dry_run_ceremony(ceremony: &Ceremony, file: &Path, softhsm_module: &Path) -> anyhow::Result<ExitCode> {
-    ceremony.check_outputs_absent(&Mode::Real)?;
-    let out_dir = std::env::temp_dir().join(format!(
-        "molt-ceremony-dry-run-{}-{}",
-        std::process::id(),
-        molt_protocol::UnixMillis::now_from_system().0
-    ));
-    std::fs::create_dir(&out_dir).with_context(|| format!("while creating {}", out_dir.display()))?;
-    let token_dir = out_dir.join("softhsm");
-    let softhsm = SoftHsm::create(&token_dir, softhsm_module)?;
-    let label = match ceremony.token_selector() {
-        TokenSelector::Label(label) => label,
-        TokenSelector::SlotIndex(_) => "rehearsal".to_owned(),
-    };
-    let pin = transcript::hex(&transcript::sha256(out_dir.as_os_str().as_encoded_bytes()))[..16].to_owned();
-    softhsm.init_token(&label, &pin, &pin)?;
-    let status = softhsm
-        .command(std::env::current_exe().context("while finding this program")?)
-        .arg("ceremony")
-        .arg(file)
-        .arg("--softhsm-module")
-        .arg(softhsm_module)
-        .arg("--rehearse-into")
-        .arg(&out_dir)
-        .env(REHEARSAL_PIN_VAR, &pin)
-        .status()
-        .context("while starting the rehearsal")?;
-    let _ = std::fs::remove_dir_all(&token_dir);
-    if !status.success() {
-        let _ = std::fs::remove_dir_all(&out_dir);
-        bail!("the dry run failed; the real ceremony would fail the same way");
-    }
+    let program = std::env::current_exe().context("while finding this program")?;
+    let out_dir = rehearsal::start(ceremony, file, softhsm_module, &program)?;
     println!("dry run passed; rehearsal outputs are in {} (the real token was not touched)", out_dir.display());
     Ok(ExitCode::SUCCESS)
 }
 
 fn rehearse(ceremony: &Ceremony, softhsm_module: &Path, out_dir: PathBuf) -> anyhow::Result<ExitCode> {
-    let token = Token::open(&TokenConfig {
-        module: softhsm_module.to_owned(),
-        token: TokenSelector::SlotIndex(0),
-        pin: PinSource::Env(REHEARSAL_PIN_VAR.to_owned()),
-        pool_size: SESSION_POOL_SIZE_DEFAULT,
-    })
-    .context("while opening the rehearsal token")?;
-    let report = ceremony.run(&token, &Mode::Rehearsal { out_dir })?;
+    let report = rehearsal::run(ceremony, softhsm_module, out_dir)?;
     print_report(&report)?;
     Ok(ExitCode::SUCCESS)
 }
