@@ -34,14 +34,21 @@ pub fn binary(name: &str) -> PathBuf {
     let mut checked = CHECKED.lock().unwrap_or_else(|p| p.into_inner());
     if !checked.iter().any(|n| n == name) {
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
-        let newest_source = ["protocol", "edge", "sdk", "cli"]
-            .iter()
-            .filter_map(|member| newest_modification(&workspace.join(member).join("src")))
-            .max();
+        let sources = [
+            "protocol/src",
+            "hsm/src",
+            "edge/src",
+            "sdk/src",
+            "control-plane/src",
+            "control-plane/migrations",
+            "cli/src",
+        ];
+        let newest_source = sources.iter().filter_map(|dir| newest_modification(&workspace.join(dir))).max();
         let built = std::fs::metadata(&path).and_then(|metadata| metadata.modified()).ok();
         if built.is_none() || newest_source > built {
             let mut build = Command::new(env!("CARGO"));
-            build.args(["build", "--quiet", "--bin", name]);
+            // From the workspace root: `--bin` names a binary of any member there.
+            build.current_dir(workspace).args(["build", "--quiet", "--bin", name]);
             if !cfg!(debug_assertions) {
                 build.arg("--release");
             }
