@@ -34,7 +34,8 @@ use crate::db::Database;
 pub const LEDGER_QUEUE_DEPTH: usize = 4096;
 /// Most commands one transaction carries (a job larger than this runs alone).
 pub const BATCH_COMMANDS_MAX: usize = 8192;
-/// Writer tasks per process.
+/// Writer tasks per process on PostgreSQL; SQLite has one writer, so one task there
+/// (a second would only wait in SQLite's busy handler).
 pub const WRITER_TASKS: usize = 2;
 /// Attempts at a batch that keeps failing with retryable errors.
 pub const RETRY_ATTEMPTS_MAX: u32 = 10;
@@ -159,7 +160,8 @@ impl Drop for ExpiryWorker {
 fn spawn_writers(db: Database, clock: Arc<dyn Clock>) -> mpsc::Sender<Job> {
     let (sender, receiver) = mpsc::channel(LEDGER_QUEUE_DEPTH);
     let receiver = Arc::new(Mutex::new(receiver));
-    for _ in 0..WRITER_TASKS {
+    let writers = if db.backend() == crate::db::Backend::Sqlite { 1 } else { WRITER_TASKS };
+    for _ in 0..writers {
         // The tasks end when every sender (the Ledger) is gone and the queue is empty.
         tokio::spawn(run_writer(db.clone(), Arc::clone(&clock), Arc::clone(&receiver)));
     }

@@ -122,25 +122,33 @@ pub async fn execute(
     Ok(outcomes)
 }
 
-/// Creates the accounts if missing (their own transaction, before any batch uses them).
+/// Creates the accounts if missing (their own transaction per statement, before any
+/// batch uses them; ids in order, like every other lock).
 pub async fn ensure_accounts(db: &Database, ids: &[AccountId], now: UnixMillis) -> Result<(), LedgerQueryError> {
     let mut sorted: Vec<&AccountId> = ids.iter().collect();
     sorted.sort();
     sorted.dedup();
-    for id in sorted {
-        let (kind, owner) = id.kind_and_owner();
-        sqlx::query(
+    for chunk in fixed_chunks(&sorted) {
+        let sql = format!(
             "INSERT INTO ledger_accounts (id, kind, owner, flags, debits_pending, debits_posted, credits_pending, \
-             credits_posted, created_at_ms) VALUES ($1, $2, $3, $4, 0, 0, 0, 0, $5) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(id.as_str().to_owned())
-        .bind(kind.as_str())
-        .bind(owner.map(|agent| agent.to_string()))
-        .bind(AccountFlags::for_kind(kind).0 as i64)
-        .bind(to_db(now))
-        .execute(db.pool())
-        .await
-        .map_err(query_error("creating an account"))?;
+             credits_posted, created_at_ms) VALUES {} ON CONFLICT (id) DO NOTHING",
+            rows_placeholders(db.backend() == Backend::Sqlite, chunk.len(), 9)
+        );
+        let mut query = sqlx::query(&sql);
+        for id in chunk {
+            let (kind, owner) = id.kind_and_owner();
+            query = query
+                .bind(id.as_str().to_owned())
+                .bind(kind.as_str())
+                .bind(owner.map(|agent| agent.to_string()))
+                .bind(AccountFlags::for_kind(kind).0 as i64)
+                .bind(0i64)
+                .bind(0i64)
+                .bind(0i64)
+                .bind(0i64)
+                .bind(to_db(now));
+        }
+        query.execute(db.pool()).await.map_err(query_error("creating accounts"))?;
     }
     Ok(())
 }
@@ -368,10 +376,10 @@ async fn lock_head_and_accounts(
         }
         Backend::Postgres => {
             let ids: Vec<&AccountId> = account_ids.iter().collect();
-            for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+            for chunk in fixed_chunks(&ids) {
                 let sql = format!(
                     "SELECT id FROM ledger_accounts WHERE id IN ({}) ORDER BY id FOR UPDATE",
-                    placeholders(1, chunk.len())
+                    placeholders(false, 1, chunk.len())
                 );
                 let mut query = sqlx::query(&sql);
                 for id in chunk {
@@ -410,11 +418,11 @@ async fn accounts_in(
 ) -> Result<Vec<Account>, LedgerQueryError> {
     let ids: Vec<&AccountId> = ids.iter().collect();
     let mut accounts = Vec::with_capacity(ids.len());
-    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+    for chunk in fixed_chunks(&ids) {
         let sql = format!(
             "SELECT {} FROM ledger_accounts WHERE id IN ({})",
             account_columns!(),
-            placeholders(1, chunk.len())
+            placeholders(anonymous(connection), 1, chunk.len())
         );
         let mut query = sqlx::query(&sql);
         for id in chunk {
@@ -436,8 +444,8 @@ async fn known_ids_on(
     ids: &[TransferId],
 ) -> Result<Vec<(TransferId, Known)>, LedgerQueryError> {
     let mut known = Vec::new();
-    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-        let list = placeholders(1, chunk.len());
+    for chunk in fixed_chunks(ids) {
+        let list = placeholders(anonymous(connection), 1, chunk.len());
         let sql = format!("SELECT {} FROM ledger_transfers WHERE id IN ({list})", transfer_columns!());
         let mut query = sqlx::query(&sql);
         for id in chunk {
@@ -467,8 +475,11 @@ async fn known_ids_on(
 
 async fn escrows(connection: &mut sqlx::AnyConnection, ids: &[TransferId]) -> Result<Vec<Escrow>, LedgerQueryError> {
     let mut escrows = Vec::new();
-    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!("SELECT {ESCROW_COLUMNS} FROM ledger_escrows WHERE id IN ({})", placeholders(1, chunk.len()));
+    for chunk in fixed_chunks(ids) {
+        let sql = format!(
+            "SELECT {ESCROW_COLUMNS} FROM ledger_escrows WHERE id IN ({})",
+            placeholders(anonymous(connection), 1, chunk.len())
+        );
         let mut query = sqlx::query(&sql);
         for id in chunk {
             query = query.bind(id.as_str().to_owned());
@@ -485,11 +496,11 @@ async fn unbondings(
     ids: &[TransferId],
 ) -> Result<Vec<Unbonding>, LedgerQueryError> {
     let mut unbondings = Vec::new();
-    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+    for chunk in fixed_chunks(ids) {
         let sql = format!(
             "SELECT {} FROM ledger_unbondings WHERE id IN ({})",
             unbonding_columns!(),
-            placeholders(1, chunk.len())
+            placeholders(anonymous(connection), 1, chunk.len())
         );
         let mut query = sqlx::query(&sql);
         for id in chunk {
@@ -503,13 +514,13 @@ async fn unbondings(
 }
 
 async fn persist(tx: &mut Tx, effects: &ViewEffects) -> Result<(), LedgerQueryError> {
-    for chunk in effects.books.transfers.chunks(ROWS_PER_STATEMENT) {
+    for chunk in fixed_chunks(&effects.books.transfers) {
         insert_transfers(tx, chunk).await?;
     }
-    for chunk in effects.books.rejections.chunks(ROWS_PER_STATEMENT) {
+    for chunk in fixed_chunks(&effects.books.rejections) {
         insert_rejections(tx, chunk).await?;
     }
-    for chunk in effects.books.accounts.chunks(ROWS_PER_STATEMENT) {
+    for chunk in fixed_chunks(&effects.books.accounts) {
         update_accounts(tx, chunk).await?;
     }
     for escrow in &effects.escrows {
@@ -529,8 +540,11 @@ async fn persist(tx: &mut Tx, effects: &ViewEffects) -> Result<(), LedgerQueryEr
 }
 
 async fn insert_transfers(tx: &mut Tx, chunk: &[Transfer]) -> Result<(), LedgerQueryError> {
-    let sql =
-        format!("INSERT INTO ledger_transfers ({}) VALUES {}", transfer_columns!(), rows_placeholders(chunk.len(), 11));
+    let sql = format!(
+        "INSERT INTO ledger_transfers ({}) VALUES {}",
+        transfer_columns!(),
+        rows_placeholders(anonymous(tx), chunk.len(), 11)
+    );
     let mut query = sqlx::query(&sql);
     for transfer in chunk {
         let spec = &transfer.spec;
@@ -555,7 +569,7 @@ async fn insert_rejections(tx: &mut Tx, chunk: &[Rejection]) -> Result<(), Ledge
     let sql = format!(
         "INSERT INTO ledger_rejections (id, debit_account, credit_account, amount, kind, pending_id, purpose, flags, \
          code, created_at_ms) VALUES {}",
-        rows_placeholders(chunk.len(), 10)
+        rows_placeholders(anonymous(tx), chunk.len(), 10)
     );
     let mut query = sqlx::query(&sql);
     for rejection in chunk {
@@ -583,7 +597,7 @@ async fn update_accounts(tx: &mut Tx, chunk: &[Account]) -> Result<(), LedgerQue
          created_at_ms) VALUES {} ON CONFLICT (id) DO UPDATE SET debits_pending = excluded.debits_pending, \
          debits_posted = excluded.debits_posted, credits_pending = excluded.credits_pending, \
          credits_posted = excluded.credits_posted",
-        rows_placeholders(chunk.len(), 8)
+        rows_placeholders(anonymous(tx), chunk.len(), 8)
     );
     let mut query = sqlx::query(&sql);
     for account in chunk {
@@ -643,13 +657,40 @@ async fn upsert_unbonding(tx: &mut Tx, unbonding: &Unbonding) -> Result<(), Ledg
 }
 
 /// `$first, $first+1, …` (`count` of them).
-fn placeholders(first: usize, count: usize) -> String {
+/// Row counts of generated statements: every chunk has one of these sizes, so a few
+/// distinct statements cover any batch and stay in each connection's statement cache
+/// (a new size would cost a prepare round trip every time).
+pub const STATEMENT_ROWS: [usize; 4] = [ROWS_PER_STATEMENT, 64, 8, 1];
+
+fn fixed_chunks<T>(mut items: &[T]) -> Vec<&[T]> {
+    let mut chunks = Vec::new();
+    for size in STATEMENT_ROWS {
+        while items.len() >= size {
+            let (chunk, rest) = items.split_at(size);
+            chunks.push(chunk);
+            items = rest;
+        }
+    }
+    chunks
+}
+
+/// With `anonymous` (SQLite), `?` marks: SQLite looks numbered parameter names up
+/// linearly, which makes statements with thousands of `$N` quadratic to bind.
+fn placeholders(anonymous: bool, first: usize, count: usize) -> String {
+    if anonymous {
+        return vec!["?"; count].join(", ");
+    }
     (first..first + count).map(|n| format!("${n}")).collect::<Vec<_>>().join(", ")
 }
 
+/// Whether generated statements on this connection use `?` marks (SQLite).
+fn anonymous(connection: &sqlx::AnyConnection) -> bool {
+    connection.backend_name() == "SQLite"
+}
+
 /// `($1, …, $width), ($width+1, …)` for `rows` rows.
-fn rows_placeholders(rows: usize, width: usize) -> String {
-    (0..rows).map(|row| format!("({})", placeholders(row * width + 1, width))).collect::<Vec<_>>().join(", ")
+fn rows_placeholders(anonymous: bool, rows: usize, width: usize) -> String {
+    (0..rows).map(|row| format!("({})", placeholders(anonymous, row * width + 1, width))).collect::<Vec<_>>().join(", ")
 }
 
 fn account_from_row(row: &AnyRow) -> Result<Account, LedgerQueryError> {
