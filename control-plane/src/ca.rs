@@ -73,10 +73,7 @@ const _: () = assert!(BACKDATE.as_secs() < CRL_VALIDITY.as_secs());
 const ROOT_KEY_AD: &[u8] = b"molt-control-plane root-key v1";
 /// Domain of the associated data of a sealed org CA key; the org id follows.
 const ORG_KEY_AD: &[u8] = b"molt-control-plane org-ca-key v1\0";
-/// Domain of an agent's proof of possession.
-pub const AGENT_PROOF_DOMAIN: &[u8] = b"molt-control-plane agent-certificate-request v1\0";
-/// Domain of an edge's proof of possession.
-pub const EDGE_PROOF_DOMAIN: &[u8] = b"molt-control-plane edge-certificate-request v1\0";
+pub use molt_protocol::request::{AGENT_PROOF_DOMAIN, EDGE_PROOF_DOMAIN};
 
 /// Columns of an [`OrgCa`] row, for `concat!`.
 macro_rules! org_ca_columns {
@@ -425,12 +422,7 @@ impl LeafKind {
 /// domain (agent or edge) ‖ org id ‖ 0x00 ‖ public key (32 bytes) ‖ timestamp (ms,
 /// 8 bytes big-endian).
 pub fn proof_message(kind: LeafKind, org: &OrgId, public_key: &PublicKey, timestamp: UnixMillis) -> Vec<u8> {
-    let mut message = kind.proof_domain().to_vec();
-    message.extend_from_slice(org.as_str().as_bytes());
-    message.push(0);
-    message.extend_from_slice(public_key.as_bytes());
-    message.extend_from_slice(&timestamp.0.to_be_bytes());
-    message
+    molt_protocol::request::possession_message(kind.proof_domain(), org.as_str(), public_key, timestamp)
 }
 
 /// Why a proof of possession was refused.

@@ -17,7 +17,7 @@ use data_encoding::HEXLOWER;
 use sha2::{Digest as _, Sha256};
 
 use crate::ids::AgentId;
-use crate::keys::SigningKey;
+use crate::keys::{PublicKey, SigningKey};
 use crate::time::UnixMillis;
 
 /// Domain separator, the first line of the signed string.
@@ -64,6 +64,23 @@ pub fn sign_request(
         (NONCE_HEADER, nonce),
         (SIGNATURE_HEADER, HEXLOWER.encode(&signature.0)),
     ]
+}
+
+/// Domain of the proof of possession that asks for an agent certificate.
+pub const AGENT_PROOF_DOMAIN: &[u8] = b"molt-control-plane agent-certificate-request v1\0";
+/// Domain of the proof of possession that asks for an edge certificate.
+pub const EDGE_PROOF_DOMAIN: &[u8] = b"molt-control-plane edge-certificate-request v1\0";
+
+/// The message a key signs to prove its holder asks the control plane for a
+/// certificate: domain (agent or edge) ‖ org id ‖ 0x00 ‖ public key (32 bytes) ‖
+/// timestamp (ms, 8 bytes big-endian).
+pub fn possession_message(domain: &[u8], org_id: &str, public_key: &PublicKey, timestamp: UnixMillis) -> Vec<u8> {
+    let mut message = domain.to_vec();
+    message.extend_from_slice(org_id.as_bytes());
+    message.push(0);
+    message.extend_from_slice(public_key.as_bytes());
+    message.extend_from_slice(&timestamp.0.to_be_bytes());
+    message
 }
 
 #[cfg(test)]

@@ -60,7 +60,7 @@ pub(super) async fn insert_rows(
     suffix: &str,
     operation: &'static str,
 ) -> Result<u64, RegistryQueryError> {
-    debug_assert!(width > 0 && values.len().is_multiple_of(width));
+    debug_assert!(width > 0 && values.len() % width == 0);
     let rows_per_statement = (BIND_PARAMETERS_MAX / width).max(1);
     let mut affected = 0;
     for chunk in values.chunks(rows_per_statement * width) {

@@ -32,6 +32,9 @@ pub use types::*;
 
 use crate::identity::AgentIdentity;
 
+/// The proof-of-possession layout is the control plane's, defined once in protocol.
+pub use molt_protocol::request::{AGENT_PROOF_DOMAIN, EDGE_PROOF_DOMAIN, possession_message};
+
 /// Largest response body read; a larger one fails with [`ApiError::ResponseTooLarge`].
 /// The biggest legitimate answer is the trust bundle, a few KiB per org.
 pub const RESPONSE_BYTES_MAX: usize = 8 * 1024 * 1024;
@@ -41,11 +44,6 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The control plane's default listen address, as a base URL.
 pub const DEFAULT_API_URL: &str = "http://127.0.0.1:8080";
-/// Domain of the proof of possession for an agent certificate (the control plane's
-/// `ca::AGENT_PROOF_DOMAIN`).
-pub const AGENT_PROOF_DOMAIN: &[u8] = b"molt-control-plane agent-certificate-request v1\0";
-/// Domain of the proof of possession for an edge certificate.
-pub const EDGE_PROOF_DOMAIN: &[u8] = b"molt-control-plane edge-certificate-request v1\0";
 /// Media type of problem documents.
 pub const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
 /// Header carrying a CRL's number beside its PEM.
@@ -539,17 +537,6 @@ fn page_query(page: &Page<'_>) -> Vec<(&'static str, String)> {
         query.push(("after", after.to_owned()));
     }
     query
-}
-
-/// The message a key signs to prove possession when asking for a certificate:
-/// domain ‖ org id ‖ 0x00 ‖ public key (32 bytes) ‖ timestamp (ms, u64 big-endian).
-pub fn possession_message(domain: &[u8], org_id: &str, public_key: &PublicKey, timestamp: UnixMillis) -> Vec<u8> {
-    let mut message = domain.to_vec();
-    message.extend_from_slice(org_id.as_bytes());
-    message.push(0);
-    message.extend_from_slice(public_key.as_bytes());
-    message.extend_from_slice(&timestamp.0.to_be_bytes());
-    message
 }
 
 fn possession_request(
