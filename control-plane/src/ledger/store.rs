@@ -101,7 +101,7 @@ pub async fn execute(
     let mut tx = db.pool().begin().await.map_err(query_error("starting a ledger transaction"))?;
     let (seq, hash, fee_bps) = lock_head_and_accounts(&mut tx, db.backend(), &account_ids).await?;
     let mut books = Books::new(seq, hash, fee_bps, now);
-    for account in accounts_in(&mut *tx, &account_ids).await? {
+    for account in accounts_in(&mut tx, &account_ids).await? {
         books.insert_account(account);
     }
     let ids: Vec<TransferId> = commands.iter().flat_map(spec_ids).collect();
@@ -109,10 +109,10 @@ pub async fn execute(
         books.insert_known(id, known);
     }
     let mut view = View::new(books);
-    for escrow in escrows(&mut *tx, &escrow_ids).await? {
+    for escrow in escrows(&mut tx, &escrow_ids).await? {
         view.insert_escrow(escrow);
     }
-    for unbonding in unbondings(&mut *tx, &unbonding_ids).await? {
+    for unbonding in unbondings(&mut tx, &unbonding_ids).await? {
         view.insert_unbonding(unbonding);
     }
     let outcomes = view.run(commands);
@@ -436,7 +436,7 @@ async fn accounts_in(
 }
 
 async fn known_ids(tx: &mut Tx, ids: &[TransferId]) -> Result<Vec<(TransferId, Known)>, LedgerQueryError> {
-    known_ids_on(&mut **tx, ids).await
+    known_ids_on(tx, ids).await
 }
 
 async fn known_ids_on(
