@@ -64,8 +64,11 @@ impl Backend {
 
 /// Bytes of a SQLite file read through a memory mapping (address space, not memory).
 pub const SQLITE_MMAP_BYTES: u64 = 4 << 30;
-const SQLITE_MMAP_PRAGMA: &str = "PRAGMA mmap_size = 4294967296";
-const _: () = assert!(SQLITE_MMAP_BYTES == 4_294_967_296);
+/// Page cache of each SQLite connection, in KiB: writes go through it, and index
+/// inserts into a large file miss a small one on almost every row.
+pub const SQLITE_CACHE_KIB: u64 = 64 * 1024;
+const SQLITE_PRAGMAS: &str = "PRAGMA mmap_size = 4294967296; PRAGMA cache_size = -65536";
+const _: () = assert!(SQLITE_MMAP_BYTES == 4_294_967_296 && SQLITE_CACHE_KIB == 65_536);
 
 /// How to reach the database.
 #[derive(Clone, PartialEq, Eq)]
@@ -164,9 +167,9 @@ impl Database {
                         // Statements are prepared once per connection and their shape never
                         // depends on a value's selectivity: plan them once, not per call.
                         Backend::Postgres => "SET plan_cache_mode = force_generic_plan",
-                        // Read pages through a shared mapping instead of a small cache and a
-                        // read() per page in every connection.
-                        Backend::Sqlite => SQLITE_MMAP_PRAGMA,
+                        // Read pages through a shared mapping instead of a read() per page,
+                        // and keep a page cache large enough for index inserts.
+                        Backend::Sqlite => SQLITE_PRAGMAS,
                     };
                     sqlx::Executor::execute(&mut *connection, setting).await?;
                     Ok(())

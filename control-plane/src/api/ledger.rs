@@ -564,8 +564,9 @@ pub async fn get_stakes(
 #[utoipa::path(post, path = "/v1/admin/ledger/mint", tag = "ledger", request_body = MintRequest,
     security(("admin_key" = ["ledger:admin"])),
     responses(
-        (status = 201, description = "Minted", body = TransferBody),
+        (status = 401, description = "Missing, unknown or revoked admin key", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "The key lacks ledger:admin", body = Problem, content_type = "application/problem+json"),
+        (status = 201, description = "Minted", body = TransferBody),
         (status = 409, description = "id_reused, balance_overflow", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "invalid_amount, invalid_account, unknown_account", body = Problem, content_type = "application/problem+json"),
     ))]
@@ -596,7 +597,10 @@ pub async fn mint(
 
 /// The transfer fee.
 #[utoipa::path(get, path = "/v1/admin/ledger/fee", tag = "ledger", security(("admin_key" = ["ledger:admin"])),
-    responses((status = 200, description = "The fee", body = FeeBody)))]
+    responses(
+        (status = 401, description = "Missing, unknown or revoked admin key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The key lacks ledger:admin", body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "The fee", body = FeeBody)))]
 pub async fn get_fee(
     State(state): State<AppState>,
     _admin: Authorized<LedgerAdminScope>,
@@ -609,6 +613,8 @@ pub async fn get_fee(
 #[utoipa::path(put, path = "/v1/admin/ledger/fee", tag = "ledger", request_body = FeeBody,
     security(("admin_key" = ["ledger:admin"])),
     responses(
+        (status = 401, description = "Missing, unknown or revoked admin key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The key lacks ledger:admin", body = Problem, content_type = "application/problem+json"),
         (status = 200, description = "Set", body = FeeBody),
         (status = 422, description = "invalid_fee", body = Problem, content_type = "application/problem+json"),
     ))]
@@ -629,6 +635,8 @@ pub async fn set_fee(
     security(("admin_key" = ["ledger:admin"])),
     params(("id" = String, Path, description = "Escrow id")),
     responses(
+        (status = 401, description = "Missing, unknown or revoked admin key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The key lacks ledger:admin", body = Problem, content_type = "application/problem+json"),
         (status = 200, description = "Resolved", body = EscrowBody),
         (status = 409, description = "escrow_not_disputed, escrow_resolved", body = Problem, content_type = "application/problem+json"),
     ))]
@@ -646,6 +654,8 @@ pub async fn rule_escrow(
 #[utoipa::path(post, path = "/v1/admin/ledger/stakes/slash", tag = "ledger", request_body = SlashRequest,
     security(("admin_key" = ["ledger:admin"])),
     responses(
+        (status = 401, description = "Missing, unknown or revoked admin key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The key lacks ledger:admin", body = Problem, content_type = "application/problem+json"),
         (status = 201, description = "Slashed", body = TransferBody),
         (status = 409, description = "insufficient_funds (less staked), id_reused", body = Problem, content_type = "application/problem+json"),
     ))]
@@ -664,6 +674,8 @@ pub async fn slash_stake(
 #[utoipa::path(get, path = "/v1/admin/ledger/accounts/{id}", tag = "ledger", security(("admin_key" = ["ledger:admin"])),
     params(("id" = String, Path, description = "Account id: treasury, issuance, wallet:<agent>, …")),
     responses(
+        (status = 401, description = "Missing, unknown or revoked admin key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The key lacks ledger:admin", body = Problem, content_type = "application/problem+json"),
         (status = 200, description = "The account", body = AccountBody),
         (status = 404, description = "account_not_found", body = Problem, content_type = "application/problem+json"),
     ))]
@@ -680,7 +692,10 @@ pub async fn get_account(
 
 /// Replays the journal: hash chain, totals, debits = credits, overdraft flags.
 #[utoipa::path(get, path = "/v1/admin/ledger/audit", tag = "ledger", security(("admin_key" = ["ledger:admin"])),
-    responses((status = 200, description = "The report (`ok` false lists problems)", body = AuditReport)))]
+    responses(
+        (status = 401, description = "Missing, unknown or revoked admin key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The key lacks ledger:admin", body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "The report (`ok` false lists problems)", body = AuditReport)))]
 pub async fn audit(
     State(state): State<AppState>,
     _admin: Authorized<LedgerAdminScope>,

@@ -277,6 +277,29 @@ async fn every_route_is_documented(fixture: &Fixture) {
         ("put", "/v1/agents/{id}"),
         ("post", "/v1/agents/{id}/heartbeat"),
         ("get", "/v1/agents/{id}/agent-card.json"),
+        ("put", "/v1/agents/{id}/agent-card.json"),
+        ("post", "/v1/agents/{id}/revoke"),
+        ("post", "/v1/ledger/wallet"),
+        ("get", "/v1/ledger/wallet"),
+        ("get", "/v1/ledger/wallet/history"),
+        ("post", "/v1/ledger/transfers"),
+        ("post", "/v1/ledger/transfers/batch"),
+        ("get", "/v1/ledger/transfers/{id}"),
+        ("post", "/v1/ledger/escrows"),
+        ("get", "/v1/ledger/escrows/{id}"),
+        ("post", "/v1/ledger/escrows/{id}/release"),
+        ("post", "/v1/ledger/escrows/{id}/refund"),
+        ("post", "/v1/ledger/escrows/{id}/dispute"),
+        ("post", "/v1/ledger/stakes/lock"),
+        ("post", "/v1/ledger/stakes/unlock"),
+        ("get", "/v1/ledger/stakes"),
+        ("post", "/v1/admin/ledger/mint"),
+        ("get", "/v1/admin/ledger/fee"),
+        ("put", "/v1/admin/ledger/fee"),
+        ("post", "/v1/admin/ledger/escrows/{id}/ruling"),
+        ("post", "/v1/admin/ledger/stakes/slash"),
+        ("get", "/v1/admin/ledger/accounts/{id}"),
+        ("get", "/v1/admin/ledger/audit"),
     ];
     // Fetched by agents and edges without credentials.
     let public = ["/v1/orgs/{id}/crl", "/v1/trust-bundle"];
@@ -286,8 +309,10 @@ async fn every_route_is_documented(fixture: &Fixture) {
     for (method, path) in routes {
         let operation = &paths[path][method];
         assert!(operation.is_object(), "{method} {path} is not documented");
-        // Registry routes are public or signed by the agent (`agent_auth`), not admin.
-        if path.starts_with("/v1/") && !public.contains(&path) && !path.starts_with("/v1/agents") {
+        // Registry and wallet routes are public or signed by the agent (`agent_auth`), not
+        // admin; revoking an agent is admin.
+        let by_agent = (path.starts_with("/v1/agents") || path.starts_with("/v1/ledger")) && !path.ends_with("/revoke");
+        if path.starts_with("/v1/") && !public.contains(&path) && !by_agent {
             assert!(operation["security"][0]["admin_key"].is_array(), "{method} {path} has no security");
             assert!(operation["responses"]["401"].is_object(), "{method} {path} has no 401");
         }

@@ -21,6 +21,8 @@ use crate::fixture::ScratchPostgres;
 
 /// Longest wait for a replica to answer `/readyz`.
 const START_WAIT: Duration = Duration::from_secs(60);
+/// Lines of a replica's log kept until read; a fuller pipe blocks the reader thread.
+const STDERR_LINES_MAX: usize = 10_000;
 /// Longest wait for one HTTP exchange.
 const EXCHANGE_WAIT: Duration = Duration::from_secs(10);
 
@@ -42,7 +44,7 @@ impl Replica {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start molt-control-plane");
-        let (lines, stderr) = mpsc::channel();
+        let (lines, stderr) = mpsc::sync_channel(STDERR_LINES_MAX);
         let pipe = child.stderr.take().expect("stderr is piped");
         std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
