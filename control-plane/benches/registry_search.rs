@@ -40,6 +40,8 @@ struct Args {
     concurrency: usize,
     backends: Vec<&'static str>,
     postgres_url: String,
+    /// Measure queries on the PostgreSQL database a previous run loaded.
+    reuse: bool,
 }
 
 fn parse_args() -> Args {
@@ -49,6 +51,7 @@ fn parse_args() -> Args {
         concurrency: 8,
         backends: vec!["sqlite", "postgres"],
         postgres_url: "postgres://postgres@127.0.0.1:5432/postgres".into(),
+        reuse: false,
     };
     let mut input = std::env::args().skip(1);
     while let Some(flag) = input.next() {
@@ -66,6 +69,7 @@ fn parse_args() -> Args {
                 }
             }
             "--postgres-url" => args.postgres_url = value(),
+            "--reuse" => args.reuse = true,
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -266,6 +270,10 @@ async fn run_queries(
 async fn open(backend: &str, args: &Args, dir: &std::path::Path) -> Database {
     let url = match backend {
         "sqlite" => format!("sqlite:{}", dir.join("registry.db").display()),
+        _ if args.reuse => {
+            let base = args.postgres_url.rsplit_once('/').map_or(args.postgres_url.as_str(), |(base, _)| base);
+            format!("{base}/{BENCH_DATABASE}")
+        }
         _ => {
             let mut connection = sqlx::PgConnection::connect(&args.postgres_url).await.expect("reach PostgreSQL");
             sqlx::query(&format!("DROP DATABASE IF EXISTS {BENCH_DATABASE} WITH (FORCE)"))
@@ -294,8 +302,14 @@ async fn bench_backend(backend: &'static str, args: &Args, dataset: &Arc<Dataset
     let now = UnixMillis(1_800_000_000_000);
     println!("\n## {backend}: {} agents", args.agents);
 
-    // Load: generation runs beside the writes, so the figure is the database's.
     let mut rng = StdRng::seed_from_u64(SEED);
+    if args.reuse {
+        println!("(agents loaded by an earlier run)");
+        measure(&db, dataset, args, now).await;
+        db.close().await;
+        return;
+    }
+    // Load: generation runs beside the writes, so the figure is the database's.
     let started = Instant::now();
     let mut loaded = 0;
     let mut generated = Duration::ZERO;
@@ -332,14 +346,19 @@ async fn bench_backend(backend: &'static str, args: &Args, dataset: &Arc<Dataset
     }
     println!("single registrations: {:.0}/s", registrations as f64 / started.elapsed().as_secs_f64());
 
+    measure(&db, dataset, args, now).await;
+    db.close().await;
+}
+
+async fn measure(db: &Database, dataset: &Arc<Dataset>, args: &Args, now: UnixMillis) {
     println!("| query | clients | queries | q/s | p50 | p99 | empty pages |");
     println!("|---|---|---|---|---|---|---|");
     for kind in [Kind::Capability, Kind::Ranked, Kind::Typo] {
         // Warm the caches and the statement cache.
-        run_queries(&db, dataset, kind, 500, args.concurrency, now).await;
+        run_queries(db, dataset, kind, 500, args.concurrency, now).await;
         for clients in [1, args.concurrency] {
             let queries = if clients == 1 { args.queries / 4 } else { args.queries };
-            let figures = run_queries(&db, dataset, kind, queries, clients, now).await;
+            let figures = run_queries(db, dataset, kind, queries, clients, now).await;
             println!(
                 "| {} | {clients} | {} | {:.0} | {:.2} ms | {:.2} ms | {} |",
                 kind.label(),
@@ -351,7 +370,6 @@ async fn bench_backend(backend: &'static str, args: &Args, dataset: &Arc<Dataset
             );
         }
     }
-    db.close().await;
 }
 
 fn main() {

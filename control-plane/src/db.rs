@@ -166,7 +166,10 @@ impl Database {
                     let setting = match backend {
                         // Statements are prepared once per connection and their shape never
                         // depends on a value's selectivity: plan them once, not per call.
-                        Backend::Postgres => "SET plan_cache_mode = force_generic_plan",
+                        // No parallel workers: starting one costs more than these queries.
+                        Backend::Postgres => {
+                            "SET plan_cache_mode = force_generic_plan; SET max_parallel_workers_per_gather = 0"
+                        }
                         // Read pages through a shared mapping instead of a read() per page,
                         // and keep a page cache large enough for index inserts.
                         Backend::Sqlite => SQLITE_PRAGMAS,
