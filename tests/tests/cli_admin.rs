@@ -273,29 +273,11 @@ impl ControlPlane {
     }
 }
 
-/// Builds `molt` and `molt-control-plane` once per test process, from the workspace (not
-/// this package's directory), so that [`binary`] finds both fresh: it only rebuilds for
-/// the crates it watches, and the control plane is not among them.
-fn build_binaries() {
-    static BUILT: std::sync::Once = std::sync::Once::new();
-    BUILT.call_once(|| {
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
-        let mut build = Command::new(env!("CARGO"));
-        build.current_dir(workspace).args(["build", "--quiet", "-p", "molt", "-p", "molt-control-plane", "--bins"]);
-        if !cfg!(debug_assertions) {
-            build.arg("--release");
-        }
-        let status = build.status().expect("cargo build runs");
-        assert!(status.success(), "building molt and molt-control-plane failed");
-    });
-}
-
+/// The binaries, rebuilt by [`binary`] if their sources are newer.
 fn control_plane_binary() -> PathBuf {
-    build_binaries();
     binary("molt-control-plane")
 }
 
 fn molt_binary() -> PathBuf {
-    build_binaries();
     binary("molt")
 }
