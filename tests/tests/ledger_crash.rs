@@ -155,16 +155,9 @@ fn acknowledged_transfers_survive_kill_9_exactly_once() {
     server.wait().unwrap();
 }
 
-/// Builds the binary (the workspace harness only watches the edge's sources).
+/// The binary, rebuilt by the harness if its sources are newer.
 fn control_plane_binary() -> std::path::PathBuf {
-    let mut build = Command::new(env!("CARGO"));
-    build.args(["build", "--quiet", "-p", "molt-control-plane", "--bin", "molt-control-plane"]);
-    if !cfg!(debug_assertions) {
-        build.arg("--release");
-    }
-    assert!(build.status().expect("cargo runs").success(), "building molt-control-plane failed");
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().join("molt-control-plane")
+    molt_tests::binary("molt-control-plane")
 }
 
 fn free_addr() -> SocketAddr {
