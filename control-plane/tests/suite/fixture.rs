@@ -66,19 +66,7 @@ impl Fixture {
 impl Drop for Fixture {
     fn drop(&mut self) {
         let Some(name) = self.postgres_database.take() else { return };
-        // Drop runs inside the test's runtime, which cannot be blocked on: use a thread
-        // with its own. FORCE ends the pool's connections.
-        let dropper = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            runtime.block_on(async {
-                let mut connection = sqlx::PgConnection::connect(&maintenance_url()).await?;
-                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut connection).await?;
-                connection.close().await
-            })
-        });
-        if let Ok(Err(error)) = dropper.join() {
-            eprintln!("warning: failed to drop a test database: {error}");
-        }
+        drop_database(name);
     }
 }
 
@@ -114,18 +102,23 @@ impl ScratchPostgres {
 
 impl Drop for ScratchPostgres {
     fn drop(&mut self) {
-        let name = self.name.clone();
-        let dropper = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            runtime.block_on(async {
-                let mut connection = sqlx::PgConnection::connect(&maintenance_url()).await?;
-                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut connection).await?;
-                connection.close().await
-            })
-        });
-        if let Ok(Err(error)) = dropper.join() {
-            eprintln!("warning: failed to drop a test database: {error}");
-        }
+        drop_database(self.name.clone());
+    }
+}
+
+/// Drops a test database and ends its connections (FORCE). Drop runs inside the test's
+/// runtime, which cannot be blocked on: a thread with its own does the work.
+fn drop_database(name: String) {
+    let dropper = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        runtime.block_on(async {
+            let mut connection = sqlx::PgConnection::connect(&maintenance_url()).await?;
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut connection).await?;
+            connection.close().await
+        })
+    });
+    if let Ok(Err(error)) = dropper.join() {
+        eprintln!("warning: failed to drop a test database: {error}");
     }
 }
 
