@@ -61,8 +61,8 @@ pub enum StartError {
     Connect(#[from] ConnectError),
     #[error("failed to start the control plane: creating the bootstrap admin key")]
     Bootstrap(#[from] QueryError),
-    #[error("failed to start the control plane")]
-    Index(#[from] registry::EnsureIndexError),
+    #[error("failed to start the control plane: building the search index")]
+    Index(#[from] registry::RegistryQueryError),
     #[error("failed to start the control plane: loading the certificate authority")]
     Ca(#[from] ca::LoadAuthorityError),
     #[error("failed to start the control plane: starting the gRPC service")]
@@ -70,7 +70,7 @@ pub enum StartError {
 }
 
 /// Connects to the database, applies migrations, creates the bootstrap credential if the
-/// database has no admin key, and loads the certificate authority (creating the
+/// database has no admin key, builds this replica's search index, and loads the certificate authority (creating the
 /// development root and the KEK file on the first start, as [`ca`] describes), then, if
 /// `grpc_listen_addr` is given, serves the edge gRPC service there ([`grpc`]).
 pub async fn start(
@@ -81,8 +81,6 @@ pub async fn start(
 ) -> Result<Started, StartError> {
     let db = Database::connect(options).await?;
     let bootstrap_token = db.bootstrap_admin_key(clock.now()).await?;
-    let holder = format!("{}-{:016x}", std::process::id(), rand::random::<u64>());
-    registry::ensure_index(&db, &holder, clock.now()).await?;
     let authority = ca::Authority::load(&db, ca_options, &options.url, clock.now()).await?;
     let authority = Arc::new(authority);
     let grpc = match grpc_listen_addr {
@@ -93,6 +91,9 @@ pub async fn start(
         None => None,
     };
     let state = api::AppState::new(db, clock, Arc::new(metrics::Metrics::new())).with_ca(authority);
+    let building = std::time::Instant::now();
+    let built = state.search.refresh().await?;
+    tracing::info!(agents = built.agents, seconds = building.elapsed().as_secs_f64(), "search index built");
     let ledger_expiry = state.ledger.spawn_expiry_worker(format!("replica-{:016x}", rand::random::<u64>()));
     Ok(Started { state, bootstrap_token, grpc, ledger_expiry })
 }

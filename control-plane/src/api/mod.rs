@@ -47,6 +47,8 @@ pub struct AppState {
     pub ca: Option<Arc<crate::ca::Authority>>,
     /// The credits ledger (its writer tasks start with the first command).
     pub ledger: Arc<crate::ledger::Ledger>,
+    /// This replica's search index (built by the first search if `start` did not).
+    pub search: Arc<crate::registry::SearchIndex>,
     openapi: Arc<str>,
 }
 
@@ -56,7 +58,8 @@ impl AppState {
         // cannot fail.
         let openapi = ApiDoc::openapi().to_pretty_json().expect("the OpenAPI document serialises");
         let ledger = Arc::new(crate::ledger::Ledger::new(db.clone(), Arc::clone(&clock)));
-        AppState { db, clock, metrics, ca: None, ledger, openapi: openapi.into() }
+        let search = Arc::new(crate::registry::SearchIndex::new(db.clone()));
+        AppState { db, clock, metrics, ca: None, ledger, search, openapi: openapi.into() }
     }
 
     /// The state with a certificate authority.

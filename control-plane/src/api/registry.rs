@@ -247,6 +247,7 @@ pub async fn heartbeat(
     let id = own_agent(&id, &caller)?;
     let now = state.clock.now();
     let expires_at = registry::heartbeat(&state.db, id, now).await.map_err(write_error)?;
+    state.search.note_heartbeat(id, now, expires_at);
     Ok(Json(HeartbeatBody { health: Health::at(now, now, expires_at), expires_at_ms: expires_at.0 }))
 }
 
@@ -385,7 +386,7 @@ pub async fn search_agents(
     };
     let query = SearchQuery { text, capability: params.capability, tag: params.tag, limit, offset };
     let now = state.clock.now();
-    let page = registry::search(&state.db, &query, now).await.map_err(|error| ApiError::internal(&error))?;
+    let page = state.search.search(&query, now).await.map_err(|error| ApiError::internal(&error))?;
     Ok(Json(SearchResults {
         items: page
             .hits

@@ -1,366 +1,570 @@
-//! The search index: rows derived from a profile, written in the transaction that writes
-//! the profile, and rebuilt from `agents` when their layout changes.
+//! The search index: every public, unrevoked agent, held in memory by each replica and
+//! fed from the database ([`super::search`] follows `agents.change_seq`).
 //!
-//! | table | one row per | read by |
+//! | structure | one entry per | read by |
 //! |---|---|---|
-//! | `agent_search` | (term, public agent): best field weight, impact = weight × trust | text search, in impact order |
-//! | `agent_capabilities`, `agent_tags` | (capability or tag, public agent), with trust | filters and listings by trust |
-//! | `search_terms`, `search_term_trigrams` | term ever seen in a public name, and its trigrams | typo-tolerant and prefix names |
+//! | postings, per term and field (name, capability, description) | public agent whose best field for the term it is | text search, merged in impact order (field weight × trust) |
+//! | capability and tag lists | public agent with that capability or tag | filters and listings by trust |
+//! | the list of all | public agent | listing without filters |
+//! | name vocabulary, with trigrams | term ever seen in a name | typo-tolerant and prefix names |
 //!
-//! Only public agents are indexed; revoking an agent removes its rows. Trust is copied
-//! into every row search orders by, so [`set_trust`] rewrites them all in one transaction.
+//! Every list holds slots ordered by trust, best first, then by agent id. Changes are
+//! applied in batches ([`IndexState::apply`]): a changed agent's old entries are dropped
+//! from the lists it was in, its new entries are sorted and merged into the lists it is
+//! in now, so a batch costs one pass over each list it touches whatever its size.
+//!
+//! Memory: about 5 bytes per posting (a slot and its share of the list) plus a copy of
+//! each agent's term ids; 1,000,000 agents of 17 terms take a few hundred megabytes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use molt_protocol::AgentId;
-use sqlx::{Any, Row as _, Transaction};
+use molt_protocol::{AgentId, UnixMillis};
 
-use super::{
-    Agent, Capability, DESCRIPTION_TOKENS_MAX, Profile, RegistryQueryError, TOKEN_BYTES_MAX, Visibility, query_error,
-};
-use crate::db::Database;
+use super::{Agent, Capability, DESCRIPTION_TOKENS_MAX, Health, Profile, TOKEN_BYTES_MAX, Visibility};
 
-/// Relevance weights of the fields a term can occur in.
-pub(super) const WEIGHT_NAME: i64 = 3;
-pub(super) const WEIGHT_CAPABILITY: i64 = 2;
-pub(super) const WEIGHT_DESCRIPTION: i64 = 1;
+/// Fields a term can occur in, best first; a posting is kept under the best one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(super) enum Field {
+    Name = 0,
+    Capability = 1,
+    Description = 2,
+}
 
-/// Version of the index layout; [`ensure_index`] rebuilds an index older than this.
-pub const INDEX_VERSION: i64 = 1;
-/// Agents rebuilt per transaction by [`ensure_index`].
-pub const REBUILD_BATCH: usize = 500;
-/// Bound parameters per multi-row statement. Both databases allow far more (32,766 and
-/// 65,535), but SQLite resolves `$N` names by a linear search, so a statement's parse
-/// time grows with the square of its parameters.
-pub(super) const BIND_PARAMETERS_MAX: usize = 1_000;
+const FIELDS: [Field; 3] = [Field::Name, Field::Capability, Field::Description];
 
-/// Lowest and highest trust factor; [`set_trust`] refuses anything outside.
-pub const TRUST_MIN: f64 = 0.0;
-pub const TRUST_MAX: f64 = 1.0;
+impl Field {
+    /// Relevance of a query word found in this field.
+    pub(super) fn weight(self) -> f64 {
+        match self {
+            Field::Name => 3.0,
+            Field::Capability => 2.0,
+            Field::Description => 1.0,
+        }
+    }
+}
 
-/// A value bound into a multi-row statement.
+type Slot = u32;
+pub(super) type TermId = u32;
+
+/// What the index keeps of one agent.
 #[derive(Clone, Debug)]
-pub(super) enum Bind {
-    Text(String),
-    Int(i64),
-    Real(f64),
-    Blob(Vec<u8>),
-    NullText,
-    NullInt,
-    NullBlob,
+pub(super) struct Doc {
+    pub id: AgentId,
+    pub trust: f64,
+    pub last_heartbeat: UnixMillis,
+    pub expires_at: UnixMillis,
+    /// Terms and the best field each occurs in, sorted by term.
+    terms: Box<[(TermId, Field)]>,
+    /// Sorted capability ids and tag ids.
+    capabilities: Box<[u32]>,
+    tags: Box<[u32]>,
 }
 
-/// Inserts `values` (row after row, `width` per row) with as few statements as the bind
-/// limit allows: `{prefix} ($1, $2), ($3, $4)… {suffix}`. Returns the rows affected.
-pub(super) async fn insert_rows(
-    tx: &mut Transaction<'static, Any>,
-    prefix: &str,
-    width: usize,
-    values: Vec<Bind>,
-    suffix: &str,
-    operation: &'static str,
-) -> Result<u64, RegistryQueryError> {
-    debug_assert!(width > 0 && values.len() % width == 0);
-    let rows_per_statement = (BIND_PARAMETERS_MAX / width).max(1);
-    let mut affected = 0;
-    for chunk in values.chunks(rows_per_statement * width) {
-        let rows = chunk.len() / width;
-        let mut sql = String::with_capacity(prefix.len() + rows * width * 6 + suffix.len());
-        sql.push_str(prefix);
-        sql.push(' ');
-        for row in 0..rows {
-            if row > 0 {
-                sql.push_str(", ");
-            }
-            sql.push('(');
-            for column in 0..width {
-                if column > 0 {
-                    sql.push_str(", ");
-                }
-                sql.push_str(&format!("${}", row * width + column + 1));
-            }
-            sql.push(')');
-        }
-        sql.push_str(suffix);
-        let mut statement = sqlx::query(&sql);
-        for value in chunk {
-            statement = bind(statement, value.clone());
-        }
-        affected += statement.execute(&mut **tx).await.map_err(query_error(operation))?.rows_affected();
+impl Doc {
+    pub(super) fn field_of(&self, term: TermId) -> Option<Field> {
+        self.terms.binary_search_by_key(&term, |&(t, _)| t).ok().map(|at| self.terms[at].1)
     }
-    Ok(affected)
-}
 
-pub(super) fn bind<'q>(
-    statement: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
-    value: Bind,
-) -> sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>> {
-    match value {
-        Bind::Text(text) => statement.bind(text),
-        Bind::Int(int) => statement.bind(int),
-        Bind::Real(real) => statement.bind(real),
-        Bind::Blob(blob) => statement.bind(blob),
-        Bind::NullText => statement.bind(None::<String>),
-        Bind::NullInt => statement.bind(None::<i64>),
-        Bind::NullBlob => statement.bind(None::<Vec<u8>>),
+    pub(super) fn health(&self, now: UnixMillis) -> Health {
+        Health::at(now, self.last_heartbeat, self.expires_at)
+    }
+
+    fn has(&self, list: ListRef) -> bool {
+        match list {
+            ListRef::All => true,
+            ListRef::Posting(term, field) => self.field_of(term) == Some(field),
+            ListRef::Capability(id) => self.capabilities.binary_search(&id).is_ok(),
+            ListRef::Tag(id) => self.tags.binary_search(&id).is_ok(),
+        }
     }
 }
 
-/// The index rows of many agents, gathered so they are written with few statements.
+/// A list of the index, named.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum ListRef {
+    All,
+    Posting(TermId, Field),
+    Capability(u32),
+    Tag(u32),
+}
+
+/// Slots ordered by trust, best first, then by agent id. Entries past `sorted` are
+/// staged by a batch and not yet merged.
+#[derive(Clone, Debug, Default)]
+struct TrustList {
+    slots: Vec<Slot>,
+    sorted: usize,
+}
+
+impl TrustList {
+    fn entries(&self) -> &[Slot] {
+        &self.slots[..self.sorted]
+    }
+}
+
+/// An agent as the index takes it: `None` when it must not be found (revoked, not
+/// public).
+#[derive(Clone, Debug)]
+pub(super) struct Change {
+    pub id: AgentId,
+    pub doc: Option<NewDoc>,
+}
+
+/// The searchable parts of a profile, before they are interned.
+#[derive(Clone, Debug)]
+pub(super) struct NewDoc {
+    trust: f64,
+    last_heartbeat: UnixMillis,
+    expires_at: UnixMillis,
+    postings: BTreeMap<String, Field>,
+    capabilities: BTreeSet<String>,
+    tags: BTreeSet<String>,
+}
+
+impl Change {
+    pub(super) fn of(agent: &Agent) -> Change {
+        let indexed = agent.revoked_at.is_none() && agent.profile.visibility == Visibility::Public;
+        let doc = indexed.then(|| NewDoc {
+            trust: agent.trust,
+            last_heartbeat: agent.last_heartbeat,
+            expires_at: agent.expires_at,
+            postings: postings(&agent.profile),
+            capabilities: agent.profile.capabilities.iter().map(|c| c.name.clone()).collect(),
+            tags: agent.profile.capabilities.iter().flat_map(|c| c.tags.iter().cloned()).collect(),
+        });
+        Change { id: agent.id, doc }
+    }
+}
+
+/// The changes of one batch so far: the slots whose old entries must go and the lists
+/// to merge.
 #[derive(Debug, Default)]
-pub(super) struct IndexRows {
-    postings: Vec<Bind>,
-    capabilities: Vec<Bind>,
-    tags: Vec<Bind>,
-    terms: BTreeSet<String>,
+pub(super) struct Batch {
+    changed: Vec<u64>,
+    touched: HashSet<ListRef>,
+    changes: usize,
 }
 
-impl IndexRows {
-    /// Adds the rows of one agent; nothing unless the profile is public.
-    pub(super) fn add(&mut self, id: AgentId, profile: &Profile, trust: f64) {
-        if profile.visibility != Visibility::Public {
+impl Batch {
+    fn mark(&mut self, slot: Slot) {
+        let (word, bit) = (slot as usize / 64, slot % 64);
+        if self.changed.len() <= word {
+            self.changed.resize(word + 1, 0);
+        }
+        self.changed[word] |= 1 << bit;
+    }
+
+    fn is_marked(&self, slot: Slot) -> bool {
+        self.changed.get(slot as usize / 64).is_some_and(|word| word & (1 << (slot % 64)) != 0)
+    }
+
+    /// Changes staged in this batch.
+    pub(super) fn len(&self) -> usize {
+        self.changes
+    }
+}
+
+/// Which agents a query may return.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Filter {
+    capability: Option<u32>,
+    tag: Option<u32>,
+}
+
+impl Filter {
+    fn admits(&self, doc: &Doc) -> bool {
+        self.capability.is_none_or(|id| doc.capabilities.binary_search(&id).is_ok())
+            && self.tag.is_none_or(|id| doc.tags.binary_search(&id).is_ok())
+    }
+}
+
+/// Entries a filtered window or listing examines at most; past them, it returns what
+/// it found.
+pub const FILTERED_SCAN_MAX: usize = 50_000;
+
+/// The in-memory index. See the module documentation.
+#[derive(Clone, Debug, Default)]
+pub(super) struct IndexState {
+    docs: Vec<Option<Doc>>,
+    free: Vec<Slot>,
+    slots: HashMap<AgentId, Slot>,
+    term_ids: HashMap<Box<str>, TermId>,
+    term_texts: Vec<Box<str>>,
+    postings: Vec<[TrustList; 3]>,
+    /// Terms seen in a name, for prefixes, and their trigrams, for typos.
+    name_terms: BTreeMap<Box<str>, TermId>,
+    trigrams: HashMap<Box<str>, Vec<TermId>>,
+    capability_ids: HashMap<Box<str>, u32>,
+    capability_lists: Vec<TrustList>,
+    tag_ids: HashMap<Box<str>, u32>,
+    tag_lists: Vec<TrustList>,
+    all: TrustList,
+}
+
+impl IndexState {
+    /// Agents in the index.
+    pub(super) fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub(super) fn doc(&self, slot: Slot) -> &Doc {
+        // Invariant: lists hold only occupied slots once a batch is finished.
+        self.docs[slot as usize].as_ref().expect("listed slots are occupied")
+    }
+
+    /// Applies changes in one batch.
+    pub(super) fn apply(&mut self, changes: impl IntoIterator<Item = Change>) {
+        let mut batch = Batch::default();
+        for change in changes {
+            self.stage(&mut batch, change);
+        }
+        self.finish(batch);
+    }
+
+    /// Stages a change: the agent's document is replaced at once, its list entries when
+    /// the batch finishes. Lists must not be read until then.
+    pub(super) fn stage(&mut self, batch: &mut Batch, change: Change) {
+        batch.changes += 1;
+        let existing = self.slots.get(&change.id).copied();
+        if let Some(slot) = existing {
+            batch.mark(slot);
+            if let Some(old) = self.docs[slot as usize].take() {
+                for list in self.lists_of(&old) {
+                    batch.touched.insert(list);
+                }
+            }
+        }
+        let Some(new) = change.doc else {
+            if let Some(slot) = existing {
+                self.slots.remove(&change.id);
+                self.free.push(slot);
+            }
+            return;
+        };
+        let slot = existing.unwrap_or_else(|| {
+            let slot = self.free.pop().unwrap_or_else(|| {
+                self.docs.push(None);
+                (self.docs.len() - 1) as Slot
+            });
+            self.slots.insert(change.id, slot);
+            slot
+        });
+        let mut terms: Vec<(TermId, Field)> = Vec::with_capacity(new.postings.len());
+        for (text, field) in &new.postings {
+            let term = self.intern_term(text);
+            if *field == Field::Name {
+                self.add_name_term(text, term);
+            }
+            terms.push((term, *field));
+        }
+        terms.sort_unstable_by_key(|&(term, _)| term);
+        let mut capabilities: Vec<u32> = new
+            .capabilities
+            .iter()
+            .map(|name| intern(&mut self.capability_ids, &mut self.capability_lists, name))
+            .collect();
+        capabilities.sort_unstable();
+        let mut tags: Vec<u32> =
+            new.tags.iter().map(|tag| intern(&mut self.tag_ids, &mut self.tag_lists, tag)).collect();
+        tags.sort_unstable();
+        let doc = Doc {
+            id: change.id,
+            trust: new.trust,
+            last_heartbeat: new.last_heartbeat,
+            expires_at: new.expires_at,
+            terms: terms.into(),
+            capabilities: capabilities.into(),
+            tags: tags.into(),
+        };
+        for list in self.lists_of(&doc) {
+            self.list_mut(list).slots.push(slot);
+            batch.touched.insert(list);
+        }
+        self.docs[slot as usize] = Some(doc);
+    }
+
+    /// Merges the staged entries: each touched list drops the old entries of changed
+    /// agents and takes their new ones in order.
+    pub(super) fn finish(&mut self, batch: Batch) {
+        let Batch { changed, touched, .. } = batch;
+        let batch = Batch { changed, touched: HashSet::new(), changes: 0 };
+        for list in touched {
+            let mut taken = std::mem::take(self.list_mut(list));
+            let staged = taken.slots.split_off(taken.sorted);
+            let mut kept = taken.slots;
+            kept.retain(|&slot| !batch.is_marked(slot));
+            let mut staged: Vec<Slot> = staged
+                .into_iter()
+                .filter(|&slot| self.docs[slot as usize].as_ref().is_some_and(|doc| doc.has(list)))
+                .collect();
+            staged.sort_unstable_by(|&a, &b| self.order(a, b));
+            staged.dedup();
+            let merged = self.merge(kept, staged);
+            let sorted = merged.len();
+            *self.list_mut(list) = TrustList { slots: merged, sorted };
+        }
+    }
+
+    /// Sets the liveness of an indexed agent; others are ignored.
+    pub(super) fn set_liveness(&mut self, id: AgentId, last_heartbeat: UnixMillis, expires_at: UnixMillis) {
+        if let Some(&slot) = self.slots.get(&id)
+            && let Some(doc) = self.docs[slot as usize].as_mut()
+        {
+            doc.last_heartbeat = last_heartbeat;
+            doc.expires_at = expires_at;
+        }
+    }
+
+    fn order(&self, a: Slot, b: Slot) -> Ordering {
+        let (a, b) = (self.doc(a), self.doc(b));
+        b.trust.total_cmp(&a.trust).then_with(|| a.id.cmp(&b.id))
+    }
+
+    fn merge(&self, kept: Vec<Slot>, staged: Vec<Slot>) -> Vec<Slot> {
+        if staged.is_empty() {
+            return kept;
+        }
+        let mut out = Vec::with_capacity(kept.len() + staged.len());
+        let (mut left, mut right) = (kept.into_iter().peekable(), staged.into_iter().peekable());
+        while let (Some(&a), Some(&b)) = (left.peek(), right.peek()) {
+            if self.order(a, b) == Ordering::Greater {
+                out.push(b);
+                right.next();
+            } else {
+                out.push(a);
+                left.next();
+            }
+        }
+        out.extend(left);
+        out.extend(right);
+        out
+    }
+
+    fn lists_of(&self, doc: &Doc) -> Vec<ListRef> {
+        let mut lists = Vec::with_capacity(1 + doc.terms.len() + doc.capabilities.len() + doc.tags.len());
+        lists.push(ListRef::All);
+        lists.extend(doc.terms.iter().map(|&(term, field)| ListRef::Posting(term, field)));
+        lists.extend(doc.capabilities.iter().map(|&id| ListRef::Capability(id)));
+        lists.extend(doc.tags.iter().map(|&id| ListRef::Tag(id)));
+        lists
+    }
+
+    fn list(&self, list: ListRef) -> &TrustList {
+        match list {
+            ListRef::All => &self.all,
+            ListRef::Posting(term, field) => &self.postings[term as usize][field as usize],
+            ListRef::Capability(id) => &self.capability_lists[id as usize],
+            ListRef::Tag(id) => &self.tag_lists[id as usize],
+        }
+    }
+
+    fn list_mut(&mut self, list: ListRef) -> &mut TrustList {
+        match list {
+            ListRef::All => &mut self.all,
+            ListRef::Posting(term, field) => &mut self.postings[term as usize][field as usize],
+            ListRef::Capability(id) => &mut self.capability_lists[id as usize],
+            ListRef::Tag(id) => &mut self.tag_lists[id as usize],
+        }
+    }
+
+    fn intern_term(&mut self, text: &str) -> TermId {
+        if let Some(&id) = self.term_ids.get(text) {
+            return id;
+        }
+        let id = self.postings.len() as TermId;
+        self.postings.push(Default::default());
+        self.term_ids.insert(text.into(), id);
+        self.term_texts.push(text.into());
+        id
+    }
+
+    fn add_name_term(&mut self, text: &str, term: TermId) {
+        if self.name_terms.contains_key(text) {
             return;
         }
-        let id = id.to_string();
-        let capability_names: BTreeSet<&str> = profile.capabilities.iter().map(|c| c.name.as_str()).collect();
-        for name in capability_names {
-            self.capabilities.extend([Bind::Text(name.to_owned()), Bind::Text(id.clone()), Bind::Real(trust)]);
+        self.name_terms.insert(text.into(), term);
+        let mut grams = trigrams(text);
+        grams.sort();
+        grams.dedup();
+        for gram in grams {
+            self.trigrams.entry(gram.into()).or_default().push(term);
         }
-        let tags: BTreeSet<&str> =
-            profile.capabilities.iter().flat_map(|c| c.tags.iter().map(String::as_str)).collect();
-        for tag in tags {
-            self.tags.extend([Bind::Text(tag.to_owned()), Bind::Text(id.clone()), Bind::Real(trust)]);
-        }
-        for (token, weight) in postings(profile) {
-            self.postings.extend([
-                Bind::Text(token),
-                Bind::Text(id.clone()),
-                Bind::Int(weight),
-                Bind::Real(weight as f64 * trust),
-            ]);
-        }
-        self.terms.extend(tokens(&profile.name));
     }
 
-    pub(super) async fn write(self, tx: &mut Transaction<'static, Any>) -> Result<(), RegistryQueryError> {
-        let IndexRows { postings, capabilities, tags, terms } = self;
-        if !postings.is_empty() {
-            let sql = "INSERT INTO agent_search (token, agent_id, weight, impact) VALUES";
-            insert_rows(tx, sql, 4, postings, "", "indexing search terms").await?;
+    /// The id of a term, if any agent ever had it.
+    pub(super) fn term(&self, text: &str) -> Option<TermId> {
+        self.term_ids.get(text).copied()
+    }
+
+    /// Whether some indexed agent has this term in its name now.
+    pub(super) fn is_name_term(&self, term: TermId) -> bool {
+        !self.postings[term as usize][Field::Name as usize].entries().is_empty()
+    }
+
+    /// Name terms that start with `prefix` (not equal to it), in order, at most `max`.
+    pub(super) fn name_terms_starting_with(&self, prefix: &str, max: usize) -> Vec<(String, TermId)> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        self.name_terms
+            .range::<str, _>((Excluded(prefix), Unbounded))
+            .take_while(|(text, _)| text.starts_with(prefix))
+            .filter(|&(_, &term)| self.is_name_term(term))
+            .take(max)
+            .map(|(text, &term)| (text.to_string(), term))
+            .collect()
+    }
+
+    /// Name terms sharing at least `shared_min` of `grams`, most shared first, at most `max`.
+    pub(super) fn name_terms_sharing(&self, grams: &[String], shared_min: usize, max: usize) -> Vec<TermId> {
+        let mut counts: HashMap<TermId, usize> = HashMap::new();
+        for gram in grams {
+            for &term in self.trigrams.get(gram.as_str()).map_or(&[][..], Vec::as_slice) {
+                *counts.entry(term).or_default() += 1;
+            }
         }
-        if !capabilities.is_empty() {
-            let sql = "INSERT INTO agent_capabilities (name, agent_id, trust) VALUES";
-            insert_rows(tx, sql, 3, capabilities, "", "indexing capabilities").await?;
+        let mut found: Vec<(usize, TermId)> = counts
+            .into_iter()
+            .filter(|&(term, n)| n >= shared_min && self.is_name_term(term))
+            .map(|(t, n)| (n, t))
+            .collect();
+        found.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        found.into_iter().take(max).map(|(_, term)| term).collect()
+    }
+
+    pub(super) fn term_text(&self, term: TermId) -> &str {
+        &self.term_texts[term as usize]
+    }
+
+    /// The filter for a capability and a tag, or `None` when one of them is unknown (so
+    /// nothing matches).
+    pub(super) fn filter(&self, capability: Option<&str>, tag: Option<&str>) -> Option<Filter> {
+        let capability = match capability {
+            Some(name) => Some(*self.capability_ids.get(name)?),
+            None => None,
+        };
+        let tag = match tag {
+            Some(tag) => Some(*self.tag_ids.get(tag)?),
+            None => None,
+        };
+        Some(Filter { capability, tag })
+    }
+
+    /// Up to `depth` unexpired agents with `term` admitted by `filter`, best impact
+    /// (field weight × trust) first; `name_only` reads only name postings.
+    pub(super) fn window(
+        &self,
+        term: TermId,
+        name_only: bool,
+        depth: usize,
+        filter: Filter,
+        now: UnixMillis,
+    ) -> Vec<Slot> {
+        let fields: &[Field] = if name_only { &FIELDS[..1] } else { &FIELDS };
+        let lists: Vec<(Field, &[Slot])> =
+            fields.iter().map(|&field| (field, self.postings[term as usize][field as usize].entries())).collect();
+        let filtered = filter.capability.is_some() || filter.tag.is_some();
+        if filtered {
+            // A short filter list is cheaper to read whole than the postings.
+            let short = self.filter_list(filter).filter(|list| list.len() < lists.iter().map(|(_, l)| l.len()).sum());
+            if let Some(short) = short {
+                let mut found: Vec<(f64, Slot)> = short
+                    .iter()
+                    .take(FILTERED_SCAN_MAX)
+                    .filter_map(|&slot| {
+                        let doc = self.doc(slot);
+                        let field = doc.field_of(term)?;
+                        let admitted =
+                            (!name_only || field == Field::Name) && filter.admits(doc) && doc.expires_at > now;
+                        admitted.then_some((field.weight() * doc.trust, slot))
+                    })
+                    .collect();
+                found
+                    .sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then_with(|| self.doc(a.1).id.cmp(&self.doc(b.1).id)));
+                return found.into_iter().take(depth).map(|(_, slot)| slot).collect();
+            }
         }
-        if !tags.is_empty() {
-            let sql = "INSERT INTO agent_tags (tag, agent_id, trust) VALUES";
-            insert_rows(tx, sql, 3, tags, "", "indexing tags").await?;
+        let mut positions = vec![0usize; lists.len()];
+        let mut out = Vec::with_capacity(depth);
+        let mut examined = 0;
+        while out.len() < depth && examined < FILTERED_SCAN_MAX {
+            // The best head of the field lists by impact.
+            let mut best: Option<(usize, f64, Slot)> = None;
+            for (i, (field, list)) in lists.iter().enumerate() {
+                let Some(&slot) = list.get(positions[i]) else { continue };
+                let impact = field.weight() * self.doc(slot).trust;
+                let better = match best {
+                    None => true,
+                    Some((_, top, top_slot)) => {
+                        impact > top || (impact == top && self.doc(slot).id < self.doc(top_slot).id)
+                    }
+                };
+                if better {
+                    best = Some((i, impact, slot));
+                }
+            }
+            let Some((i, _, slot)) = best else { break };
+            positions[i] += 1;
+            examined += 1;
+            let doc = self.doc(slot);
+            if doc.expires_at > now && (!filtered || filter.admits(doc)) {
+                out.push(slot);
+            }
         }
-        write_terms(tx, terms).await
+        out
+    }
+
+    /// Unexpired agents admitted by `filter`, best trust first, from `offset`, at most `count`.
+    pub(super) fn by_trust(&self, filter: Filter, offset: usize, count: usize, now: UnixMillis) -> Vec<Slot> {
+        let list = self.filter_list(filter).unwrap_or(self.all.entries());
+        list.iter()
+            .take(FILTERED_SCAN_MAX)
+            .filter(|&&slot| {
+                let doc = self.doc(slot);
+                doc.expires_at > now && filter.admits(doc)
+            })
+            .skip(offset)
+            .take(count)
+            .copied()
+            .collect()
+    }
+
+    /// The list a filter narrows to: the capability's, else the tag's.
+    fn filter_list(&self, filter: Filter) -> Option<&[Slot]> {
+        match (filter.capability, filter.tag) {
+            (Some(id), _) => Some(self.list(ListRef::Capability(id)).entries()),
+            (None, Some(id)) => Some(self.list(ListRef::Tag(id)).entries()),
+            (None, None) => None,
+        }
     }
 }
 
-/// Adds name terms to the vocabulary, with the trigrams of those that are new. Terms are
-/// inserted in sorted order, so concurrent writers lock them in one order.
-async fn write_terms(tx: &mut Transaction<'static, Any>, terms: BTreeSet<String>) -> Result<(), RegistryQueryError> {
-    let mut new_terms = Vec::new();
-    let terms: Vec<String> = terms.into_iter().collect();
-    // RETURNING names only the rows this statement inserted.
-    for chunk in terms.chunks(BIND_PARAMETERS_MAX) {
-        let sql = format!(
-            "INSERT INTO search_terms (term) VALUES {} ON CONFLICT (term) DO NOTHING RETURNING term",
-            (1..=chunk.len()).map(|n| format!("(${n})")).collect::<Vec<_>>().join(", ")
-        );
-        let mut statement = sqlx::query(&sql);
-        for term in chunk {
-            statement = statement.bind(term.clone());
-        }
-        let rows = statement.fetch_all(&mut **tx).await.map_err(query_error("adding name terms"))?;
-        for row in rows {
-            new_terms.push(row.try_get::<String, _>("term").map_err(query_error("adding name terms"))?);
-        }
+fn intern(ids: &mut HashMap<Box<str>, u32>, lists: &mut Vec<TrustList>, text: &str) -> u32 {
+    if let Some(&id) = ids.get(text) {
+        return id;
     }
-    new_terms.sort();
-    let mut trigram_rows = BTreeSet::new();
-    for term in &new_terms {
-        for trigram in trigrams(term) {
-            trigram_rows.insert((trigram, term.clone()));
-        }
-    }
-    if trigram_rows.is_empty() {
-        return Ok(());
-    }
-    let values = trigram_rows.into_iter().flat_map(|(trigram, term)| [Bind::Text(trigram), Bind::Text(term)]).collect();
-    let sql = "INSERT INTO search_term_trigrams (trigram, term) VALUES";
-    insert_rows(tx, sql, 2, values, " ON CONFLICT (trigram, term) DO NOTHING", "adding name trigrams").await?;
-    Ok(())
-}
-
-/// Writes the index rows of one agent.
-pub(super) async fn write_index(
-    tx: &mut Transaction<'static, Any>,
-    id: AgentId,
-    profile: &Profile,
-    trust: f64,
-) -> Result<(), RegistryQueryError> {
-    let mut rows = IndexRows::default();
-    rows.add(id, profile, trust);
-    rows.write(tx).await
-}
-
-/// Removes the index rows of one agent (the vocabulary keeps its terms).
-pub(super) async fn clear_index(tx: &mut Transaction<'static, Any>, id: AgentId) -> Result<(), RegistryQueryError> {
-    for table in ["agent_search", "agent_capabilities", "agent_tags"] {
-        sqlx::query(&format!("DELETE FROM {table} WHERE agent_id = $1"))
-            .bind(id.to_string())
-            .execute(&mut **tx)
-            .await
-            .map_err(query_error("clearing index rows"))?;
-    }
-    Ok(())
-}
-
-/// Why [`set_trust`] failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum SetTrustError {
-    #[error("failed to set the trust of {0}: it is not registered")]
-    NotFound(AgentId),
-    #[error("failed to set a trust of {0}: it must be a number from 0 to 1")]
-    OutOfRange(f64),
-    #[error(transparent)]
-    Query(#[from] RegistryQueryError),
-}
-
-/// Sets the trust factors of agents (as the trust engine computes them) and the index
-/// rows ordered by them, in one transaction: all or nothing. Writers should send only
-/// the scores that changed.
-pub async fn set_trust(db: &Database, scores: &[(AgentId, f64)]) -> Result<(), SetTrustError> {
-    if let Some(&(_, bad)) = scores.iter().find(|(_, trust)| !(TRUST_MIN..=TRUST_MAX).contains(trust)) {
-        return Err(SetTrustError::OutOfRange(bad));
-    }
-    // One order for every writer: no deadlock between two batches.
-    let scores: BTreeMap<AgentId, f64> = scores.iter().copied().collect();
-    let mut tx = db.pool().begin().await.map_err(query_error("starting a trust update"))?;
-    for (id, trust) in scores {
-        let updated = sqlx::query("UPDATE agents SET trust = $1 WHERE id = $2")
-            .bind(trust)
-            .bind(id.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(query_error("setting trust"))?
-            .rows_affected();
-        if updated == 0 {
-            return Err(SetTrustError::NotFound(id));
-        }
-        for sql in [
-            "UPDATE agent_search SET impact = weight * $1 WHERE agent_id = $2",
-            "UPDATE agent_capabilities SET trust = $1 WHERE agent_id = $2",
-            "UPDATE agent_tags SET trust = $1 WHERE agent_id = $2",
-        ] {
-            sqlx::query(sql)
-                .bind(trust)
-                .bind(id.to_string())
-                .execute(&mut *tx)
-                .await
-                .map_err(query_error("setting trust in the index"))?;
-        }
-    }
-    tx.commit().await.map_err(query_error("committing a trust update"))?;
-    Ok(())
-}
-
-/// Why [`ensure_index`] failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum EnsureIndexError {
-    #[error("failed to rebuild the search index: taking its lease")]
-    Lease(#[from] crate::db::QueryError),
-    #[error("failed to rebuild the search index")]
-    Query(#[from] RegistryQueryError),
-}
-
-/// Rebuilds the index from `agents` if it is older than [`INDEX_VERSION`] (after a
-/// migration that changed its layout). One replica does it, under a lease; the others
-/// go on serving. Returns the number of agents reindexed.
-pub async fn ensure_index(
-    db: &Database,
-    holder: &str,
-    now: molt_protocol::UnixMillis,
-) -> Result<u64, EnsureIndexError> {
-    const LEASE: &str = "registry-reindex";
-    let version = index_version(db).await?;
-    if version >= INDEX_VERSION {
-        return Ok(0);
-    }
-    let lease_ttl = std::time::Duration::from_secs(10 * 60);
-    let acquired = db.try_acquire_lease(LEASE, holder, lease_ttl, now).await?;
-    if !acquired {
-        tracing::info!("another replica is rebuilding the search index");
-        return Ok(0);
-    }
-    let mut after = String::new();
-    let mut count = 0;
-    loop {
-        let rows = sqlx::query(&format!(
-            "SELECT {} FROM agents WHERE id > $1 AND revoked_at_ms IS NULL ORDER BY id LIMIT {REBUILD_BATCH}",
-            super::AGENT_COLUMNS
-        ))
-        .bind(after.clone())
-        .fetch_all(db.pool())
-        .await
-        .map_err(query_error("reading agents to reindex"))?;
-        let Some(last) = rows.last() else { break };
-        after = last.try_get("id").map_err(query_error("reading agents to reindex"))?;
-        let agents: Vec<Agent> = rows.iter().map(super::agent_from_row).collect::<Result<_, _>>()?;
-        let mut tx = db.pool().begin().await.map_err(query_error("starting a reindex batch"))?;
-        let mut index = IndexRows::default();
-        for agent in &agents {
-            clear_index(&mut tx, agent.id).await?;
-            index.add(agent.id, &agent.profile, agent.trust);
-        }
-        index.write(&mut tx).await?;
-        tx.commit().await.map_err(query_error("committing a reindex batch"))?;
-        count += agents.len() as u64;
-    }
-    sqlx::query("UPDATE registry_meta SET value = $1 WHERE key = 'index_version'")
-        .bind(INDEX_VERSION)
-        .execute(db.pool())
-        .await
-        .map_err(query_error("recording the index version"))?;
-    let _ = db.release_lease(LEASE, holder).await;
-    tracing::info!(agents = count, version = INDEX_VERSION, "search index rebuilt");
-    Ok(count)
-}
-
-async fn index_version(db: &Database) -> Result<i64, RegistryQueryError> {
-    let row = sqlx::query("SELECT value FROM registry_meta WHERE key = 'index_version'")
-        .fetch_optional(db.pool())
-        .await
-        .map_err(query_error("reading the index version"))?;
-    match row {
-        Some(row) => row.try_get("value").map_err(query_error("reading the index version")),
-        None => Ok(0),
-    }
+    let id = lists.len() as u32;
+    lists.push(TrustList::default());
+    ids.insert(text.into(), id);
+    id
 }
 
 /// Distinct terms of a profile with the best field each occurs in.
-fn postings(profile: &Profile) -> BTreeMap<String, i64> {
+fn postings(profile: &Profile) -> BTreeMap<String, Field> {
     let mut out = BTreeMap::new();
-    let mut add = |token: String, weight: i64| {
-        let best = out.entry(token).or_insert(weight);
-        *best = (*best).max(weight);
+    let mut add = |token: String, field: Field| {
+        let best = out.entry(token).or_insert(field);
+        *best = (*best).min(field);
     };
     for token in tokens(&profile.name) {
-        add(token, WEIGHT_NAME);
+        add(token, Field::Name);
     }
     for capability in &profile.capabilities {
         for token in capability_tokens(capability) {
-            add(token, WEIGHT_CAPABILITY);
+            add(token, Field::Capability);
         }
     }
     for token in tokens(&profile.description).into_iter().take(DESCRIPTION_TOKENS_MAX) {
-        add(token, WEIGHT_DESCRIPTION);
+        add(token, Field::Description);
     }
     out
 }
@@ -402,29 +606,158 @@ pub(super) fn trigrams(term: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    use molt_protocol::keys::SigningKey;
+
     use super::*;
+
+    fn agent(seed: u8, name: &str, description: &str, capabilities: &[&str], trust: f64) -> Agent {
+        let key = SigningKey::from_bytes(&[seed; 32]).public_key();
+        Agent {
+            id: AgentId::from_inception_key(&key),
+            public_key: key,
+            profile: Profile {
+                name: name.into(),
+                description: description.into(),
+                capabilities: capabilities
+                    .iter()
+                    .map(|name| Capability { name: (*name).into(), version: String::new(), tags: vec!["fast".into()] })
+                    .collect(),
+                key_binding: None,
+                visibility: Visibility::Public,
+                home_edge: None,
+            },
+            revision: 1,
+            registered_at: UnixMillis(0),
+            updated_at: UnixMillis(0),
+            last_heartbeat: UnixMillis(0),
+            expires_at: UnixMillis(1_000_000),
+            revoked_at: None,
+            trust,
+        }
+    }
+
+    fn ids(state: &IndexState, slots: &[Slot]) -> Vec<AgentId> {
+        slots.iter().map(|&slot| state.doc(slot).id).collect()
+    }
+
+    /// Every list is sorted and holds exactly the agents that belong in it.
+    fn check(state: &IndexState) {
+        let mut lists = vec![ListRef::All];
+        for term in 0..state.postings.len() as TermId {
+            lists.extend(FIELDS.iter().map(|&field| ListRef::Posting(term, field)));
+        }
+        lists.extend((0..state.capability_lists.len() as u32).map(ListRef::Capability));
+        lists.extend((0..state.tag_lists.len() as u32).map(ListRef::Tag));
+        for list in lists {
+            let entries = state.list(list);
+            assert_eq!(entries.sorted, entries.slots.len(), "{list:?} has staged entries");
+            assert!(entries.slots.windows(2).all(|pair| state.order(pair[0], pair[1]) == Ordering::Less), "{list:?}");
+            let expected = state.slots.values().filter(|&&slot| state.doc(slot).has(list)).count();
+            assert_eq!(entries.slots.len(), expected, "{list:?}");
+        }
+    }
+
+    #[test]
+    fn a_posting_keeps_the_best_field() {
+        let agent = agent(1, "Weather Bot", "weather and more", &["weather.v1"], 0.5);
+        let postings = postings(&agent.profile);
+        assert_eq!(postings["weather"], Field::Name);
+        assert_eq!(postings["v1"], Field::Capability);
+        assert_eq!(postings["more"], Field::Description);
+    }
+
+    #[test]
+    fn batches_keep_every_list_sorted_and_exact() {
+        let mut state = IndexState::default();
+        let agents: Vec<Agent> = (0..40)
+            .map(|i| {
+                agent(
+                    i,
+                    &format!("bot{} common", i % 7),
+                    "shared words here",
+                    &["cap.a", "cap.b"],
+                    f64::from(i % 5) / 4.0,
+                )
+            })
+            .collect();
+        state.apply(agents.iter().map(Change::of));
+        check(&state);
+        assert_eq!(state.len(), 40);
+        // Change trust and names, hide some, revoke some, re-add one, in one batch,
+        // with an agent changed twice.
+        let mut changes = Vec::new();
+        for (i, agent) in agents.iter().enumerate() {
+            let mut changed = agent.clone();
+            match i % 4 {
+                0 => changed.trust = 1.0 - changed.trust,
+                1 => changed.profile.visibility = Visibility::Unlisted,
+                2 => changed.revoked_at = Some(UnixMillis(5)),
+                _ => changed.profile.name = "renamed".into(),
+            }
+            changes.push(Change::of(&changed));
+        }
+        changes.push(Change::of(&agents[0]));
+        state.apply(changes);
+        check(&state);
+        assert_eq!(state.len(), 20);
+        state.apply(agents.iter().map(Change::of));
+        check(&state);
+        assert_eq!(state.len(), 40);
+    }
+
+    #[test]
+    fn windows_follow_impact_and_skip_the_expired() {
+        let mut state = IndexState::default();
+        let named = agent(1, "Alpha", "", &[], 0.4); // name: 3 × 0.4 = 1.2
+        let described = agent(2, "Other", "alpha", &[], 1.0); // description: 1 × 1.0
+        let mut expired = agent(3, "Alpha two", "", &[], 0.9);
+        expired.expires_at = UnixMillis(10);
+        state.apply([&named, &described, &expired].map(Change::of));
+        let term = state.term("alpha").unwrap();
+        let now = UnixMillis(100);
+        let window = state.window(term, false, 10, Filter::default(), now);
+        assert_eq!(ids(&state, &window), [named.id, described.id]);
+        let names = state.window(term, true, 10, Filter::default(), now);
+        assert_eq!(ids(&state, &names), [named.id]);
+        assert_eq!(state.window(term, false, 1, Filter::default(), now).len(), 1);
+    }
+
+    #[test]
+    fn filters_narrow_windows_and_listings() {
+        let mut state = IndexState::default();
+        let a = agent(1, "Alpha", "", &["cap.a"], 0.4);
+        let b = agent(2, "Alpha", "", &["cap.b"], 0.9);
+        state.apply([&a, &b].map(Change::of));
+        let now = UnixMillis(100);
+        let filter = state.filter(Some("cap.a"), None).unwrap();
+        let term = state.term("alpha").unwrap();
+        assert_eq!(ids(&state, &state.window(term, false, 10, filter, now)), [a.id]);
+        assert_eq!(ids(&state, &state.by_trust(filter, 0, 10, now)), [a.id]);
+        assert_eq!(ids(&state, &state.by_trust(Filter::default(), 0, 10, now)), [b.id, a.id]);
+        assert!(state.filter(Some("cap.none"), None).is_none());
+        let tagged = state.filter(None, Some("fast")).unwrap();
+        assert_eq!(state.by_trust(tagged, 1, 10, now).len(), 1);
+    }
+
+    #[test]
+    fn the_name_vocabulary_finds_prefixes_and_near_terms() {
+        let mut state = IndexState::default();
+        state
+            .apply([Change::of(&agent(1, "Translator", "", &[], 0.5)), Change::of(&agent(2, "Transit", "", &[], 0.5))]);
+        let prefixed: Vec<String> = state.name_terms_starting_with("trans", 10).into_iter().map(|(t, _)| t).collect();
+        assert_eq!(prefixed, ["transit", "translator"]);
+        let mut grams = trigrams("translater");
+        grams.sort();
+        grams.dedup();
+        let near = state.name_terms_sharing(&grams, 4, 10);
+        assert_eq!(near.first().copied(), state.term("translator"));
+    }
 
     #[test]
     fn tokens_are_lower_case_words() {
         assert_eq!(tokens("Hello, World! hello"), ["hello", "world"]);
         assert_eq!(tokens("'; DROP TABLE agents; --"), ["drop", "table", "agents"]);
         assert!(tokens("%_").is_empty());
-    }
-
-    #[test]
-    fn a_posting_keeps_the_best_field() {
-        let profile = Profile {
-            name: "Weather Bot".into(),
-            description: "weather and more".into(),
-            capabilities: vec![Capability { name: "weather.v1".into(), version: String::new(), tags: vec![] }],
-            key_binding: None,
-            visibility: Visibility::Public,
-            home_edge: None,
-        };
-        let postings = postings(&profile);
-        assert_eq!(postings["weather"], WEIGHT_NAME);
-        assert_eq!(postings["v1"], WEIGHT_CAPABILITY);
-        assert_eq!(postings["more"], WEIGHT_DESCRIPTION);
     }
 
     #[test]

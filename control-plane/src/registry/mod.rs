@@ -2,22 +2,22 @@
 //! presence, health read from the last sign of life, and search.
 //!
 //! **Storage.** `agents` holds one row per agent (its profile, with capabilities as JSON,
-//! and the trust factor the trust engine writes). The search index ([`index`]) is
-//! derived from profiles and written in the same transaction; [`search`] reads it.
+//! and the trust factor the trust engine writes). Every write that changes what search
+//! finds numbers itself in `agents.change_seq` ([`next_change_seqs`]); each replica's
+//! [`SearchIndex`] follows those numbers into memory ([`index`], [`search`]).
 //!
 //! Health is computed at read time from the last heartbeat or presence report: no
 //! background pinging.
 
 mod index;
+mod rows;
 mod search;
 
-pub use index::{
-    EnsureIndexError, INDEX_VERSION, REBUILD_BATCH, SetTrustError, TRUST_MAX, TRUST_MIN, ensure_index, set_trust,
-    tokens,
-};
+pub use index::{FILTERED_SCAN_MAX, tokens};
 pub use search::{
-    EXPANSION_WINDOW_DIVISOR, PREFIX_TERMS_MAX, QUERY_TOKENS_MAX, RANK_WINDOW_MIN, SearchHit, SearchPage, SearchQuery,
-    TYPO_CANDIDATES_MAX, TYPO_TERMS_MAX, search,
+    EXPANSION_WINDOW_DIVISOR, FEED_PAGE, LIVENESS_INTERVAL, LIVENESS_LOOKBACK, LIVENESS_PAGE, LIVENESS_PAGES_MAX,
+    PREFIX_TERMS_MAX, QUERY_TOKENS_MAX, RANK_WINDOW_MIN, REFRESH_WAIT_MAX, Refreshed, SearchHit, SearchIndex,
+    SearchPage, SearchQuery, TYPO_CANDIDATES_MAX, TYPO_TERMS_MAX,
 };
 
 use std::collections::BTreeSet;
@@ -61,6 +61,9 @@ pub const SEARCH_LIMIT_DEFAULT: u32 = 20;
 pub const SEARCH_LIMIT_MAX: u32 = 100;
 const _: () = assert!(SEARCH_LIMIT_MAX <= SEARCH_CANDIDATES_MAX);
 
+/// Lowest and highest trust factor; [`set_trust`] refuses anything outside.
+pub const TRUST_MIN: f64 = 0.0;
+pub const TRUST_MAX: f64 = 1.0;
 /// Trust factor until the trust engine writes one: the middle of [`TRUST_MIN`]..[`TRUST_MAX`].
 pub const TRUST_NEUTRAL: f64 = 0.5;
 
@@ -303,7 +306,7 @@ const AGENT_COLUMNS: &str = "id, public_key, name, description, capabilities, ke
                              trust";
 
 /// Registers a new agent with `profile`, its registration valid until `now + REGISTRATION_TTL`.
-/// The profile and its search rows are written in one transaction.
+/// The profile and its change number are written in one transaction.
 pub async fn register(
     db: &Database,
     id: AgentId,
@@ -312,10 +315,11 @@ pub async fn register(
     now: UnixMillis,
 ) -> Result<Agent, RegisterError> {
     let mut tx = db.pool().begin().await.map_err(query_error("starting a registration"))?;
+    let seq = next_change_seqs(&mut tx, 1).await?;
     let inserted = sqlx::query(
         "INSERT INTO agents (id, public_key, name, description, capabilities, key_binding, visibility, home_edge, \
-         revision, registered_at_ms, updated_at_ms, last_heartbeat_ms, expires_at_ms) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9, $9, $9, $10) ON CONFLICT (id) DO NOTHING",
+         revision, registered_at_ms, updated_at_ms, last_heartbeat_ms, expires_at_ms, change_seq) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9, $9, $9, $10, $11) ON CONFLICT (id) DO NOTHING",
     )
     .bind(id.to_string())
     .bind(key.as_bytes().to_vec())
@@ -327,6 +331,7 @@ pub async fn register(
     .bind(profile.home_edge.map(|edge| edge.to_string()))
     .bind(to_db(now))
     .bind(to_db(now.saturating_add(REGISTRATION_TTL)))
+    .bind(seq)
     .execute(&mut *tx)
     .await
     .map_err(query_error("inserting an agent"))?
@@ -334,7 +339,6 @@ pub async fn register(
     if inserted == 0 {
         return Err(RegisterError::AlreadyRegistered);
     }
-    index::write_index(&mut tx, id, profile, TRUST_NEUTRAL).await?;
     tx.commit().await.map_err(query_error("committing a registration"))?;
     Ok(Agent {
         id,
@@ -350,7 +354,7 @@ pub async fn register(
     })
 }
 
-/// Replaces the profile of a registered agent (and its search rows), in one transaction.
+/// Replaces the profile of a registered agent.
 pub async fn update_profile(
     db: &Database,
     id: AgentId,
@@ -358,10 +362,11 @@ pub async fn update_profile(
     now: UnixMillis,
 ) -> Result<(), AgentWriteError> {
     let mut tx = db.pool().begin().await.map_err(query_error("starting a profile update"))?;
+    let seq = next_change_seqs(&mut tx, 1).await?;
     let updated = sqlx::query(
         "UPDATE agents SET name = $1, description = $2, capabilities = $3, key_binding = $4, visibility = $5, \
-         home_edge = $6, revision = revision + 1, updated_at_ms = $7 WHERE id = $8 AND revoked_at_ms IS NULL \
-         RETURNING trust",
+         home_edge = $6, revision = revision + 1, updated_at_ms = $7, change_seq = $9 \
+         WHERE id = $8 AND revoked_at_ms IS NULL",
     )
     .bind(profile.name.clone())
     .bind(profile.description.clone())
@@ -371,13 +376,14 @@ pub async fn update_profile(
     .bind(profile.home_edge.map(|edge| edge.to_string()))
     .bind(to_db(now))
     .bind(id.to_string())
-    .fetch_optional(&mut *tx)
+    .bind(seq)
+    .execute(&mut *tx)
     .await
-    .map_err(query_error("updating an agent"))?;
-    let Some(updated) = updated else { return Err(AgentWriteError::NotFound) };
-    let trust: f64 = updated.try_get("trust").map_err(query_error("updating an agent"))?;
-    index::clear_index(&mut tx, id).await?;
-    index::write_index(&mut tx, id, profile, trust).await?;
+    .map_err(query_error("updating an agent"))?
+    .rows_affected();
+    if updated == 0 {
+        return Err(AgentWriteError::NotFound);
+    }
     tx.commit().await.map_err(query_error("committing a profile update"))?;
     Ok(())
 }
@@ -400,10 +406,13 @@ pub async fn heartbeat(db: &Database, id: AgentId, now: UnixMillis) -> Result<Un
     Ok(expires_at)
 }
 
-/// Revokes an agent: its signed requests are refused and its index rows are removed, in
-/// one transaction. Idempotent.
+/// Revokes an agent: its signed requests are refused and search no longer finds it.
+/// Idempotent.
 pub async fn revoke(db: &Database, id: AgentId, now: UnixMillis) -> Result<(), AgentWriteError> {
     let mut tx = db.pool().begin().await.map_err(query_error("starting a revocation"))?;
+    // The counter first: it is a write, so a SQLite transaction starts as a writer
+    // instead of failing to upgrade from a read.
+    let seq = next_change_seqs(&mut tx, 1).await?;
     let exists = sqlx::query("SELECT id FROM agents WHERE id = $1")
         .bind(id.to_string())
         .fetch_optional(&mut *tx)
@@ -412,13 +421,13 @@ pub async fn revoke(db: &Database, id: AgentId, now: UnixMillis) -> Result<(), A
     if exists.is_none() {
         return Err(AgentWriteError::NotFound);
     }
-    sqlx::query("UPDATE agents SET revoked_at_ms = $1 WHERE id = $2 AND revoked_at_ms IS NULL")
+    sqlx::query("UPDATE agents SET revoked_at_ms = $1, change_seq = $3 WHERE id = $2 AND revoked_at_ms IS NULL")
         .bind(to_db(now))
         .bind(id.to_string())
+        .bind(seq)
         .execute(&mut *tx)
         .await
         .map_err(query_error("revoking an agent"))?;
-    index::clear_index(&mut tx, id).await?;
     tx.commit().await.map_err(query_error("committing a revocation"))?;
     Ok(())
 }
@@ -435,7 +444,7 @@ pub async fn renew_by_presence(
     let mut sorted: Vec<String> = agents.iter().map(AgentId::to_string).collect();
     sorted.sort();
     sorted.dedup();
-    for chunk in sorted.chunks(index::BIND_PARAMETERS_MAX - 2) {
+    for chunk in sorted.chunks(rows::BIND_PARAMETERS_MAX - 2) {
         let placeholders: Vec<String> = (3..chunk.len() + 3).map(|n| format!("${n}")).collect();
         let sql = format!(
             "UPDATE agents SET last_heartbeat_ms = $1, expires_at_ms = $2 \
@@ -474,17 +483,24 @@ pub enum ImportError {
     Query(#[from] RegistryQueryError),
 }
 
-/// Registers many agents and their index rows in one transaction, with few statements:
-/// all or nothing. Registrations expire `REGISTRATION_TTL` after their last heartbeat.
+/// Registers many agents in one transaction, with few statements: all or nothing.
+/// Registrations expire `REGISTRATION_TTL` after their last heartbeat.
 pub async fn import_agents(db: &Database, agents: &[ImportedAgent]) -> Result<(), ImportError> {
-    use index::Bind;
+    use rows::Bind;
     if let Some(agent) = agents.iter().find(|agent| !(TRUST_MIN..=TRUST_MAX).contains(&agent.trust)) {
         return Err(ImportError::Trust(agent.id));
     }
+    let mut ids = BTreeSet::new();
+    if let Some(agent) = agents.iter().find(|agent| !ids.insert(agent.id)) {
+        return Err(ImportError::AlreadyRegistered(agent.id));
+    }
+    if agents.is_empty() {
+        return Ok(());
+    }
     let mut tx = db.pool().begin().await.map_err(query_error("starting an import"))?;
-    let mut values = Vec::with_capacity(agents.len() * 15);
-    let mut rows = index::IndexRows::default();
-    for agent in agents {
+    let first_seq = next_change_seqs(&mut tx, agents.len()).await?;
+    let mut values = Vec::with_capacity(agents.len() * 16);
+    for (seq, agent) in (first_seq..).zip(agents) {
         let profile = &agent.profile;
         values.extend([
             Bind::Text(agent.id.to_string()),
@@ -502,15 +518,11 @@ pub async fn import_agents(db: &Database, agents: &[ImportedAgent]) -> Result<()
             Bind::Int(to_db(agent.last_heartbeat.saturating_add(REGISTRATION_TTL))),
             Bind::NullInt,
             Bind::Real(agent.trust),
+            Bind::Int(seq),
         ]);
-        rows.add(agent.id, profile, agent.trust);
-    }
-    let mut ids = BTreeSet::new();
-    if let Some(agent) = agents.iter().find(|agent| !ids.insert(agent.id)) {
-        return Err(ImportError::AlreadyRegistered(agent.id));
     }
     let ids: Vec<String> = ids.iter().map(AgentId::to_string).collect();
-    for chunk in ids.chunks(index::BIND_PARAMETERS_MAX) {
+    for chunk in ids.chunks(rows::BIND_PARAMETERS_MAX) {
         let placeholders: Vec<String> = (1..=chunk.len()).map(|n| format!("${n}")).collect();
         let sql = format!("SELECT id FROM agents WHERE id IN ({}) LIMIT 1", placeholders.join(", "));
         let mut statement = sqlx::query(&sql);
@@ -527,11 +539,71 @@ pub async fn import_agents(db: &Database, agents: &[ImportedAgent]) -> Result<()
     // A concurrent registration of the same id makes this insert fail: nothing is written.
     let sql = "INSERT INTO agents (id, public_key, name, description, capabilities, key_binding, visibility, \
                home_edge, revision, registered_at_ms, updated_at_ms, last_heartbeat_ms, expires_at_ms, revoked_at_ms, \
-               trust) VALUES";
-    index::insert_rows(&mut tx, sql, 15, values, "", "importing agents").await?;
-    rows.write(&mut tx).await?;
+               trust, change_seq) VALUES";
+    rows::insert_rows(&mut tx, sql, 16, values, "importing agents").await?;
     tx.commit().await.map_err(query_error("committing an import"))?;
     Ok(())
+}
+
+/// Why [`set_trust`] failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SetTrustError {
+    #[error("failed to set the trust of {0}: it is not registered")]
+    NotFound(AgentId),
+    #[error("failed to set a trust of {0}: it must be a number from 0 to 1")]
+    OutOfRange(f64),
+    #[error(transparent)]
+    Query(#[from] RegistryQueryError),
+}
+
+/// Sets the trust factors of agents (as the trust engine computes them), in one
+/// transaction: all or nothing. Writers should send only the scores that changed.
+pub async fn set_trust(db: &Database, scores: &[(AgentId, f64)]) -> Result<(), SetTrustError> {
+    if let Some(&(_, bad)) = scores.iter().find(|(_, trust)| !(TRUST_MIN..=TRUST_MAX).contains(trust)) {
+        return Err(SetTrustError::OutOfRange(bad));
+    }
+    let scores: std::collections::BTreeMap<AgentId, f64> = scores.iter().copied().collect();
+    if scores.is_empty() {
+        return Ok(());
+    }
+    let mut tx = db.pool().begin().await.map_err(query_error("starting a trust update"))?;
+    let first_seq = next_change_seqs(&mut tx, scores.len()).await?;
+    for (seq, (id, trust)) in (first_seq..).zip(scores) {
+        let updated = sqlx::query("UPDATE agents SET trust = $1, change_seq = $2 WHERE id = $3")
+            .bind(trust)
+            .bind(seq)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(query_error("setting trust"))?
+            .rows_affected();
+        if updated == 0 {
+            return Err(SetTrustError::NotFound(id));
+        }
+    }
+    tx.commit().await.map_err(query_error("committing a trust update"))?;
+    Ok(())
+}
+
+/// Takes `count` numbers of the change feed and returns the first. The counter's row
+/// stays locked until `tx` ends, so numbers commit in the order they are taken (and a
+/// rolled-back transaction gives its numbers back): a reader that has seen number *n*
+/// committed has seen every number below it. Registry writers take it as their first
+/// statement: they cannot deadlock on it, and on SQLite the transaction starts as the
+/// writer (a read first would fail to upgrade when another writer committed meanwhile).
+pub(crate) async fn next_change_seqs(
+    tx: &mut Transaction<'static, Any>,
+    count: usize,
+) -> Result<i64, RegistryQueryError> {
+    let count = i64::try_from(count).unwrap_or(i64::MAX);
+    let last: i64 =
+        sqlx::query_scalar("UPDATE registry_meta SET value = value + $1 WHERE key = 'change_seq' RETURNING value")
+            .bind(count)
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(query_error("numbering a registry change"))?;
+    Ok(last - count + 1)
 }
 
 /// The stored agent, whatever its visibility or state.

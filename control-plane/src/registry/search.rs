@@ -1,35 +1,51 @@
-//! Search over public, unrevoked, unexpired agents.
+//! Search over public, unrevoked, unexpired agents, answered from each replica's
+//! in-memory [index](super::index) and the page's rows read from the database.
+//!
+//! **Freshness.** Every write a search must see (registration, profile, revocation,
+//! trust) takes the next number of one counter in its transaction and stores it in
+//! `agents.change_seq`; the counter's row lock makes numbers commit in order, so a
+//! replica that has read every change up to *n* has missed none below it. Before it
+//! answers, a search reads the changes after the last one this replica applied (one
+//! indexed statement, usually empty, shared by the searches waiting at that moment):
+//! a search sees every change committed before it began, on any replica. A backlog of a
+//! full page or more (a bulk import, the first build) is applied to a copy that replaces
+//! the index when complete; searches arriving meanwhile wait at most
+//! [`REFRESH_WAIT_MAX`] and then answer from the index as it is. Heartbeats are not
+//! numbered (they would serialise on the counter): at most every [`LIVENESS_INTERVAL`]
+//! the index reads those newer than the newest it has seen less [`LIVENESS_LOOKBACK`],
+//! so liveness in the ranking is about a second behind; the health shown is read with
+//! the page.
 //!
 //! **With text**, each query word becomes one or more *terms*: the word itself (matched
-//! in names, capabilities and descriptions) and, for words of 3 or more characters, name
-//! terms from the vocabulary that are within the word's typo budget or start with it.
-//! Each term reads a bounded window of postings in impact order (weight × trust): the
+//! in names, capabilities and descriptions) and, for words of 3 or more characters that
+//! are not themselves a name word, name words of the vocabulary within the word's typo
+//! budget (1 edit for 4–7 characters, 2 for 8+) or starting with it. Each term reads a
+//! bounded window of postings in impact order (field weight × trust): the
 //! [`RANK_WINDOW_MIN`] best for the first pages, as deep as the page for deeper ones (a
 //! quarter of that for an expanded term). The windows give the candidates, so a query
-//! costs the same whether a word occurs in ten agents or in a million, and a deeper page
-//! costs what it reaches. One statement then scores each candidate from all its postings
-//! of the query's terms (an agent matching every word scores for each, however deep its
-//! postings lie), taking per query word the best match and summing them into the
-//! relevance, multiplies by liveness (from the last heartbeat or edge presence) and
-//! trust, and returns the requested page. Ranking is exact among the candidates; as the
-//! windows grow with the offset, pages past the first window can shift slightly against
-//! earlier ones. Scores: a name word 3, within the typo budget 2 − 0.5 per edit, a prefix
-//! of a name word 1.5, a capability or tag word 2, a description word 1.
+//! costs the same whether a word occurs in ten agents or in a million. Each candidate is
+//! scored from all its terms: per query word the best match, summed into the relevance,
+//! times liveness (from the last heartbeat or edge presence) and trust. Ranking is exact
+//! among the candidates; as the windows grow with the offset, pages past the first
+//! window can shift slightly against earlier ones. Scores: a name word 3, within the
+//! typo budget 2 − 0.5 per edit, a prefix of a name word 1.5, a capability or tag word
+//! 2, a description word 1.
 //!
-//! **Without text** (filters only, or nothing), results are listed by trust, best first,
-//! straight from the `(capability or tag, trust)` indexes; liveness is shown, not ranked.
-//!
-//! Every value from the query is a bound parameter; only placeholders and the module's
-//! own constants are formatted into SQL.
+//! **Without text** (filters only, or nothing), results are listed by trust, best first;
+//! liveness is shown, not ranked.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
 
-use molt_protocol::UnixMillis;
+use molt_protocol::{AgentId, UnixMillis};
 use sqlx::Row as _;
 
-use super::index::{Bind, WEIGHT_NAME, bind, tokens, trigrams};
+use super::index::{Batch, Change, Field, Filter, IndexState, TermId, tokens, trigrams};
+use super::rows::placeholders;
 use super::{
-    AGENT_COLUMNS, DEGRADED_WITHIN, Health, ONLINE_WITHIN, RegistryQueryError, SEARCH_CANDIDATES_MAX, agent_from_row,
+    AGENT_COLUMNS, Agent, Health, RegistryQueryError, SEARCH_CANDIDATES_MAX, Visibility, agent_from_row,
     is_capability_name, is_tag, query_error, to_db,
 };
 use crate::db::Database;
@@ -44,9 +60,23 @@ pub const EXPANSION_WINDOW_DIVISOR: u32 = 4;
 /// Name terms within the typo budget taken per word, nearest first.
 pub const TYPO_TERMS_MAX: usize = 4;
 /// Name terms that start with the word taken per word.
-pub const PREFIX_TERMS_MAX: u32 = 4;
+pub const PREFIX_TERMS_MAX: usize = 4;
 /// Vocabulary terms sharing trigrams with a word that are checked for edit distance.
-pub const TYPO_CANDIDATES_MAX: u32 = 64;
+pub const TYPO_CANDIDATES_MAX: usize = 64;
+/// Changed agents read per statement while following the change feed; a backlog of this
+/// many or more is applied to a copy of the index.
+pub const FEED_PAGE: u32 = 2_000;
+/// How long a search waits for another one's refresh before answering from the index
+/// as it is (the first build is always waited for).
+pub const REFRESH_WAIT_MAX: Duration = Duration::from_millis(250);
+/// How often heartbeats are read into the index.
+pub const LIVENESS_INTERVAL: Duration = Duration::from_secs(1);
+/// Heartbeats are read again from this far behind the newest seen, so one whose
+/// transaction committed late is not missed.
+pub const LIVENESS_LOOKBACK: Duration = Duration::from_secs(10);
+/// Heartbeats read per statement, and statements per refresh.
+pub const LIVENESS_PAGE: u32 = 5_000;
+pub const LIVENESS_PAGES_MAX: usize = 20;
 
 /// Liveness factors of the ranking.
 const LIVENESS_ONLINE: f64 = 1.0;
@@ -77,7 +107,7 @@ pub struct SearchQuery {
 /// One ranked result.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SearchHit {
-    pub agent: super::Agent,
+    pub agent: Agent,
     pub health: Health,
     pub relevance: f64,
     pub trust: f64,
@@ -97,270 +127,412 @@ impl SearchPage {
     }
 }
 
-/// Searches public, unrevoked, unexpired agents. See the module documentation.
-pub async fn search(db: &Database, query: &SearchQuery, now: UnixMillis) -> Result<SearchPage, RegistryQueryError> {
-    // A filter no capability could satisfy matches nothing; it never reaches the database.
-    if query.capability.as_deref().is_some_and(|name| !is_capability_name(name))
-        || query.tag.as_deref().is_some_and(|tag| !is_tag(tag))
-        || query.offset >= SEARCH_CANDIDATES_MAX
-        || query.limit == 0
-    {
-        return Ok(SearchPage::empty());
-    }
-    let words: Vec<String> = tokens(&query.text).into_iter().take(QUERY_TOKENS_MAX).collect();
-    if words.is_empty() { list_by_trust(db, query, now).await } else { ranked(db, query, &words, now).await }
+/// What one refresh read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Refreshed {
+    /// Changed agents applied.
+    pub changes: usize,
+    /// Heartbeats read.
+    pub heartbeats: usize,
+    /// Agents in the index afterwards.
+    pub agents: usize,
 }
 
-/// Binds and SQL of the optional filters, as conditions on `column` (an agent id).
-struct Filters {
-    sql: String,
-    binds: Vec<Bind>,
+/// Where this replica is in the change feed.
+#[derive(Debug)]
+struct Feed {
+    /// The last change applied: its number and agent id (rows migrated from before
+    /// the feed share number 0).
+    seq: i64,
+    id: String,
+    /// The newest heartbeat seen, in milliseconds.
+    heartbeat_high: i64,
+    liveness_read_at: Option<Instant>,
 }
 
-impl Filters {
-    /// Conditions numbered from `$first`.
-    fn new(query: &SearchQuery, column: &str, first: usize) -> Filters {
-        let mut sql = String::new();
-        let mut binds = Vec::new();
-        if let Some(capability) = &query.capability {
-            let n = first + binds.len();
-            sql.push_str(&format!(" AND {column} IN (SELECT agent_id FROM agent_capabilities WHERE name = ${n})"));
-            binds.push(Bind::Text(capability.clone()));
+/// The search index of one replica and the database it follows. Cheap to share
+/// behind an `Arc`; see the module documentation.
+#[derive(Debug)]
+pub struct SearchIndex {
+    db: Database,
+    state: RwLock<IndexState>,
+    feed: tokio::sync::Mutex<Feed>,
+    /// Refreshes started: a search that sees this move while it waits was covered.
+    polls: AtomicU64,
+    built: AtomicBool,
+    liveness_interval: Duration,
+}
+
+impl SearchIndex {
+    /// An empty index over `db`; the first [`SearchIndex::refresh`] (or search) builds it.
+    pub fn new(db: Database) -> SearchIndex {
+        SearchIndex {
+            db,
+            state: RwLock::new(IndexState::default()),
+            feed: tokio::sync::Mutex::new(Feed {
+                seq: -1,
+                id: String::new(),
+                heartbeat_high: 0,
+                liveness_read_at: None,
+            }),
+            polls: AtomicU64::new(0),
+            built: AtomicBool::new(false),
+            liveness_interval: LIVENESS_INTERVAL,
         }
-        if let Some(tag) = &query.tag {
-            let n = first + binds.len();
-            sql.push_str(&format!(" AND {column} IN (SELECT agent_id FROM agent_tags WHERE tag = ${n})"));
-            binds.push(Bind::Text(tag.clone()));
-        }
-        Filters { sql, binds }
     }
-}
 
-/// Filters only (or nothing): by trust, best first, from the trust-ordered indexes.
-async fn list_by_trust(db: &Database, query: &SearchQuery, now: UnixMillis) -> Result<SearchPage, RegistryQueryError> {
-    let columns = prefixed_agent_columns();
-    // $1 now, $2 limit, $3 offset, then the filters.
-    let (sql, filters) = match (&query.capability, &query.tag) {
-        (Some(capability), tag) => {
-            let mut binds = vec![Bind::Text(capability.clone())];
-            let mut tag_sql = "";
-            if let Some(tag) = tag {
-                tag_sql = " AND c.agent_id IN (SELECT agent_id FROM agent_tags WHERE tag = $5)";
-                binds.push(Bind::Text(tag.clone()));
+    /// The index with heartbeats read at most every `interval` instead of
+    /// [`LIVENESS_INTERVAL`] (zero: before every search).
+    pub fn with_liveness_interval(mut self, interval: Duration) -> SearchIndex {
+        self.liveness_interval = interval;
+        self
+    }
+
+    /// Takes a heartbeat this replica recorded, so its own searches rank by it at once;
+    /// other replicas read it within their liveness interval.
+    pub fn note_heartbeat(&self, id: AgentId, last_heartbeat: UnixMillis, expires_at: UnixMillis) {
+        self.write().set_liveness(id, last_heartbeat, expires_at);
+    }
+
+    /// Agents in the index now.
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Reads every change committed since the last refresh (all agents the first time)
+    /// and, when due, recent heartbeats.
+    pub async fn refresh(&self) -> Result<Refreshed, RegistryQueryError> {
+        let mut feed = self.feed.lock().await;
+        self.refresh_locked(&mut feed).await
+    }
+
+    async fn refresh_locked(&self, feed: &mut Feed) -> Result<Refreshed, RegistryQueryError> {
+        self.polls.fetch_add(1, Ordering::SeqCst);
+        let mut refreshed = Refreshed::default();
+        let mut page = self.changes_after(feed.seq, &feed.id).await?;
+        if (page.len() as u32) < FEED_PAGE {
+            refreshed.changes = page.len();
+            if !page.is_empty() {
+                self.write().apply(page.iter().map(|(_, agent)| Change::of(agent)));
+                advance(feed, &page);
             }
-            let sql = format!(
-                "SELECT {columns} FROM agent_capabilities c JOIN agents a ON a.id = c.agent_id \
-                 WHERE c.name = $4{tag_sql} AND a.expires_at_ms > $1 AND a.revoked_at_ms IS NULL \
-                 ORDER BY c.trust DESC, c.agent_id LIMIT $2 OFFSET $3"
+        } else {
+            // A large backlog: build on a copy, so searches go on meanwhile.
+            let started = Instant::now();
+            let mut next = self.read().clone();
+            let mut batch = Batch::default();
+            let (mut seq, mut id, mut high) = (feed.seq, feed.id.clone(), feed.heartbeat_high);
+            loop {
+                for (_, agent) in &page {
+                    next.stage(&mut batch, Change::of(agent));
+                    high = high.max(to_db(agent.last_heartbeat));
+                }
+                if let Some((last_seq, last)) = page.last() {
+                    (seq, id) = (*last_seq, last.id.to_string());
+                }
+                if (page.len() as u32) < FEED_PAGE {
+                    break;
+                }
+                page = self.changes_after(seq, &id).await?;
+            }
+            refreshed.changes = batch.len();
+            next.finish(batch);
+            let old = std::mem::replace(&mut *self.write(), next);
+            drop(old);
+            (feed.seq, feed.id, feed.heartbeat_high) = (seq, id, high);
+            tracing::info!(
+                changes = refreshed.changes,
+                agents = self.len(),
+                seconds = started.elapsed().as_secs_f64(),
+                "search index caught up with a backlog"
             );
-            (sql, binds)
         }
-        (None, Some(tag)) => {
-            let sql = format!(
-                "SELECT {columns} FROM agent_tags t JOIN agents a ON a.id = t.agent_id \
-                 WHERE t.tag = $4 AND a.expires_at_ms > $1 AND a.revoked_at_ms IS NULL \
-                 ORDER BY t.trust DESC, t.agent_id LIMIT $2 OFFSET $3"
-            );
-            (sql, vec![Bind::Text(tag.clone())])
+        self.built.store(true, Ordering::SeqCst);
+        if feed.liveness_read_at.is_none_or(|at| at.elapsed() >= self.liveness_interval) {
+            refreshed.heartbeats = self.read_heartbeats(feed).await?;
+            feed.liveness_read_at = Some(Instant::now());
         }
-        (None, None) => {
-            let sql = format!(
-                "SELECT {columns} FROM agents a WHERE a.visibility = 'public' AND a.expires_at_ms > $1 \
-                 AND a.revoked_at_ms IS NULL ORDER BY a.trust DESC, a.id LIMIT $2 OFFSET $3"
-            );
-            (sql, Vec::new())
-        }
-    };
-    let mut statement =
-        sqlx::query(&sql).bind(to_db(now)).bind(i64::from(query.limit) + 1).bind(i64::from(query.offset));
-    for value in filters {
-        statement = bind(statement, value);
+        refreshed.agents = self.len();
+        Ok(refreshed)
     }
-    let rows = statement.fetch_all(db.pool()).await.map_err(query_error("listing agents"))?;
-    let mut hits = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let agent = agent_from_row(row)?;
-        let health = agent.health(now);
-        let trust = agent.trust;
-        hits.push(SearchHit { agent, health, relevance: 1.0, trust, score: trust });
+
+    /// Refreshes before a search: joins a refresh that started after the search arrived,
+    /// or runs one; waits at most [`REFRESH_WAIT_MAX`] for a long one once the index is built.
+    async fn catch_up(&self) -> Result<(), RegistryQueryError> {
+        let arrived = self.polls.load(Ordering::SeqCst);
+        let mut feed = if self.built.load(Ordering::SeqCst) {
+            match tokio::time::timeout(REFRESH_WAIT_MAX, self.feed.lock()).await {
+                Ok(feed) => feed,
+                Err(_) => return Ok(()),
+            }
+        } else {
+            self.feed.lock().await
+        };
+        if self.polls.load(Ordering::SeqCst) != arrived {
+            return Ok(());
+        }
+        self.refresh_locked(&mut feed).await.map(|_| ())
     }
-    Ok(page(hits, query))
+
+    /// Changed agents after `(seq, id)`, in feed order, at most a page.
+    async fn changes_after(&self, seq: i64, id: &str) -> Result<Vec<(i64, Agent)>, RegistryQueryError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {AGENT_COLUMNS}, change_seq FROM agents WHERE (change_seq, id) > ($1, $2) \
+             ORDER BY change_seq, id LIMIT {FEED_PAGE}"
+        ))
+        .bind(seq)
+        .bind(id.to_owned())
+        .fetch_all(self.db.pool())
+        .await
+        .map_err(query_error("reading registry changes"))?;
+        rows.iter()
+            .map(|row| {
+                let seq: i64 = row.try_get("change_seq").map_err(query_error("reading registry changes"))?;
+                Ok((seq, agent_from_row(row)?))
+            })
+            .collect()
+    }
+
+    /// Reads heartbeats from [`LIVENESS_LOOKBACK`] behind the newest seen into the index.
+    async fn read_heartbeats(&self, feed: &mut Feed) -> Result<usize, RegistryQueryError> {
+        let lookback = i64::try_from(LIVENESS_LOOKBACK.as_millis()).unwrap_or(i64::MAX);
+        let (mut after, mut after_id) = (feed.heartbeat_high.saturating_sub(lookback), String::new());
+        let mut read = 0;
+        for _ in 0..LIVENESS_PAGES_MAX {
+            let rows = sqlx::query(&format!(
+                "SELECT id, last_heartbeat_ms, expires_at_ms FROM agents \
+                 WHERE (last_heartbeat_ms, id) > ($1, $2) ORDER BY last_heartbeat_ms, id LIMIT {LIVENESS_PAGE}"
+            ))
+            .bind(after)
+            .bind(after_id.clone())
+            .fetch_all(self.db.pool())
+            .await
+            .map_err(query_error("reading heartbeats"))?;
+            let mut beats = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let decode = query_error("reading heartbeats");
+                let id: String = row.try_get("id").map_err(decode)?;
+                let heartbeat: i64 = row.try_get("last_heartbeat_ms").map_err(decode)?;
+                let expires: i64 = row.try_get("expires_at_ms").map_err(decode)?;
+                (after, after_id) = (heartbeat, id.clone());
+                if let Ok(id) = id.parse::<AgentId>() {
+                    beats.push((id, heartbeat, expires));
+                }
+            }
+            {
+                let mut state = self.write();
+                for &(id, heartbeat, expires) in &beats {
+                    state.set_liveness(id, from_db(heartbeat), from_db(expires));
+                }
+            }
+            read += rows.len();
+            feed.heartbeat_high = feed.heartbeat_high.max(after);
+            if (rows.len() as u32) < LIVENESS_PAGE {
+                break;
+            }
+        }
+        Ok(read)
+    }
+
+    /// Searches public, unrevoked, unexpired agents. See the module documentation.
+    pub async fn search(&self, query: &SearchQuery, now: UnixMillis) -> Result<SearchPage, RegistryQueryError> {
+        // A filter no capability could satisfy matches nothing.
+        if query.capability.as_deref().is_some_and(|name| !is_capability_name(name))
+            || query.tag.as_deref().is_some_and(|tag| !is_tag(tag))
+            || query.offset >= SEARCH_CANDIDATES_MAX
+            || query.limit == 0
+        {
+            return Ok(SearchPage::empty());
+        }
+        self.catch_up().await?;
+        let words: Vec<String> = tokens(&query.text).into_iter().take(QUERY_TOKENS_MAX).collect();
+        let found = {
+            let state = self.read();
+            let Some(filter) = state.filter(query.capability.as_deref(), query.tag.as_deref()) else {
+                return Ok(SearchPage::empty());
+            };
+            if words.is_empty() {
+                let count = query.limit as usize + 1;
+                let slots = state.by_trust(filter, query.offset as usize, count, now);
+                slots.into_iter().map(|slot| (state.doc(slot).id, None)).collect()
+            } else {
+                rank(&state, &words, filter, query, now)
+            }
+        };
+        let more = found.len() > query.limit as usize;
+        let found = &found[..found.len().min(query.limit as usize)];
+        let mut agents = self.agents(found.iter().map(|(id, _)| *id)).await?;
+        let mut hits = Vec::with_capacity(found.len());
+        for (id, relevance) in found {
+            // Changed since the index saw it: left out of this page.
+            let Some(agent) = agents.remove(id) else { continue };
+            let health = agent.health(now);
+            if agent.revoked_at.is_some() || agent.profile.visibility != Visibility::Public || health == Health::Expired
+            {
+                continue;
+            }
+            let trust = agent.trust;
+            let (relevance, score) = match relevance {
+                Some(relevance) => (*relevance, relevance * liveness(health) * trust),
+                None => (1.0, trust),
+            };
+            hits.push(SearchHit { agent, health, relevance, trust, score });
+        }
+        let end = query.offset.saturating_add(query.limit);
+        let next_offset = (more && end < SEARCH_CANDIDATES_MAX).then_some(end);
+        Ok(SearchPage { hits, next_offset })
+    }
+
+    /// The stored rows of a page's agents.
+    async fn agents(&self, ids: impl Iterator<Item = AgentId>) -> Result<HashMap<AgentId, Agent>, RegistryQueryError> {
+        let ids: Vec<String> = ids.map(|id| id.to_string()).collect();
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let sql = format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id IN ({})", placeholders(1, ids.len()));
+        let mut statement = sqlx::query(&sql);
+        for id in ids {
+            statement = statement.bind(id);
+        }
+        let rows = statement.fetch_all(self.db.pool()).await.map_err(query_error("reading search results"))?;
+        rows.iter().map(|row| agent_from_row(row).map(|agent| (agent.id, agent))).collect()
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, IndexState> {
+        // A panic while the lock was held leaves a consistent index: batches are built
+        // and then swapped or applied without a fallible step.
+        self.state.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, IndexState> {
+        self.state.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+fn advance(feed: &mut Feed, page: &[(i64, Agent)]) {
+    for (_, agent) in page {
+        feed.heartbeat_high = feed.heartbeat_high.max(to_db(agent.last_heartbeat));
+    }
+    if let Some((seq, agent)) = page.last() {
+        (feed.seq, feed.id) = (*seq, agent.id.to_string());
+    }
+}
+
+fn from_db(millis: i64) -> UnixMillis {
+    UnixMillis(u64::try_from(millis).unwrap_or(0))
 }
 
 /// One term a query word expands to: the word itself (any field) or a name term.
-#[derive(Clone, Debug, PartialEq)]
-struct Term {
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct QueryTerm {
     word: usize,
-    term: String,
-    /// `None`: the word itself, scored by the field it occurs in; `Some(s)`: a name term
-    /// scored `s`.
+    term: TermId,
+    /// `None`: the word itself, scored by the field it occurs in; `Some(s)`: a name
+    /// term scored `s`.
     name_score: Option<f64>,
 }
 
-async fn ranked(
-    db: &Database,
-    query: &SearchQuery,
+/// The ranked agents of a text query from `offset`, at most `limit + 1`, with relevance.
+fn rank(
+    state: &IndexState,
     words: &[String],
+    filter: Filter,
+    query: &SearchQuery,
     now: UnixMillis,
-) -> Result<SearchPage, RegistryQueryError> {
+) -> Vec<(AgentId, Option<f64>)> {
     let mut terms = Vec::new();
     for (word, text) in words.iter().enumerate() {
-        terms.push(Term { word, term: text.clone(), name_score: None });
-        for (term, score) in expansions(db, text).await? {
-            terms.push(Term { word, term, name_score: Some(score) });
+        if let Some(term) = state.term(text) {
+            terms.push(QueryTerm { word, term, name_score: None });
+        }
+        for (term, score) in expansions(state, text) {
+            terms.push(QueryTerm { word, term, name_score: Some(score) });
         }
     }
     // One more than the page reaches, to know whether another page follows.
     let window =
         query.offset.saturating_add(query.limit).saturating_add(1).clamp(RANK_WINDOW_MIN, SEARCH_CANDIDATES_MAX);
     let expansion_window = (window / EXPANSION_WINDOW_DIVISOR).max(1);
-    // $1 now, $2 limit, $3 offset, $4… the filters, then per term its text, its word and
-    // its score (-1: the word itself, scored by the field it occurs in).
-    let filters = Filters::new(query, "s.agent_id", 4);
-    let mut binds = filters.binds.clone();
-    let placeholder = |binds: &mut Vec<Bind>, value: Bind| {
-        binds.push(value);
-        format!("${}", 3 + binds.len())
-    };
-    let mut branches = Vec::with_capacity(terms.len());
-    let mut scoring = Vec::with_capacity(terms.len());
-    for (i, term) in terms.iter().enumerate() {
-        let token = placeholder(&mut binds, Bind::Text(term.term.clone()));
-        let word = placeholder(&mut binds, Bind::Int(term.word as i64));
-        let score = placeholder(&mut binds, Bind::Real(term.name_score.unwrap_or(-1.0)));
-        scoring.push(format!("({token}, {word}, {score})"));
+    let mut candidates = Vec::new();
+    for term in &terms {
         let (name_only, depth) = match term.name_score {
-            None => ("", window),
-            Some(_) => (" AND s.weight = 3", expansion_window),
+            None => (false, window),
+            Some(_) => (true, expansion_window),
         };
-        branches.push(format!(
-            "SELECT agent_id FROM (SELECT s.agent_id FROM agent_search s WHERE s.token = {token}{name_only}{} \
-             ORDER BY s.impact DESC LIMIT {depth}) AS b{i}",
-            filters.sql
-        ));
+        candidates.extend(state.window(term.term, name_only, depth as usize, filter, now));
     }
-    let online = i64::try_from(ONLINE_WITHIN.as_millis()).unwrap_or(i64::MAX);
-    let degraded = i64::try_from(DEGRADED_WITHIN.as_millis()).unwrap_or(i64::MAX);
-    let columns = prefixed_agent_columns();
-    // Candidates come from the windows; their relevance from all their postings of the
-    // query's terms, however deep, so an agent matching every word scores for each.
-    let sql = format!(
-        "SELECT {columns}, r.relevance AS relevance FROM (\
-            SELECT agent_id, SUM(best) AS relevance FROM (\
-                SELECT s.agent_id AS agent_id, q.column2 AS word, MAX(CASE WHEN q.column3 < 0 \
-                    THEN CAST(s.weight AS DOUBLE PRECISION) WHEN s.weight = {WEIGHT_NAME} THEN q.column3 ELSE 0.0 END) AS best \
-                FROM (SELECT DISTINCT agent_id FROM ({}) AS h) AS c \
-                JOIN agent_search s ON s.agent_id = c.agent_id \
-                JOIN (VALUES {}) AS q ON q.column1 = s.token \
-                GROUP BY s.agent_id, q.column2\
-            ) AS m GROUP BY agent_id\
-         ) AS r JOIN agents a ON a.id = r.agent_id \
-         WHERE a.expires_at_ms > $1 AND a.revoked_at_ms IS NULL AND r.relevance > 0 \
-         ORDER BY r.relevance * (CASE WHEN a.last_heartbeat_ms > $1 - {online} THEN {LIVENESS_ONLINE:?} \
-             WHEN a.last_heartbeat_ms > $1 - {degraded} THEN {LIVENESS_DEGRADED:?} ELSE {LIVENESS_OFFLINE:?} END) \
-             * a.trust DESC, a.id LIMIT $2 OFFSET $3",
-        branches.join(" UNION ALL "),
-        scoring.join(", ")
-    );
-    let mut statement =
-        sqlx::query(&sql).bind(to_db(now)).bind(i64::from(query.limit) + 1).bind(i64::from(query.offset));
-    for value in binds {
-        statement = bind(statement, value);
+    candidates.sort_unstable();
+    candidates.dedup();
+    let mut scored: Vec<(f64, AgentId, f64)> = Vec::with_capacity(candidates.len());
+    let mut best = vec![0.0f64; words.len()];
+    for slot in candidates {
+        let doc = state.doc(slot);
+        best.iter_mut().for_each(|score| *score = 0.0);
+        for term in &terms {
+            let Some(field) = doc.field_of(term.term) else { continue };
+            let score = match term.name_score {
+                None => field.weight(),
+                Some(score) if field == Field::Name => score,
+                Some(_) => 0.0,
+            };
+            best[term.word] = best[term.word].max(score);
+        }
+        let relevance: f64 = best.iter().sum();
+        if relevance > 0.0 {
+            scored.push((relevance * liveness(doc.health(now)) * doc.trust, doc.id, relevance));
+        }
     }
-    let rows = statement.fetch_all(db.pool()).await.map_err(query_error("ranking search results"))?;
-    let mut hits = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let agent = agent_from_row(row)?;
-        let relevance: f64 = row.try_get("relevance").map_err(query_error("ranking search results"))?;
-        let health = agent.health(now);
-        let trust = agent.trust;
-        let score = relevance * liveness(health) * trust;
-        hits.push(SearchHit { agent, health, relevance, trust, score });
-    }
-    Ok(page(hits, query))
+    scored.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    scored
+        .into_iter()
+        .skip(query.offset as usize)
+        .take(query.limit as usize + 1)
+        .map(|(_, id, relevance)| (id, Some(relevance)))
+        .collect()
 }
 
-/// Name terms of the vocabulary a query word also matches, with their scores: within
-/// the word's typo budget (nearest first) or starting with it. A word that is itself a
-/// name term is taken as typed: it expands to nothing.
-async fn expansions(db: &Database, word: &str) -> Result<Vec<(String, f64)>, RegistryQueryError> {
+/// Name terms a query word also matches, with their scores: within the word's typo
+/// budget (nearest first) or starting with it. A word that is itself a name term is
+/// taken as typed: it expands to nothing.
+fn expansions(state: &IndexState, word: &str) -> Vec<(TermId, f64)> {
     let chars = word.chars().count();
-    if chars < 3 {
-        return Ok(Vec::new());
+    if chars < 3 || state.term(word).is_some_and(|term| state.is_name_term(term)) {
+        return Vec::new();
+    }
+    let mut best: BTreeMap<TermId, f64> = BTreeMap::new();
+    for (_, term) in state.name_terms_starting_with(word, PREFIX_TERMS_MAX) {
+        best.insert(term, SCORE_PREFIX);
     }
     let budget = typo_budget(chars);
-    let mut sql = String::new();
-    let mut binds = Vec::new();
-    let word_trigrams: Vec<String> = {
-        let mut all = trigrams(word);
-        all.sort();
-        all.dedup();
-        all
-    };
     if budget > 0 {
+        let mut grams = trigrams(word);
+        grams.sort();
+        grams.dedup();
         // A term within `budget` edits keeps at least `chars - 3 × budget` of the word's trigrams.
-        let shared_min = chars.saturating_sub(3 * budget).max(1) as i64;
-        let placeholders: Vec<String> = (1..=word_trigrams.len()).map(|n| format!("${n}")).collect();
-        binds.extend(word_trigrams.iter().cloned().map(Bind::Text));
-        binds.push(Bind::Int(shared_min));
-        sql.push_str(&format!(
-            "SELECT term, CAST(0 AS BIGINT) AS prefix FROM (SELECT term, COUNT(*) AS shared FROM search_term_trigrams \
-             WHERE trigram IN ({}) AND NOT EXISTS (SELECT 1 FROM search_terms WHERE term = $WORD) \
-             GROUP BY term HAVING COUNT(*) >= ${} \
-             ORDER BY shared DESC, term LIMIT {TYPO_CANDIDATES_MAX}) AS typo UNION ALL ",
-            placeholders.join(", "),
-            binds.len()
-        ));
-    }
-    let (low, high) = (binds.len() + 1, binds.len() + 2);
-    binds.push(Bind::Text(word.to_owned()));
-    binds.push(Bind::Text(format!("{word}{}", char::MAX)));
-    sql.push_str(&format!(
-        "SELECT term, CAST(1 AS BIGINT) AS prefix FROM (SELECT term FROM search_terms WHERE term > ${low} AND term < ${high} \
-         AND NOT EXISTS (SELECT 1 FROM search_terms WHERE term = ${low}) ORDER BY term LIMIT {PREFIX_TERMS_MAX}) AS prefixed"
-    ));
-    let sql = sql.replace("$WORD", &format!("${low}"));
-    let mut statement = sqlx::query(&sql);
-    for value in binds {
-        statement = bind(statement, value);
-    }
-    let rows = statement.fetch_all(db.pool()).await.map_err(query_error("expanding a search word"))?;
-    let mut typos = Vec::new();
-    let mut best: BTreeMap<String, f64> = BTreeMap::new();
-    for row in &rows {
-        let read = query_error("expanding a search word");
-        let term: String = row.try_get("term").map_err(read)?;
-        let prefix: i64 = row.try_get("prefix").map_err(read)?;
-        if term == word {
-            continue;
-        }
-        if prefix == 1 {
-            let score = best.entry(term).or_insert(SCORE_PREFIX);
-            *score = score.max(SCORE_PREFIX);
-        } else if let Some(distance) = bounded_edit_distance(word, &term, budget) {
-            typos.push((distance, term));
+        let shared_min = chars.saturating_sub(3 * budget).max(1);
+        let mut typos: Vec<(usize, TermId)> = state
+            .name_terms_sharing(&grams, shared_min, TYPO_CANDIDATES_MAX)
+            .into_iter()
+            .filter_map(|term| {
+                let text = state.term_text(term);
+                if text == word {
+                    return None;
+                }
+                bounded_edit_distance(word, text, budget).map(|distance| (distance, term))
+            })
+            .collect();
+        typos.sort_unstable();
+        for (distance, term) in typos.into_iter().take(TYPO_TERMS_MAX) {
+            let score = 2.0 - 0.5 * distance as f64;
+            let entry = best.entry(term).or_insert(score);
+            *entry = entry.max(score);
         }
     }
-    typos.sort();
-    for (distance, term) in typos.into_iter().take(TYPO_TERMS_MAX) {
-        let typo_score = f64::from(2u32) - 0.5 * distance as f64;
-        let score = best.entry(term).or_insert(typo_score);
-        *score = score.max(typo_score);
-    }
-    Ok(best.into_iter().collect())
-}
-
-/// Cuts the `limit + 1` rows read into a page and says whether another follows.
-fn page(mut hits: Vec<SearchHit>, query: &SearchQuery) -> SearchPage {
-    let more = hits.len() > query.limit as usize;
-    hits.truncate(query.limit as usize);
-    let end = query.offset.saturating_add(query.limit);
-    let next_offset = (more && end < SEARCH_CANDIDATES_MAX).then_some(end);
-    SearchPage { hits, next_offset }
-}
-
-fn prefixed_agent_columns() -> String {
-    AGENT_COLUMNS.split(',').map(|column| format!("a.{}", column.trim())).collect::<Vec<_>>().join(", ")
+    best.into_iter().collect()
 }
 
 /// Edits a query word of this many characters may be off by and still match a name.
@@ -407,16 +579,9 @@ mod tests {
     }
 
     #[test]
-    fn pages_say_when_more_follow() {
-        let query = SearchQuery { limit: 2, offset: 0, ..SearchQuery::default() };
-        assert_eq!(page(Vec::new(), &query), SearchPage::empty());
-        let capped = SearchQuery { limit: 100, offset: SEARCH_CANDIDATES_MAX - 100, ..SearchQuery::default() };
-        assert_eq!(page(Vec::new(), &capped).next_offset, None);
-    }
-
-    #[test]
-    fn agent_columns_are_prefixed() {
-        assert!(prefixed_agent_columns().starts_with("a.id, a.public_key, "));
-        assert!(prefixed_agent_columns().ends_with("a.trust"));
+    fn typo_budgets_grow_with_the_word() {
+        assert_eq!(typo_budget(3), 0);
+        assert_eq!(typo_budget(4), 1);
+        assert_eq!(typo_budget(8), 2);
     }
 }
