@@ -13,8 +13,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use molt_protocol::AgentId;
 use molt_sdk::api::{
     AgentCredentials, Credits, Escrow, HistoryPage, LedgerAccount, LedgerAudit, LedgerTransfer, Mint, MintTarget,
-    NewEscrow, OnExpiry, Payment, Slash, StakeKind, Stakes, TransferKey, TransferLookup, TransferStatus, Unbonding,
-    UnbondingState, Wallet, wallet_account,
+    NewEscrow, OnExpiry, Payment, Slash, StakeKind, Stakes, TransferKey, TransferKind, TransferLookup, TransferStatus,
+    Unbonding, UnbondingState, Wallet, wallet_account,
 };
 
 use crate::control::{AgentDirArgs, ApiArgs, credentials, format_time, now};
@@ -552,7 +552,7 @@ pub async fn run_ledger(args: LedgerArgs) -> anyhow::Result<()> {
         }
         LedgerCommand::Fee => {
             let fee = client.fee().await?;
-            api.print(&fee, |fee| format!("fee: {} (paid by the recipient)", format_bps(fee.fee_bps)));
+            api.print(&fee, |fee| format!("fee: {}, paid by the recipient", format_bps(fee.fee_bps)));
         }
         LedgerCommand::FeeSet { fee_bps } => {
             let fee = client.set_fee(fee_bps).await?;
@@ -673,11 +673,17 @@ fn history_line(entry: &LedgerTransfer, wallet: &str) -> String {
     let (sign, other) =
         if entry.credit_account == wallet { ('+', &entry.debit_account) } else { ('-', &entry.credit_account) };
     let amount = format!("{sign}{}", entry.amount);
+    // Pending entries hold credits without moving them; the balance changes only when the
+    // hold is posted.
+    let purpose = match entry.kind {
+        TransferKind::Pending => format!("{} (held)", entry.purpose.as_str()),
+        TransferKind::VoidPending => format!("{} (hold released)", entry.purpose.as_str()),
+        _ => entry.purpose.as_str().to_owned(),
+    };
     format!(
-        "{:>6}  {}  {amount:>21}  {:<14}  {other}  {}\n",
+        "{:>6}  {}  {amount:>21}  {purpose:<14}  {other}  {}\n",
         entry.seq,
         format_time(entry.created_at_ms),
-        entry.purpose.as_str(),
         entry.id
     )
 }
@@ -718,7 +724,7 @@ fn describe_stakes(stakes: &Stakes) -> String {
         text.push_str(&format!("{}  {} credits\n", account.id, account.balance));
     }
     for unbonding in &stakes.unbondings {
-        text.push_str(&format!("{}\n", unbonding_line(unbonding)));
+        text.push_str(&format!("unbonding {}\n", unbonding_line(unbonding)));
     }
     if text.is_empty() {
         text.push_str("no stake\n");
