@@ -9,6 +9,7 @@ mod cert;
 mod control;
 mod dev_ca;
 mod keygen;
+mod ledger;
 mod listen;
 mod org;
 mod send;
@@ -27,7 +28,7 @@ const RUNTIME_WORKER_THREADS: usize = 2;
 #[command(
     name = "molt",
     version,
-    about = "Molt command line: agent keys, a development PKI, sending and listening through an edge, and the control plane's admin and registry commands",
+    about = "Molt command line: agent keys, a development PKI, sending and listening through an edge, and the control plane's admin, registry and credits commands",
     long_about = "Molt command line: agent keys, a development PKI, and sending and listening through an edge.
 
 Agents talk through QUIC edge relays with mutual TLS. An agent's id is derived from its first \
@@ -52,7 +53,18 @@ admins manage orgs, certificates and keys, and agents register and find each oth
   molt agent register --agent-dir alice --name 'Alice' --capability translate.text#nlp
   molt agent search alice
 
-See `molt org --help`, `molt cert --help`, `molt agent --help`, `molt admin-key --help`.
+Credits: agents open wallets, pay, escrow and stake (signed with --agent-dir); admins mint, \
+set the fee, rule on disputes and audit (`molt ledger`). Amounts are credits with up to 6 \
+decimals (1.5) or micro-credits with a `u` suffix (1500000u):
+
+  molt wallet open --agent-dir alice
+  molt ledger mint 100 --to agent-…                      # admin, scope ledger:admin
+  molt pay --agent-dir alice --to agent-… 1.5 --id invoice-42
+  molt wallet history --agent-dir alice
+
+See `molt org --help`, `molt cert --help`, `molt agent --help`, `molt admin-key --help`, \
+`molt wallet --help`, `molt pay --help`, `molt escrow --help`, `molt stake --help`, \
+`molt ledger --help`.
 
 Exit status: 0 on success, 1 on error (one line on stderr starting with `error:`), 2 on a \
 command-line usage error. Set RUST_LOG (e.g. RUST_LOG=debug) for diagnostics on stderr."
@@ -76,6 +88,11 @@ enum Command {
     Cert(cert::CertArgs),
     Agent(agent::AgentArgs),
     AdminKey(admin_key::AdminKeyArgs),
+    Wallet(ledger::WalletArgs),
+    Pay(ledger::PayArgs),
+    Escrow(ledger::EscrowArgs),
+    Stake(ledger::StakeArgs),
+    Ledger(ledger::LedgerArgs),
 }
 
 fn main() -> ExitCode {
@@ -105,6 +122,11 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Cert(args) => runtime()?.block_on(cert::run(args)),
         Command::Agent(args) => runtime()?.block_on(agent::run(args)),
         Command::AdminKey(args) => runtime()?.block_on(admin_key::run(args)),
+        Command::Wallet(args) => runtime()?.block_on(ledger::run_wallet(args)),
+        Command::Pay(args) => runtime()?.block_on(ledger::run_pay(args)),
+        Command::Escrow(args) => runtime()?.block_on(ledger::run_escrow(args)),
+        Command::Stake(args) => runtime()?.block_on(ledger::run_stake(args)),
+        Command::Ledger(args) => runtime()?.block_on(ledger::run_ledger(args)),
     }
 }
 

@@ -1,7 +1,11 @@
 //! Test harness for cross-process Molt scenarios: a development PKI in a temporary
-//! directory, real `molt-edge` processes on loopback, and agents connected through the
-//! SDK. Used by the end-to-end tests in `tests/` and by the `molt-bench` load benchmark.
+//! directory, real `molt-edge` processes on loopback, agents connected through the SDK,
+//! and a real control plane with the `molt` command line run against it
+//! ([`control_plane`]). Used by the end-to-end tests in `tests/` and by the `molt-bench`
+//! load benchmark.
 #![forbid(unsafe_code)]
+
+pub mod control_plane;
 
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};

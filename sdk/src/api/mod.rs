@@ -2,16 +2,20 @@
 //!
 //! The model: one [`ApiClient`] per control plane, cheap to clone. Admin calls send the
 //! admin key given with [`ApiClient::with_admin_token`] as a bearer token; agent calls
-//! (register, update, heartbeat, card import) are signed with the agent's key
-//! ([`AgentCredentials`], [`molt_protocol::request`]) with a fresh nonce and the current
-//! time; reads and search are public. Every refusal by the server arrives as
-//! [`ApiError::Problem`], carrying its problem document: the stable `code`, the `title`,
-//! the `detail` and the HTTP status.
+//! (register, update, heartbeat, card import, and every `/v1/ledger` call) are signed
+//! with the agent's key ([`AgentCredentials`], [`molt_protocol::request`]) with a fresh
+//! nonce and the current time; reads and search are public. Every refusal by the server
+//! arrives as [`ApiError::Problem`], carrying its problem document: the stable `code`, the
+//! `title`, the `detail` and the HTTP status. Ledger amounts are [`Credits`] (integer
+//! micro-credits) and every call that moves credits carries a [`TransferKey`], its
+//! idempotency key.
 //!
 //! Responses are read up to [`RESPONSE_BYTES_MAX`]; every request is bounded by
 //! [`REQUEST_TIMEOUT`] (and connecting by [`CONNECT_TIMEOUT`]). Redirects are not followed,
 //! so neither a token nor a signature goes anywhere but the given URL.
 
+mod ledger;
+mod ledger_types;
 mod types;
 
 use std::fmt;
@@ -28,6 +32,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
 
+pub use ledger::wallet_account;
+pub use ledger_types::*;
 pub use types::*;
 
 use crate::identity::AgentIdentity;

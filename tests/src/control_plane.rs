@@ -1,0 +1,167 @@
+//! A real `molt-control-plane` process on a fresh SQLite file, and the `molt` command line
+//! run against it: what the CLI end-to-end tests (`cli_admin`, `cli_ledger`) share.
+
+use std::io::{BufRead as _, BufReader, Read as _};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use serde_json::Value;
+
+use crate::{binary, free_ports, http_get};
+
+/// How long the control plane may take to print its credential and answer /healthz.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long one `molt` command may run.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(40);
+/// Lines of the control plane's standard error buffered while it starts.
+const START_LINES_MAX: usize = 256;
+
+/// A `molt-control-plane` process on a fresh SQLite file in a directory, killed on drop.
+#[derive(Debug)]
+pub struct ControlPlane {
+    _process: Guard,
+    addr: SocketAddr,
+    /// The bootstrap admin credential it printed on its first start.
+    pub token: String,
+}
+
+impl ControlPlane {
+    /// Starts the control plane with its database in `dir` and waits until it answers.
+    pub fn start(dir: &Path) -> anyhow::Result<ControlPlane> {
+        let (_, port) = free_ports();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let database = format!("sqlite:{}", dir.join("control-plane.db").display());
+        let mut command = Command::new(binary("molt-control-plane"));
+        command
+            .args(["--listen", &addr.to_string(), "--database-url", &database])
+            .current_dir(dir)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut process = Guard(command.spawn().context("while starting molt-control-plane")?);
+        let stderr = process.0.stderr.take().context("stderr")?;
+        let (lines_tx, lines) = mpsc::sync_channel(START_LINES_MAX);
+        // Drains stderr for the life of the process, so it never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = lines_tx.try_send(line);
+            }
+        });
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut seen = String::new();
+        let token = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = lines.recv_timeout(left).with_context(|| format!("no bootstrap credential printed:\n{seen}"))?;
+            if let Some(token) = line.split_whitespace().find(|word| word.starts_with("molt_admin_")) {
+                break token.to_owned();
+            }
+            seen.push_str(&line);
+            seen.push('\n');
+        };
+        while http_get(addr, "/healthz").map(|(status, _)| status).ok() != Some(200) {
+            ensure!(Instant::now() < deadline, "the control plane did not answer /healthz:\n{seen}");
+            if let Some(status) = process.0.try_wait()? {
+                bail!("the control plane exited with {status}:\n{seen}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(ControlPlane { _process: process, addr, token })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// `molt` with the API flags set through its environment, run in `dir`.
+#[derive(Clone, Debug)]
+pub struct Cli {
+    pub api: String,
+    pub token: Option<String>,
+    pub dir: PathBuf,
+}
+
+impl Cli {
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(binary("molt"));
+        command.args(args).current_dir(&self.dir).env("MOLT_API", &self.api).env_remove("MOLT_ADMIN_TOKEN");
+        if let Some(token) = &self.token {
+            command.env("MOLT_ADMIN_TOKEN", token);
+        }
+        command
+    }
+
+    /// Runs a command that must succeed; its standard output.
+    pub fn stdout(&self, args: &[&str]) -> anyhow::Result<String> {
+        let (status, stdout, stderr) = run(self.command(args))?;
+        ensure!(status.success(), "molt {args:?} exited with {status}:\n{stderr}");
+        Ok(stdout)
+    }
+
+    /// Runs a command with `--json`; its answer.
+    pub fn json(&self, args: &[&str]) -> anyhow::Result<Value> {
+        let mut with_json = args.to_vec();
+        with_json.push("--json");
+        let stdout = self.stdout(&with_json)?;
+        serde_json::from_str(stdout.trim()).with_context(|| format!("molt {args:?} printed {stdout:?}"))
+    }
+
+    /// Runs a command that must fail with exit status 1; its standard error.
+    pub fn fails(&self, args: &[&str]) -> anyhow::Result<String> {
+        self.fails_with(1, args)
+    }
+
+    /// Runs a command that must fail with exit status `code` (2: a usage error); its
+    /// standard error.
+    pub fn fails_with(&self, code: i32, args: &[&str]) -> anyhow::Result<String> {
+        let (status, stdout, stderr) = run(self.command(args))?;
+        ensure!(
+            status.code() == Some(code),
+            "molt {args:?} exited with {status}; stdout {stdout:?}, stderr {stderr:?}"
+        );
+        ensure!(stderr.starts_with("error: "), "molt {args:?}: {stderr:?}");
+        Ok(stderr)
+    }
+}
+
+/// `value[field]` as a string.
+pub fn text(value: &Value, field: &str) -> anyhow::Result<String> {
+    value[field].as_str().map(str::to_owned).with_context(|| format!("no {field} in {value}"))
+}
+
+/// Runs `command` to its end within [`COMMAND_TIMEOUT`]: its status, stdout and stderr.
+pub fn run(mut command: Command) -> anyhow::Result<(ExitStatus, String, String)> {
+    let description = format!("{command:?}");
+    let mut child = Guard(command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?);
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    // Small outputs: they fit in the pipes until the process has exited.
+    let status = loop {
+        if let Some(status) = child.0.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            bail!("{description} did not exit within {COMMAND_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (mut stdout, mut stderr) = (String::new(), String::new());
+    child.0.stdout.take().context("stdout")?.read_to_string(&mut stdout)?;
+    child.0.stderr.take().context("stderr")?.read_to_string(&mut stderr)?;
+    Ok((status, stdout, stderr))
+}
+
+/// A child process killed and reaped when dropped.
+#[derive(Debug)]
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
