@@ -4,9 +4,11 @@
 //! **Freshness.** Every write a search must see (registration, profile, revocation,
 //! trust) takes the next number of one counter in its transaction and stores it in
 //! `agents.change_seq`; the counter's row lock makes numbers commit in order, so a
-//! replica that has read every change up to *n* has missed none below it. Before it
-//! answers, a search reads the changes after the last one this replica applied (one
-//! indexed statement, usually empty, shared by the searches waiting at that moment):
+//! replica that has read every change up to *n* has missed none below it. A search
+//! computes its page from the index, then reads the page's rows in one statement that
+//! also asks whether any change is numbered after the last one the index holds (one
+//! snapshot, so one round trip answers both). If one is, the index reads the changes
+//! (a refresh that searches arriving together share) and the page is computed again:
 //! a search sees every change committed before it began, on any replica. A backlog of a
 //! full page or more (a bulk import, the first build) is applied to a copy that replaces
 //! the index when complete; searches arriving meanwhile wait at most
@@ -77,6 +79,9 @@ pub const LIVENESS_LOOKBACK: Duration = Duration::from_secs(10);
 /// Heartbeats read per statement, and statements per refresh.
 pub const LIVENESS_PAGE: u32 = 5_000;
 pub const LIVENESS_PAGES_MAX: usize = 20;
+/// Times a search computes its page before it answers without checking for changes
+/// again (each check that finds one refreshes the index first).
+pub const SEARCH_ATTEMPTS: usize = 3;
 
 /// Liveness factors of the ranking.
 const LIVENESS_ONLINE: f64 = 1.0;
@@ -147,7 +152,6 @@ struct Feed {
     id: String,
     /// The newest heartbeat seen, in milliseconds.
     heartbeat_high: i64,
-    liveness_read_at: Option<Instant>,
 }
 
 /// The search index of one replica and the database it follows. Cheap to share
@@ -155,8 +159,12 @@ struct Feed {
 #[derive(Debug)]
 pub struct SearchIndex {
     db: Database,
-    state: RwLock<IndexState>,
+    /// The index and the last change it holds (`(change_seq, id)`), swapped together.
+    state: RwLock<(IndexState, (i64, String))>,
     feed: tokio::sync::Mutex<Feed>,
+    /// When heartbeats are next due, in milliseconds since `created`.
+    liveness_due_ms: AtomicU64,
+    created: Instant,
     /// Refreshes started: a search that sees this move while it waits was covered.
     polls: AtomicU64,
     built: AtomicBool,
@@ -168,13 +176,10 @@ impl SearchIndex {
     pub fn new(db: Database) -> SearchIndex {
         SearchIndex {
             db,
-            state: RwLock::new(IndexState::default()),
-            feed: tokio::sync::Mutex::new(Feed {
-                seq: -1,
-                id: String::new(),
-                heartbeat_high: 0,
-                liveness_read_at: None,
-            }),
+            state: RwLock::new((IndexState::default(), (-1, String::new()))),
+            liveness_due_ms: AtomicU64::new(0),
+            created: Instant::now(),
+            feed: tokio::sync::Mutex::new(Feed { seq: -1, id: String::new(), heartbeat_high: 0 }),
             polls: AtomicU64::new(0),
             built: AtomicBool::new(false),
             liveness_interval: LIVENESS_INTERVAL,
@@ -191,12 +196,12 @@ impl SearchIndex {
     /// Takes a heartbeat this replica recorded, so its own searches rank by it at once;
     /// other replicas read it within their liveness interval.
     pub fn note_heartbeat(&self, id: AgentId, last_heartbeat: UnixMillis, expires_at: UnixMillis) {
-        self.write().set_liveness(id, last_heartbeat, expires_at);
+        self.write().0.set_liveness(id, last_heartbeat, expires_at);
     }
 
     /// Agents in the index now.
     pub fn len(&self) -> usize {
-        self.read().len()
+        self.read().0.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -217,13 +222,15 @@ impl SearchIndex {
         if (page.len() as u32) < FEED_PAGE {
             refreshed.changes = page.len();
             if !page.is_empty() {
-                self.write().apply(page.iter().map(|(_, agent)| Change::of(agent)));
                 advance(feed, &page);
+                let mut state = self.write();
+                state.0.apply(page.iter().map(|(_, agent)| Change::of(agent)));
+                state.1 = (feed.seq, feed.id.clone());
             }
         } else {
             // A large backlog: build on a copy, so searches go on meanwhile.
             let started = Instant::now();
-            let mut next = self.read().clone();
+            let mut next = self.read().0.clone();
             let mut batch = Batch::default();
             let (mut seq, mut id, mut high) = (feed.seq, feed.id.clone(), feed.heartbeat_high);
             loop {
@@ -241,7 +248,7 @@ impl SearchIndex {
             }
             refreshed.changes = batch.len();
             next.finish(batch);
-            let old = std::mem::replace(&mut *self.write(), next);
+            let old = std::mem::replace(&mut *self.write(), (next, (seq, id.clone())));
             drop(old);
             (feed.seq, feed.id, feed.heartbeat_high) = (seq, id, high);
             tracing::info!(
@@ -252,12 +259,18 @@ impl SearchIndex {
             );
         }
         self.built.store(true, Ordering::SeqCst);
-        if feed.liveness_read_at.is_none_or(|at| at.elapsed() >= self.liveness_interval) {
+        if self.liveness_due() {
             refreshed.heartbeats = self.read_heartbeats(feed).await?;
-            feed.liveness_read_at = Some(Instant::now());
+            let next = self.created.elapsed().saturating_add(self.liveness_interval);
+            self.liveness_due_ms.store(u64::try_from(next.as_millis()).unwrap_or(u64::MAX), Ordering::SeqCst);
         }
         refreshed.agents = self.len();
         Ok(refreshed)
+    }
+
+    fn liveness_due(&self) -> bool {
+        let now = u64::try_from(self.created.elapsed().as_millis()).unwrap_or(u64::MAX);
+        now >= self.liveness_due_ms.load(Ordering::SeqCst)
     }
 
     /// Refreshes before a search: joins a refresh that started after the search arrived,
@@ -326,7 +339,7 @@ impl SearchIndex {
             {
                 let mut state = self.write();
                 for &(id, heartbeat, expires) in &beats {
-                    state.set_liveness(id, from_db(heartbeat), from_db(expires));
+                    state.0.set_liveness(id, from_db(heartbeat), from_db(expires));
                 }
             }
             read += rows.len();
@@ -348,67 +361,105 @@ impl SearchIndex {
         {
             return Ok(SearchPage::empty());
         }
-        self.catch_up().await?;
+        if !self.built.load(Ordering::SeqCst) || self.liveness_due() {
+            self.catch_up().await?;
+        }
         let words: Vec<String> = tokens(&query.text).into_iter().take(QUERY_TOKENS_MAX).collect();
-        let found = {
-            let state = self.read();
-            let Some(filter) = state.filter(query.capability.as_deref(), query.tag.as_deref()) else {
-                return Ok(SearchPage::empty());
+        for attempt in 1..=SEARCH_ATTEMPTS {
+            let (found, applied) = {
+                let state = self.read();
+                (find(&state.0, query, &words, now), state.1.clone())
             };
-            if words.is_empty() {
-                let count = query.limit as usize + 1;
-                let slots = state.by_trust(filter, query.offset as usize, count, now);
-                slots.into_iter().map(|slot| (state.doc(slot).id, None)).collect()
-            } else {
-                rank(&state, &words, filter, query, now)
-            }
-        };
-        let more = found.len() > query.limit as usize;
-        let found = &found[..found.len().min(query.limit as usize)];
-        let mut agents = self.agents(found.iter().map(|(id, _)| *id)).await?;
-        let mut hits = Vec::with_capacity(found.len());
-        for (id, relevance) in found {
-            // Changed since the index saw it: left out of this page.
-            let Some(agent) = agents.remove(id) else { continue };
-            let health = agent.health(now);
-            if agent.revoked_at.is_some() || agent.profile.visibility != Visibility::Public || health == Health::Expired
-            {
+            let more = found.len() > query.limit as usize;
+            let found = &found[..found.len().min(query.limit as usize)];
+            // The page's rows and, in the same statement (one snapshot), whether a change
+            // committed after the index's last; on the last attempt, rows only.
+            let check = (attempt < SEARCH_ATTEMPTS).then_some(&applied);
+            let (mut agents, stale) = self.page_rows(found.iter().map(|(id, _)| *id), check).await?;
+            if stale {
+                self.catch_up().await?;
                 continue;
             }
-            let trust = agent.trust;
-            let (relevance, score) = match relevance {
-                Some(relevance) => (*relevance, relevance * liveness(health) * trust),
-                None => (1.0, trust),
-            };
-            hits.push(SearchHit { agent, health, relevance, trust, score });
+            let mut hits = Vec::with_capacity(found.len());
+            for (id, relevance) in found {
+                // Changed since the index saw it (a last attempt only): left out.
+                let Some(agent) = agents.remove(id) else { continue };
+                let health = agent.health(now);
+                if agent.revoked_at.is_some()
+                    || agent.profile.visibility != Visibility::Public
+                    || health == Health::Expired
+                {
+                    continue;
+                }
+                let trust = agent.trust;
+                let (relevance, score) = match relevance {
+                    Some(relevance) => (*relevance, relevance * liveness(health) * trust),
+                    None => (1.0, trust),
+                };
+                hits.push(SearchHit { agent, health, relevance, trust, score });
+            }
+            let end = query.offset.saturating_add(query.limit);
+            let next_offset = (more && end < SEARCH_CANDIDATES_MAX).then_some(end);
+            return Ok(SearchPage { hits, next_offset });
         }
-        let end = query.offset.saturating_add(query.limit);
-        let next_offset = (more && end < SEARCH_CANDIDATES_MAX).then_some(end);
-        Ok(SearchPage { hits, next_offset })
+        unreachable!("the last attempt does not check for changes")
     }
 
-    /// The stored rows of a page's agents.
-    async fn agents(&self, ids: impl Iterator<Item = AgentId>) -> Result<HashMap<AgentId, Agent>, RegistryQueryError> {
+    /// The stored rows of a page's agents and, when `after` is given, whether some change
+    /// is numbered after it.
+    async fn page_rows(
+        &self,
+        ids: impl Iterator<Item = AgentId>,
+        after: Option<&(i64, String)>,
+    ) -> Result<(HashMap<AgentId, Agent>, bool), RegistryQueryError> {
         let ids: Vec<String> = ids.map(|id| id.to_string()).collect();
-        if ids.is_empty() {
-            return Ok(HashMap::new());
+        let mut branches = Vec::with_capacity(2);
+        let mut first = 1;
+        if after.is_some() {
+            branches.push(format!(
+                "SELECT * FROM (SELECT {AGENT_COLUMNS}, CAST(1 AS BIGINT) AS stale FROM agents \
+                 WHERE (change_seq, id) > ($1, $2) LIMIT 1) AS changed"
+            ));
+            first = 3;
         }
-        let sql = format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id IN ({})", placeholders(1, ids.len()));
+        if !ids.is_empty() {
+            branches.push(format!(
+                "SELECT {AGENT_COLUMNS}, CAST(0 AS BIGINT) AS stale FROM agents WHERE id IN ({})",
+                placeholders(first, ids.len())
+            ));
+        }
+        if branches.is_empty() {
+            return Ok((HashMap::new(), false));
+        }
+        let sql = branches.join(" UNION ALL ");
         let mut statement = sqlx::query(&sql);
+        if let Some((seq, id)) = after {
+            statement = statement.bind(*seq).bind(id.clone());
+        }
         for id in ids {
             statement = statement.bind(id);
         }
         let rows = statement.fetch_all(self.db.pool()).await.map_err(query_error("reading search results"))?;
-        rows.iter().map(|row| agent_from_row(row).map(|agent| (agent.id, agent))).collect()
+        let mut agents = HashMap::with_capacity(rows.len());
+        let mut stale = false;
+        for row in &rows {
+            if row.try_get::<i64, _>("stale").map_err(query_error("reading search results"))? == 1 {
+                stale = true;
+            } else {
+                let agent = agent_from_row(row)?;
+                agents.insert(agent.id, agent);
+            }
+        }
+        Ok((agents, stale))
     }
 
-    fn read(&self) -> RwLockReadGuard<'_, IndexState> {
+    fn read(&self) -> RwLockReadGuard<'_, (IndexState, (i64, String))> {
         // A panic while the lock was held leaves a consistent index: batches are built
         // and then swapped or applied without a fallible step.
         self.state.read().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn write(&self) -> RwLockWriteGuard<'_, IndexState> {
+    fn write(&self) -> RwLockWriteGuard<'_, (IndexState, (i64, String))> {
         self.state.write().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
@@ -434,6 +485,22 @@ struct QueryTerm {
     /// `None`: the word itself, scored by the field it occurs in; `Some(s)`: a name
     /// term scored `s`.
     name_score: Option<f64>,
+}
+
+/// The agents of a page from `offset`, at most `limit + 1`: listed by trust (no
+/// relevance) without text, ranked with it.
+fn find(state: &IndexState, query: &SearchQuery, words: &[String], now: UnixMillis) -> Vec<(AgentId, Option<f64>)> {
+    // An unknown capability or tag matches nothing (yet: the page statement still checks
+    // for changes).
+    let Some(filter) = state.filter(query.capability.as_deref(), query.tag.as_deref()) else {
+        return Vec::new();
+    };
+    if words.is_empty() {
+        let slots = state.by_trust(filter, query.offset as usize, query.limit as usize + 1, now);
+        slots.into_iter().map(|slot| (state.doc(slot).id, None)).collect()
+    } else {
+        rank(state, words, filter, query, now)
+    }
 }
 
 /// The ranked agents of a text query from `offset`, at most `limit + 1`, with relevance.
