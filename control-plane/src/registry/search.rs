@@ -373,7 +373,9 @@ impl SearchIndex {
             let more = found.len() > query.limit as usize;
             let found = &found[..found.len().min(query.limit as usize)];
             // The page's rows and, in the same statement (one snapshot), whether a change
-            // committed after the index's last; on the last attempt, rows only.
+            // committed after the index's last; on the last attempt, rows only. (The
+            // check is ordered so that PostgreSQL's generic plan walks the index instead
+            // of scanning the table for a row that is usually not there.)
             let check = (attempt < SEARCH_ATTEMPTS).then_some(&applied);
             let (mut agents, stale) = self.page_rows(found.iter().map(|(id, _)| *id), check).await?;
             if stale {
@@ -418,7 +420,7 @@ impl SearchIndex {
         if after.is_some() {
             branches.push(format!(
                 "SELECT * FROM (SELECT {AGENT_COLUMNS}, CAST(1 AS BIGINT) AS stale FROM agents \
-                 WHERE (change_seq, id) > ($1, $2) LIMIT 1) AS changed"
+                 WHERE (change_seq, id) > ($1, $2) ORDER BY change_seq, id LIMIT 1) AS changed"
             ));
             first = 3;
         }
