@@ -13,8 +13,9 @@
 //! from the lists it was in, its new entries are sorted and merged into the lists it is
 //! in now, so a batch costs one pass over each list it touches whatever its size.
 //!
-//! Memory: about 5 bytes per posting (a slot and its share of the list) plus a copy of
-//! each agent's term ids; 1,000,000 agents of 17 terms take a few hundred megabytes.
+//! Memory: about 4 bytes per list entry plus each agent's term ids with their fields;
+//! the search benchmark's process peaks at 543 MB resident with 1,000,000 agents of 17
+//! terms.
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
