@@ -445,11 +445,10 @@ pub async fn renew_by_presence(
     sorted.sort();
     sorted.dedup();
     for chunk in sorted.chunks(rows::BIND_PARAMETERS_MAX - 2) {
-        let placeholders: Vec<String> = (3..chunk.len() + 3).map(|n| format!("${n}")).collect();
         let sql = format!(
             "UPDATE agents SET last_heartbeat_ms = $1, expires_at_ms = $2 \
              WHERE revoked_at_ms IS NULL AND last_heartbeat_ms < $1 AND id IN ({})",
-            placeholders.join(", ")
+            rows::placeholders(3, chunk.len())
         );
         let mut statement = sqlx::query(&sql).bind(to_db(now)).bind(to_db(now.saturating_add(REGISTRATION_TTL)));
         for id in chunk {
@@ -523,8 +522,7 @@ pub async fn import_agents(db: &Database, agents: &[ImportedAgent]) -> Result<()
     }
     let ids: Vec<String> = ids.iter().map(AgentId::to_string).collect();
     for chunk in ids.chunks(rows::BIND_PARAMETERS_MAX) {
-        let placeholders: Vec<String> = (1..=chunk.len()).map(|n| format!("${n}")).collect();
-        let sql = format!("SELECT id FROM agents WHERE id IN ({}) LIMIT 1", placeholders.join(", "));
+        let sql = format!("SELECT id FROM agents WHERE id IN ({}) LIMIT 1", rows::placeholders(1, chunk.len()));
         let mut statement = sqlx::query(&sql);
         for id in chunk {
             statement = statement.bind(id.clone());

@@ -47,7 +47,7 @@ use sqlx::Row as _;
 use super::index::{Batch, Change, Field, Filter, IndexState, TermId, tokens, trigrams};
 use super::rows::placeholders;
 use super::{
-    AGENT_COLUMNS, Agent, Health, RegistryQueryError, SEARCH_CANDIDATES_MAX, Visibility, agent_from_row,
+    AGENT_COLUMNS, Agent, Health, RegistryQueryError, SEARCH_CANDIDATES_MAX, Visibility, agent_from_row, from_db,
     is_capability_name, is_tag, query_error, to_db,
 };
 use crate::db::Database;
@@ -473,10 +473,6 @@ fn advance(feed: &mut Feed, page: &[(i64, Agent)]) {
     if let Some((seq, agent)) = page.last() {
         (feed.seq, feed.id) = (*seq, agent.id.to_string());
     }
-}
-
-fn from_db(millis: i64) -> UnixMillis {
-    UnixMillis(u64::try_from(millis).unwrap_or(0))
 }
 
 /// One term a query word expands to: the word itself (any field) or a name term.
