@@ -55,6 +55,22 @@ pub struct SignedRequest {
 pub struct AuthenticatedAgent {
     pub agent: AgentId,
     pub body: Bytes,
+    /// The request was signed by the key a rotation replaced, during its overlap. Key
+    /// management refuses such requests ([`AuthenticatedAgent::require_current_key`]).
+    pub by_previous_key: bool,
+}
+
+impl AuthenticatedAgent {
+    /// Refuses a request signed by the replaced key: 401 `current_key_required`.
+    pub fn require_current_key(&self) -> Result<(), ApiError> {
+        if self.by_previous_key {
+            return Err(unauthorized(
+                "current_key_required",
+                "this operation must be signed by the agent's current key, not the one it rotated away from",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Proof that a request was signed by `key` with a fresh nonce.
@@ -127,6 +143,12 @@ impl FromRequest<AppState> for SignedRequest {
 }
 
 impl SignedRequest {
+    /// Whether `key` made the signature (nothing recorded; [`SignedRequest::verify`] still
+    /// has to run).
+    pub fn signed_by(&self, key: &PublicKey) -> bool {
+        key.verify(self.canonical.as_bytes(), &self.signature).is_ok()
+    }
+
     /// Checks the signature with `key` and records the nonce. Rejections: 401
     /// `invalid_signature`, `replayed_request`.
     pub async fn verify(self, key: &PublicKey, db: &Database, now: UnixMillis) -> Result<Verified, ApiError> {
@@ -148,19 +170,25 @@ impl SignedRequest {
 impl FromRequest<AppState> for AuthenticatedAgent {
     type Rejection = ApiError;
 
-    /// Rejections: those of [`SignedRequest`], 401 `unknown_agent`, `revoked_agent`,
+    /// The agent's current key signs; during a rotation's overlap the replaced key does
+    /// too. Rejections: those of [`SignedRequest`], 401 `unknown_agent`, `revoked_agent`,
     /// `invalid_signature`, `replayed_request`.
     async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
         let signed = SignedRequest::from_request(request, state).await?;
-        let key = registry::agent_key(&state.db, signed.agent).await.map_err(|error| ApiError::internal(&error))?;
-        let Some((key, revoked)) = key else {
+        let now = state.clock.now();
+        let keys = crate::keys::signing_keys(&state.db, signed.agent, now)
+            .await
+            .map_err(|error| ApiError::internal(&error))?;
+        let Some(keys) = keys else {
             return Err(unauthorized("unknown_agent", "the agent is not registered"));
         };
-        if revoked {
+        if keys.revoked {
             return Err(unauthorized("revoked_agent", "the agent has been revoked"));
         }
-        let verified = signed.verify(&key, &state.db, state.clock.now()).await?;
-        Ok(AuthenticatedAgent { agent: verified.agent, body: verified.body })
+        let by_previous_key = keys.previous.is_some_and(|previous| signed.signed_by(&previous));
+        let key = if by_previous_key { keys.previous.unwrap_or(keys.current) } else { keys.current };
+        let verified = signed.verify(&key, &state.db, now).await?;
+        Ok(AuthenticatedAgent { agent: verified.agent, body: verified.body, by_previous_key })
     }
 }
 

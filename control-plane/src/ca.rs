@@ -441,6 +441,9 @@ pub struct PossessionProof {
     kind: LeafKind,
     org: OrgId,
     public_key: PublicKey,
+    /// An existing agent the key is certified for, instead of the id derived from it
+    /// (key rotation and recovery, [`crate::keys`]).
+    agent: Option<AgentId>,
 }
 
 impl PossessionProof {
@@ -460,7 +463,21 @@ impl PossessionProof {
         public_key
             .verify(&proof_message(kind, org, public_key, timestamp), signature)
             .map_err(|_| ProofError::BadSignature)?;
-        Ok(PossessionProof { kind, org: org.clone(), public_key: *public_key })
+        Ok(PossessionProof { kind, org: org.clone(), public_key: *public_key, agent: None })
+    }
+
+    /// The proof, for certifying the key to the existing agent `agent` rather than to the
+    /// id derived from the key. Only [`crate::keys`] calls it, after checking that the
+    /// agent's current key (rotation) or its guardians and time lock (recovery) allow it.
+    pub(crate) fn for_existing_agent(mut self, agent: AgentId) -> PossessionProof {
+        self.agent = Some(agent);
+        self
+    }
+
+    /// A proof for `public_key` whose possession the caller checked another way: a
+    /// request signed by that key ([`crate::keys`], completing a recovery).
+    pub(crate) fn checked_by_signed_request(org: &OrgId, public_key: &PublicKey, agent: AgentId) -> PossessionProof {
+        PossessionProof { kind: LeafKind::Agent, org: org.clone(), public_key: *public_key, agent: Some(agent) }
     }
 }
 
@@ -699,7 +716,7 @@ impl Authority {
         let key = self.open_org_key(&org_ca)?;
         let (role, subject_id) = match proof.kind {
             LeafKind::Agent => {
-                let id = AgentId::from_inception_key(&proof.public_key);
+                let id = proof.agent.unwrap_or_else(|| AgentId::from_inception_key(&proof.public_key));
                 (Role::Agent(id), id.to_string())
             }
             LeafKind::Edge => {

@@ -72,6 +72,12 @@ record_id!(
     "key_",
     "admin key"
 );
+record_id!(
+    /// Id of a social recovery of an agent's key.
+    RecoveryId,
+    "rec_",
+    "recovery"
+);
 
 fn random_suffix() -> String {
     let mut bytes = [0u8; ID_RANDOM_BYTES];

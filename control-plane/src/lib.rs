@@ -8,6 +8,7 @@
 //! - [`auth`]: admin tokens (stored as SHA-256 only), scopes, the bootstrap credential;
 //! - [`ca`]: the certificate authority: root, org CAs with keys sealed at rest, agent and
 //!   edge certificates on proof of possession, revocation, CRLs and the trust bundle;
+//! - [`keys`]: agent key rotation with an overlap window, guardians and social recovery;
 //! - [`grpc`]: the tonic gRPC service for edges over mutual TLS (registration, trust
 //!   stream, presence, agent lookup);
 //! - [`api`]: the axum HTTP API with problem+json errors and its OpenAPI document;
@@ -29,6 +30,7 @@ pub mod config;
 pub mod db;
 pub mod grpc;
 pub mod ids;
+pub mod keys;
 pub mod ledger;
 pub mod metrics;
 pub mod model;
@@ -51,6 +53,9 @@ pub struct Started {
     /// The ledger's escrow-expiry and unbonding work (runs while this replica holds the
     /// lease); stops when dropped.
     pub ledger_expiry: ledger::service::ExpiryWorker,
+    /// Revokes certificates replaced by key rotations once their overlap ends (while
+    /// this replica holds the lease); stops when dropped.
+    pub key_revocations: keys::RevocationWorker,
 }
 
 /// Why [`start`] failed.
@@ -94,6 +99,8 @@ pub async fn start(
     let building = std::time::Instant::now();
     let built = state.search.refresh().await?;
     tracing::info!(agents = built.agents, seconds = building.elapsed().as_secs_f64(), "search index built");
-    let ledger_expiry = state.ledger.spawn_expiry_worker(format!("replica-{:016x}", rand::random::<u64>()));
-    Ok(Started { state, bootstrap_token, grpc, ledger_expiry })
+    let replica = format!("replica-{:016x}", rand::random::<u64>());
+    let ledger_expiry = state.ledger.spawn_expiry_worker(replica.clone());
+    let key_revocations = keys::spawn_revocation_worker(state.db.clone(), Arc::clone(&state.clock), replica);
+    Ok(Started { state, bootstrap_token, grpc, ledger_expiry, key_revocations })
 }

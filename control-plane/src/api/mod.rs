@@ -49,6 +49,8 @@ pub struct AppState {
     pub ledger: Arc<crate::ledger::Ledger>,
     /// This replica's search index (built by the first search if `start` did not).
     pub search: Arc<crate::registry::SearchIndex>,
+    /// Recovery time lock and other key-management settings.
+    pub keys: crate::keys::KeyPolicy,
     openapi: Arc<str>,
 }
 
@@ -59,12 +61,18 @@ impl AppState {
         let openapi = ApiDoc::openapi().to_pretty_json().expect("the OpenAPI document serialises");
         let ledger = Arc::new(crate::ledger::Ledger::new(db.clone(), Arc::clone(&clock)));
         let search = Arc::new(crate::registry::SearchIndex::new(db.clone()));
-        AppState { db, clock, metrics, ca: None, ledger, search, openapi: openapi.into() }
+        AppState { db, clock, metrics, ca: None, ledger, search, keys: crate::keys::KeyPolicy::default(), openapi: openapi.into() }
     }
 
     /// The state with a certificate authority.
     pub fn with_ca(mut self, ca: Arc<crate::ca::Authority>) -> Self {
         self.ca = Some(ca);
+        self
+    }
+
+    /// The state with these key-management settings.
+    pub fn with_key_policy(mut self, keys: crate::keys::KeyPolicy) -> Self {
+        self.keys = keys;
         self
     }
 }

@@ -675,7 +675,7 @@ pub(crate) fn to_db(time: UnixMillis) -> i64 {
     i64::try_from(time.0).unwrap_or(i64::MAX)
 }
 
-fn from_db(millis: i64) -> UnixMillis {
+pub(crate) fn from_db(millis: i64) -> UnixMillis {
     UnixMillis(u64::try_from(millis).unwrap_or(0))
 }
 
