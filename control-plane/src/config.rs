@@ -18,6 +18,7 @@
 //! | `ca.key_encryption_key_file`   | `MOLT_CP_KEK` (the key itself, hex)    | `<database file>.kek` (SQLite only) |
 //! | `ca.root_certificate_file`     |                                        | generated development root |
 //! | `ca.root_key_file`             |                                        | (with the certificate file) |
+//! | `keys.recovery_time_lock_secs` | `MOLT_CP_RECOVERY_TIME_LOCK_SECS`      | 604800 (7 days; 1 s to 90 days) |
 //!
 //! Unknown `MOLT_CP_*` variables are reported too: a typo must not go unnoticed.
 
@@ -59,6 +60,7 @@ pub struct Config {
     pub database: DatabaseOptions,
     pub log: LogConfig,
     pub ca: crate::ca::CaOptions,
+    pub keys: crate::keys::KeyPolicy,
 }
 
 /// `[log]`.
@@ -88,6 +90,15 @@ pub struct ConfigFile {
     pub log: LogSection,
     #[serde(default)]
     pub ca: CaSection,
+    #[serde(default)]
+    pub keys: KeysSection,
+}
+
+/// `[keys]`: agent key management.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysSection {
+    pub recovery_time_lock_secs: Option<toml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -234,6 +245,17 @@ pub fn validate(
         .unwrap_or(LogFormat::Text);
 
     let ca = checker.ca(file.ca);
+    let (lock_min, lock_max) = (crate::keys::RECOVERY_TIME_LOCK_MIN, crate::keys::RECOVERY_TIME_LOCK_MAX);
+    let recovery_time_lock = checker
+        .setting(
+            "keys.recovery_time_lock_secs",
+            "MOLT_CP_RECOVERY_TIME_LOCK_SECS",
+            file.keys.recovery_time_lock_secs,
+            None,
+            "",
+        )
+        .and_then(|input| checker.check(input, |value| integer_in(value, lock_min.as_secs(), lock_max.as_secs())))
+        .map_or(crate::keys::RECOVERY_TIME_LOCK_DEFAULT, Duration::from_secs);
 
     if !checker.problems.is_empty() {
         return Err(ConfigError::Invalid(checker.problems));
@@ -244,11 +266,12 @@ pub fn validate(
         database: DatabaseOptions { url, max_connections, acquire_timeout },
         log: LogConfig { level, format },
         ca,
+        keys: crate::keys::KeyPolicy { recovery_time_lock },
     })
 }
 
 /// Every `MOLT_CP_*` variable this module reads.
-pub const ENVIRONMENT_VARIABLES: [&str; 8] = [
+pub const ENVIRONMENT_VARIABLES: [&str; 9] = [
     "MOLT_CP_LISTEN",
     "MOLT_CP_GRPC_LISTEN",
     "MOLT_CP_DATABASE_URL",
@@ -256,6 +279,7 @@ pub const ENVIRONMENT_VARIABLES: [&str; 8] = [
     "MOLT_CP_DATABASE_ACQUIRE_TIMEOUT_MS",
     "MOLT_CP_LOG_LEVEL",
     "MOLT_CP_LOG_FORMAT",
+    "MOLT_CP_RECOVERY_TIME_LOCK_SECS",
     crate::ca::KEK_VARIABLE,
 ];
 

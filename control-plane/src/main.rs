@@ -66,8 +66,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(config.listen_addr)
             .await
             .with_context(|| format!("while binding {}", config.listen_addr))?;
-        let db = started.state.db.clone();
-        molt_control_plane::api::serve(listener, started.state, shutdown_signal()).await.context("while serving")?;
+        let state = started.state.with_key_policy(config.keys);
+        let db = state.db.clone();
+        molt_control_plane::api::serve(listener, state, shutdown_signal()).await.context("while serving")?;
         db.close().await;
         Ok(())
     })

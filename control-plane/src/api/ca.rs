@@ -123,7 +123,7 @@ pub struct TrustBundleBody {
     pub crls: Vec<String>,
 }
 
-fn authority(state: &AppState) -> Result<&Authority, ApiError> {
+pub(super) fn authority(state: &AppState) -> Result<&Authority, ApiError> {
     state.ca.as_deref().ok_or_else(|| {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "ca_unavailable", "the certificate authority is not configured")
     })

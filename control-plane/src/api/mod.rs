@@ -7,6 +7,7 @@
 pub mod admin_keys;
 pub mod ca;
 pub mod extract;
+pub mod keys;
 pub mod ledger;
 pub mod ops;
 pub mod orgs;
@@ -110,6 +111,9 @@ impl AppState {
         registry::agent_card,
         registry::import_agent_card,
         registry::revoke_agent,
+        keys::rotate_key, keys::key_history, keys::set_guardians, keys::get_guardians, keys::clear_guardians,
+        keys::open_recovery, keys::get_recovery, keys::approve_recovery, keys::cancel_recovery,
+        keys::complete_recovery,
         ledger::open_wallet, ledger::get_wallet, ledger::wallet_history, ledger::create_transfer,
         ledger::create_transfer_batch, ledger::get_transfer, ledger::create_escrow, ledger::get_escrow,
         ledger::release_escrow, ledger::refund_escrow, ledger::dispute_escrow, ledger::lock_stake,
@@ -124,6 +128,7 @@ impl AppState {
         (name = "admin keys", description = "Scoped admin API keys"),
         (name = "orgs", description = "Organisations"),
         (name = "certificate authority", description = "Org CAs, certificates, revocation, CRLs, trust bundle"),
+        (name = "agent keys", description = "Key rotation, guardians and social recovery of agents"),
         (name = "registry", description = "Agent registry: signed registration, heartbeats, search, agent cards"),
     )
 )]
@@ -172,6 +177,17 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/agents/{id}/heartbeat", post(registry::heartbeat))
         .route("/v1/agents/{id}/agent-card.json", get(registry::agent_card).put(registry::import_agent_card))
         .route("/v1/agents/{id}/revoke", post(registry::revoke_agent))
+        .route("/v1/agents/{id}/key-rotations", post(keys::rotate_key))
+        .route("/v1/agents/{id}/keys", get(keys::key_history))
+        .route(
+            "/v1/agents/{id}/guardians",
+            get(keys::get_guardians).put(keys::set_guardians).delete(keys::clear_guardians),
+        )
+        .route("/v1/agents/{id}/recoveries", post(keys::open_recovery))
+        .route("/v1/agents/{id}/recoveries/{recovery}", get(keys::get_recovery))
+        .route("/v1/agents/{id}/recoveries/{recovery}/approve", post(keys::approve_recovery))
+        .route("/v1/agents/{id}/recoveries/{recovery}/cancel", post(keys::cancel_recovery))
+        .route("/v1/agents/{id}/recoveries/{recovery}/complete", post(keys::complete_recovery))
         .merge(ledger_routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), record_request))
         .fallback(not_found)

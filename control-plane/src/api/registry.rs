@@ -136,7 +136,7 @@ pub struct RevokedAgentBody {
     pub revoked_at_ms: u64,
 }
 
-fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(super) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let axum::Json(value) = axum::Json::<T>::from_bytes(body)?;
     Ok(value)
 }
@@ -413,7 +413,7 @@ fn decode_cursor(cursor: &str) -> Option<u32> {
     (offset < SEARCH_CANDIDATES_MAX).then_some(offset)
 }
 
-fn own_agent(id: &str, caller: &AuthenticatedAgent) -> Result<AgentId, ApiError> {
+pub(super) fn own_agent(id: &str, caller: &AuthenticatedAgent) -> Result<AgentId, ApiError> {
     let id: AgentId = id.parse().map_err(|_| ApiError::not_found("no such agent"))?;
     if id != caller.agent {
         return Err(ApiError::new(StatusCode::FORBIDDEN, "not_your_agent", "agents may only change themselves"));
