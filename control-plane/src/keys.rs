@@ -39,8 +39,8 @@ use sqlx::Row as _;
 use sqlx::any::AnyRow;
 
 use crate::ca::{
-    self, Authority, IssueCertificateError, IssuedCertificate, LeafKind, PossessionProof, ProofError,
-    RevocationReason, RevokeError,
+    self, Authority, IssueCertificateError, IssuedCertificate, LeafKind, PossessionProof, ProofError, RevocationReason,
+    RevokeError,
 };
 use crate::clock::Clock;
 use crate::db::Database;
@@ -147,13 +147,12 @@ pub struct SigningKeys {
 /// Reads the keys that may sign `agent`'s requests at `now`.
 pub async fn signing_keys(db: &Database, agent: AgentId, now: UnixMillis) -> Result<Option<SigningKeys>, KeysError> {
     let read = query_error("reading an agent's keys");
-    let row = sqlx::query(
-        "SELECT public_key, previous_key, previous_key_until_ms, revoked_at_ms FROM agents WHERE id = $1",
-    )
-    .bind(agent.to_string())
-    .fetch_optional(db.pool())
-    .await
-    .map_err(read)?;
+    let row =
+        sqlx::query("SELECT public_key, previous_key, previous_key_until_ms, revoked_at_ms FROM agents WHERE id = $1")
+            .bind(agent.to_string())
+            .fetch_optional(db.pool())
+            .await
+            .map_err(read)?;
     let Some(row) = row else { return Ok(None) };
     let current = key_column(&row, "public_key")?;
     let until: Option<i64> = row.try_get("previous_key_until_ms").map_err(read)?;
@@ -470,7 +469,9 @@ pub async fn set_guardians(
         let state = agent_state(db, *guardian).await;
         match state {
             Ok(_) => {}
-            Err(KeysError::UnknownAgent | KeysError::RevokedAgent) => return Err(KeysError::UnknownGuardian(*guardian)),
+            Err(KeysError::UnknownAgent | KeysError::RevokedAgent) => {
+                return Err(KeysError::UnknownGuardian(*guardian));
+            }
             Err(other) => return Err(other),
         }
     }
@@ -828,13 +829,12 @@ pub async fn recovery(db: &Database, agent: AgentId, id: &RecoveryId) -> Result<
 
 async fn open_recovery_id(db: &Database, agent: AgentId) -> Result<Option<RecoveryId>, KeysError> {
     let read = query_error("reading the open recovery");
-    let row = sqlx::query(
-        "SELECT id FROM agent_recoveries WHERE agent_id = $1 AND state IN ('collecting', 'time_locked')",
-    )
-    .bind(agent.to_string())
-    .fetch_optional(db.pool())
-    .await
-    .map_err(read)?;
+    let row =
+        sqlx::query("SELECT id FROM agent_recoveries WHERE agent_id = $1 AND state IN ('collecting', 'time_locked')")
+            .bind(agent.to_string())
+            .fetch_optional(db.pool())
+            .await
+            .map_err(read)?;
     row.map(|row| {
         let id: String = row.try_get("id").map_err(read)?;
         id.parse().map_err(|_| corrupt("agent_recoveries.id"))
@@ -889,12 +889,13 @@ pub struct KeyHistory {
 /// `agent`'s keys and their changes, oldest first.
 pub async fn key_history(db: &Database, agent: AgentId) -> Result<KeyHistory, KeysError> {
     let read = query_error("reading an agent's key history");
-    let row = sqlx::query("SELECT public_key, previous_key, previous_key_until_ms, key_epoch FROM agents WHERE id = $1")
-        .bind(agent.to_string())
-        .fetch_optional(db.pool())
-        .await
-        .map_err(read)?
-        .ok_or(KeysError::UnknownAgent)?;
+    let row =
+        sqlx::query("SELECT public_key, previous_key, previous_key_until_ms, key_epoch FROM agents WHERE id = $1")
+            .bind(agent.to_string())
+            .fetch_optional(db.pool())
+            .await
+            .map_err(read)?
+            .ok_or(KeysError::UnknownAgent)?;
     let until: Option<i64> = row.try_get("previous_key_until_ms").map_err(read)?;
     let previous = match (optional_key_column(&row, "previous_key")?, until) {
         (Some(key), Some(until)) => Some((key, from_db(until))),

@@ -19,7 +19,7 @@ use super::registry::{own_agent, parse_json};
 use crate::agent_auth::{AuthenticatedAgent, SignedRequest};
 use crate::ca::IssuedCertificate;
 use crate::ids::RecoveryId;
-use crate::keys::{self, KeysError, Recovery, ROTATION_OVERLAP_DEFAULT, RotationRequest};
+use crate::keys::{self, KeysError, ROTATION_OVERLAP_DEFAULT, Recovery, RotationRequest};
 
 /// Body of `POST /v1/agents/{id}/key-rotations`.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -369,7 +369,10 @@ pub async fn get_guardians(
     Path(id): Path<String>,
 ) -> Result<Json<GuardiansBody>, ApiError> {
     let agent = parse_agent_id(&id)?;
-    let set = keys::guardians(&state.db, agent).await.map_err(keys_error)?.ok_or_else(|| keys_error(KeysError::NoGuardians))?;
+    let set = keys::guardians(&state.db, agent)
+        .await
+        .map_err(keys_error)?
+        .ok_or_else(|| keys_error(KeysError::NoGuardians))?;
     Ok(Json(guardians_body(agent, &set)))
 }
 

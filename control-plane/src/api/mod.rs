@@ -62,7 +62,16 @@ impl AppState {
         let openapi = ApiDoc::openapi().to_pretty_json().expect("the OpenAPI document serialises");
         let ledger = Arc::new(crate::ledger::Ledger::new(db.clone(), Arc::clone(&clock)));
         let search = Arc::new(crate::registry::SearchIndex::new(db.clone()));
-        AppState { db, clock, metrics, ca: None, ledger, search, keys: crate::keys::KeyPolicy::default(), openapi: openapi.into() }
+        AppState {
+            db,
+            clock,
+            metrics,
+            ca: None,
+            ledger,
+            search,
+            keys: crate::keys::KeyPolicy::default(),
+            openapi: openapi.into(),
+        }
     }
 
     /// The state with a certificate authority.
