@@ -35,7 +35,12 @@ Examples:
   molt agent show agent-…
   molt agent export-card agent-… > card.json
   molt agent import-card --agent-dir alice card.json
-  molt agent revoke agent-…"
+  molt agent revoke agent-…
+  molt agent rotate-key --agent-dir alice --overlap 3600
+  molt agent guardians set --agent-dir alice --threshold 2 agent-… agent-… agent-…
+  molt agent recovery prepare --agent-dir alice-new --agent agent-…
+  molt agent recovery open --agent-dir guardian1 --agent agent-… --new-key HEX
+  molt agent recovery complete --agent-dir alice-new --recovery rec_…"
 )]
 pub struct AgentArgs {
     #[command(flatten)]
@@ -110,6 +115,20 @@ pub enum AgentCommand {
         #[arg(value_name = "CARD_JSON")]
         card: PathBuf,
     },
+    /// Rotate the agent's key: a new key is certified for the same id (signed by the
+    /// current key); the old one keeps working for the overlap.
+    RotateKey(crate::agent_keys::RotateArgs),
+    /// Show an agent's current key, the key it rotated away from, and every key change.
+    Keys {
+        /// The agent id (`agent-…`).
+        agent_id: AgentId,
+    },
+    /// Name, show or remove the guardians that can recover the agent's key.
+    #[command(subcommand)]
+    Guardians(crate::agent_keys::GuardiansCommand),
+    /// Recover a lost key through guardians: prepare, open, approve, show, cancel, complete.
+    #[command(subcommand)]
+    Recovery(crate::agent_keys::RecoveryCommand),
 }
 
 /// A profile from flags or from a JSON file.
@@ -232,6 +251,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             let verb = if created { "registered" } else { "updated" };
             api.print(&imported, |agent| format!("{verb} from the card: {}", describe(agent)));
         }
+        AgentCommand::RotateKey(args) => crate::agent_keys::rotate(api, &client, args).await?,
+        AgentCommand::Keys { agent_id } => crate::agent_keys::keys(api, &client, agent_id).await?,
+        AgentCommand::Guardians(command) => crate::agent_keys::guardians(api, &client, command).await?,
+        AgentCommand::Recovery(command) => crate::agent_keys::recovery(api, &client, command).await?,
     }
     Ok(())
 }

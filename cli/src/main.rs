@@ -4,6 +4,7 @@
 
 mod admin_key;
 mod agent;
+mod agent_keys;
 mod card;
 mod cert;
 mod control;

@@ -884,6 +884,8 @@ pub struct KeyHistory {
     pub previous: Option<(PublicKey, UnixMillis)>,
     pub epoch: u64,
     pub events: Vec<KeyEvent>,
+    /// The org of the agent's latest certificate: a new key's proof of possession names it.
+    pub org: Option<OrgId>,
 }
 
 /// `agent`'s keys and their changes, oldest first.
@@ -923,7 +925,9 @@ pub async fn key_history(db: &Database, agent: AgentId) -> Result<KeyHistory, Ke
         })
     })
     .collect::<Result<Vec<_>, KeysError>>()?;
+    let org = agent_org(db, agent).await?;
     Ok(KeyHistory {
+        org,
         current: key_column(&row, "public_key")?,
         previous,
         epoch: u64::try_from(epoch).map_err(|_| corrupt("agents.key_epoch"))?,

@@ -60,6 +60,13 @@ pub const AGENT_ID_FILE: &str = "agent.id";
 pub const AGENT_CHAIN_FILE: &str = "agent.pem";
 /// An agent's card (JSON), for its peers.
 pub const CARD_FILE: &str = "card.json";
+/// A key staged for a rotation or recovery (PKCS#8 PEM, mode 0600), until the control
+/// plane certifies it; an interrupted rotation resumes with it.
+pub const NEXT_AGENT_KEY_FILE: &str = "agent.key.next";
+/// The certificate chain of the staged key, written before the keys are swapped.
+pub const NEXT_AGENT_CHAIN_FILE: &str = "agent.pem.next";
+/// The key the last rotation replaced (mode 0600): it still signs during the overlap.
+pub const PREVIOUS_AGENT_KEY_FILE: &str = "agent.key.previous";
 /// An edge's Ed25519 private key (PKCS#8 PEM, mode 0600).
 pub const EDGE_KEY_FILE: &str = "edge.key";
 /// An edge's certificate chain: its leaf, then the org CA (PEM).
@@ -429,6 +436,117 @@ impl AgentFiles {
         AgentCard::from_identity(&identity, now).save(&dir.join(CARD_FILE))?;
         Ok(identity)
     }
+}
+
+impl AgentFiles {
+    /// The staged next key of the agent in `dir`: read from [`NEXT_AGENT_KEY_FILE`] if an
+    /// earlier rotation or recovery left one, else generated and written (mode 0600). The
+    /// flag is `true` if it was generated.
+    pub fn stage_next_key<R: RngCore + CryptoRng>(dir: &Path, rng: &mut R) -> Result<(SigningKey, bool), DevError> {
+        read_agent_id(dir)?;
+        let path = dir.join(NEXT_AGENT_KEY_FILE);
+        if path.exists() {
+            return Ok((read_signing_key(&path)?, false));
+        }
+        let key = SigningKey::generate(rng);
+        write_new_file(&path, key.to_pkcs8_pem().as_bytes(), PRIVATE_FILE_MODE)?;
+        Ok((key, true))
+    }
+
+    /// Makes the staged key current once the CA certified it: checks that `chain_pem_text`
+    /// certifies the staged key for the id in `agent.id`, writes it as
+    /// [`NEXT_AGENT_CHAIN_FILE`], then moves `agent.key` to [`PREVIOUS_AGENT_KEY_FILE`],
+    /// the staged key to `agent.key` and the chain to `agent.pem` (each rename atomic; an
+    /// interruption is finished by [`AgentFiles::finish_key_change`]), and rewrites the card.
+    pub fn commit_next_key(dir: &Path, chain_pem_text: &str, now: UnixMillis) -> Result<AgentIdentity, DevError> {
+        let agent_id = read_agent_id(dir)?;
+        let next_path = dir.join(NEXT_AGENT_KEY_FILE);
+        let next_key = read_signing_key(&next_path)?;
+        let encryption_secret = read_encryption_secret(&dir.join(ENCRYPTION_KEY_FILE))?;
+        let staged_chain = dir.join(NEXT_AGENT_CHAIN_FILE);
+        let chain = Certificate::chain_from_pem(chain_pem_text)
+            .map_err(|error| DevError::Certificate { path: staged_chain.clone(), error })?;
+        let identity = AgentIdentity::new(chain, next_key, encryption_secret)
+            .map_err(|error| DevError::Identity { dir: dir.to_owned(), error })?;
+        if identity.agent_id != agent_id {
+            return Err(DevError::AgentIdMismatch { path: staged_chain, recorded: agent_id, certificate: identity.agent_id });
+        }
+        write_replacing(&staged_chain, chain_pem(&identity.chain).as_bytes())?;
+        AgentFiles::finish_key_change(dir, now)?;
+        AgentFiles::load(dir)
+    }
+
+    /// Finishes a key change that [`AgentFiles::commit_next_key`] began: if both the
+    /// staged key and its chain are present, swaps them in. `false` if there was nothing
+    /// to finish.
+    pub fn finish_key_change(dir: &Path, now: UnixMillis) -> Result<bool, DevError> {
+        let next_key = dir.join(NEXT_AGENT_KEY_FILE);
+        let next_chain = dir.join(NEXT_AGENT_CHAIN_FILE);
+        if !next_key.exists() || !next_chain.exists() {
+            return Ok(false);
+        }
+        let current = dir.join(AGENT_KEY_FILE);
+        if current.exists() {
+            rename_durably(&current, &dir.join(PREVIOUS_AGENT_KEY_FILE))?;
+        }
+        rename_durably(&next_key, &current)?;
+        rename_durably(&next_chain, &dir.join(AGENT_CHAIN_FILE))?;
+        let identity = AgentFiles::load(dir)?;
+        AgentCard::from_identity(&identity, now).save(&dir.join(CARD_FILE))?;
+        Ok(true)
+    }
+
+    /// Removes a staged key the control plane refused (nothing else changes).
+    pub fn discard_next_key(dir: &Path) -> Result<(), DevError> {
+        for name in [NEXT_AGENT_KEY_FILE, NEXT_AGENT_CHAIN_FILE] {
+            let path = dir.join(name);
+            match fs::remove_file(&path) {
+                Err(error) if error.kind() != io::ErrorKind::NotFound => {
+                    return Err(DevError::Write { path, error });
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Prepares `dir` for recovering `agent_id`, whose key is lost: writes `agent.id` (or
+    /// checks that it names the same agent), an encryption key if there is none, and
+    /// stages the next key, whose public half the guardians approve.
+    pub fn prepare_recovery<R: RngCore + CryptoRng>(
+        dir: &Path,
+        agent_id: AgentId,
+        rng: &mut R,
+    ) -> Result<SigningKey, DevError> {
+        fs::create_dir_all(dir).map_err(|error| DevError::Write { path: dir.to_owned(), error })?;
+        let id_path = dir.join(AGENT_ID_FILE);
+        if id_path.exists() {
+            let recorded = read_agent_id(dir)?;
+            if recorded != agent_id {
+                return Err(DevError::AgentIdMismatch { path: id_path, recorded, certificate: agent_id });
+            }
+        } else {
+            write_new_file(&id_path, format!("{agent_id}\n").as_bytes(), PUBLIC_FILE_MODE)?;
+        }
+        let encryption_path = dir.join(ENCRYPTION_KEY_FILE);
+        if !encryption_path.exists() {
+            let secret = EncryptionSecret::generate(rng);
+            let mut text = Zeroizing::new(hex::encode(secret.as_bytes()));
+            text.push('\n');
+            write_new_file(&encryption_path, text.as_bytes(), PRIVATE_FILE_MODE)?;
+        }
+        Ok(AgentFiles::stage_next_key(dir, rng)?.0)
+    }
+}
+
+/// Renames `from` to `to` (replacing it) and syncs the directory.
+fn rename_durably(from: &Path, to: &Path) -> Result<(), DevError> {
+    fs::rename(from, to)
+        .and_then(|()| match to.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => File::open(dir)?.sync_all(),
+            _ => Ok(()),
+        })
+        .map_err(|error| DevError::Write { path: to.to_owned(), error })
 }
 
 /// The edge key in `dir`: read if `edge.key` exists, else generated and written (mode

@@ -134,6 +134,10 @@ pub struct KeyEventBody {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct KeyHistoryBody {
     pub agent_id: String,
+    /// The org of the agent's latest certificate, which a rotation's proof of possession
+    /// names; absent if it never had one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub org_id: Option<String>,
     pub current_public_key: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub previous_public_key: Option<String>,
@@ -303,6 +307,7 @@ pub async fn key_history(
     let history = keys::key_history(&state.db, agent).await.map_err(keys_error)?;
     Ok(Json(KeyHistoryBody {
         agent_id: agent.to_string(),
+        org_id: history.org.as_ref().map(|org| org.as_str().to_owned()),
         current_public_key: hex::encode(history.current.as_bytes()),
         previous_public_key: history.previous.map(|(key, _)| hex::encode(key.as_bytes())),
         previous_key_until_ms: history.previous.map(|(_, until)| until.0),

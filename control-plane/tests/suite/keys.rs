@@ -302,6 +302,7 @@ async fn rotation_certifies_a_new_key_for_the_same_id_and_retires_the_old_one(fi
     let (status, history) = harness.get(&format!("/v1/agents/{}/keys", alice.id)).await;
     assert_eq!(status, StatusCode::OK, "{history}");
     assert_eq!(history["epoch"], 1);
+    assert_eq!(history["org_id"], harness.org.as_str());
     assert_eq!(history["previous_public_key"], hex(alice.key.public_key().as_bytes()));
     assert_eq!(history["events"][0]["kind"], "rotation");
     assert_eq!(history["events"][0]["new_public_key"], hex(second.public_key().as_bytes()));
