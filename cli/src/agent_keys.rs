@@ -199,7 +199,13 @@ pub async fn keys(api: &ApiArgs, client: &ApiClient, agent_id: AgentId) -> anyho
 
 pub async fn guardians(api: &ApiArgs, client: &ApiClient, command: GuardiansCommand) -> anyhow::Result<()> {
     let show = |set: &molt_sdk::api::Guardians| {
-        format!("{}: {} of {} guardians: {}", set.agent_id, set.threshold, set.guardians.len(), set.guardians.join(", "))
+        format!(
+            "{}: {} of {} guardians: {}",
+            set.agent_id,
+            set.threshold,
+            set.guardians.len(),
+            set.guardians.join(", ")
+        )
     };
     match command {
         GuardiansCommand::Set { agent, threshold, guardians } => {
@@ -299,4 +305,3 @@ fn describe(recovery: &Recovery) -> String {
     }
     text
 }
-

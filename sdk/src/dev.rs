@@ -469,7 +469,11 @@ impl AgentFiles {
         let identity = AgentIdentity::new(chain, next_key, encryption_secret)
             .map_err(|error| DevError::Identity { dir: dir.to_owned(), error })?;
         if identity.agent_id != agent_id {
-            return Err(DevError::AgentIdMismatch { path: staged_chain, recorded: agent_id, certificate: identity.agent_id });
+            return Err(DevError::AgentIdMismatch {
+                path: staged_chain,
+                recorded: agent_id,
+                certificate: identity.agent_id,
+            });
         }
         write_replacing(&staged_chain, chain_pem(&identity.chain).as_bytes())?;
         AgentFiles::finish_key_change(dir, now)?;

@@ -32,6 +32,11 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// Starts the control plane with its database in `dir` and waits until it answers.
     pub fn start(dir: &Path) -> anyhow::Result<ControlPlane> {
+        ControlPlane::start_with_env(dir, &[])
+    }
+
+    /// As [`ControlPlane::start`], with extra environment variables (`MOLT_CP_*` settings).
+    pub fn start_with_env(dir: &Path, environment: &[(&str, &str)]) -> anyhow::Result<ControlPlane> {
         let (_, port) = free_ports();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let database = format!("sqlite:{}", dir.join("control-plane.db").display());
@@ -40,6 +45,7 @@ impl ControlPlane {
             .args(["--listen", &addr.to_string(), "--database-url", &database])
             .current_dir(dir)
             .env("NO_COLOR", "1")
+            .envs(environment.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
