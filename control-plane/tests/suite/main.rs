@@ -7,6 +7,7 @@ mod ca;
 mod cards;
 mod fixture;
 mod grpc;
+mod hsm_ca;
 mod ledger;
 mod registry;
 mod replicas;
