@@ -793,18 +793,44 @@ impl Authority {
         }
         let key = self.generate_org_key(org).await?;
         let stored = self.store_org_ca(db, org, &key, now).await;
-        let created = matches!(stored, Ok((_, true)));
-        if let (false, NewOrgKey::Hsm(generated)) = (created, key) {
-            let label = generated.label().to_owned();
-            match tokio::task::spawn_blocking(move || generated.destroy()).await {
-                Ok(Ok(())) => tracing::info!(org = %org, label, "destroyed an org CA key that was not stored"),
-                Ok(Err(failure)) => {
-                    tracing::warn!(org = %org, label, %failure, "failed to destroy an unused org CA key on the token");
-                }
-                Err(error) => tracing::warn!(org = %org, label, %error, "failed to destroy an unused org CA key"),
-            }
+        if let NewOrgKey::Hsm(generated) = key {
+            self.destroy_unless_stored(db, org, generated, &stored).await;
         }
         stored
+    }
+
+    /// Destroys a key generated on the token unless the org's stored CA uses it. When
+    /// storing failed and the row cannot be read, whether the insert committed is unknown:
+    /// the key is kept (a leftover is logged) rather than risk destroying a CA's key.
+    async fn destroy_unless_stored(
+        &self,
+        db: &Database,
+        org: &OrgId,
+        generated: HsmKey,
+        stored: &Result<(OrgCa, bool), OrgCaError>,
+    ) {
+        let label = generated.label().to_owned();
+        let stored_label = match stored {
+            Ok((org_ca, _)) => Ok(org_ca.key_label().map(str::to_owned)),
+            Err(_) => {
+                read_org_ca(db, org).await.map(|row| row.and_then(|org_ca| org_ca.key_label().map(str::to_owned)))
+            }
+        };
+        match stored_label {
+            Ok(Some(stored)) if stored == label => return,
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(org = %org, label, error = %error, "kept an org CA key on the token: cannot tell whether it was stored");
+                return;
+            }
+        }
+        match tokio::task::spawn_blocking(move || generated.destroy()).await {
+            Ok(Ok(())) => tracing::info!(org = %org, label, "destroyed an org CA key that was not stored"),
+            Ok(Err(failure)) => {
+                tracing::warn!(org = %org, label, %failure, "failed to destroy an unused org CA key on the token");
+            }
+            Err(error) => tracing::warn!(org = %org, label, %error, "failed to destroy an unused org CA key"),
+        }
     }
 
     async fn generate_org_key(&self, org: &OrgId) -> Result<NewOrgKey, OrgCaError> {
