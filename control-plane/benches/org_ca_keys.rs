@@ -73,7 +73,7 @@ async fn run(dir: PathBuf, issuances: usize) {
     let with_token = Arc::new(Authority::load(&db, &ca_options(Some(pkcs11)), "postgres://unused", now).await.unwrap());
     let sealed_org = db.create_org(&OrgName::new("sealed").unwrap(), now).await.unwrap().id;
     let token_org = db.create_org(&OrgName::new("token").unwrap(), now).await.unwrap().id;
-    let (sealed_ca, _) = software.ensure_org_ca(&db, &sealed_org, now).await.unwrap();
+    software.ensure_org_ca(&db, &sealed_org, now).await.unwrap();
     let (token_ca, _) = with_token.ensure_org_ca(&db, &token_org, now).await.unwrap();
     drop(software);
 
@@ -91,8 +91,10 @@ async fn run(dir: PathBuf, issuances: usize) {
     // Signing alone: the key in memory versus the key on the token.
     let token = with_token.org_key_token().unwrap();
     let hsm_key = token.find_ed25519(KeyName::Label(token_ca.key_label().unwrap())).unwrap();
+    // A sealed key cannot be taken out of the authority, so the in-memory key gets an org
+    // CA certificate of its own, under a root made here.
     let memory_key = SigningKey::generate(&mut rand::rngs::OsRng);
-    let memory_ca = sealed_ca.certificate.clone();
+    let memory_ca = memory_org_ca(&memory_key, now);
     for (name, key, ca) in [
         ("memory", &memory_key as &dyn Signer, &memory_ca),
         ("softhsm2", &hsm_key as &dyn Signer, &token_ca.certificate),
@@ -147,6 +149,14 @@ fn sign_only(key: &dyn Signer, ca: &molt_protocol::cert::Certificate, count: usi
         cert::issue_leaf(ca, key, subject, role, &[], validity, serial).unwrap();
     }
     count as f64 / started.elapsed().as_secs_f64()
+}
+
+fn memory_org_ca(org_key: &SigningKey, now: UnixMillis) -> molt_protocol::cert::Certificate {
+    let root_key = SigningKey::generate(&mut rand::rngs::OsRng);
+    let validity = Validity { not_before: now, not_after: now.saturating_add(Duration::from_secs(24 * 3600)) };
+    let root = cert::issue_root(&root_key, "Bench root", validity, Serial::random(&mut rand::rngs::OsRng)).unwrap();
+    let serial = Serial::random(&mut rand::rngs::OsRng);
+    cert::issue_org_ca(&root, &root_key, &org_key.public_key(), "Bench org CA", validity, serial).unwrap()
 }
 
 fn proof(org: &OrgId, now: UnixMillis) -> PossessionProof {
