@@ -218,6 +218,39 @@ async fn the_loser_of_a_concurrent_creation_destroys_its_key(softhsm: &SoftHsm, 
     }
     assert_eq!(token.private_key_labels().unwrap().len(), 5);
     assert_eq!(fixture.count("org_cas").await, 5);
+
+    // A row naming a key that is not on the token, or a key that is not the org CA's,
+    // signs nothing and says which org and label.
+    let agent = SigningKey::from_bytes(&[3; 32]);
+    let point_at = |label: &str| {
+        sqlx::query("UPDATE org_cas SET key_ref = $1 WHERE org_id = $2")
+            .bind(label.to_owned())
+            .bind(org.to_string())
+            .execute(fixture.db.pool())
+    };
+    point_at("molt-org-ca-missing").await.unwrap();
+    let error = first.issue(&fixture.db, &proof(&org, &agent, now), &[], now).await.unwrap_err();
+    assert!(
+        matches!(&error, IssueCertificateError::OrgCa(OrgCaError::HsmKey { org: named, label, .. })
+            if named == &org && label == "molt-org-ca-missing"),
+        "{error:?}"
+    );
+    token.generate_ed25519("a-stranger").unwrap();
+    point_at("a-stranger").await.unwrap();
+    let error = first.issue(&fixture.db, &proof(&org, &agent, now), &[], now).await.unwrap_err();
+    assert!(
+        matches!(&error, IssueCertificateError::OrgCa(OrgCaError::HsmKeyMismatch { org: named, label })
+            if named == &org && label == "a-stranger"),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("does not match the org CA certificate"), "{error}");
+    // A token-held row cannot carry key bytes, nor a sealed row lack them.
+    let bytes = sqlx::query("UPDATE org_cas SET key_sealed = $1 WHERE org_id = $2")
+        .bind(vec![1u8; 60])
+        .bind(org.to_string())
+        .execute(fixture.db.pool())
+        .await;
+    assert!(bytes.is_err(), "the CHECK constraint refuses key bytes beside a key_ref");
 }
 
 async fn bad_token_settings_fail_at_start(softhsm: &SoftHsm) {
