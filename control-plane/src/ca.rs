@@ -9,7 +9,19 @@
 //! and the org CAs) is sealed with ChaCha20-Poly1305 under the *key-encryption key* (KEK),
 //! with associated data naming what it is (and the org it belongs to), so a ciphertext
 //! moved to another row does not open. Keys are opened in memory only, for one operation,
-//! in zeroizing buffers. The HSM issue replaces the software keys with PKCS#11.
+//! in zeroizing buffers.
+//!
+//! **Org CA keys in a token.** With `[ca.pkcs11]` configured ([`Pkcs11Options`]), new org
+//! CA keys are generated inside that PKCS#11 token instead (sensitive, never extractable),
+//! each under a label of its own: the prefix, the org id and a random suffix from the
+//! token's generator. The org CA row then records the key's store (`pkcs11`) and label
+//! and holds no key bytes. Rows keep saying where their key is, so sealed org CAs made
+//! before the token was configured keep working beside token-held ones; a token-held org
+//! CA without a configured token fails with [`OrgCaError::HsmNotConfigured`], naming the
+//! org and the label. PKCS#11 calls block, so they run on tokio's blocking threads
+//! (`spawn_blocking`), never on an executor thread. The root key stays in software here
+//! (it comes from files or the development root); offline roots belong to `molt-hsm`'s
+//! ceremonies.
 //!
 //! **The KEK** is 32 bytes: `MOLT_CP_KEK` (64 hex digits), or the file
 //! `ca.key_encryption_key_file` (64 hex digits), or — for the embedded SQLite default
@@ -27,9 +39,11 @@ use std::time::Duration;
 
 use chacha20poly1305::aead::{Aead as _, KeyInit as _, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
+use molt_hsm::key::KeyName;
+use molt_hsm::{FindKeyError, GenerateKeyError, HsmKey, PinSource, Pkcs11Failure, Token, TokenConfig, TokenSelector};
 use molt_protocol::cert::{self, Certificate, IssueError, RevocationList, Role, Serial, Validity};
 use molt_protocol::ids::{AgentId, EdgeId};
-use molt_protocol::keys::{PublicKey, Signature, SigningKey};
+use molt_protocol::keys::{PublicKey, Signature, Signer, SigningKey};
 use molt_protocol::time::UnixMillis;
 use rand::RngCore as _;
 use sqlx::Row as _;
@@ -64,10 +78,22 @@ pub const CRL_VALIDITY: Duration = Duration::from_secs(24 * 3600);
 pub const DNS_NAMES_MAX: usize = cert::MAX_DNS_NAMES;
 /// Common name of the generated development root.
 pub const DEVELOPMENT_ROOT_NAME: &str = "Molt development root";
+/// Default `ca.pkcs11.key_label_prefix`: token labels of org CA keys start with it.
+pub const DEFAULT_KEY_LABEL_PREFIX: &str = "molt-org-ca-";
+/// Random bytes (from the token's generator) at the end of an org CA key's label, in hex,
+/// so that every generation gets a label of its own.
+pub const KEY_LABEL_SUFFIX_BYTES: usize = 4;
+/// Longest `ca.pkcs11.key_label_prefix`: the label (prefix, org id, `-`, suffix) must fit
+/// the token's label limit.
+pub const KEY_LABEL_PREFIX_LEN_MAX: usize = molt_hsm::key::KEY_LABEL_LEN_MAX
+    - (OrgId::PREFIX.len() + crate::ids::ID_ENCODED_LEN)
+    - 1
+    - 2 * KEY_LABEL_SUFFIX_BYTES;
 
 const _: () = assert!(LEAF_VALIDITY.as_secs() < ORG_CA_VALIDITY.as_secs());
 const _: () = assert!(ORG_CA_VALIDITY.as_secs() < ROOT_VALIDITY.as_secs());
 const _: () = assert!(BACKDATE.as_secs() < CRL_VALIDITY.as_secs());
+const _: () = assert!(DEFAULT_KEY_LABEL_PREFIX.len() <= KEY_LABEL_PREFIX_LEN_MAX);
 
 /// Domain of the associated data of the sealed development root key.
 const ROOT_KEY_AD: &[u8] = b"molt-control-plane root-key v1";
@@ -78,7 +104,7 @@ pub use molt_protocol::request::{AGENT_PROOF_DOMAIN, EDGE_PROOF_DOMAIN};
 /// Columns of an [`OrgCa`] row, for `concat!`.
 macro_rules! org_ca_columns {
     () => {
-        "org_id, certificate_pem, key_sealed, crl_number"
+        "org_id, certificate_pem, key_store, key_sealed, key_ref, crl_number"
     };
 }
 
@@ -231,6 +257,33 @@ fn org_key_ad(org: &OrgId) -> Vec<u8> {
 pub struct CaOptions {
     pub key_encryption_key: KekSource,
     pub root: RootSource,
+    /// `[ca.pkcs11]`: the token new org CA keys are generated in; `None`: sealed keys.
+    pub pkcs11: Option<Pkcs11Options>,
+}
+
+/// `[ca.pkcs11]`: the PKCS#11 token that holds org CA keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pkcs11Options {
+    /// Path of the module (shared library).
+    pub module: PathBuf,
+    pub token: TokenSelector,
+    /// A file or an environment variable; never a config value.
+    pub pin: PinSource,
+    /// Sessions kept open at most (1 to [`molt_hsm::SESSION_POOL_SIZE_MAX`]).
+    pub pool_size: usize,
+    /// Start of every generated key's label (at most [`KEY_LABEL_PREFIX_LEN_MAX`] bytes).
+    pub key_label_prefix: String,
+}
+
+impl Pkcs11Options {
+    fn token_config(&self) -> TokenConfig {
+        TokenConfig {
+            module: self.module.clone(),
+            token: self.token.clone(),
+            pin: self.pin.clone(),
+            pool_size: self.pool_size,
+        }
+    }
 }
 
 /// Where the KEK comes from.
@@ -282,11 +335,20 @@ fn sqlite_path(url: &str) -> Option<PathBuf> {
 
 // ---- the authority ----
 
-/// The CA: the root's certificate and key, and the KEK that opens org CA keys.
+/// The CA: the root's certificate and key, the KEK that opens sealed org CA keys, and
+/// the token that holds the others, if one is configured.
 pub struct Authority {
     kek: KeyEncryptionKey,
     root: Certificate,
     root_key: SigningKey,
+    org_key_token: Option<OrgKeyToken>,
+}
+
+/// The token new org CA keys are generated in.
+#[derive(Clone, Debug)]
+struct OrgKeyToken {
+    token: Token,
+    key_label_prefix: String,
 }
 
 impl fmt::Debug for Authority {
@@ -326,6 +388,10 @@ pub enum LoadAuthorityError {
     WrongKek(#[source] OpenError),
     #[error("failed to generate the development root")]
     Issue(#[source] IssueError),
+    #[error("failed to open the PKCS#11 token for org CA keys (ca.pkcs11, module {})", module.display())]
+    Token { module: PathBuf, source: molt_hsm::OpenError },
+    #[error("failed to open the PKCS#11 token for org CA keys: the blocking task failed")]
+    TokenTask(#[source] tokio::task::JoinError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -340,6 +406,21 @@ pub enum OrgCaError {
     Issue(#[source] IssueError),
     #[error("failed to open the org CA key")]
     Open(#[source] OpenError),
+    #[error(
+        "the org CA key of {org} is held in a PKCS#11 token under the label {label:?}, but no token is configured \
+         (ca.pkcs11)"
+    )]
+    HsmNotConfigured { org: OrgId, label: String },
+    #[error("failed to find the org CA key of {org} (label {label:?}) on the token")]
+    HsmKey { org: OrgId, label: String, source: Box<FindKeyError> },
+    #[error("the token's key {label:?} does not match the org CA certificate of {org}")]
+    HsmKeyMismatch { org: OrgId, label: String },
+    #[error("failed to generate the org CA key of {org} on the token")]
+    HsmGenerate { org: OrgId, source: Box<GenerateKeyError> },
+    #[error("failed to draw the label suffix of the org CA key of {org} from the token")]
+    HsmRandom { org: OrgId, source: Box<Pkcs11Failure> },
+    #[error("a blocking PKCS#11 task for the org CA of {org} failed")]
+    HsmTask { org: OrgId, source: tokio::task::JoinError },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -392,7 +473,31 @@ pub struct OrgCa {
     pub org_id: OrgId,
     pub certificate: Certificate,
     pub crl_number: u64,
-    key_sealed: Vec<u8>,
+    key: OrgKeyLocation,
+}
+
+/// Where an org CA's private key is (`org_cas.key_store`).
+#[derive(Clone, Debug)]
+enum OrgKeyLocation {
+    /// `sealed`: in `key_sealed`, under the KEK.
+    Sealed(Vec<u8>),
+    /// `pkcs11`: on the configured token, under the label `key_ref`; `key_sealed` is empty.
+    Pkcs11 { label: String },
+}
+
+/// `org_cas.key_store` of a sealed key.
+const KEY_STORE_SEALED: &str = "sealed";
+/// `org_cas.key_store` of a key in a PKCS#11 token.
+const KEY_STORE_PKCS11: &str = "pkcs11";
+
+impl OrgCa {
+    /// The token label of the CA's key, if the key lives in a PKCS#11 token.
+    pub fn key_label(&self) -> Option<&str> {
+        match &self.key {
+            OrgKeyLocation::Sealed(_) => None,
+            OrgKeyLocation::Pkcs11 { label } => Some(label),
+        }
+    }
 }
 
 /// What kind of leaf a request asks for.
@@ -556,7 +661,19 @@ impl Authority {
         if root.public_key() != root_key.public_key() {
             return Err(LoadAuthorityError::InvalidRoot("the key does not match the root certificate".into()));
         }
-        Ok(Authority { kek, root, root_key })
+        Ok(Authority { kek, root, root_key, org_key_token: None })
+    }
+
+    /// The authority with new org CA keys generated in `token`, their labels starting
+    /// with `key_label_prefix`.
+    pub fn with_org_key_token(mut self, token: Token, key_label_prefix: String) -> Authority {
+        self.org_key_token = Some(OrgKeyToken { token, key_label_prefix });
+        self
+    }
+
+    /// The token holding new org CA keys, if one is configured.
+    pub fn org_key_token(&self) -> Option<&Token> {
+        self.org_key_token.as_ref().map(|held| &held.token)
     }
 
     /// Loads the KEK and the root as `options` say; creates the development root on the
@@ -568,7 +685,29 @@ impl Authority {
         now: UnixMillis,
     ) -> Result<Authority, LoadAuthorityError> {
         let kek = options.key_encryption_key.load(database_url)?;
-        match &options.root {
+        let authority = Authority::load_root(db, kek, &options.root, now).await?;
+        let Some(pkcs11) = &options.pkcs11 else { return Ok(authority) };
+        let config = pkcs11.token_config();
+        // Opening loads the module and logs in: blocking calls.
+        let token = tokio::task::spawn_blocking(move || Token::open(&config))
+            .await
+            .map_err(LoadAuthorityError::TokenTask)?
+            .map_err(|source| LoadAuthorityError::Token { module: pkcs11.module.clone(), source })?;
+        tracing::info!(
+            token = token.label(),
+            serial = token.serial_number(),
+            "org CA keys are generated in a PKCS#11 token"
+        );
+        Ok(authority.with_org_key_token(token, pkcs11.key_label_prefix.clone()))
+    }
+
+    async fn load_root(
+        db: &Database,
+        kek: KeyEncryptionKey,
+        root: &RootSource,
+        now: UnixMillis,
+    ) -> Result<Authority, LoadAuthorityError> {
+        match root {
             RootSource::Files { certificate, key } => {
                 let read = |path: &PathBuf| {
                     std::fs::read_to_string(path)
@@ -642,7 +781,7 @@ impl Authority {
         &self.root
     }
 
-    /// The org's CA, created (key, certificate signed by the root, sealed key) if it has
+    /// The org's CA, created by [`Authority::create_org_ca`] if it has
     /// none; `true` if this call created it.
     pub async fn ensure_org_ca(
         &self,
@@ -653,10 +792,93 @@ impl Authority {
         if let Some(existing) = read_org_ca(db, org).await? {
             return Ok((existing, false));
         }
+        self.create_org_ca(db, org, now).await
+    }
+
+    /// Creates the org's CA unless it has one: generates the key (in the token if one is
+    /// configured), has the root certify it, and stores it unless a concurrent caller (a
+    /// replica) stored one first. The caller that loses that race destroys the key it
+    /// generated and returns the winner's CA; `true` if this call created it.
+    pub async fn create_org_ca(
+        &self,
+        db: &Database,
+        org: &OrgId,
+        now: UnixMillis,
+    ) -> Result<(OrgCa, bool), OrgCaError> {
         if db.org(org).await?.is_none() {
             return Err(OrgCaError::OrgNotFound);
         }
-        let key = SigningKey::generate(&mut rand::rngs::OsRng);
+        let key = self.generate_org_key(org).await?;
+        let stored = self.store_org_ca(db, org, &key, now).await;
+        if let NewOrgKey::Hsm(generated) = key {
+            self.destroy_unless_stored(db, org, generated, &stored).await;
+        }
+        stored
+    }
+
+    /// Destroys a key generated on the token unless the org's stored CA uses it. When
+    /// storing failed and the row cannot be read, whether the insert committed is unknown:
+    /// the key is kept (a leftover is logged) rather than risk destroying a CA's key.
+    async fn destroy_unless_stored(
+        &self,
+        db: &Database,
+        org: &OrgId,
+        generated: HsmKey,
+        stored: &Result<(OrgCa, bool), OrgCaError>,
+    ) {
+        let label = generated.label().to_owned();
+        let stored_label = match stored {
+            Ok((org_ca, _)) => Ok(org_ca.key_label().map(str::to_owned)),
+            Err(_) => {
+                read_org_ca(db, org).await.map(|row| row.and_then(|org_ca| org_ca.key_label().map(str::to_owned)))
+            }
+        };
+        match stored_label {
+            Ok(Some(stored)) if stored == label => return,
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(org = %org, label, error = %error, "kept an org CA key on the token: cannot tell whether it was stored");
+                return;
+            }
+        }
+        match tokio::task::spawn_blocking(move || generated.destroy()).await {
+            Ok(Ok(())) => tracing::info!(org = %org, label, "destroyed an org CA key that was not stored"),
+            Ok(Err(failure)) => {
+                tracing::warn!(org = %org, label, %failure, "failed to destroy an unused org CA key on the token");
+            }
+            Err(error) => tracing::warn!(org = %org, label, %error, "failed to destroy an unused org CA key"),
+        }
+    }
+
+    async fn generate_org_key(&self, org: &OrgId) -> Result<NewOrgKey, OrgCaError> {
+        let Some(held) = self.org_key_token.clone() else {
+            return Ok(NewOrgKey::Software(SigningKey::generate(&mut rand::rngs::OsRng)));
+        };
+        let org = org.clone();
+        let task_org = org.clone();
+        tokio::task::spawn_blocking(move || {
+            let suffix = held
+                .token
+                .random_bytes(KEY_LABEL_SUFFIX_BYTES)
+                .map_err(|source| OrgCaError::HsmRandom { org: task_org.clone(), source: Box::new(source) })?;
+            let label = format!("{}{}-{}", held.key_label_prefix, task_org, data_encoding::HEXLOWER.encode(&suffix));
+            let key = held
+                .token
+                .generate_ed25519(&label)
+                .map_err(|source| OrgCaError::HsmGenerate { org: task_org.clone(), source: Box::new(source) })?;
+            Ok(NewOrgKey::Hsm(key))
+        })
+        .await
+        .map_err(|source| OrgCaError::HsmTask { org, source })?
+    }
+
+    async fn store_org_ca(
+        &self,
+        db: &Database,
+        org: &OrgId,
+        key: &NewOrgKey,
+        now: UnixMillis,
+    ) -> Result<(OrgCa, bool), OrgCaError> {
         let root_validity = self.root.validity();
         let validity = Validity {
             not_before: now.saturating_sub(BACKDATE).max(root_validity.not_before),
@@ -667,15 +889,22 @@ impl Authority {
         let certificate =
             cert::issue_org_ca(&self.root, &self.root_key, &key.public_key(), &common_name, validity, serial)
                 .map_err(OrgCaError::Issue)?;
+        let (key_store, key_sealed, key_ref) = match key {
+            NewOrgKey::Software(key) => (KEY_STORE_SEALED, self.kek.seal_signing_key(&org_key_ad(org), key), None),
+            // No key material: `key_sealed` is empty (the column is NOT NULL, see migration 0010).
+            NewOrgKey::Hsm(key) => (KEY_STORE_PKCS11, Vec::new(), Some(key.label().to_owned())),
+        };
         let mut transaction = db.pool().begin().await.map_err(store_error("starting a transaction"))?;
         let inserted = sqlx::query(
-            "INSERT INTO org_cas (org_id, serial, certificate_pem, key_sealed, crl_number, created_at_ms) \
-             VALUES ($1, $2, $3, $4, 1, $5) ON CONFLICT (org_id) DO NOTHING",
+            "INSERT INTO org_cas (org_id, serial, certificate_pem, key_store, key_sealed, key_ref, crl_number, \
+             created_at_ms) VALUES ($1, $2, $3, $4, $5, $6, 1, $7) ON CONFLICT (org_id) DO NOTHING",
         )
         .bind(org.as_str().to_owned())
         .bind(serial.to_string())
         .bind(certificate.to_pem())
-        .bind(self.kek.seal_signing_key(&org_key_ad(org), &key))
+        .bind(key_store)
+        .bind(key_sealed)
+        .bind(key_ref)
         .bind(to_db(now))
         .execute(&mut *transaction)
         .await
@@ -689,18 +918,50 @@ impl Authority {
             OrgCaError::Store(corrupt("reading an org CA", "the org CA vanished after its insert".into()))
         })?;
         if inserted == 1 {
-            tracing::info!(org = %org, serial = %serial, "org CA created");
+            tracing::info!(org = %org, serial = %serial, key_store, "org CA created");
         }
         Ok((stored, inserted == 1))
     }
 
-    fn open_org_key(&self, org_ca: &OrgCa) -> Result<SigningKey, OrgCaError> {
-        let key =
-            self.kek.open_signing_key(&org_key_ad(&org_ca.org_id), &org_ca.key_sealed).map_err(OrgCaError::Open)?;
-        if key.public_key() != org_ca.certificate.public_key() {
-            return Err(OrgCaError::Open(OpenError));
-        }
-        Ok(key)
+    /// Runs `sign` with the org CA's key: a sealed key is opened for it on this thread
+    /// (an in-memory signature takes microseconds); a token-held key is found and used on
+    /// a blocking thread, as PKCS#11 calls block. Either way the key's public half is
+    /// checked against the org CA certificate first.
+    async fn with_org_key<T: Send + 'static>(
+        &self,
+        org_ca: &OrgCa,
+        sign: impl FnOnce(&dyn Signer) -> T + Send + 'static,
+    ) -> Result<T, OrgCaError> {
+        let label = match &org_ca.key {
+            OrgKeyLocation::Sealed(sealed) => {
+                let key = self.kek.open_signing_key(&org_key_ad(&org_ca.org_id), sealed).map_err(OrgCaError::Open)?;
+                if key.public_key() != org_ca.certificate.public_key() {
+                    return Err(OrgCaError::Open(OpenError));
+                }
+                return Ok(sign(&key));
+            }
+            OrgKeyLocation::Pkcs11 { label } => label.clone(),
+        };
+        let org = org_ca.org_id.clone();
+        let Some(held) = &self.org_key_token else {
+            return Err(OrgCaError::HsmNotConfigured { org, label });
+        };
+        let token = held.token.clone();
+        let expected = org_ca.certificate.public_key();
+        let task_org = org.clone();
+        tokio::task::spawn_blocking(move || {
+            let key = token.find_ed25519(KeyName::Label(&label)).map_err(|source| OrgCaError::HsmKey {
+                org: task_org.clone(),
+                label: label.clone(),
+                source: Box::new(source),
+            })?;
+            if key.public_key() != expected {
+                return Err(OrgCaError::HsmKeyMismatch { org: task_org, label });
+            }
+            Ok(sign(&key))
+        })
+        .await
+        .map_err(|source| OrgCaError::HsmTask { org, source })?
     }
 
     /// Issues an agent or edge certificate for the proven key, creating the org CA if
@@ -713,7 +974,6 @@ impl Authority {
         now: UnixMillis,
     ) -> Result<IssuedCertificate, IssueCertificateError> {
         let (org_ca, _) = self.ensure_org_ca(db, &proof.org, now).await?;
-        let key = self.open_org_key(&org_ca)?;
         let (role, subject_id) = match proof.kind {
             LeafKind::Agent => {
                 let id = proof.agent.unwrap_or_else(|| AgentId::from_inception_key(&proof.public_key));
@@ -730,10 +990,14 @@ impl Authority {
             not_after: now.saturating_add(LEAF_VALIDITY).min(ca_validity.not_after),
         };
         let serial = Serial::random(&mut rand::rngs::OsRng);
-        let certificate =
-            cert::issue_leaf(&org_ca.certificate, &key, &proof.public_key, role, dns_names, validity, serial)
-                .map_err(IssueCertificateError::Issue)?;
-        drop(key);
+        let (ca_certificate, public_key, dns_names) =
+            (org_ca.certificate.clone(), proof.public_key, dns_names.to_vec());
+        let certificate = self
+            .with_org_key(&org_ca, move |key| {
+                cert::issue_leaf(&ca_certificate, key, &public_key, role, &dns_names, validity, serial)
+            })
+            .await?
+            .map_err(IssueCertificateError::Issue)?;
         sqlx::query(
             "INSERT INTO certificates (serial, org_id, kind, subject_id, public_key, certificate_pem, not_after_ms, \
              created_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -778,16 +1042,12 @@ impl Authority {
                     .map_err(|error| corrupt("reading a revoked serial", format!("certificates.serial: {error}")))
             })
             .collect::<Result<Vec<Serial>, StoreError>>()?;
-        let key = self.open_org_key(org_ca)?;
-        let this_update = now.saturating_sub(BACKDATE);
-        RevocationList::issue(
-            &org_ca.certificate,
-            &key,
-            org_ca.crl_number,
-            this_update,
-            now.saturating_add(CRL_VALIDITY),
-            &serials,
-        )
+        let (ca_certificate, crl_number) = (org_ca.certificate.clone(), org_ca.crl_number);
+        let (this_update, next_update) = (now.saturating_sub(BACKDATE), now.saturating_add(CRL_VALIDITY));
+        self.with_org_key(org_ca, move |key| {
+            RevocationList::issue(&ca_certificate, key, crl_number, this_update, next_update, &serials)
+        })
+        .await?
         .map_err(CrlError::Issue)
     }
 
@@ -890,16 +1150,41 @@ fn org_ca_from_row(row: &AnyRow) -> Result<OrgCa, StoreError> {
     let read = store_error("reading an org CA");
     let org_id: String = row.try_get("org_id").map_err(read)?;
     let pem: String = row.try_get("certificate_pem").map_err(read)?;
+    let key_store: String = row.try_get("key_store").map_err(read)?;
     let key_sealed: Vec<u8> = row.try_get("key_sealed").map_err(read)?;
+    let key_ref: Option<String> = row.try_get("key_ref").map_err(read)?;
     let crl_number: i64 = row.try_get("crl_number").map_err(read)?;
+    let key = match (key_store.as_str(), key_sealed, key_ref) {
+        (KEY_STORE_SEALED, sealed, None) if !sealed.is_empty() => OrgKeyLocation::Sealed(sealed),
+        (KEY_STORE_PKCS11, sealed, Some(label)) if sealed.is_empty() => OrgKeyLocation::Pkcs11 { label },
+        _ => {
+            let message = format!("org_cas.key_store {key_store:?} does not match key_sealed and key_ref");
+            return Err(corrupt("reading an org CA", message));
+        }
+    };
     Ok(OrgCa {
         org_id: org_id.parse().map_err(|error| corrupt("reading an org CA", format!("org_cas.org_id: {error}")))?,
         certificate: Certificate::from_pem(&pem)
             .map_err(|error| corrupt("reading an org CA", format!("org_cas.certificate_pem: {error}")))?,
         crl_number: u64::try_from(crl_number)
             .map_err(|_| corrupt("reading an org CA", "org_cas.crl_number is negative".into()))?,
-        key_sealed,
+        key,
     })
+}
+
+/// A just generated org CA key, not yet stored.
+enum NewOrgKey {
+    Software(SigningKey),
+    Hsm(HsmKey),
+}
+
+impl NewOrgKey {
+    fn public_key(&self) -> PublicKey {
+        match self {
+            NewOrgKey::Software(key) => key.public_key(),
+            NewOrgKey::Hsm(key) => key.public_key(),
+        }
+    }
 }
 
 async fn bump_sequence(transaction: &mut sqlx::Transaction<'static, sqlx::Any>) -> Result<(), StoreError> {

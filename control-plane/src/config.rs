@@ -18,7 +18,20 @@
 //! | `ca.key_encryption_key_file`   | `MOLT_CP_KEK` (the key itself, hex)    | `<database file>.kek` (SQLite only) |
 //! | `ca.root_certificate_file`     |                                        | generated development root |
 //! | `ca.root_key_file`             |                                        | (with the certificate file) |
+//! | `ca.pkcs11.module`             |                                        | no HSM: org CA keys sealed in the database |
+//! | `ca.pkcs11.token_label`        |                                        | (this or `slot`) |
+//! | `ca.pkcs11.slot`               |                                        | (this or `token_label`): n-th slot with a token, from 0 |
+//! | `ca.pkcs11.pin_file`           |                                        | (this or `pin_env`): file holding the PIN, mode 0600 |
+//! | `ca.pkcs11.pin_env`            |                                        | (this or `pin_file`): name of the variable holding the PIN |
+//! | `ca.pkcs11.pool_size`          |                                        | 4 sessions (1 to 64) |
+//! | `ca.pkcs11.key_label_prefix`   |                                        | `molt-org-ca-` |
 //! | `keys.recovery_time_lock_secs` | `MOLT_CP_RECOVERY_TIME_LOCK_SECS`      | 604800 (7 days; 1 s to 90 days) |
+//!
+//! With a `[ca.pkcs11]` section, new org CA keys are generated inside that token (see
+//! [`crate::ca`]); `module` is then required, and exactly one of `token_label` and
+//! `slot`, and exactly one of `pin_file` and `pin_env`. The PIN itself is never a config
+//! value. A variable named by `pin_env` may start with `MOLT_CP_` without being reported
+//! as unknown.
 //!
 //! Unknown `MOLT_CP_*` variables are reported too: a typo must not go unnoticed.
 
@@ -44,6 +57,8 @@ pub const DATABASE_MAX_CONNECTIONS_MAX: u32 = 1000;
 pub const DEFAULT_DATABASE_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest `database.acquire_timeout_ms`.
 pub const DATABASE_ACQUIRE_TIMEOUT_MAX: Duration = Duration::from_secs(300);
+/// Largest `ca.pkcs11.slot` (slot indexes count initialised tokens from 0).
+pub const SLOT_INDEX_MAX: u64 = 1023;
 /// Prefix of the environment variables read.
 pub const ENV_PREFIX: &str = "MOLT_CP_";
 
@@ -107,6 +122,20 @@ pub struct CaSection {
     pub key_encryption_key_file: Option<toml::Value>,
     pub root_certificate_file: Option<toml::Value>,
     pub root_key_file: Option<toml::Value>,
+    pub pkcs11: Option<Pkcs11Section>,
+}
+
+/// `[ca.pkcs11]`: the token that holds org CA keys. There is deliberately no `pin` key.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Section {
+    pub module: Option<toml::Value>,
+    pub token_label: Option<toml::Value>,
+    pub slot: Option<toml::Value>,
+    pub pin_file: Option<toml::Value>,
+    pub pin_env: Option<toml::Value>,
+    pub pool_size: Option<toml::Value>,
+    pub key_label_prefix: Option<toml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -194,8 +223,11 @@ pub fn validate(
     environment: &BTreeMap<String, String>,
     overrides: &Overrides,
 ) -> Result<Config, ConfigError> {
+    // The variable `ca.pkcs11.pin_env` names is read for the PIN, so it is not unknown.
+    let pin_variable =
+        file.ca.pkcs11.as_ref().and_then(|section| section.pin_env.as_ref()?.as_str()?.to_owned().into());
     let mut checker = Checker { environment, problems: Vec::new() };
-    checker.unknown_variables();
+    checker.unknown_variables(pin_variable.as_deref());
 
     let listen_addr = checker
         .setting("listen_addr", "MOLT_CP_LISTEN", file.listen_addr, overrides.listen_addr.as_deref(), "--listen")
@@ -297,9 +329,12 @@ struct Checker<'a> {
 }
 
 impl Checker<'_> {
-    fn unknown_variables(&mut self) {
+    fn unknown_variables(&mut self, pin_variable: Option<&str>) {
         for name in self.environment.keys() {
-            if name.starts_with(ENV_PREFIX) && !ENVIRONMENT_VARIABLES.contains(&name.as_str()) {
+            if name.starts_with(ENV_PREFIX)
+                && !ENVIRONMENT_VARIABLES.contains(&name.as_str())
+                && pin_variable != Some(name.as_str())
+            {
                 self.problems.push(Problem {
                     key: name.clone(),
                     origin: Origin::Environment,
@@ -364,7 +399,66 @@ impl Checker<'_> {
                 RootSource::Generated
             }
         };
-        CaOptions { key_encryption_key, root }
+        let pkcs11 = section.pkcs11.and_then(|section| self.pkcs11(section));
+        CaOptions { key_encryption_key, root, pkcs11 }
+    }
+
+    /// `[ca.pkcs11]`: every key checked, the required ones and the either-or pairs too.
+    fn pkcs11(&mut self, section: Pkcs11Section) -> Option<crate::ca::Pkcs11Options> {
+        use crate::ca::{DEFAULT_KEY_LABEL_PREFIX, Pkcs11Options};
+        use molt_hsm::{PinSource, SESSION_POOL_SIZE_DEFAULT, SESSION_POOL_SIZE_MAX, TokenSelector};
+        // Required and either-or keys are counted as given, valid or not: an invalid value
+        // is reported once, by its own check.
+        let given = |value: &Option<toml::Value>| usize::from(value.is_some());
+        let module_count = given(&section.module);
+        let token_count = given(&section.token_label) + given(&section.slot);
+        let pin_count = given(&section.pin_file) + given(&section.pin_env);
+        let path = |value: &toml::Value| text(value).map(PathBuf::from);
+        let module = self.file_setting("ca.pkcs11.module", section.module, path);
+        let token_label = self.file_setting("ca.pkcs11.token_label", section.token_label, |value| {
+            non_empty_text(value).map(TokenSelector::Label)
+        });
+        let slot = self.file_setting("ca.pkcs11.slot", section.slot, |value| {
+            let index = integer_in(value, 0, SLOT_INDEX_MAX)?;
+            Ok(TokenSelector::SlotIndex(usize::try_from(index).unwrap_or(usize::MAX)))
+        });
+        let pin_file =
+            self.file_setting("ca.pkcs11.pin_file", section.pin_file, |value| path(value).map(PinSource::File));
+        let pin_env = self
+            .file_setting("ca.pkcs11.pin_env", section.pin_env, |value| parse_variable_name(value).map(PinSource::Env));
+        let pool_size = self.file_setting("ca.pkcs11.pool_size", section.pool_size, |value| {
+            let size = integer_in(value, 1, u64::try_from(SESSION_POOL_SIZE_MAX).unwrap_or(u64::MAX))?;
+            Ok(usize::try_from(size).unwrap_or(SESSION_POOL_SIZE_MAX))
+        });
+        let key_label_prefix =
+            self.file_setting("ca.pkcs11.key_label_prefix", section.key_label_prefix, parse_key_label_prefix);
+        for (found, key, message) in [
+            (module_count, "ca.pkcs11.module", "required in [ca.pkcs11]: the PKCS#11 module's path"),
+            (token_count, "ca.pkcs11.token_label", "give exactly one of ca.pkcs11.token_label and ca.pkcs11.slot"),
+            (pin_count, "ca.pkcs11.pin_file", "give exactly one of ca.pkcs11.pin_file and ca.pkcs11.pin_env"),
+        ] {
+            if found != 1 {
+                self.problems.push(Problem { key: key.to_owned(), origin: Origin::File, message: message.to_owned() });
+            }
+        }
+        Some(Pkcs11Options {
+            module: module?,
+            token: token_label.xor(slot)?,
+            pin: pin_file.xor(pin_env)?,
+            pool_size: pool_size.unwrap_or(SESSION_POOL_SIZE_DEFAULT),
+            key_label_prefix: key_label_prefix.unwrap_or_else(|| DEFAULT_KEY_LABEL_PREFIX.to_owned()),
+        })
+    }
+
+    /// A setting only the file gives.
+    fn file_setting<T>(
+        &mut self,
+        key: &str,
+        value: Option<toml::Value>,
+        parse: impl FnOnce(&toml::Value) -> Result<T, String>,
+    ) -> Option<T> {
+        let input = Input { value: value?, key: key.to_owned(), origin: Origin::File };
+        self.check(input, parse)
     }
 
     fn check<T>(&mut self, input: Input, parse: impl FnOnce(&toml::Value) -> Result<T, String>) -> Option<T> {
@@ -376,6 +470,34 @@ impl Checker<'_> {
 
 fn text(value: &toml::Value) -> Result<&str, String> {
     value.as_str().ok_or_else(|| format!("expected a string, found {}", value.type_str()))
+}
+
+fn non_empty_text(value: &toml::Value) -> Result<String, String> {
+    let text = text(value)?;
+    if text.is_empty() {
+        return Err("must not be empty".to_owned());
+    }
+    Ok(text.to_owned())
+}
+
+/// The name of an environment variable: letters, digits and `_`, not starting with a digit.
+fn parse_variable_name(value: &toml::Value) -> Result<String, String> {
+    let name = text(value)?;
+    let valid = name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.chars().next().is_some_and(|c| !c.is_ascii_digit());
+    if !valid {
+        return Err(format!("expected the name of an environment variable (letters, digits, _), found {name:?}"));
+    }
+    Ok(name.to_owned())
+}
+
+fn parse_key_label_prefix(value: &toml::Value) -> Result<String, String> {
+    let prefix = text(value)?;
+    let max = crate::ca::KEY_LABEL_PREFIX_LEN_MAX;
+    if prefix.len() > max || !prefix.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(format!("expected at most {max} printable ASCII characters without spaces, found {prefix:?}"));
+    }
+    Ok(prefix.to_owned())
 }
 
 /// An integer: a TOML integer, or a decimal string from the environment.
@@ -545,6 +667,74 @@ mod tests {
         assert!(error.contains("unknown field `urll`"), "{error}");
         assert!(error.contains("line 2"), "{error}");
         assert!(parse_file("listen_addr = ").is_err());
+    }
+
+    #[test]
+    fn the_pkcs11_section_configures_the_org_ca_token() {
+        assert_eq!(validate(ConfigFile::default(), &BTreeMap::new(), &Overrides::default()).unwrap().ca.pkcs11, None);
+        let file = parse_file(
+            "[ca.pkcs11]\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"molt-org-cas\"\n\
+             pin_env = \"MOLT_CP_HSM_PIN\"\n",
+        )
+        .unwrap();
+        // The variable named by pin_env is known, though it starts with MOLT_CP_.
+        let env = environment(&[("MOLT_CP_HSM_PIN", "1234")]);
+        let pkcs11 = validate(file, &env, &Overrides::default()).unwrap().ca.pkcs11.unwrap();
+        assert_eq!(pkcs11.module, PathBuf::from("/usr/lib/softhsm/libsofthsm2.so"));
+        assert_eq!(pkcs11.token, molt_hsm::TokenSelector::Label("molt-org-cas".into()));
+        assert_eq!(pkcs11.pin, molt_hsm::PinSource::Env("MOLT_CP_HSM_PIN".into()));
+        assert_eq!(pkcs11.pool_size, molt_hsm::SESSION_POOL_SIZE_DEFAULT);
+        assert_eq!(pkcs11.key_label_prefix, crate::ca::DEFAULT_KEY_LABEL_PREFIX);
+        let file = parse_file(
+            "[ca.pkcs11]\nmodule = \"/m.so\"\nslot = 2\npin_file = \"/etc/molt/pin\"\npool_size = 8\n\
+             key_label_prefix = \"prod-\"\n",
+        )
+        .unwrap();
+        let pkcs11 = validate(file, &BTreeMap::new(), &Overrides::default()).unwrap().ca.pkcs11.unwrap();
+        assert_eq!(pkcs11.token, molt_hsm::TokenSelector::SlotIndex(2));
+        assert_eq!(pkcs11.pin, molt_hsm::PinSource::File("/etc/molt/pin".into()));
+        assert_eq!((pkcs11.pool_size, pkcs11.key_label_prefix.as_str()), (8, "prod-"));
+    }
+
+    #[test]
+    fn bad_pkcs11_settings_are_each_reported_and_a_pin_value_is_refused() {
+        let error = parse_file("[ca.pkcs11]\nmodule = \"/m.so\"\npin = \"1234\"\n").unwrap_err();
+        assert!(error.contains("unknown field `pin`"), "{error}");
+        let found = problems(validate(parse_file("[ca.pkcs11]\n").unwrap(), &BTreeMap::new(), &Overrides::default()));
+        let expected = [
+            "ca.pkcs11.module (file): required",
+            "ca.pkcs11.token_label (file): give exactly one of",
+            "ca.pkcs11.pin_file (file): give exactly one of",
+        ];
+        assert_eq!(found.len(), expected.len(), "{found:#?}");
+        for (found, expected) in found.iter().zip(expected) {
+            assert!(found.starts_with(expected), "{found:?} should start with {expected:?}");
+        }
+        let file = parse_file(&format!(
+            "[ca.pkcs11]\nmodule = 7\ntoken_label = \"\"\nslot = -1\npin_file = \"/p\"\npin_env = \"1BAD-NAME\"\n\
+             pool_size = 0\nkey_label_prefix = \"{}\"\n",
+            "x".repeat(crate::ca::KEY_LABEL_PREFIX_LEN_MAX + 1)
+        ))
+        .unwrap();
+        let found = problems(validate(file, &BTreeMap::new(), &Overrides::default()));
+        let expected = [
+            "ca.pkcs11.module (file): expected a string, found integer",
+            "ca.pkcs11.token_label (file): must not be empty",
+            "ca.pkcs11.slot (file): must be between 0 and 1023, found -1",
+            "ca.pkcs11.pin_env (file): expected the name of an environment variable",
+            "ca.pkcs11.pool_size (file): must be between 1 and 64, found 0",
+            "ca.pkcs11.key_label_prefix (file): expected at most 25 printable ASCII characters",
+            "ca.pkcs11.token_label (file): give exactly one of ca.pkcs11.token_label and ca.pkcs11.slot",
+            "ca.pkcs11.pin_file (file): give exactly one of ca.pkcs11.pin_file and ca.pkcs11.pin_env",
+        ];
+        assert_eq!(found.len(), expected.len(), "{found:#?}");
+        for (found, expected) in found.iter().zip(expected) {
+            assert!(found.starts_with(expected), "{found:?} should start with {expected:?}");
+        }
+        // Without pin_env, a MOLT_CP_ variable of that kind is still unknown.
+        let env = environment(&[("MOLT_CP_HSM_PIN", "1234")]);
+        let found = problems(validate(ConfigFile::default(), &env, &Overrides::default()));
+        assert!(found[0].starts_with("MOLT_CP_HSM_PIN (environment): unknown variable"), "{found:?}");
     }
 
     #[test]

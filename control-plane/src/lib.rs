@@ -6,8 +6,9 @@
 //! - [`db`]: the [`db::Database`] handle over SQLite (default) or PostgreSQL, migrations,
 //!   and leases for singleton background work across replicas;
 //! - [`auth`]: admin tokens (stored as SHA-256 only), scopes, the bootstrap credential;
-//! - [`ca`]: the certificate authority: root, org CAs with keys sealed at rest, agent and
-//!   edge certificates on proof of possession, revocation, CRLs and the trust bundle;
+//! - [`ca`]: the certificate authority: root, org CAs with keys sealed at rest or in a
+//!   PKCS#11 token, agent and edge certificates on proof of possession, revocation, CRLs
+//!   and the trust bundle;
 //! - [`keys`]: agent key rotation with an overlap window, guardians and social recovery;
 //! - [`grpc`]: the tonic gRPC service for edges over mutual TLS (registration, trust
 //!   stream, presence, agent lookup);

@@ -29,6 +29,17 @@ pub struct HsmKey {
     public_key: PublicKey,
 }
 
+/// The protection attributes of a private key (`CKA_SENSITIVE`, `CKA_EXTRACTABLE`,
+/// `CKA_ALWAYS_SENSITIVE`, `CKA_NEVER_EXTRACTABLE`). An attribute the token does not
+/// report reads as `false`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeyProtection {
+    pub sensitive: bool,
+    pub extractable: bool,
+    pub always_sensitive: bool,
+    pub never_extractable: bool,
+}
+
 /// How a key is named on the token.
 #[derive(Clone, Copy, Debug)]
 pub enum KeyName<'a> {
@@ -137,6 +148,21 @@ impl Token {
         Ok(HsmKey { token: self.clone(), private, public: *public, label, id, public_key })
     }
 
+    /// Labels of every private key on the token, in the token's order; tests and audits
+    /// use it to see what keys exist.
+    pub fn private_key_labels(&self) -> Result<Vec<String>, Pkcs11Failure> {
+        let privates = self.find(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])?;
+        let mut labels = Vec::with_capacity(privates.len());
+        for private in privates {
+            for attribute in self.attributes(private, &[AttributeType::Label])? {
+                if let Attribute::Label(label) = attribute {
+                    labels.push(String::from_utf8_lossy(&label).into_owned());
+                }
+            }
+        }
+        Ok(labels)
+    }
+
     /// Handles of every object (of any class) carrying `label`.
     pub fn objects_labelled(&self, label: &str) -> Result<Vec<ObjectHandle>, Pkcs11Failure> {
         self.find(&[Attribute::Label(label.as_bytes().to_vec())])
@@ -219,6 +245,27 @@ impl HsmKey {
         let mechanism = Mechanism::Eddsa(EddsaParams::new(scheme));
         let mut session = self.token.session()?;
         session.run("C_Sign", |s| s.sign(&mechanism, self.private, message))
+    }
+
+    /// How the token protects the private half, as it reports it.
+    pub fn protection(&self) -> Result<KeyProtection, Pkcs11Failure> {
+        let types = [
+            AttributeType::Sensitive,
+            AttributeType::Extractable,
+            AttributeType::AlwaysSensitive,
+            AttributeType::NeverExtractable,
+        ];
+        let mut protection = KeyProtection::default();
+        for attribute in self.token.attributes(self.private, &types)? {
+            match attribute {
+                Attribute::Sensitive(value) => protection.sensitive = value,
+                Attribute::Extractable(value) => protection.extractable = value,
+                Attribute::AlwaysSensitive(value) => protection.always_sensitive = value,
+                Attribute::NeverExtractable(value) => protection.never_extractable = value,
+                _ => {}
+            }
+        }
+        Ok(protection)
     }
 
     /// Destroys both halves of the key on the token.

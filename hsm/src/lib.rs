@@ -26,6 +26,6 @@ pub mod token;
 pub mod transcript;
 
 pub use error::{FindKeyError, GenerateKeyError, OpenError, Pkcs11Failure};
-pub use key::HsmKey;
+pub use key::{HsmKey, KeyProtection};
 pub use pin::{PinError, PinSource};
 pub use token::{SESSION_POOL_SIZE_DEFAULT, SESSION_POOL_SIZE_MAX, Token, TokenConfig, TokenSelector};

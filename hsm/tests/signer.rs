@@ -9,7 +9,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use molt_hsm::key::KeyName;
-use molt_hsm::{FindKeyError, GenerateKeyError, OpenError, PinSource, Token, TokenConfig, TokenSelector};
+use molt_hsm::{
+    FindKeyError, GenerateKeyError, KeyProtection, OpenError, PinSource, Token, TokenConfig, TokenSelector,
+};
 use molt_protocol::cert::{
     Certificate, ExpectedRole, RevocationList, Revocations, Role, Serial, TrustAnchors, Validity, issue_leaf,
     issue_org_ca, issue_root, verify_chain,
@@ -297,7 +299,18 @@ fn keys_are_sensitive_and_can_be_destroyed() {
     let listing = String::from_utf8_lossy(&output.stdout);
     assert!(listing.contains("short-lived"), "{listing}");
     assert!(listing.contains("never extractable") || listing.contains("sensitive"), "{listing}");
+    let protection = key.protection().unwrap();
+    let expected =
+        KeyProtection { sensitive: true, extractable: false, always_sensitive: true, never_extractable: true };
+    assert_eq!(protection, expected);
+    let kept = token.generate_ed25519("kept").unwrap();
+    let mut labels = token.private_key_labels().unwrap();
+    labels.sort();
+    assert_eq!(labels, ["kept", "short-lived"]);
     key.destroy().unwrap();
     assert!(token.objects_labelled("short-lived").unwrap().is_empty());
+    assert_eq!(token.private_key_labels().unwrap(), ["kept"], "only the destroyed key is gone");
+    kept.destroy().unwrap();
+    assert!(token.private_key_labels().unwrap().is_empty());
     assert!(Certificate::from_der(b"").is_err());
 }

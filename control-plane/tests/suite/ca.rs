@@ -125,7 +125,8 @@ impl Harness {
 }
 
 async fn load_authority(fixture: &Fixture, kek: &KeyEncryptionKey) -> Result<Authority, LoadAuthorityError> {
-    let options = CaOptions { key_encryption_key: KekSource::Value(kek.clone()), root: RootSource::Generated };
+    let options =
+        CaOptions { key_encryption_key: KekSource::Value(kek.clone()), root: RootSource::Generated, pkcs11: None };
     Authority::load(&fixture.db, &options, "postgres://unused", T0).await
 }
 
@@ -436,7 +437,8 @@ async fn the_development_root_is_created_once_and_needs_its_kek(fixture: &Fixtur
     // Replicas starting together on an empty table agree on one root.
     sqlx::query("DELETE FROM ca_root").execute(fixture.db.pool()).await.unwrap();
     let other = fixture.second_handle().await;
-    let options = CaOptions { key_encryption_key: KekSource::Value(kek.clone()), root: RootSource::Generated };
+    let options =
+        CaOptions { key_encryption_key: KekSource::Value(kek.clone()), root: RootSource::Generated, pkcs11: None };
     let (a, b) = tokio::join!(
         Authority::load(&fixture.db, &options, "postgres://unused", T0),
         Authority::load(&other, &options, "postgres://unused", T0),

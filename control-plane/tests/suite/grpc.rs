@@ -53,6 +53,7 @@ impl Harness {
         let options = CaOptions {
             key_encryption_key: KekSource::Value(KeyEncryptionKey::generate()),
             root: RootSource::Generated,
+            pkcs11: None,
         };
         let authority =
             Arc::new(Authority::load(&fixture.db, &options, "postgres://unused", clock.now()).await.expect("load CA"));

@@ -7,6 +7,7 @@ mod ca;
 mod cards;
 mod fixture;
 mod grpc;
+mod hsm_ca;
 mod keys;
 mod ledger;
 mod registry;
