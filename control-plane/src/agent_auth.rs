@@ -58,6 +58,8 @@ pub struct AuthenticatedAgent {
     /// The request was signed by the key a rotation replaced, during its overlap. Key
     /// management refuses such requests ([`AuthenticatedAgent::require_current_key`]).
     pub by_previous_key: bool,
+    /// The key that signed the request.
+    pub key: PublicKey,
 }
 
 impl AuthenticatedAgent {
@@ -188,7 +190,7 @@ impl FromRequest<AppState> for AuthenticatedAgent {
         let by_previous_key = keys.previous.is_some_and(|previous| signed.signed_by(&previous));
         let key = if by_previous_key { keys.previous.unwrap_or(keys.current) } else { keys.current };
         let verified = signed.verify(&key, &state.db, now).await?;
-        Ok(AuthenticatedAgent { agent: verified.agent, body: verified.body, by_previous_key })
+        Ok(AuthenticatedAgent { agent: verified.agent, body: verified.body, by_previous_key, key })
     }
 }
 

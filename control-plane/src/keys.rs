@@ -191,12 +191,14 @@ pub struct Rotation {
     pub superseded: Vec<Serial>,
 }
 
-/// Certifies `request.new_key` for `agent`, whose current key signed the request, and
-/// makes it current; the old key and certificates last for the overlap.
+/// Certifies `request.new_key` for `agent`, whose current key `signed_by` signed the
+/// request, and makes it current; the old key and certificates last for the overlap. If
+/// the key changed since the request was authenticated, nothing is applied.
 pub async fn rotate(
     db: &Database,
     authority: &Authority,
     agent: AgentId,
+    signed_by: &PublicKey,
     request: &RotationRequest,
     now: UnixMillis,
 ) -> Result<Rotation, KeysError> {
@@ -204,6 +206,9 @@ pub async fn rotate(
         return Err(KeysError::OverlapTooLong);
     }
     let state = agent_state(db, agent).await?;
+    if state.current != *signed_by {
+        return Err(KeysError::Conflict);
+    }
     if request.new_key == state.current {
         return Err(KeysError::SameKey);
     }

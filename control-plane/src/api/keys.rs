@@ -279,7 +279,7 @@ pub async fn rotate_key(
         key_binding,
     };
     let now = state.clock.now();
-    let rotation = keys::rotate(&state.db, ca, agent, &rotation, now).await.map_err(keys_error)?;
+    let rotation = keys::rotate(&state.db, ca, agent, &caller.key, &rotation, now).await.map_err(keys_error)?;
     Ok((
         StatusCode::CREATED,
         Json(RotationBody {

@@ -279,6 +279,16 @@ async fn every_route_is_documented(fixture: &Fixture) {
         ("get", "/v1/agents/{id}/agent-card.json"),
         ("put", "/v1/agents/{id}/agent-card.json"),
         ("post", "/v1/agents/{id}/revoke"),
+        ("post", "/v1/agents/{id}/key-rotations"),
+        ("get", "/v1/agents/{id}/keys"),
+        ("put", "/v1/agents/{id}/guardians"),
+        ("get", "/v1/agents/{id}/guardians"),
+        ("delete", "/v1/agents/{id}/guardians"),
+        ("post", "/v1/agents/{id}/recoveries"),
+        ("get", "/v1/agents/{id}/recoveries/{recovery}"),
+        ("post", "/v1/agents/{id}/recoveries/{recovery}/approve"),
+        ("post", "/v1/agents/{id}/recoveries/{recovery}/cancel"),
+        ("post", "/v1/agents/{id}/recoveries/{recovery}/complete"),
         ("post", "/v1/ledger/wallet"),
         ("get", "/v1/ledger/wallet"),
         ("get", "/v1/ledger/wallet/history"),
@@ -317,7 +327,7 @@ async fn every_route_is_documented(fixture: &Fixture) {
             assert!(operation["responses"]["401"].is_object(), "{method} {path} has no 401");
         }
         // And the router serves it: no 404 or 405 from routing.
-        let uri = path.replace("{id}", "x").replace("{serial}", "x");
+        let uri = path.replace("{id}", "x").replace("{serial}", "x").replace("{recovery}", "x");
         let request = Request::builder().method(method.to_uppercase().as_str()).uri(uri).body(Body::empty()).unwrap();
         let (status, body) = harness.call(request).await;
         assert!(
