@@ -401,6 +401,69 @@ mod tests {
         assert!(needs_renewal(&identity, 90, UnixMillis(start + 31_000)));
     }
 
+    #[tokio::test]
+    async fn a_newer_bundle_replaces_the_revocations_and_an_older_one_is_refused() {
+        use molt_protocol::cert::{RevocationList, Revocations};
+        let now = UnixMillis::now_from_system();
+        let identity = identity(now.0 - 60_000, now.0 + 3_600_000);
+        let org = identity.chain[1].clone();
+        let root = root_of(&identity);
+        let org_key = SigningKey::from_bytes(&[2; 32]);
+        let crl = |number: u64, revoked: &[Serial]| {
+            RevocationList::issue(&org, &org_key, number, now, UnixMillis(now.0 + 60_000), revoked).unwrap()
+        };
+        let bundle = |sequence: u64, revoked: &[Serial]| {
+            Bundle::from_der(
+                sequence,
+                &[root.der().to_vec()],
+                &[org.der().to_vec()],
+                &[crl(sequence, revoked).der().to_vec()],
+            )
+            .unwrap()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let text = "[identity]\ncertificate_chain = \"e.pem\"\nprivate_key = \"e.key\"\n[trust]\nanchors = \"r.pem\"\n";
+        let config = crate::config::parse(text, dir.path()).unwrap();
+        let revocations = Arc::new(std::sync::RwLock::new(Revocations::default()));
+        let anchors = TrustAnchors::new(vec![root.clone()]).unwrap();
+        let tls_identity = SignerTlsIdentity { chain: identity.chain.clone(), signer: Arc::clone(&identity.signer) };
+        let server = molt_protocol::tls::server_config_with_signer(
+            &tls_identity,
+            Arc::new(anchors.clone()),
+            Arc::clone(&revocations),
+            ExpectedRole::AnyAgent,
+            molt_protocol::tls::ALPN_AGENT,
+        )
+        .unwrap();
+        let quic = crate::server::quic_server_config(server, &config).unwrap();
+        let endpoint = quinn::Endpoint::server(quic, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let live = Arc::new(LiveTls::new(endpoint, config, tls_identity, anchors, Arc::clone(&revocations)));
+        let cache = dir.path().join("bundle.json");
+        let keeper = TrustKeeper::new(cache.clone(), live, Arc::new(LiveConnections::default()));
+
+        assert_eq!(keeper.offer(bundle(5, &[Serial([9; 16])]), true).unwrap(), Some(5));
+        assert!(revocations.read().unwrap().contains(Serial([9; 16])));
+        assert_eq!(Bundle::read_cache(&cache).unwrap().sequence, 5);
+        // Older: refused, nothing changes (an attacker replaying an old bundle would
+        // un-revoke the serial).
+        let rollback = keeper.offer(bundle(4, &[]), true).unwrap_err();
+        assert!(matches!(rollback, ApplyError::Rollback { held: 5, offered: 4 }), "{rollback}");
+        assert!(revocations.read().unwrap().contains(Serial([9; 16])));
+        assert_eq!(Bundle::read_cache(&cache).unwrap().sequence, 5);
+        assert_eq!(keeper.offer(bundle(5, &[]), true).unwrap(), None, "the same sequence is ignored");
+        assert_eq!(keeper.held(), Some(5));
+        // Newer: replaces (a serial can leave the set only through a newer bundle).
+        assert_eq!(keeper.offer(bundle(6, &[Serial([8; 16])]), true).unwrap(), Some(6));
+        assert!(revocations.read().unwrap().contains(Serial([8; 16])));
+        assert!(!revocations.read().unwrap().contains(Serial([9; 16])));
+    }
+
+    /// The root that issued `identity`'s org CA (the helper's fixed key).
+    fn root_of(identity: &SignerTlsIdentity) -> Certificate {
+        let validity = identity.chain[1].validity();
+        issue_root(&SigningKey::from_bytes(&[1; 32]), "root", validity, Serial([1; 16])).unwrap()
+    }
+
     #[test]
     fn the_org_comes_from_the_org_ca_name() {
         let identity = identity(0, 1_000_000);
