@@ -276,9 +276,12 @@ mod tests {
             Err(BundleError::Certificate { what: "root", .. })
         ));
         // An org CA is not a root.
-        assert!(matches!(Bundle::from_der(1, &[org.clone()], &[], &[]), Err(BundleError::Certificate { .. })));
         assert!(matches!(
-            Bundle::from_der(1, &[root.clone()], &[org.clone()], &[]),
+            Bundle::from_der(1, std::slice::from_ref(&org), &[], &[]),
+            Err(BundleError::Certificate { .. })
+        ));
+        assert!(matches!(
+            Bundle::from_der(1, std::slice::from_ref(&root), std::slice::from_ref(&org), &[]),
             Err(BundleError::CrlCount { crls: 0, org_cas: 1 })
         ));
         // A CRL signed by another key does not verify against the org CA.
@@ -289,11 +292,16 @@ mod tests {
             issue_org_ca(&pki.root, &root_key, &other_key.public_key(), "org", validity, Serial([4; 16])).unwrap();
         let forged = crl(&Pki { root: pki.root.clone(), org: impostor, org_key: other_key }, 1, &[]);
         assert!(matches!(
-            Bundle::from_der(1, &[root.clone()], &[org.clone()], &[forged]),
+            Bundle::from_der(1, std::slice::from_ref(&root), std::slice::from_ref(&org), &[forged]),
             Err(BundleError::Crl { index: 0, .. })
         ));
         let too_many = vec![root.clone(); BUNDLE_ROOTS_MAX + 1];
-        assert!(matches!(Bundle::from_der(1, &too_many, &[], &[]), Err(BundleError::TooMany { .. })));
+        assert!(matches!(Bundle::from_der(1, &too_many, &[], &[]), Err(BundleError::TooMany { what: "roots", .. })));
+        let too_many = vec![org.clone(); BUNDLE_ORG_CAS_MAX + 1];
+        assert!(matches!(
+            Bundle::from_der(1, std::slice::from_ref(&root), &too_many, &[]),
+            Err(BundleError::TooMany { what: "org CAs", .. })
+        ));
         Bundle::from_der(1, &[root], &[org], &[good_crl]).unwrap();
     }
 
@@ -304,5 +312,8 @@ mod tests {
         std::fs::write(&path, "{\"sequence\": 1}").unwrap();
         assert!(matches!(Bundle::read_cache(&path), Err(BundleError::CacheFormat { .. })));
         assert!(matches!(Bundle::read_cache(&dir.path().join("absent")), Err(BundleError::ReadCache { .. })));
+        let huge = std::fs::File::create(&path).unwrap();
+        huge.set_len(BUNDLE_CACHE_BYTES_MAX + 1).unwrap();
+        assert!(matches!(Bundle::read_cache(&path), Err(BundleError::CacheTooLarge { .. })));
     }
 }

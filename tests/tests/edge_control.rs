@@ -5,7 +5,6 @@
 //! renewal of a short-lived edge certificate.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -144,7 +143,7 @@ fn cli(cp: &ControlPlane, dir: &std::path::Path) -> Cli {
     Cli { api: cp.url(), token: Some(cp.token.clone()), dir: dir.to_owned() }
 }
 
-fn read_chain(path: &PathBuf) -> Vec<Certificate> {
+fn read_chain(path: &std::path::Path) -> Vec<Certificate> {
     Certificate::chain_from_pem(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
