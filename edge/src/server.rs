@@ -167,6 +167,12 @@ impl Edge {
         }));
 
         tracing::info!(edge_id = %identity.edge_id, %quic_addr, %admin_addr, region = %config.edge.region, "edge is serving");
+        if let Some(control_plane) = &config.control_plane {
+            // Checked now so that a wrong path stops the start instead of every reconnect.
+            let path = &control_plane.trust_anchor;
+            load_anchors(path)
+                .with_context(|| format!("while loading the control plane's trust anchor {}", path.display()))?;
+        }
         let link = match (&config.control_plane, trust) {
             (Some(control_plane), Some(trust)) => Some(ControlLink::spawn(LinkContext {
                 config: control_plane.clone(),
