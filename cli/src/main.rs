@@ -9,6 +9,7 @@ mod card;
 mod cert;
 mod control;
 mod dev_ca;
+mod enrollment_token;
 mod keygen;
 mod ledger;
 mod listen;
@@ -89,6 +90,7 @@ enum Command {
     Cert(cert::CertArgs),
     Agent(agent::AgentArgs),
     AdminKey(admin_key::AdminKeyArgs),
+    EnrollmentToken(enrollment_token::EnrollmentTokenArgs),
     Wallet(ledger::WalletArgs),
     Pay(ledger::PayArgs),
     Escrow(ledger::EscrowArgs),
@@ -123,6 +125,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Cert(args) => runtime()?.block_on(cert::run(args)),
         Command::Agent(args) => runtime()?.block_on(agent::run(args)),
         Command::AdminKey(args) => runtime()?.block_on(admin_key::run(args)),
+        Command::EnrollmentToken(args) => runtime()?.block_on(enrollment_token::run(args)),
         Command::Wallet(args) => runtime()?.block_on(ledger::run_wallet(args)),
         Command::Pay(args) => runtime()?.block_on(ledger::run_pay(args)),
         Command::Escrow(args) => runtime()?.block_on(ledger::run_escrow(args)),

@@ -586,6 +586,21 @@ impl PossessionProof {
     }
 }
 
+/// How [`Authority::issue_with`] shapes a leaf.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeafOptions {
+    /// From issuance to expiry; at most (and by default) [`LEAF_VALIDITY`].
+    pub lifetime: Duration,
+    /// An edge's id when it is not the key's inception id (a renewal onto a new key).
+    pub edge_id: Option<EdgeId>,
+}
+
+impl Default for LeafOptions {
+    fn default() -> Self {
+        LeafOptions { lifetime: LEAF_VALIDITY, edge_id: None }
+    }
+}
+
 /// A certificate just issued.
 #[derive(Clone, Debug)]
 pub struct IssuedCertificate {
@@ -973,21 +988,35 @@ impl Authority {
         dns_names: &[String],
         now: UnixMillis,
     ) -> Result<IssuedCertificate, IssueCertificateError> {
+        self.issue_with(db, proof, &LeafOptions::default(), dns_names, now).await
+    }
+
+    /// [`Authority::issue`] with a chosen lifetime and, for an edge renewing onto a new
+    /// key, the edge id it keeps.
+    pub async fn issue_with(
+        &self,
+        db: &Database,
+        proof: &PossessionProof,
+        options: &LeafOptions,
+        dns_names: &[String],
+        now: UnixMillis,
+    ) -> Result<IssuedCertificate, IssueCertificateError> {
         let (org_ca, _) = self.ensure_org_ca(db, &proof.org, now).await?;
-        let (role, subject_id) = match proof.kind {
-            LeafKind::Agent => {
+        let (role, subject_id) = match (proof.kind, options.edge_id) {
+            (LeafKind::Agent, _) => {
                 let id = proof.agent.unwrap_or_else(|| AgentId::from_inception_key(&proof.public_key));
                 (Role::Agent(id), id.to_string())
             }
-            LeafKind::Edge => {
-                let id = EdgeId::from_inception_key(&proof.public_key);
+            (LeafKind::Edge, kept) => {
+                let id = kept.unwrap_or_else(|| EdgeId::from_inception_key(&proof.public_key));
                 (Role::Edge(id), id.to_string())
             }
         };
+        let lifetime = options.lifetime.min(LEAF_VALIDITY);
         let ca_validity = org_ca.certificate.validity();
         let validity = Validity {
             not_before: now.saturating_sub(BACKDATE).max(ca_validity.not_before),
-            not_after: now.saturating_add(LEAF_VALIDITY).min(ca_validity.not_after),
+            not_after: now.saturating_add(lifetime).min(ca_validity.not_after),
         };
         let serial = Serial::random(&mut rand::rngs::OsRng);
         let (ca_certificate, public_key, dns_names) =

@@ -21,9 +21,9 @@ use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use molt_protocol::cert::{ExpectedRole, Revocations, Role, TrustAnchors};
+use molt_protocol::cert::{ExpectedRole, Revocations, Role, Serial, TrustAnchors};
 use molt_protocol::ids::{AgentId, EdgeId};
-use molt_protocol::keys::SigningKey;
+use molt_protocol::keys::{PublicKey, Signature, SigningKey};
 use molt_protocol::time::UnixMillis;
 use molt_protocol::tls::{self, SharedRevocations, TlsIdentity};
 use sqlx::Row as _;
@@ -37,7 +37,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
 
-use crate::ca::{self, Authority, LeafKind, PossessionProof, TrustBundle};
+use crate::ca::{self, Authority, LeafKind, LeafOptions, PossessionProof, TrustBundle};
 use crate::clock::Clock;
 use crate::db::Database;
 use crate::ids::OrgId;
@@ -162,22 +162,24 @@ pub async fn serve(
     Ok(GrpcServer { local_addr, tasks })
 }
 
-/// The edge a connection authenticated as; in every request's extensions.
+/// The edge a connection authenticated as, and the serial of the certificate it
+/// presented; in every request's extensions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AuthenticatedEdge(pub EdgeId);
+pub struct AuthenticatedEdge(pub EdgeId, pub Serial);
 
 /// A handshaken TLS stream and the edge its certificate names.
 #[derive(Debug)]
 pub struct EdgeStream {
     inner: TlsStream<TcpStream>,
     edge: EdgeId,
+    serial: Serial,
 }
 
 impl Connected for EdgeStream {
     type ConnectInfo = AuthenticatedEdge;
 
     fn connect_info(&self) -> AuthenticatedEdge {
-        AuthenticatedEdge(self.edge)
+        AuthenticatedEdge(self.edge, self.serial)
     }
 }
 
@@ -317,6 +319,40 @@ impl EdgeControl for EdgeControlService {
         Ok(Response::new(proto::PresenceAck { accepted }))
     }
 
+    async fn renew_certificate(
+        &self,
+        request: Request<proto::RenewCertificateRequest>,
+    ) -> Result<Response<proto::RenewCertificateResponse>, Status> {
+        let edge = caller_certificate(&request)?;
+        let request = request.into_inner();
+        let public_key = PublicKey::from_slice(&request.public_key)
+            .map_err(|_| Status::invalid_argument("public_key is not a 32-byte Ed25519 public key"))?;
+        let signature = Signature::from_slice(&request.signature)
+            .ok_or_else(|| Status::invalid_argument("signature is not a 64-byte Ed25519 signature"))?;
+        let current = current_certificate(&self.db, edge).await?;
+        let now = self.clock.now();
+        let proof = PossessionProof::verify(
+            LeafKind::Edge,
+            &current.org,
+            &public_key,
+            UnixMillis(request.timestamp_ms),
+            &signature,
+            now,
+        )
+        .map_err(|error| Status::invalid_argument(format!("proof of possession refused: {error}")))?;
+        let options = LeafOptions { lifetime: current.lifetime, edge_id: Some(edge.0) };
+        let issued = self.authority.issue_with(&self.db, &proof, &options, &[], now).await.map_err(|error| {
+            tracing::error!(%error, "gRPC RenewCertificate failed");
+            Status::internal("issuing the certificate")
+        })?;
+        let not_after_ms = issued.certificate.validity().not_after.0;
+        tracing::info!(edge = %edge.0, old = %edge.1, new = %issued.certificate.serial(), "edge certificate renewed");
+        Ok(Response::new(proto::RenewCertificateResponse {
+            chain: vec![issued.certificate.der().to_vec(), issued.org_ca.der().to_vec()],
+            not_after_ms,
+        }))
+    }
+
     async fn lookup_agent(
         &self,
         request: Request<proto::LookupAgentRequest>,
@@ -353,11 +389,48 @@ impl EdgeControl for EdgeControlService {
     }
 }
 
+/// The renewing edge's current certificate as the CA recorded it.
+struct CurrentCertificate {
+    org: OrgId,
+    lifetime: Duration,
+}
+
+async fn current_certificate(db: &Database, edge: AuthenticatedEdge) -> Result<CurrentCertificate, Status> {
+    let row = sqlx::query(
+        "SELECT org_id, kind, subject_id, not_after_ms, created_at_ms, revoked_at_ms FROM certificates WHERE serial = $1",
+    )
+    .bind(edge.1.to_string())
+    .fetch_optional(db.pool())
+    .await
+    .map_err(internal("reading the current certificate"))?
+    .ok_or_else(|| Status::permission_denied("the presented certificate was not issued by this control plane"))?;
+    let read = internal("reading the current certificate");
+    let kind: String = row.try_get("kind").map_err(read)?;
+    let subject: String = row.try_get("subject_id").map_err(read)?;
+    let revoked: Option<i64> = row.try_get("revoked_at_ms").map_err(read)?;
+    if kind != LeafKind::Edge.as_str() || subject != edge.0.to_string() || revoked.is_some() {
+        return Err(Status::permission_denied("the presented certificate cannot be renewed"));
+    }
+    let not_after: i64 = row.try_get("not_after_ms").map_err(read)?;
+    let created: i64 = row.try_get("created_at_ms").map_err(read)?;
+    let org: String = row.try_get("org_id").map_err(read)?;
+    let lifetime = Duration::from_millis(u64::try_from(not_after.saturating_sub(created)).unwrap_or(0))
+        .clamp(crate::enrollment::CERTIFICATE_VALIDITY_MIN, ca::LEAF_VALIDITY);
+    Ok(CurrentCertificate {
+        org: org.parse().map_err(|_| Status::internal("reading the current certificate"))?,
+        lifetime,
+    })
+}
+
 fn caller<T>(request: &Request<T>) -> Result<EdgeId, Status> {
+    caller_certificate(request).map(|edge| edge.0)
+}
+
+fn caller_certificate<T>(request: &Request<T>) -> Result<AuthenticatedEdge, Status> {
     request
         .extensions()
         .get::<AuthenticatedEdge>()
-        .map(|edge| edge.0)
+        .copied()
         .ok_or_else(|| Status::unauthenticated("no edge certificate on this connection"))
 }
 
@@ -457,8 +530,8 @@ async fn handshake(acceptor: &TlsAcceptor, tcp: TcpStream) -> io::Result<EdgeStr
     let stream = acceptor.accept(tcp).await?;
     let (_, connection) = stream.get_ref();
     let certificate = connection.peer_certificates().and_then(tls::peer_identity);
-    match certificate.map(|certificate| certificate.role()) {
-        Some(Role::Edge(edge)) => Ok(EdgeStream { inner: stream, edge }),
+    match certificate.map(|certificate| (certificate.role(), certificate.serial())) {
+        Some((Role::Edge(edge), serial)) => Ok(EdgeStream { inner: stream, edge, serial }),
         _ => Err(io::Error::new(io::ErrorKind::PermissionDenied, "the peer is not an edge")),
     }
 }

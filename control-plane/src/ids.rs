@@ -79,6 +79,13 @@ record_id!(
     "recovery"
 );
 
+record_id!(
+    /// Id of an edge enrollment token (not the secret).
+    EnrollmentTokenId,
+    "enr_",
+    "enrollment token"
+);
+
 fn random_suffix() -> String {
     let mut bytes = [0u8; ID_RANDOM_BYTES];
     rand::rngs::OsRng.fill_bytes(&mut bytes);

@@ -29,6 +29,7 @@ pub mod ca;
 pub mod clock;
 pub mod config;
 pub mod db;
+pub mod enrollment;
 pub mod grpc;
 pub mod ids;
 pub mod keys;

@@ -62,6 +62,33 @@ pub const RECONNECT_AFTER_MAX: Duration = Duration::from_secs(3600);
 /// Longest region name.
 pub const REGION_LEN_MAX: usize = 63;
 
+/// Default name the edge sends as SNI to the control plane (informational: the
+/// control plane is verified by its certificate chain, not by name).
+pub const DEFAULT_CONTROL_PLANE_SERVER_NAME: &str = "control-plane.molt";
+/// Default file of the cached trust bundle, relative to the config file's directory.
+pub const DEFAULT_BUNDLE_CACHE: &str = "trust-bundle.json";
+/// Default interval of the periodic presence report (changes are reported sooner).
+pub const DEFAULT_PRESENCE_INTERVAL: Duration = Duration::from_secs(30);
+/// Bounds of `control_plane.presence_interval_ms`.
+pub const PRESENCE_INTERVAL_MIN: Duration = Duration::from_millis(100);
+pub const PRESENCE_INTERVAL_MAX: Duration = Duration::from_secs(600);
+/// Default first and longest wait before reconnecting to the control plane.
+pub const DEFAULT_RECONNECT_BACKOFF_MIN: Duration = Duration::from_secs(1);
+pub const DEFAULT_RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Bounds of the reconnect back-off keys.
+pub const RECONNECT_BACKOFF_FLOOR: Duration = Duration::from_millis(50);
+pub const RECONNECT_BACKOFF_CEILING: Duration = Duration::from_secs(600);
+/// Default share of its lifetime a certificate has left when the edge renews it.
+pub const DEFAULT_RENEW_AT_REMAINING_PERCENT: u8 = 33;
+/// Bounds of `control_plane.renew_at_remaining_percent`.
+pub const RENEW_AT_REMAINING_PERCENT_MIN: u8 = 1;
+pub const RENEW_AT_REMAINING_PERCENT_MAX: u8 = 90;
+/// Default interval between checks of the certificate's remaining lifetime.
+pub const DEFAULT_RENEW_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+/// Bounds of `control_plane.renew_check_interval_ms`.
+pub const RENEW_CHECK_INTERVAL_MIN: Duration = Duration::from_millis(100);
+pub const RENEW_CHECK_INTERVAL_MAX: Duration = Duration::from_secs(3600);
+
 const DEFAULT_MESSAGES_PER_MINUTE: NonZeroU32 = nonzero_u32(limits::DEFAULT_MESSAGES_PER_MINUTE);
 const DEFAULT_MESSAGES_PER_HOUR: NonZeroU32 = nonzero_u32(limits::DEFAULT_MESSAGES_PER_HOUR);
 const DEFAULT_BYTES_PER_MINUTE: NonZeroU64 = nonzero_u64(limits::DEFAULT_BYTES_PER_MINUTE);
@@ -83,6 +110,15 @@ const _: () = assert!(DEFAULT_DRAIN_TIMEOUT.as_millis() <= DRAIN_TIMEOUT_MAX.as_
 const _: () = assert!(DEFAULT_RECONNECT_AFTER.as_millis() <= RECONNECT_AFTER_MAX.as_millis());
 // The go-away frame carries the reconnect delay as u32 milliseconds.
 const _: () = assert!(RECONNECT_AFTER_MAX.as_millis() <= u32::MAX as u128);
+const _: () = assert!(DEFAULT_RECONNECT_BACKOFF_MIN.as_millis() <= DEFAULT_RECONNECT_BACKOFF_MAX.as_millis());
+const _: () = assert!(RECONNECT_BACKOFF_FLOOR.as_millis() <= DEFAULT_RECONNECT_BACKOFF_MIN.as_millis());
+const _: () = assert!(DEFAULT_RECONNECT_BACKOFF_MAX.as_millis() <= RECONNECT_BACKOFF_CEILING.as_millis());
+const _: () = assert!(PRESENCE_INTERVAL_MIN.as_millis() <= DEFAULT_PRESENCE_INTERVAL.as_millis());
+const _: () = assert!(DEFAULT_PRESENCE_INTERVAL.as_millis() <= PRESENCE_INTERVAL_MAX.as_millis());
+const _: () = assert!(RENEW_AT_REMAINING_PERCENT_MIN <= DEFAULT_RENEW_AT_REMAINING_PERCENT);
+const _: () = assert!(DEFAULT_RENEW_AT_REMAINING_PERCENT <= RENEW_AT_REMAINING_PERCENT_MAX);
+const _: () = assert!(RENEW_CHECK_INTERVAL_MIN.as_millis() <= DEFAULT_RENEW_CHECK_INTERVAL.as_millis());
+const _: () = assert!(DEFAULT_RENEW_CHECK_INTERVAL.as_millis() <= RENEW_CHECK_INTERVAL_MAX.as_millis());
 
 /// The edge's validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +137,32 @@ pub struct EdgeConfig {
     pub shutdown: ShutdownConfig,
     /// `[log]`: log output.
     pub log: LogConfig,
+    /// `[control_plane]`: the gRPC link to the control plane; `None` runs standalone.
+    pub control_plane: Option<ControlPlaneConfig>,
+}
+
+/// The `[control_plane]` section. Durations come from the `*_ms` keys of the same name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlPlaneConfig {
+    /// Address of the control plane's gRPC service (`grpc_addr`).
+    pub grpc_addr: SocketAddr,
+    /// SNI sent to the control plane.
+    pub server_name: String,
+    /// PEM root(s) the control plane's certificate must chain to.
+    pub trust_anchor: PathBuf,
+    /// Where the last trust bundle applied is kept, for starts without the control plane.
+    pub bundle_cache: PathBuf,
+    /// QUIC address agents and edges are told to dial; the bound address if absent.
+    pub advertise_addr: Option<SocketAddr>,
+    /// Longest time between two presence reports.
+    pub presence_interval: Duration,
+    /// First wait before reconnecting; doubles up to `reconnect_backoff_max`.
+    pub reconnect_backoff_min: Duration,
+    pub reconnect_backoff_max: Duration,
+    /// Renew when less than this percentage of the certificate's lifetime is left.
+    pub renew_at_remaining_percent: u8,
+    /// How often the remaining lifetime is checked.
+    pub renew_check_interval: Duration,
 }
 
 /// The `[edge]` section.
@@ -513,7 +575,7 @@ impl fmt::Display for LogFormat {
 // ---------------------------------------------------------------------------------------
 // Known keys, for unknown-key detection and suggestions.
 
-const SECTION_KEYS: &[&str] = &["edge", "identity", "trust", "limits", "buffer", "shutdown", "log"];
+const SECTION_KEYS: &[&str] = &["edge", "identity", "trust", "limits", "buffer", "shutdown", "log", "control_plane"];
 const EDGE_KEYS: &[&str] = &["listen_addr", "admin_addr", "data_dir", "region"];
 const IDENTITY_KEYS: &[&str] = &["certificate_chain", "key_source", "private_key", "pkcs11"];
 const PKCS11_KEYS: &[&str] = &["module", "token_label", "key_label", "pin_env", "pin_file"];
@@ -535,6 +597,18 @@ const LIMITS_KEYS: &[&str] = &[
 const BUFFER_KEYS: &[&str] = &["queue_depth_per_agent_max", "messages_max", "bytes_max", "retention_ms"];
 const SHUTDOWN_KEYS: &[&str] = &["drain_timeout_ms", "reconnect_after_ms"];
 const LOG_KEYS: &[&str] = &["format", "level"];
+const CONTROL_PLANE_KEYS: &[&str] = &[
+    "grpc_addr",
+    "server_name",
+    "trust_anchor",
+    "bundle_cache",
+    "advertise_addr",
+    "presence_interval_ms",
+    "reconnect_backoff_min_ms",
+    "reconnect_backoff_max_ms",
+    "renew_at_remaining_percent",
+    "renew_check_interval_ms",
+];
 
 /// Every table of the file with its keys, to suggest a key that lives in another table.
 const ALL_TABLES: &[(&str, &[&str])] = &[
@@ -548,6 +622,7 @@ const ALL_TABLES: &[(&str, &[&str])] = &[
     ("buffer", BUFFER_KEYS),
     ("shutdown", SHUTDOWN_KEYS),
     ("log", LOG_KEYS),
+    ("control_plane", CONTROL_PLANE_KEYS),
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -566,6 +641,21 @@ struct ConfigFile {
     buffer: BufferFile,
     shutdown: ShutdownFile,
     log: LogFile,
+    control_plane: Option<ControlPlaneFile>,
+}
+
+#[derive(Debug, Default)]
+struct ControlPlaneFile {
+    grpc_addr: Raw<String>,
+    server_name: Raw<String>,
+    trust_anchor: Raw<String>,
+    bundle_cache: Raw<String>,
+    advertise_addr: Raw<String>,
+    presence_interval_ms: Raw<i64>,
+    reconnect_backoff_min_ms: Raw<i64>,
+    reconnect_backoff_max_ms: Raw<i64>,
+    renew_at_remaining_percent: Raw<i64>,
+    renew_check_interval_ms: Raw<i64>,
 }
 
 #[derive(Debug, Default)]
@@ -677,6 +767,7 @@ fn read_file<'t>(root: &DeTable<'t>, report: &mut Report<'t>) -> ConfigFile {
     let buffer = top.table("buffer");
     let shutdown = top.table("shutdown");
     let log = top.table("log");
+    let control_plane = top.table("control_plane");
     top.finish();
 
     let mut r = TableReader::section(report, "edge", edge, EDGE_KEYS);
@@ -728,7 +819,9 @@ fn read_file<'t>(root: &DeTable<'t>, report: &mut Report<'t>) -> ConfigFile {
     let log = LogFile { format: r.string("format"), level: r.string("level") };
     r.finish();
 
-    ConfigFile { edge, identity, trust, limits, buffer, shutdown, log }
+    let control_plane = control_plane.table.is_some().then(|| read_control_plane(report, control_plane));
+
+    ConfigFile { edge, identity, trust, limits, buffer, shutdown, log, control_plane }
 }
 
 /// `private_key` is required for a file key; `[identity.pkcs11]` for a PKCS#11 key.
@@ -782,6 +875,24 @@ fn read_trust<'t>(report: &mut Report<'t>, trust: TableAt<'_, 't>) -> TrustFile 
         })
         .collect();
     TrustFile { anchors, revocation_lists }
+}
+
+fn read_control_plane<'t>(report: &mut Report<'t>, at: TableAt<'_, 't>) -> ControlPlaneFile {
+    let mut r = TableReader::section(report, "control_plane", at, CONTROL_PLANE_KEYS);
+    let file = ControlPlaneFile {
+        grpc_addr: r.required_string("grpc_addr"),
+        server_name: r.string("server_name"),
+        trust_anchor: r.required_string("trust_anchor"),
+        bundle_cache: r.string("bundle_cache"),
+        advertise_addr: r.string("advertise_addr"),
+        presence_interval_ms: r.integer("presence_interval_ms"),
+        reconnect_backoff_min_ms: r.integer("reconnect_backoff_min_ms"),
+        reconnect_backoff_max_ms: r.integer("reconnect_backoff_max_ms"),
+        renew_at_remaining_percent: r.integer("renew_at_remaining_percent"),
+        renew_check_interval_ms: r.integer("renew_check_interval_ms"),
+    };
+    r.finish();
+    file
 }
 
 /// A table found in the document, or not.
@@ -930,7 +1041,87 @@ fn validate(file: &ConfigFile, base_dir: &Path, report: &mut Report<'_>) -> Edge
         buffer: validate_buffer(&file.buffer, report),
         shutdown: validate_shutdown(&file.shutdown, report),
         log: validate_log(&file.log, report),
+        control_plane: file.control_plane.as_ref().map(|file| validate_control_plane(file, base_dir, report)),
     }
+}
+
+fn validate_control_plane(file: &ControlPlaneFile, base_dir: &Path, report: &mut Report<'_>) -> ControlPlaneConfig {
+    let address = |text: &str| {
+        text.parse::<SocketAddr>().map_err(|_| {
+            format!("invalid socket address {text:?}: expected an IP address and port, e.g. \"10.0.0.1:7443\"")
+        })
+    };
+    let name = |text: &str| {
+        if text.is_empty() || text.len() > 253 {
+            Err("server name must be 1 to 253 characters".to_owned())
+        } else {
+            Ok(text.to_owned())
+        }
+    };
+    let bundle_cache = match &file.bundle_cache {
+        Some(_) => report.path("control_plane.bundle_cache", &file.bundle_cache, base_dir),
+        None => base_dir.join(DEFAULT_BUNDLE_CACHE),
+    };
+    let config = ControlPlaneConfig {
+        grpc_addr: report
+            .convert("control_plane.grpc_addr", &file.grpc_addr, address)
+            .unwrap_or(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))),
+        server_name: report
+            .convert("control_plane.server_name", &file.server_name, name)
+            .unwrap_or_else(|| DEFAULT_CONTROL_PLANE_SERVER_NAME.to_owned()),
+        trust_anchor: report.path("control_plane.trust_anchor", &file.trust_anchor, base_dir),
+        bundle_cache,
+        advertise_addr: report.convert("control_plane.advertise_addr", &file.advertise_addr, address),
+        presence_interval: report
+            .millis(
+                "control_plane.presence_interval_ms",
+                &file.presence_interval_ms,
+                millis_of(PRESENCE_INTERVAL_MIN)..=millis_of(PRESENCE_INTERVAL_MAX),
+            )
+            .unwrap_or(DEFAULT_PRESENCE_INTERVAL),
+        reconnect_backoff_min: report
+            .millis(
+                "control_plane.reconnect_backoff_min_ms",
+                &file.reconnect_backoff_min_ms,
+                millis_of(RECONNECT_BACKOFF_FLOOR)..=millis_of(RECONNECT_BACKOFF_CEILING),
+            )
+            .unwrap_or(DEFAULT_RECONNECT_BACKOFF_MIN),
+        reconnect_backoff_max: report
+            .millis(
+                "control_plane.reconnect_backoff_max_ms",
+                &file.reconnect_backoff_max_ms,
+                millis_of(RECONNECT_BACKOFF_FLOOR)..=millis_of(RECONNECT_BACKOFF_CEILING),
+            )
+            .unwrap_or(DEFAULT_RECONNECT_BACKOFF_MAX),
+        renew_at_remaining_percent: report
+            .integer(
+                "control_plane.renew_at_remaining_percent",
+                &file.renew_at_remaining_percent,
+                u64::from(RENEW_AT_REMAINING_PERCENT_MIN)..=u64::from(RENEW_AT_REMAINING_PERCENT_MAX),
+            )
+            .and_then(|percent| u8::try_from(percent).ok())
+            .unwrap_or(DEFAULT_RENEW_AT_REMAINING_PERCENT),
+        renew_check_interval: report
+            .millis(
+                "control_plane.renew_check_interval_ms",
+                &file.renew_check_interval_ms,
+                millis_of(RENEW_CHECK_INTERVAL_MIN)..=millis_of(RENEW_CHECK_INTERVAL_MAX),
+            )
+            .unwrap_or(DEFAULT_RENEW_CHECK_INTERVAL),
+    };
+    if config.reconnect_backoff_min > config.reconnect_backoff_max {
+        let reason = format!(
+            "reconnect_backoff_min_ms ({}) must not exceed control_plane.reconnect_backoff_max_ms ({})",
+            config.reconnect_backoff_min.as_millis(),
+            config.reconnect_backoff_max.as_millis()
+        );
+        report.relation(
+            "control_plane.reconnect_backoff_min_ms",
+            [&file.reconnect_backoff_min_ms, &file.reconnect_backoff_max_ms],
+            reason,
+        );
+    }
+    config
 }
 
 fn validate_identity(file: &IdentityFile, base_dir: &Path, report: &mut Report<'_>) -> IdentityConfig {
@@ -1440,7 +1631,8 @@ anchors = "root.pem"
                 let assignment = format!("\n{key} = ");
                 let header = format!("[{table}.{key}]");
                 // The PKCS#11 table is the alternative to `private_key`: shown commented out.
-                let commented = *table == "identity.pkcs11" && reference.contains(&format!("\n# {key} = "));
+                let commented = matches!(*table, "identity.pkcs11" | "control_plane")
+                    && reference.contains(&format!("\n# {key} = "));
                 assert!(
                     commented
                         || reference.contains(&assignment)
@@ -1642,6 +1834,62 @@ level = "warn,molt_edge=debug"
         assert_eq!(all[0].kind, ProblemKind::UnknownKey { suggestion: Some("limits".to_owned()) });
         assert_eq!(all[1].key.as_deref(), Some("log.colour"));
         assert_eq!(all[1].kind, ProblemKind::UnknownKey { suggestion: None });
+    }
+
+    #[test]
+    fn control_plane_section_is_optional_and_gets_its_defaults() {
+        assert_eq!(parse(MINIMAL, base()).unwrap().control_plane, None);
+        let text = with_minimal("[control_plane]\ngrpc_addr = \"10.0.0.1:7443\"\ntrust_anchor = \"cp.pem\"\n");
+        let link = parse(&text, base()).unwrap().control_plane.expect("a link");
+        assert_eq!(link.grpc_addr, "10.0.0.1:7443".parse().unwrap());
+        assert_eq!(link.trust_anchor, Path::new("/etc/molt/cp.pem"));
+        assert_eq!(link.bundle_cache, Path::new("/etc/molt").join(DEFAULT_BUNDLE_CACHE));
+        assert_eq!(link.server_name, DEFAULT_CONTROL_PLANE_SERVER_NAME);
+        assert_eq!(link.advertise_addr, None);
+        assert_eq!(link.presence_interval, DEFAULT_PRESENCE_INTERVAL);
+        assert_eq!(
+            (link.reconnect_backoff_min, link.reconnect_backoff_max),
+            (Duration::from_secs(1), Duration::from_secs(30))
+        );
+        assert_eq!(link.renew_at_remaining_percent, 33);
+        assert_eq!(link.renew_check_interval, DEFAULT_RENEW_CHECK_INTERVAL);
+    }
+
+    #[test]
+    fn control_plane_problems_are_all_reported_with_their_keys() {
+        let text = with_minimal(
+            "[control_plane]\ngrpc_addr = \"cp.example:7443\"\npresence_interval_ms = 99\n\
+             reconnect_backoff_min_ms = 5000\nreconnect_backoff_max_ms = 1000\nrenew_at_remaining_percent = 91\n\
+             renew_check_interval_ms = 3600001\nbundle_cahce = \"x\"\n",
+        );
+        let all = problems(&text);
+        let keys: Vec<&str> = all.iter().filter_map(|problem| problem.key.as_deref()).collect();
+        assert_eq!(
+            keys,
+            [
+                "control_plane.trust_anchor",
+                "control_plane.grpc_addr",
+                "control_plane.presence_interval_ms",
+                "control_plane.reconnect_backoff_min_ms",
+                "control_plane.renew_at_remaining_percent",
+                "control_plane.renew_check_interval_ms",
+                "control_plane.bundle_cahce",
+            ],
+            "{all:#?}"
+        );
+        assert_eq!(all[0].kind, ProblemKind::MissingKey);
+        assert_eq!(all[6].kind, ProblemKind::UnknownKey { suggestion: Some("bundle_cache".into()) });
+        // The bounds hold at their edges.
+        let edges = with_minimal(&format!(
+            "[control_plane]\ngrpc_addr = \"10.0.0.1:1\"\ntrust_anchor = \"cp.pem\"\npresence_interval_ms = {}\n\
+             renew_at_remaining_percent = {}\nreconnect_backoff_min_ms = {}\nreconnect_backoff_max_ms = {}\n",
+            millis_of(PRESENCE_INTERVAL_MIN),
+            RENEW_AT_REMAINING_PERCENT_MAX,
+            millis_of(RECONNECT_BACKOFF_FLOOR),
+            millis_of(RECONNECT_BACKOFF_CEILING),
+        ));
+        let link = parse(&edges, base()).unwrap().control_plane.unwrap();
+        assert_eq!(link.renew_at_remaining_percent, RENEW_AT_REMAINING_PERCENT_MAX);
     }
 
     #[test]

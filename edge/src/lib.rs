@@ -9,11 +9,15 @@
 
 pub mod admin;
 pub mod config;
+pub mod control;
+pub mod enroll;
 pub mod identity;
+pub mod live;
 pub mod metrics;
 pub mod ratelimit;
 pub mod relay;
 pub mod server;
 pub mod store;
+pub mod trust;
 
 pub use server::{Edge, EdgeHandle};

@@ -30,6 +30,25 @@ enum Command {
     /// Work with configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Enroll this edge with a control plane: generate its key, present an enrollment
+    /// token, and write the certificate chain, trust bundle and a config stub to DIR.
+    Enroll {
+        /// Base URL of the control plane's HTTP API, e.g. http://10.0.0.1:8080.
+        #[arg(long, value_name = "URL")]
+        control_plane: String,
+        /// The enrollment token from `molt enrollment-token create`.
+        #[arg(long, value_name = "TOKEN", env = "MOLT_ENROLLMENT_TOKEN", hide_env_values = true)]
+        token: String,
+        /// The control plane's gRPC address (IP:port), written into the config stub.
+        #[arg(long, value_name = "ADDR")]
+        grpc_addr: std::net::SocketAddr,
+        /// Directory for the key, chain, trust bundle and config.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Replace an edge identity already in DIR.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -47,6 +66,9 @@ fn main() -> ExitCode {
         Some(Command::Config(ConfigCommand::Reference)) => {
             print!("{}", config::reference());
             Ok(())
+        }
+        Some(Command::Enroll { control_plane, token, grpc_addr, dir, force }) => {
+            enroll(molt_edge::enroll::EnrollOptions { control_plane, token, grpc_addr, dir, force })
         }
         None => match cli.config {
             Some(path) => run(&path),
@@ -77,6 +99,15 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
         let edge = molt_edge::Edge::start(config).await?;
         edge.run_until(shutdown_signal()).await
     })
+}
+
+fn enroll(options: molt_edge::enroll::EnrollOptions) -> anyhow::Result<()> {
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("while starting the runtime")?;
+    let enrolled = runtime.block_on(molt_edge::enroll::enroll(&options)).context("while enrolling")?;
+    println!("enrolled {} in org {} (region {})", enrolled.edge_id, enrolled.org_id, enrolled.region);
+    println!("run it with: molt-edge --config {}", enrolled.config.display());
+    Ok(())
 }
 
 fn init_logging(log: &config::LogConfig) {

@@ -10,15 +10,18 @@ use std::time::Duration;
 
 use crate::metrics as names;
 use anyhow::Context as _;
-use molt_protocol::cert::{ExpectedRole, Role};
+use molt_protocol::cert::{Certificate, ExpectedRole, Role};
 use molt_protocol::frame::Frame;
+use molt_protocol::tls::SignerTlsIdentity;
 use molt_protocol::{EdgeId, UnixMillis, tls};
 use rustls::pki_types::CertificateDer;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::config::EdgeConfig;
+use crate::control::{ControlLink, LinkContext, TrustKeeper};
 use crate::identity::{load_anchors, load_identity, load_revocations};
+use crate::live::{LiveConnections, LiveTls};
 use crate::ratelimit::{AgentSlots, IpSlots, MessageLimiter, MessageLimits, Slot};
 use crate::relay::{self, Relay, RelayConfig, Session, close_code};
 use crate::store::{OfflineStore, PURGE_INTERVAL, StoreLimits};
@@ -76,6 +79,7 @@ struct Shared {
     relay: Arc<Relay>,
     agent_slots: Arc<AgentSlots>,
     config: EdgeConfig,
+    live: Arc<LiveConnections>,
 }
 
 impl Edge {
@@ -91,8 +95,8 @@ impl Edge {
         let revocations: tls::SharedRevocations = Arc::new(RwLock::new(revocations));
         let server_tls = tls::server_config_with_signer(
             &identity.tls,
-            anchors,
-            revocations,
+            Arc::clone(&anchors),
+            Arc::clone(&revocations),
             ExpectedRole::AnyAgent,
             tls::ALPN_AGENT,
         )
@@ -101,6 +105,26 @@ impl Edge {
         let endpoint = quinn::Endpoint::server(quic, config.edge.listen_addr)
             .with_context(|| format!("while binding udp {}", config.edge.listen_addr))?;
         let quic_addr = endpoint.local_addr().context("while reading the bound address")?;
+        let live_tls = Arc::new(LiveTls::new(
+            endpoint.clone(),
+            config.clone(),
+            SignerTlsIdentity { chain: identity.tls.chain.clone(), signer: Arc::clone(&identity.tls.signer) },
+            (*anchors).clone(),
+            revocations,
+        ));
+        let live = Arc::new(LiveConnections::default());
+        let trust = config.control_plane.as_ref().map(|control_plane| {
+            Arc::new(TrustKeeper::new(control_plane.bundle_cache.clone(), Arc::clone(&live_tls), Arc::clone(&live)))
+        });
+        if let Some(trust) = &trust {
+            // A damaged cache is not fatal: the configured files still hold, and the link
+            // fetches a fresh bundle.
+            match trust.load_cache() {
+                Ok(Some(sequence)) => tracing::info!(sequence, "trust bundle loaded from the cache"),
+                Ok(None) => {}
+                Err(error) => tracing::warn!(%error, "ignoring the cached trust bundle"),
+            }
+        }
 
         std::fs::create_dir_all(&config.edge.data_dir)
             .with_context(|| format!("while creating the data directory {}", config.edge.data_dir.display()))?;
@@ -143,14 +167,40 @@ impl Edge {
         }));
 
         tracing::info!(edge_id = %identity.edge_id, %quic_addr, %admin_addr, region = %config.edge.region, "edge is serving");
-        let shared =
-            Arc::new(Shared { relay, agent_slots: AgentSlots::new(config.limits.connections_per_agent.get()), config });
-        let task = tokio::spawn(run(endpoint, shared, shutdown_signal, ready, admin, writer));
+        if let Some(control_plane) = &config.control_plane {
+            // Checked now so that a wrong path stops the start instead of every reconnect.
+            let path = &control_plane.trust_anchor;
+            load_anchors(path)
+                .with_context(|| format!("while loading the control plane's trust anchor {}", path.display()))?;
+        }
+        let link = match (&config.control_plane, trust) {
+            (Some(control_plane), Some(trust)) => Some(ControlLink::spawn(LinkContext {
+                config: control_plane.clone(),
+                edge_id: identity.edge_id,
+                region: config.edge.region.to_string(),
+                quic_addr,
+                chain_path: config.identity.certificate_chain.clone(),
+                tls: live_tls,
+                trust,
+                relay: Arc::clone(&relay),
+            })),
+            _ => None,
+        };
+        let shared = Arc::new(Shared {
+            relay,
+            agent_slots: AgentSlots::new(config.limits.connections_per_agent.get()),
+            config,
+            live,
+        });
+        let task = tokio::spawn(run(endpoint, shared, shutdown_signal, ready, admin, writer, link));
         Ok(EdgeHandle { edge_id: identity.edge_id, quic_addr, admin_addr, shutdown, task })
     }
 }
 
-fn quic_server_config(tls: rustls::ServerConfig, config: &EdgeConfig) -> anyhow::Result<quinn::ServerConfig> {
+pub(crate) fn quic_server_config(
+    tls: rustls::ServerConfig,
+    config: &EdgeConfig,
+) -> anyhow::Result<quinn::ServerConfig> {
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).context("while adapting tls to quic")?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
@@ -173,6 +223,7 @@ async fn run(
     ready: Arc<AtomicBool>,
     admin: JoinHandle<std::io::Result<()>>,
     writer: crate::store::WriterGuard,
+    link: Option<ControlLink>,
 ) -> anyhow::Result<()> {
     let ip_slots = IpSlots::new(shared.config.limits.connections_per_ip.get());
     let housekeeping = tokio::spawn(housekeeping(shared.relay.clone()));
@@ -198,6 +249,7 @@ async fn run(
 
     // Drain: stop taking connections, tell every agent when to come back, give them the
     // drain timeout to leave, then close what is left.
+    drop(link);
     ready.store(false, Ordering::Release);
     endpoint.set_server_config(None);
     let reconnect_after_ms = shared.config.shutdown.reconnect_after_ms();
@@ -257,14 +309,19 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming, _ip_sl
             return;
         }
     };
-    let Some(leaf) = connection
-        .peer_identity()
-        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
-        .and_then(|chain| tls::peer_identity(&chain))
-    else {
+    let chain = connection.peer_identity().and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok());
+    let Some(leaf) = chain.as_deref().and_then(|chain| tls::peer_identity(chain)) else {
         connection.close(close_code::PROTOCOL_VIOLATION.into(), b"no client certificate");
         return;
     };
+    // Every certificate of the chain, so revoking the org CA closes its agents too.
+    let serials = chain
+        .iter()
+        .flat_map(|chain| chain.iter())
+        .filter_map(|der| Certificate::from_der(der).ok())
+        .map(|certificate| certificate.serial())
+        .collect();
+    let _live = shared.live.insert(serials, connection.clone());
     let Role::Agent(agent) = leaf.role() else {
         connection.close(close_code::PROTOCOL_VIOLATION.into(), b"not an agent certificate");
         return;

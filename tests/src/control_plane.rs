@@ -23,8 +23,13 @@ const START_LINES_MAX: usize = 256;
 /// A `molt-control-plane` process on a fresh SQLite file in a directory, killed on drop.
 #[derive(Debug)]
 pub struct ControlPlane {
-    _process: Guard,
+    process: Option<Guard>,
     addr: SocketAddr,
+    /// The address of its gRPC service for edges, when started with one.
+    pub grpc_addr: Option<SocketAddr>,
+    dir: PathBuf,
+    /// Extra environment variables it runs with, again on restart.
+    environment: Vec<(String, String)>,
     /// The bootstrap admin credential it printed on its first start.
     pub token: String,
 }
@@ -32,32 +37,31 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// Starts the control plane with its database in `dir` and waits until it answers.
     pub fn start(dir: &Path) -> anyhow::Result<ControlPlane> {
-        ControlPlane::start_with_env(dir, &[])
+        ControlPlane::start_with(dir, None, &[])
     }
 
     /// As [`ControlPlane::start`], with extra environment variables (`MOLT_CP_*` settings).
     pub fn start_with_env(dir: &Path, environment: &[(&str, &str)]) -> anyhow::Result<ControlPlane> {
+        ControlPlane::start_with(dir, None, environment)
+    }
+
+    /// As [`ControlPlane::start`], also serving the edge gRPC service on a free port.
+    pub fn start_with_grpc(dir: &Path) -> anyhow::Result<ControlPlane> {
+        let (_, port) = free_ports();
+        ControlPlane::start_with(dir, Some(SocketAddr::from(([127, 0, 0, 1], port))), &[])
+    }
+
+    fn start_with(
+        dir: &Path,
+        grpc_addr: Option<SocketAddr>,
+        environment: &[(&str, &str)],
+    ) -> anyhow::Result<ControlPlane> {
+        let environment: Vec<(String, String)> =
+            environment.iter().map(|(name, value)| ((*name).to_owned(), (*value).to_owned())).collect();
         let (_, port) = free_ports();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let database = format!("sqlite:{}", dir.join("control-plane.db").display());
-        let mut command = Command::new(binary("molt-control-plane"));
-        command
-            .args(["--listen", &addr.to_string(), "--database-url", &database])
-            .current_dir(dir)
-            .env("NO_COLOR", "1")
-            .envs(environment.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut process = Guard(command.spawn().context("while starting molt-control-plane")?);
-        let stderr = process.0.stderr.take().context("stderr")?;
-        let (lines_tx, lines) = mpsc::sync_channel(START_LINES_MAX);
-        // Drains stderr for the life of the process, so it never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = lines_tx.try_send(line);
-            }
-        });
+        let (process, lines) = spawn(dir, addr, grpc_addr, &environment)?;
+        let mut process = process;
         let deadline = Instant::now() + START_TIMEOUT;
         let mut seen = String::new();
         let token = loop {
@@ -69,16 +73,80 @@ impl ControlPlane {
             seen.push_str(&line);
             seen.push('\n');
         };
-        while http_get(addr, "/healthz").map(|(status, _)| status).ok() != Some(200) {
-            ensure!(Instant::now() < deadline, "the control plane did not answer /healthz:\n{seen}");
-            if let Some(status) = process.0.try_wait()? {
-                bail!("the control plane exited with {status}:\n{seen}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(ControlPlane { _process: process, addr, token })
+        wait_healthy(&mut process, addr, deadline, &seen)?;
+        Ok(ControlPlane { process: Some(process), addr, grpc_addr, dir: dir.to_owned(), environment, token })
     }
 
+    /// Kills the process (the database stays).
+    pub fn stop(&mut self) {
+        self.process = None;
+    }
+
+    /// Starts the process again on the same database and addresses.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        let (mut process, _lines) = spawn(&self.dir, self.addr, self.grpc_addr, &self.environment)?;
+        wait_healthy(&mut process, self.addr, Instant::now() + START_TIMEOUT, "")?;
+        self.process = Some(process);
+        Ok(())
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Runs `query` on the control plane's SQLite database with the `sqlite3` tool; its
+    /// output, one row a line, columns separated by `|`.
+    pub fn sql(&self, query: &str) -> anyhow::Result<String> {
+        let output = Command::new("sqlite3").arg(self.dir.join("control-plane.db")).arg(query).output()?;
+        ensure!(output.status.success(), "sqlite3 {query:?}: {}", String::from_utf8_lossy(&output.stderr));
+        Ok(String::from_utf8(output.stdout)?)
+    }
+}
+
+fn spawn(
+    dir: &Path,
+    addr: SocketAddr,
+    grpc_addr: Option<SocketAddr>,
+    environment: &[(String, String)],
+) -> anyhow::Result<(Guard, mpsc::Receiver<String>)> {
+    let database = format!("sqlite:{}", dir.join("control-plane.db").display());
+    let mut command = Command::new(binary("molt-control-plane"));
+    command
+        .args(["--listen", &addr.to_string(), "--database-url", &database])
+        .current_dir(dir)
+        .env("NO_COLOR", "1")
+        .env_remove("MOLT_CP_GRPC_LISTEN")
+        .envs(environment.iter().map(|(name, value)| (name, value)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(grpc_addr) = grpc_addr {
+        command.env("MOLT_CP_GRPC_LISTEN", grpc_addr.to_string());
+    }
+    let mut process = Guard(command.spawn().context("while starting molt-control-plane")?);
+    let stderr = process.0.stderr.take().context("stderr")?;
+    let (lines_tx, lines) = mpsc::sync_channel(START_LINES_MAX);
+    // Drains stderr for the life of the process, so it never blocks on a full pipe.
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines_tx.try_send(line);
+        }
+    });
+    Ok((process, lines))
+}
+
+fn wait_healthy(process: &mut Guard, addr: SocketAddr, deadline: Instant, seen: &str) -> anyhow::Result<()> {
+    while http_get(addr, "/healthz").map(|(status, _)| status).ok() != Some(200) {
+        ensure!(Instant::now() < deadline, "the control plane did not answer /healthz:\n{seen}");
+        if let Some(status) = process.0.try_wait()? {
+            bail!("the control plane exited with {status}:\n{seen}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+impl ControlPlane {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }

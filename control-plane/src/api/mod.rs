@@ -6,6 +6,7 @@
 
 pub mod admin_keys;
 pub mod ca;
+pub mod enrollment;
 pub mod extract;
 pub mod keys;
 pub mod ledger;
@@ -112,6 +113,11 @@ impl AppState {
         ca::revoke_certificate,
         ca::get_crl,
         ca::trust_bundle,
+        enrollment::create_enrollment_token,
+        enrollment::list_enrollment_tokens,
+        enrollment::revoke_enrollment_token,
+        enrollment::enrollment_org,
+        enrollment::enroll_edge,
         registry::register_agent,
         registry::search_agents,
         registry::get_agent,
@@ -138,6 +144,7 @@ impl AppState {
         (name = "orgs", description = "Organisations"),
         (name = "certificate authority", description = "Org CAs, certificates, revocation, CRLs, trust bundle"),
         (name = "agent keys", description = "Key rotation, guardians and social recovery of agents"),
+        (name = "edge enrollment", description = "Enrollment tokens and the enrollment of new edges"),
         (name = "registry", description = "Agent registry: signed registration, heartbeats, search, agent cards"),
     )
 )]
@@ -181,6 +188,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/orgs/{id}/crl", get(ca::get_crl))
         .route("/v1/certificates/{serial}/revoke", post(ca::revoke_certificate))
         .route("/v1/trust-bundle", get(ca::trust_bundle))
+        .route(
+            "/v1/admin/enrollment-tokens",
+            post(enrollment::create_enrollment_token).get(enrollment::list_enrollment_tokens),
+        )
+        .route("/v1/admin/enrollment-tokens/{id}", delete(enrollment::revoke_enrollment_token))
+        .route("/v1/edges/enroll", post(enrollment::enroll_edge))
+        .route("/v1/edges/enroll/org", post(enrollment::enrollment_org))
         .route("/v1/agents", post(registry::register_agent).get(registry::search_agents))
         .route("/v1/agents/{id}", get(registry::get_agent).put(registry::update_agent))
         .route("/v1/agents/{id}/heartbeat", post(registry::heartbeat))

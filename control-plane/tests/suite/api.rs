@@ -271,6 +271,11 @@ async fn every_route_is_documented(fixture: &Fixture) {
         ("post", "/v1/certificates/{serial}/revoke"),
         ("get", "/v1/orgs/{id}/crl"),
         ("get", "/v1/trust-bundle"),
+        ("post", "/v1/admin/enrollment-tokens"),
+        ("get", "/v1/admin/enrollment-tokens"),
+        ("delete", "/v1/admin/enrollment-tokens/{id}"),
+        ("post", "/v1/edges/enroll/org"),
+        ("post", "/v1/edges/enroll"),
         ("post", "/v1/agents"),
         ("get", "/v1/agents"),
         ("get", "/v1/agents/{id}"),
@@ -311,8 +316,8 @@ async fn every_route_is_documented(fixture: &Fixture) {
         ("get", "/v1/admin/ledger/accounts/{id}"),
         ("get", "/v1/admin/ledger/audit"),
     ];
-    // Fetched by agents and edges without credentials.
-    let public = ["/v1/orgs/{id}/crl", "/v1/trust-bundle"];
+    // Fetched by agents and edges without credentials (enrollment: the token is the credential).
+    let public = ["/v1/orgs/{id}/crl", "/v1/trust-bundle", "/v1/edges/enroll", "/v1/edges/enroll/org"];
     let paths = document["paths"].as_object().expect("paths");
     let documented: usize = paths.values().map(|item| item.as_object().unwrap().len()).sum();
     assert_eq!(documented, routes.len(), "{paths:#?}");

@@ -11,12 +11,14 @@ use molt_control_plane::ca::{
 };
 use molt_control_plane::clock::{Clock, SystemClock};
 use molt_control_plane::grpc::proto::edge_control_client::EdgeControlClient;
-use molt_control_plane::grpc::proto::{LookupAgentRequest, PresenceReport, RegisterRequest, WatchTrustRequest};
+use molt_control_plane::grpc::proto::{
+    LookupAgentRequest, PresenceReport, RegisterRequest, RenewCertificateRequest, WatchTrustRequest,
+};
 use molt_control_plane::grpc::{self, GrpcServer};
 use molt_control_plane::ids::OrgId;
 use molt_control_plane::model::OrgName;
 use molt_control_plane::registry;
-use molt_protocol::cert::{ExpectedRole, Revocations, TrustAnchors};
+use molt_protocol::cert::{Certificate, ExpectedRole, Revocations, Role, TrustAnchors, verify_chain};
 use molt_protocol::ids::{AgentId, EdgeId};
 use molt_protocol::keys::SigningKey;
 use molt_protocol::time::UnixMillis;
@@ -35,6 +37,8 @@ crate::on_both_backends!(
     an_agent_certificate_is_refused_at_the_handshake,
     a_client_without_certificate_is_refused,
     a_malformed_agent_id_is_an_invalid_argument,
+    an_edge_renews_its_certificate_with_the_same_or_a_new_key,
+    a_renewal_with_a_bad_proof_or_a_revoked_certificate_is_refused,
 );
 
 /// Longest wait for a trust update; several poll intervals.
@@ -105,6 +109,15 @@ impl Harness {
         let identity = self.issue(LeafKind::Edge).await;
         let edge = EdgeId::from_inception_key(&identity.key.public_key());
         (edge, self.connect(self.client_config(&identity)).await.expect("connect as an edge"))
+    }
+}
+
+fn renew_request(org: &OrgId, key: &SigningKey, at: UnixMillis) -> RenewCertificateRequest {
+    let signature = key.sign(&ca::proof_message(LeafKind::Edge, org, &key.public_key(), at));
+    RenewCertificateRequest {
+        public_key: key.public_key().as_bytes().to_vec(),
+        timestamp_ms: at.0,
+        signature: signature.0.to_vec(),
     }
 }
 
@@ -204,6 +217,64 @@ async fn a_malformed_agent_id_is_an_invalid_argument(fixture: &Fixture) {
     let report = PresenceReport { connected_agents: vec!["agent:nope".into()], at_ms: 0 };
     let status = client.report_presence(report).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status}");
+}
+
+async fn an_edge_renews_its_certificate_with_the_same_or_a_new_key(fixture: &Fixture) {
+    let harness = Harness::new(fixture).await;
+    let identity = harness.issue(LeafKind::Edge).await;
+    let edge = EdgeId::from_inception_key(&identity.key.public_key());
+    let mut client = harness.connect(harness.client_config(&identity)).await.expect("connect");
+    let anchors = TrustAnchors::new(vec![harness.authority.root().clone()]).unwrap();
+
+    let same = client.renew_certificate(renew_request(&harness.org, &identity.key, SystemClock.now())).await;
+    let same = same.expect("renew with the same key").into_inner();
+    let new_key = SigningKey::generate(&mut rand::rngs::OsRng);
+    let rotated = client.renew_certificate(renew_request(&harness.org, &new_key, SystemClock.now())).await;
+    let rotated = rotated.expect("renew onto a new key").into_inner();
+    for (renewed, key) in [(&same, &identity.key), (&rotated, &new_key)] {
+        let chain: Vec<&[u8]> = renewed.chain.iter().map(Vec::as_slice).collect();
+        verify_chain(&chain, &anchors, &Revocations::default(), SystemClock.now(), ExpectedRole::AnyEdge)
+            .expect("the renewed chain verifies");
+        let leaf = Certificate::from_der(&renewed.chain[0]).unwrap();
+        assert_eq!(leaf.role(), Role::Edge(edge), "the edge id is kept");
+        assert_eq!(leaf.public_key(), key.public_key());
+        assert_ne!(leaf.serial(), identity.chain[0].serial());
+    }
+    // The new certificate works for the next connection.
+    let renewed = TlsIdentity {
+        chain: rotated.chain.iter().map(|der| Certificate::from_der(der).unwrap()).collect(),
+        key: new_key,
+    };
+    let mut again = harness.connect(harness.client_config(&renewed)).await.expect("connect with the renewed chain");
+    let registered = again.register(register_request()).await.expect("register").into_inner();
+    assert_eq!(registered.edge_id, edge.to_string());
+}
+
+async fn a_renewal_with_a_bad_proof_or_a_revoked_certificate_is_refused(fixture: &Fixture) {
+    let harness = Harness::new(fixture).await;
+    let identity = harness.issue(LeafKind::Edge).await;
+    let mut client = harness.connect(harness.client_config(&identity)).await.expect("connect");
+    let issued = fixture.count("certificates").await;
+    let other_org = OrgId::generate();
+    let now = SystemClock.now();
+    let mut forged = renew_request(&harness.org, &identity.key, now);
+    forged.public_key = SigningKey::generate(&mut rand::rngs::OsRng).public_key().as_bytes().to_vec();
+    let stale = renew_request(&harness.org, &identity.key, UnixMillis(now.0 - 10 * 60 * 1000));
+    let mut short = renew_request(&harness.org, &identity.key, now);
+    short.signature.truncate(10);
+    for request in [forged, stale, short, renew_request(&other_org, &identity.key, now)] {
+        let status = client.renew_certificate(request).await.expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status}");
+    }
+    assert_eq!(fixture.count("certificates").await, issued, "nothing issued");
+
+    ca::revoke(&harness.db, identity.chain[0].serial(), RevocationReason::KeyCompromise, SystemClock.now())
+        .await
+        .unwrap();
+    // The open connection was authenticated before the revocation; the record says no.
+    let status = client.renew_certificate(renew_request(&harness.org, &identity.key, now)).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status}");
+    assert_eq!(fixture.count("certificates").await, issued);
 }
 
 /// In TLS 1.3 the server judges the client certificate after the client's handshake

@@ -5,6 +5,7 @@
 mod api;
 mod ca;
 mod cards;
+mod enrollment;
 mod fixture;
 mod grpc;
 mod hsm_ca;

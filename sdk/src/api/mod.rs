@@ -14,6 +14,7 @@
 //! [`REQUEST_TIMEOUT`] (and connecting by [`CONNECT_TIMEOUT`]). Redirects are not followed,
 //! so neither a token nor a signature goes anywhere but the given URL.
 
+pub mod enrollment;
 mod keys;
 mod ledger;
 mod ledger_types;

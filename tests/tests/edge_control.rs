@@ -1,0 +1,302 @@
+//! An edge enrolled with a real control plane (`molt-edge enroll`, then `molt-edge` with
+//! its `[control_plane]` link), agents with certificates from the control plane's CA, all
+//! as real processes on loopback: registration and presence, revocation reaching live
+//! connections within two seconds, relaying on while the control plane is down, and the
+//! renewal of a short-lived edge certificate.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use molt_protocol::cert::{Certificate, TrustAnchors};
+use molt_protocol::frame::Frame;
+use molt_protocol::keys::{EncryptionSecret, SigningKey};
+use molt_protocol::request::{AGENT_PROOF_DOMAIN, possession_message};
+use molt_protocol::{EdgeId, UnixMillis};
+use molt_sdk::dev::AgentCard;
+use molt_sdk::{AgentIdentity, Client, ClientConfig, Directory};
+use molt_tests::control_plane::{Cli, ControlPlane, run};
+use molt_tests::{EdgeSetup, RawSession, TestAgent, binary, free_ports, http_json};
+use serde_json::json;
+
+/// The longest a revocation may take to close a live connection (the target).
+const REVOCATION_BUDGET: Duration = Duration::from_secs(2);
+/// Longest wait for anything eventual (registration, presence, reconnection).
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Federation {
+    dir: tempfile::TempDir,
+    cp: ControlPlane,
+    org: String,
+    edge_id: EdgeId,
+    edge: EdgeSetup,
+    anchors: Arc<TrustAnchors>,
+}
+
+impl Federation {
+    /// A control plane with gRPC, an org, and an edge enrolled with a token made by
+    /// `molt enrollment-token create` (with `token` as extra flags) and `link` appended to
+    /// its `[control_plane]` section.
+    fn new(token: &[&str], link: &str) -> Federation {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("cp")).unwrap();
+        let cp = ControlPlane::start_with_grpc(&dir.path().join("cp")).unwrap();
+        let (status, org) =
+            http_json(cp.addr(), "POST", "/v1/orgs", Some(&cp.token), Some(&json!({"name": "acme"}))).unwrap();
+        assert_eq!(status, 201, "{org}");
+        let org = org["id"].as_str().unwrap().to_owned();
+        let mut create = vec!["enrollment-token", "create", "--org", &org, "--region", "eu-west"];
+        create.extend_from_slice(token);
+        let created = cli(&cp, dir.path()).json(&create).unwrap();
+        assert_eq!(created["status"], "active", "{created}");
+
+        let edge_dir = dir.path().join("edge");
+        let mut enroll = std::process::Command::new(binary("molt-edge"));
+        enroll.args(["enroll", "--control-plane", &format!("http://{}", cp.addr())]);
+        enroll.args(["--token", created["token"].as_str().unwrap()]);
+        enroll.args(["--grpc-addr", &cp.grpc_addr.unwrap().to_string()]);
+        enroll.arg("--dir").arg(&edge_dir);
+        let (status, stdout, stderr) = run(enroll).unwrap();
+        assert!(status.success(), "molt-edge enroll: {stdout}{stderr}");
+
+        // The stub has no ports; give it free loopback ones, and the test's link settings.
+        let config = edge_dir.join("edge.toml");
+        let (quic_port, admin_port) = free_ports();
+        let text = std::fs::read_to_string(&config).unwrap().replace(
+            "[edge]\n",
+            &format!("[edge]\nlisten_addr = \"127.0.0.1:{quic_port}\"\nadmin_addr = \"127.0.0.1:{admin_port}\"\n"),
+        );
+        std::fs::write(&config, format!("{text}{link}\n")).unwrap();
+        let chain = read_chain(&edge_dir.join("edge.pem"));
+        let edge_id = match chain[0].role() {
+            molt_protocol::cert::Role::Edge(id) => id,
+            other => panic!("enrolled as {other:?}"),
+        };
+        let anchors = std::fs::read_to_string(edge_dir.join("trust-anchors.pem")).unwrap();
+        let anchors = Arc::new(TrustAnchors::from_pem(&anchors).unwrap());
+        let edge = EdgeSetup {
+            config,
+            quic_addr: SocketAddr::from(([127, 0, 0, 1], quic_port)),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+        };
+        Federation { dir, cp, org, edge_id, edge, anchors }
+    }
+
+    /// An agent with a certificate from the control plane; its serial.
+    fn agent(&self, name: &str) -> (TestAgent, String) {
+        let key = SigningKey::generate(&mut rand::rngs::OsRng);
+        let now = UnixMillis::now_from_system();
+        let signature = key.sign(&possession_message(AGENT_PROOF_DOMAIN, &self.org, &key.public_key(), now));
+        let body = json!({
+            "public_key": hex(key.public_key().as_bytes()),
+            "timestamp_ms": now.0,
+            "signature": hex(&signature.0),
+        });
+        let path = format!("/v1/orgs/{}/agents/certificates", self.org);
+        let (status, issued) = http_json(self.cp.addr(), "POST", &path, Some(&self.cp.token), Some(&body)).unwrap();
+        assert_eq!(status, 201, "{issued}");
+        let chain = Certificate::chain_from_pem(issued["chain_pem"].as_str().unwrap()).unwrap();
+        let identity =
+            Arc::new(AgentIdentity::new(chain, key, EncryptionSecret::generate(&mut rand::rngs::OsRng)).unwrap());
+        let card = AgentCard::from_identity(&identity, now);
+        let agent = TestAgent { dir: self.dir.path().join(name), identity, card };
+        (agent, issued["serial"].as_str().unwrap().to_owned())
+    }
+
+    async fn connect(&self, agent: &TestAgent, peers: &[&TestAgent]) -> Client {
+        let directory = Directory::new();
+        for peer in peers.iter().chain([&agent]) {
+            directory.insert(peer.id(), peer.identity.peer_keys());
+        }
+        let mut config = ClientConfig::new(agent.identity.clone(), self.anchors.clone(), self.edge.quic_addr);
+        config.backoff_min = Duration::from_millis(100);
+        config.backoff_max = Duration::from_secs(1);
+        Client::connect(config, directory).await.unwrap()
+    }
+
+    async fn raw(&self, agent: &TestAgent) -> anyhow::Result<RawSession> {
+        RawSession::connect(&agent.identity, self.anchors.clone(), self.edge.quic_addr).await
+    }
+
+    fn revoke(&self, serial: &str) {
+        let path = format!("/v1/certificates/{serial}/revoke");
+        let body = json!({ "reason": "key_compromise" });
+        let (status, revoked) = http_json(self.cp.addr(), "POST", &path, Some(&self.cp.token), Some(&body)).unwrap();
+        assert_eq!(status, 200, "{revoked}");
+    }
+
+    /// Polls the control plane's database until `query` prints `expected`.
+    async fn until_sql(&self, query: &str, expected: &str) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let got = self.cp.sql(query).unwrap_or_default();
+            if got.trim() == expected {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{query} printed {got:?}, expected {expected:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn cli(cp: &ControlPlane, dir: &std::path::Path) -> Cli {
+    Cli { api: cp.url(), token: Some(cp.token.clone()), dir: dir.to_owned() }
+}
+
+fn read_chain(path: &std::path::Path) -> Vec<Certificate> {
+    Certificate::chain_from_pem(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// `from` sends to `to`, which receives it.
+async fn exchange(from: &mut Client, to: &mut Client, to_id: molt_protocol::AgentId, text: &[u8]) {
+    tokio::time::timeout(WAIT, from.send(to_id, text)).await.expect("sent in time").expect("sent");
+    let message = tokio::time::timeout(WAIT, to.recv()).await.expect("received in time").expect("client open");
+    assert_eq!(message.plaintext, text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enrolled_edge_registers_reports_presence_and_closes_revoked_connections_within_two_seconds() {
+    let net = Federation::new(&[], "");
+    let _edge = net.edge.spawn().unwrap();
+    let edge = net.edge_id.to_string();
+    net.until_sql("SELECT id || '|' || region FROM edges", &format!("{edge}|eu-west")).await;
+    let tokens = cli(&net.cp, net.dir.path()).json(&["enrollment-token", "list"]).unwrap();
+    assert_eq!(tokens["items"][0]["status"], "used", "{tokens}");
+    assert_eq!(tokens["items"][0]["used_by_edge"], edge.as_str());
+    assert!(!tokens.to_string().contains("molt_enroll_"), "a list shows no secret");
+
+    let (alice, _) = net.agent("alice");
+    let (bob, _) = net.agent("bob");
+    let (carol, carol_serial) = net.agent("carol");
+    let mut a = net.connect(&alice, &[&bob]).await;
+    let mut b = net.connect(&bob, &[&alice]).await;
+    exchange(&mut a, &mut b, bob.id(), b"hello through an enrolled edge").await;
+    let carol_session = net.raw(&carol).await.expect("carol connects before the revocation");
+    let mut present = [alice.id().to_string(), bob.id().to_string(), carol.id().to_string()];
+    present.sort();
+    let query = format!("SELECT agent_id FROM edge_presence WHERE edge_id = '{edge}' ORDER BY agent_id");
+    net.until_sql(&query, &present.join("\n")).await;
+
+    let revoked_at = Instant::now();
+    net.revoke(&carol_serial);
+    let closed = tokio::time::timeout(WAIT, carol_session.connection.closed()).await.expect("carol is disconnected");
+    let elapsed = revoked_at.elapsed();
+    println!("revocation propagation: {} ms from the revoke request to the closed connection", elapsed.as_millis());
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, quinn::VarInt::from_u32(molt_edge::relay::close_code::REVOKED));
+            assert_eq!(&close.reason[..], molt_edge::live::REVOKED_REASON);
+        }
+        other => panic!("closed for another reason: {other}"),
+    }
+    assert!(elapsed <= REVOCATION_BUDGET, "revocation took {elapsed:?}, more than {REVOCATION_BUDGET:?}");
+    assert!(net.raw(&carol).await.is_err(), "a revoked agent cannot connect again");
+    exchange(&mut b, &mut a, alice.id(), b"the others are untouched").await;
+    let mut remaining = [alice.id().to_string(), bob.id().to_string()];
+    remaining.sort();
+    net.until_sql(&query, &remaining.join("\n")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_relays_on_without_the_control_plane_and_catches_up_when_it_returns() {
+    let link = "presence_interval_ms = 300\nreconnect_backoff_min_ms = 100\nreconnect_backoff_max_ms = 500";
+    let mut net = Federation::new(&[], link);
+    let mut edge = net.edge.spawn().unwrap();
+    let id = net.edge_id.to_string();
+    net.until_sql(&format!("SELECT COUNT(*) FROM edges WHERE id = '{id}'"), "1").await;
+    let (alice, _) = net.agent("alice");
+    let (bob, _) = net.agent("bob");
+    let (dave, dave_serial) = net.agent("dave");
+    let mut a = net.connect(&alice, &[&bob]).await;
+    let mut b = net.connect(&bob, &[&alice]).await;
+    exchange(&mut a, &mut b, bob.id(), b"before").await;
+
+    net.cp.stop();
+    exchange(&mut a, &mut b, bob.id(), b"the control plane is down").await;
+    // A restart while it is down starts from the cached bundle and serves known agents.
+    edge.kill9();
+    drop((a, b));
+    let edge = net.edge.spawn().expect("the edge starts without its control plane");
+    let mut a = net.connect(&alice, &[&bob]).await;
+    let mut b = net.connect(&bob, &[&alice]).await;
+    exchange(&mut b, &mut a, alice.id(), b"after an edge restart").await;
+    let dave_session = net.raw(&dave).await.expect("a known agent connects while the control plane is down");
+
+    let restarted = UnixMillis::now_from_system().0;
+    net.cp.restart().unwrap();
+    let seen = format!("SELECT last_seen_ms > {restarted} FROM edges WHERE id = '{id}'");
+    net.until_sql(&seen, "1").await;
+    // Caught up: a revocation made now reaches the edge.
+    net.revoke(&dave_serial);
+    let closed = tokio::time::timeout(WAIT, dave_session.connection.closed()).await.expect("dave is disconnected");
+    assert!(matches!(closed, quinn::ConnectionError::ApplicationClosed(_)), "{closed}");
+    exchange(&mut a, &mut b, bob.id(), b"after").await;
+    drop(edge);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_lived_edge_certificate_is_renewed_before_it_expires() {
+    // 60 s certificates (plus the CA's 5-minute backdate: a lifetime of 6 minutes), renewed
+    // when less than 16 % (57.6 s) is left: about 2.4 s after each issuance.
+    let link = "renew_at_remaining_percent = 16\nrenew_check_interval_ms = 200";
+    let net = Federation::new(&["--certificate-validity-secs", "60"], link);
+    let chain_path = net.edge.config.with_file_name("edge.pem");
+    let first = read_chain(&chain_path).remove(0);
+    let _edge = net.edge.spawn().unwrap();
+    let (alice, _) = net.agent("alice");
+    let mut before = net.raw(&alice).await.expect("alice connects with the first certificate");
+    assert_eq!(served_serial(&before), first.serial());
+
+    let deadline = Instant::now() + WAIT;
+    let renewed = loop {
+        let leaf = read_chain(&chain_path).remove(0);
+        if leaf.serial() != first.serial() {
+            break leaf;
+        }
+        assert!(Instant::now() < deadline, "the certificate was not renewed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(renewed.role(), first.role(), "the same edge id");
+    assert_eq!(renewed.public_key(), first.public_key(), "the same key");
+    assert!(renewed.validity().not_after.0 > first.validity().not_after.0);
+    ping(&mut before).await;
+
+    // Past the first certificate's end, new connections still succeed.
+    while UnixMillis::now_from_system().0 <= first.validity().not_after.0 + 1_000 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let after = net.raw(&alice).await.expect("a new connection after the first certificate expired");
+    assert_ne!(served_serial(&after), first.serial());
+}
+
+/// The connection answers a ping: it survived the certificate swap.
+async fn ping(session: &mut RawSession) {
+    session.send.write_all(&Frame::Ping(9).encode()).await.unwrap();
+    let mut reader = molt_protocol::frame::FrameReader::new();
+    let pong = tokio::time::timeout(WAIT, async {
+        loop {
+            let chunk = session.recv.read_chunk(65536, true).await.unwrap().expect("stream open");
+            reader.extend(&chunk.bytes);
+            if let Some(frame) = reader.next_frame().unwrap() {
+                return frame;
+            }
+        }
+    })
+    .await
+    .expect("a pong");
+    assert_eq!(pong, Frame::Pong(9), "the connection made before the renewal still works");
+}
+
+/// Serial of the certificate the edge presented on this connection.
+fn served_serial(session: &RawSession) -> molt_protocol::cert::Serial {
+    let chain = session
+        .connection
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+        .expect("the edge's chain");
+    Certificate::from_der(&chain[0]).unwrap().serial()
+}
