@@ -52,6 +52,7 @@ impl Harness {
         let options = CaOptions {
             key_encryption_key: KekSource::Value(KeyEncryptionKey::generate()),
             root: RootSource::Generated,
+            pkcs11: None,
         };
         let authority = Arc::new(Authority::load(&fixture.db, &options, "postgres://unused", T0).await.unwrap());
         let clock = Arc::new(ManualClock::new(T0));
