@@ -139,13 +139,73 @@ pub struct PayArgs {
     #[command(flatten)]
     pub agent: AgentDirArgs,
     /// The recipient (`agent-…`); its wallet must be open.
-    #[arg(long, value_name = "AGENT_ID")]
-    pub to: AgentId,
-    #[arg(value_name = "AMOUNT", value_parser = positive_amount, allow_hyphen_values = true, help = AMOUNT_HELP)]
-    pub amount: Credits,
+    #[arg(long, value_name = "AGENT_ID", required_unless_present = "batch", conflicts_with = "batch")]
+    pub to: Option<AgentId>,
+    #[arg(
+        value_name = "AMOUNT",
+        value_parser = positive_amount,
+        allow_hyphen_values = true,
+        help = AMOUNT_HELP,
+        required_unless_present = "batch",
+        conflicts_with = "batch"
+    )]
+    pub amount: Option<Credits>,
     /// The payment's idempotency key; a random one is made (and printed) without it.
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", conflicts_with = "batch")]
     pub id: Option<TransferKey>,
+    /// Pay many in one transaction: a JSON array of {"to", "amount", "id", "linked"} (1 to
+    /// 1000 payments; `-` reads standard input). Each payment gets its own result; a
+    /// `linked` one succeeds or fails together with the next.
+    #[arg(long, value_name = "FILE")]
+    pub batch: Option<std::path::PathBuf>,
+}
+
+/// Largest payments in one `--batch` (the server's limit).
+pub const PAY_BATCH_MAX: usize = 1000;
+/// Largest `--batch` file read.
+const PAY_BATCH_FILE_BYTES_MAX: u64 = 1024 * 1024;
+
+/// One payment of a `--batch` file.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchLine {
+    to: AgentId,
+    amount: String,
+    id: Option<String>,
+    #[serde(default)]
+    linked: bool,
+}
+
+/// Reads and checks a `--batch` file completely before anything is sent.
+fn read_batch(path: &std::path::Path) -> anyhow::Result<Vec<Payment>> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    let reader: Box<dyn std::io::Read> = if path == std::path::Path::new("-") {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(std::fs::File::open(path).with_context(|| format!("while opening {}", path.display()))?)
+    };
+    reader.take(PAY_BATCH_FILE_BYTES_MAX + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > PAY_BATCH_FILE_BYTES_MAX {
+        bail!("{} is larger than {PAY_BATCH_FILE_BYTES_MAX} bytes", path.display());
+    }
+    let lines: Vec<BatchLine> =
+        serde_json::from_slice(&bytes).with_context(|| format!("while reading the batch {}", path.display()))?;
+    if lines.is_empty() || lines.len() > PAY_BATCH_MAX {
+        bail!("a batch has 1 to {PAY_BATCH_MAX} payments, {} has {}", path.display(), lines.len());
+    }
+    lines
+        .into_iter()
+        .enumerate()
+        .map(|(index, line)| {
+            let amount = positive_amount(&line.amount).map_err(|error| anyhow::anyhow!("payment {index}: {error}"))?;
+            let key = match line.id {
+                Some(id) => id.parse().map_err(|error| anyhow::anyhow!("payment {index}: id {id:?}: {error}"))?,
+                None => TransferKey::random(),
+            };
+            Ok(Payment { key, to: line.to, amount, linked: line.linked })
+        })
+        .collect()
 }
 
 fn pay_long_about() -> String {
@@ -159,7 +219,8 @@ AMOUNT: {AMOUNT_HELP}.
 Examples:
   molt pay --agent-dir alice --to agent-… 1.5
   molt pay --agent-dir alice --to agent-… 250u --id invoice-42
-  molt pay --agent-dir alice --to agent-… 250u --id invoice-42   # same answer, paid once"
+  molt pay --agent-dir alice --to agent-… 250u --id invoice-42   # same answer, paid once
+  molt pay --agent-dir alice --batch payroll.json   # [{{\"to\": \"agent-…\", \"amount\": \"1.5\", \"id\": \"p-1\"}}, …]"
     )
 }
 
@@ -167,12 +228,61 @@ pub async fn run_pay(args: PayArgs) -> anyhow::Result<()> {
     let api = &args.api;
     let client = api.client()?;
     let keys = args.agent.keys()?;
+    if let Some(path) = &args.batch {
+        return run_pay_batch(api, &client, &credentials(&keys), path).await;
+    }
+    // Invariant: clap requires --to and AMOUNT without --batch.
+    let (to, amount) = args.to.zip(args.amount).expect("clap requires --to and AMOUNT without --batch");
     let (key, generated) = key_or_random(args.id);
-    let payment = Payment { key: key.clone(), to: args.to, amount: args.amount, linked: false };
+    let payment = Payment { key: key.clone(), to, amount, linked: false };
     let transfer = client.pay(&credentials(&keys), &payment).await.with_context(|| retry_hint(&key, generated))?;
     api.print(&transfer, |transfer| {
-        format!("paid {} credits to {} (id {key}, journal entry {})", transfer.amount, args.to, transfer.seq)
+        format!("paid {} credits to {to} (id {key}, journal entry {})", transfer.amount, transfer.seq)
     });
+    Ok(())
+}
+
+/// Sends a batch; prints every result; fails (exit 1) if any payment was refused.
+async fn run_pay_batch(
+    api: &ApiArgs,
+    client: &molt_sdk::api::ApiClient,
+    agent: &AgentCredentials,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    let payments = read_batch(path)?;
+    let results = client
+        .pay_batch(agent, &payments)
+        .await
+        .context("the batch may or may not have been applied; the payments and their ids are listed below")
+        .inspect_err(|_| {
+            for payment in &payments {
+                eprintln!("  {} -> {}: id {}", payment.amount, payment.to, payment.key);
+            }
+        })?;
+    let refused = results.results.iter().filter(|item| item.transfer.is_none()).count();
+    api.print(&results, |results| {
+        let mut text = String::new();
+        for (item, payment) in results.results.iter().zip(&payments) {
+            match (&item.transfer, &item.code) {
+                (Some(transfer), _) => text.push_str(&format!(
+                    "paid {} credits to {} (id {}, journal entry {})\n",
+                    transfer.amount, payment.to, payment.key, transfer.seq
+                )),
+                (None, code) => text.push_str(&format!(
+                    "refused {} credits to {} (id {}): {}\n",
+                    payment.amount,
+                    payment.to,
+                    payment.key,
+                    code.as_deref().unwrap_or("refused")
+                )),
+            }
+        }
+        text.push_str(&format!("{} paid, {refused} refused\n", results.results.len() - refused));
+        text
+    });
+    if refused > 0 {
+        bail!("{refused} of {} payments were refused", results.results.len());
+    }
     Ok(())
 }
 
@@ -788,7 +898,7 @@ mod tests {
 
     fn paid_amount(amount: &str) -> Result<u64, String> {
         match parse(&["pay", "--agent-dir", "a", "--to", AGENT, amount])?.command {
-            Command::Pay(args) => Ok(args.amount.micros()),
+            Command::Pay(args) => Ok(args.amount.expect("an amount").micros()),
             other => panic!("parsed as {other:?}"),
         }
     }

@@ -125,6 +125,27 @@ fn credits_flow_through_the_cli() -> anyhow::Result<()> {
     let human = agents.stdout(&["wallet", "history", "--agent-dir", "alice", "--limit", "1000"])?;
     ensure!(human.contains("+100.000000") && human.contains("-1.500000") && human.contains("payment"), "{human}");
 
+    // A batch: one transaction, a result per payment, idempotent as a whole.
+    let batch = temp.path().join("batch.json");
+    let lines =
+        format!(r#"[{{"to": "{bob}", "amount": "1", "id": "b-1"}}, {{"to": "{bob}", "amount": "2u", "id": "b-2"}}]"#);
+    std::fs::write(&batch, lines)?;
+    let batch_arg = batch.to_str().context("utf-8 path")?;
+    let paid = agents.json(&["pay", "--agent-dir", "alice", "--batch", batch_arg])?;
+    let results = paid["results"].as_array().context("results")?;
+    ensure!(results.len() == 2 && results.iter().all(|item| item["transfer"].is_object()), "{paid}");
+    ensure!(agents.json(&["pay", "--agent-dir", "alice", "--batch", batch_arg])? == paid, "a resent batch pays once");
+    ensure!(balance(&agents, "bob")? == 13_750_002, "bob was paid the batch once");
+    std::fs::write(&batch, format!(r#"[{{"to": "{bob}", "amount": "1u"}}, {{"to": "{bob}", "amount": "1000000"}}]"#))?;
+    let partly = agents.fails(&["pay", "--agent-dir", "alice", "--batch", batch_arg])?;
+    ensure!(partly.contains("1 of 2 payments were refused"), "{partly}");
+    std::fs::write(&batch, format!(r#"[{{"to": "{bob}", "amount": "-1"}}]"#))?;
+    let malformed = agents.fails(&["pay", "--agent-dir", "alice", "--batch", batch_arg])?;
+    ensure!(malformed.contains("payment 0"), "{malformed}");
+    ensure!(balance(&agents, "bob")? == 13_750_003, "only the valid payment of the partial batch was paid");
+    let both = agents.fails_with(2, &["pay", "--agent-dir", "alice", "--to", &bob, "1", "--batch", batch_arg])?;
+    ensure!(both.contains("cannot be used with"), "{both}");
+
     // The fee, and the audit of everything above.
     ensure!(admin.json(&["ledger", "fee-set", "25"])?["fee_bps"] == 25);
     ensure!(admin.stdout(&["ledger", "fee"])?.contains("25 bps (0.25 %)"));
