@@ -404,6 +404,28 @@ pub async fn revoke_due(db: &Database, now: UnixMillis) -> Result<usize, KeysErr
     Ok(rows.len())
 }
 
+/// Revokes every valid certificate of `agent` now with `reason` (an agent revoked in the
+/// registry keeps no certificate); returns how many were due. Idempotent: the schedule is
+/// written first, so a crash leaves the rest to the worker.
+pub async fn revoke_agent_certificates(
+    db: &Database,
+    agent: AgentId,
+    reason: RevocationReason,
+    now: UnixMillis,
+) -> Result<usize, KeysError> {
+    sqlx::query(
+        "UPDATE certificates SET revoke_at_ms = $1, revoke_reason = $2 \
+         WHERE kind = 'agent' AND subject_id = $3 AND revoked_at_ms IS NULL",
+    )
+    .bind(to_db(now))
+    .bind(reason.as_str())
+    .bind(agent.to_string())
+    .execute(db.pool())
+    .await
+    .map_err(query_error("scheduling an agent's revocations"))?;
+    revoke_due(db, now).await
+}
+
 /// The revocation worker; stops when dropped.
 #[derive(Debug)]
 pub struct RevocationWorker {

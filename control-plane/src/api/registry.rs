@@ -332,7 +332,8 @@ pub async fn import_agent_card(
     Ok((StatusCode::OK, Json(agent_body(&agent, now))))
 }
 
-/// Revokes an agent: it leaves reads and search, and its signed requests are refused.
+/// Revokes an agent: it leaves reads and search, its signed requests are refused, and its
+/// certificates are revoked (reason `cessation_of_operation`), so edges refuse it too.
 /// Idempotent: later calls change nothing and return the first revocation time.
 #[utoipa::path(post, path = "/v1/agents/{id}/revoke", tag = "registry",
     params(("id" = String, Path, description = "Agent id")),
@@ -352,7 +353,11 @@ pub async fn revoke_agent(
     let id: AgentId = id.parse().map_err(|_| {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_agent_id", "the path does not name an agent id (agent-…)")
     })?;
-    registry::revoke(&state.db, id, state.clock.now()).await.map_err(write_error)?;
+    let now = state.clock.now();
+    registry::revoke(&state.db, id, now).await.map_err(write_error)?;
+    crate::keys::revoke_agent_certificates(&state.db, id, crate::ca::RevocationReason::CessationOfOperation, now)
+        .await
+        .map_err(|error| ApiError::internal(&error))?;
     let agent = read_agent(&state, id).await?;
     // Invariant: `registry::revoke` succeeded, so the agent is revoked.
     let revoked_at = agent.revoked_at.expect("a revoked agent has a revocation time");

@@ -38,6 +38,7 @@ crate::on_both_backends!(
     the_current_key_cancels_a_recovery,
     concurrent_approvals_reach_the_threshold_once,
     bad_guardian_sets_and_recovery_requests_are_refused,
+    revoking_an_agent_revokes_its_certificates,
 );
 
 const T0: UnixMillis = UnixMillis(1_700_000_000_000);
@@ -671,4 +672,25 @@ async fn bad_guardian_sets_and_recovery_requests_are_refused(fixture: &Fixture) 
         StatusCode::NOT_FOUND,
         "no_guardians",
     );
+}
+
+async fn revoking_an_agent_revokes_its_certificates(fixture: &Fixture) {
+    let harness = Harness::new(fixture).await;
+    let alice = harness.certified_agent("alice").await;
+    let bob = harness.certified_agent("bob").await;
+    let (status, _) = harness.rotate(&alice, &new_key(), Some(3600)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(live_serials(fixture, alice.id).await.len(), 1);
+    let uri = format!("/v1/agents/{}/revoke", alice.id);
+    for _ in 0..2 {
+        let (status, body) = harness.admin(Method::POST, &uri, Value::Null).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let certs = certificates(fixture, alice.id).await;
+    assert_eq!(certs.len(), 2);
+    for (serial, revoked, reason, _) in &certs {
+        assert!(revoked.is_some(), "{serial} is revoked with the agent");
+        assert_eq!(reason.as_deref(), Some("cessation_of_operation"), "the overlap's schedule is overridden");
+    }
+    assert_eq!(live_serials(fixture, bob.id).await.len(), 1, "other agents keep theirs");
 }
