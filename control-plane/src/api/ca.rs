@@ -16,8 +16,8 @@ use super::extract::{ApiJson, Authorized, RequiredScope};
 use super::problem::{ApiError, Problem};
 use crate::auth::Scope;
 use crate::ca::{
-    Authority, CrlError, DNS_NAMES_MAX, IssueCertificateError, LeafKind, OrgCaError, PossessionProof, ProofError,
-    RevocationReason, RevokeError,
+    Authority, CrlError, DNS_NAMES_MAX, IssueCertificateError, IssuedCertificate, LeafKind, OrgCaError,
+    PossessionProof, ProofError, RevocationReason, RevokeError,
 };
 use crate::ids::OrgId;
 
@@ -274,20 +274,24 @@ async fn issue(
         other => ApiError::internal(&other),
     })?;
     tracing::info!(key = %authorized.key_id, serial = %issued.certificate.serial(), "certificate issued by admin request");
-    let validity = issued.certificate.validity();
-    let certificate_pem = issued.certificate.to_pem();
-    Ok((
-        StatusCode::CREATED,
-        Json(IssuedCertificateBody {
+    Ok((StatusCode::CREATED, Json(IssuedCertificateBody::new(&issued, request.kind))))
+}
+
+impl IssuedCertificateBody {
+    /// The answer for a certificate just issued.
+    pub(super) fn new(issued: &IssuedCertificate, kind: LeafKind) -> IssuedCertificateBody {
+        let validity = issued.certificate.validity();
+        let certificate_pem = issued.certificate.to_pem();
+        IssuedCertificateBody {
             serial: issued.certificate.serial().to_string(),
-            kind: request.kind.as_str().to_owned(),
-            subject_id: issued.subject_id,
+            kind: kind.as_str().to_owned(),
+            subject_id: issued.subject_id.clone(),
             chain_pem: format!("{certificate_pem}{}", issued.org_ca.to_pem()),
             certificate_pem,
             not_before_ms: validity.not_before.0,
             not_after_ms: validity.not_after.0,
-        }),
-    ))
+        }
+    }
 }
 
 fn decode_hex(text: &str) -> Option<Vec<u8>> {

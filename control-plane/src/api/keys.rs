@@ -17,7 +17,7 @@ use super::ca::{IssuedCertificateBody, authority};
 use super::problem::{ApiError, Problem};
 use super::registry::{own_agent, parse_json};
 use crate::agent_auth::{AuthenticatedAgent, SignedRequest};
-use crate::ca::IssuedCertificate;
+use crate::ca::LeafKind;
 use crate::ids::RecoveryId;
 use crate::keys::{self, KeysError, ROTATION_OVERLAP_DEFAULT, Recovery, RotationRequest};
 
@@ -191,20 +191,6 @@ fn parse_recovery_id(id: &str) -> Result<RecoveryId, ApiError> {
     id.parse().map_err(|_| ApiError::new(StatusCode::NOT_FOUND, "recovery_not_found", "no such recovery"))
 }
 
-fn certificate_body(issued: &IssuedCertificate) -> IssuedCertificateBody {
-    let validity = issued.certificate.validity();
-    let certificate_pem = issued.certificate.to_pem();
-    IssuedCertificateBody {
-        serial: issued.certificate.serial().to_string(),
-        kind: "agent".to_owned(),
-        subject_id: issued.subject_id.clone(),
-        chain_pem: format!("{certificate_pem}{}", issued.org_ca.to_pem()),
-        certificate_pem,
-        not_before_ms: validity.not_before.0,
-        not_after_ms: validity.not_after.0,
-    }
-}
-
 fn recovery_body(recovery: &Recovery) -> RecoveryBody {
     RecoveryBody {
         id: recovery.id.as_str().to_owned(),
@@ -285,7 +271,7 @@ pub async fn rotate_key(
         Json(RotationBody {
             agent_id: agent.to_string(),
             epoch: rotation.epoch,
-            certificate: certificate_body(&rotation.issued),
+            certificate: IssuedCertificateBody::new(&rotation.issued, LeafKind::Agent),
             previous_key_until_ms: rotation.previous_key_until.0,
             superseded_serials: rotation.superseded.iter().map(ToString::to_string).collect(),
         }),
@@ -522,5 +508,8 @@ pub async fn complete_recovery(
     signed.verify(&found.new_key, &state.db, now).await?;
     let (completed, issued) =
         keys::complete_recovery(&state.db, ca, agent, &recovery, now).await.map_err(keys_error)?;
-    Ok(Json(CompletedRecoveryBody { recovery: recovery_body(&completed), certificate: certificate_body(&issued) }))
+    Ok(Json(CompletedRecoveryBody {
+        recovery: recovery_body(&completed),
+        certificate: IssuedCertificateBody::new(&issued, LeafKind::Agent),
+    }))
 }
