@@ -64,6 +64,9 @@ pub const REGION_BYTES_MAX: usize = 64;
 pub const VERSION_BYTES_MAX: usize = 64;
 pub const QUIC_ADDRS_MAX: usize = 16;
 pub const PRESENCE_AGENTS_MAX: usize = 100_000;
+/// An edge that has not registered or reported presence for this long is not named as
+/// any agent's home edge.
+pub const PRESENCE_STALE_AFTER: Duration = Duration::from_secs(120);
 /// The reserved org under which the control plane's own TLS certificate is issued.
 pub const CONTROL_PLANE_ORG: &str = "molt-control-plane";
 /// ALPN of gRPC over TLS.
@@ -228,21 +231,28 @@ impl EdgeControl for EdgeControlService {
         if request.quic_addrs.len() > QUIC_ADDRS_MAX {
             return Err(Status::invalid_argument(format!("at most {QUIC_ADDRS_MAX} QUIC addresses")));
         }
-        if let Some(bad) = request.quic_addrs.iter().find(|addr| addr.parse::<SocketAddr>().is_err()) {
+        if request.peer_addrs.len() > QUIC_ADDRS_MAX {
+            return Err(Status::invalid_argument(format!("at most {QUIC_ADDRS_MAX} peer addresses")));
+        }
+        let all_addrs = request.quic_addrs.iter().chain(&request.peer_addrs);
+        if let Some(bad) = all_addrs.into_iter().find(|addr| addr.parse::<SocketAddr>().is_err()) {
             return Err(Status::invalid_argument(format!("{bad:?} is not a host:port socket address")));
         }
         let now = to_db(self.clock.now());
         let addrs = serde_json::to_string(&request.quic_addrs).map_err(|_| Status::internal("encoding addresses"))?;
+        let peer_addrs =
+            serde_json::to_string(&request.peer_addrs).map_err(|_| Status::internal("encoding addresses"))?;
         sqlx::query(
-            "INSERT INTO edges (id, region, quic_addrs, version, registered_at_ms, last_seen_ms) \
-             VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT (id) DO UPDATE SET region = $2, quic_addrs = $3, \
-             version = $4, last_seen_ms = $5",
+            "INSERT INTO edges (id, region, quic_addrs, version, registered_at_ms, last_seen_ms, peer_addrs) \
+             VALUES ($1, $2, $3, $4, $5, $5, $6) ON CONFLICT (id) DO UPDATE SET region = $2, quic_addrs = $3, \
+             version = $4, last_seen_ms = $5, peer_addrs = $6",
         )
         .bind(edge.to_string())
         .bind(request.region.clone())
         .bind(addrs)
         .bind(request.version)
         .bind(now)
+        .bind(peer_addrs)
         .execute(self.db.pool())
         .await
         .map_err(internal("recording the edge"))?;
@@ -366,11 +376,14 @@ impl EdgeControl for EdgeControlService {
         if registered.as_ref().is_some_and(|agent| agent.revoked_at.is_some()) {
             return Ok(Response::new(proto::LookupAgentResponse::default()));
         }
+        // An edge silent for longer than PRESENCE_STALE_AFTER is taken to be gone.
+        let seen_since = to_db(self.clock.now()).saturating_sub(PRESENCE_STALE_AFTER.as_millis() as i64);
         let row = sqlx::query(
-            "SELECT p.edge_id AS edge_id, e.quic_addrs AS quic_addrs FROM edge_presence p \
-             JOIN edges e ON e.id = p.edge_id WHERE p.agent_id = $1",
+            "SELECT p.edge_id AS edge_id, e.quic_addrs AS quic_addrs, e.peer_addrs AS peer_addrs \
+             FROM edge_presence p JOIN edges e ON e.id = p.edge_id WHERE p.agent_id = $1 AND e.last_seen_ms >= $2",
         )
         .bind(agent.to_string())
+        .bind(seen_since)
         .fetch_optional(self.db.pool())
         .await
         .map_err(internal("reading presence"))?;
@@ -379,12 +392,16 @@ impl EdgeControl for EdgeControlService {
         let addrs: String = row.try_get("quic_addrs").map_err(internal("reading presence"))?;
         let edge_quic_addrs: Vec<String> =
             serde_json::from_str(&addrs).map_err(|_| Status::internal("reading edge addresses"))?;
+        let peer_addrs: String = row.try_get("peer_addrs").map_err(internal("reading presence"))?;
+        let edge_peer_addrs: Vec<String> =
+            serde_json::from_str(&peer_addrs).map_err(|_| Status::internal("reading edge addresses"))?;
         let key_binding = registered.and_then(|agent| agent.profile.key_binding).map(|b| b.encode());
         Ok(Response::new(proto::LookupAgentResponse {
             found: true,
             home_edge_id,
             edge_quic_addrs,
             key_binding: key_binding.unwrap_or_default(),
+            edge_peer_addrs,
         }))
     }
 }

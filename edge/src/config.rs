@@ -88,6 +88,20 @@ pub const DEFAULT_RENEW_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 /// Bounds of `control_plane.renew_check_interval_ms`.
 pub const RENEW_CHECK_INTERVAL_MIN: Duration = Duration::from_millis(100);
 pub const RENEW_CHECK_INTERVAL_MAX: Duration = Duration::from_secs(3600);
+/// Default time a presence answer from the control plane is used before it is asked again.
+pub const DEFAULT_PRESENCE_FRESH: Duration = Duration::from_secs(2);
+/// Bounds of `federation.presence_fresh_ms`.
+pub const PRESENCE_FRESH_MIN: Duration = Duration::from_millis(100);
+pub const PRESENCE_FRESH_MAX: Duration = Duration::from_secs(600);
+/// Default interval of the hand-off of buffered messages to the edge their recipient
+/// is connected to now.
+pub const DEFAULT_HANDOFF_INTERVAL: Duration = Duration::from_millis(500);
+/// Bounds of `federation.handoff_interval_ms`.
+pub const HANDOFF_INTERVAL_MIN: Duration = Duration::from_millis(50);
+pub const HANDOFF_INTERVAL_MAX: Duration = Duration::from_secs(60);
+/// Default and largest number of requests queued on one edge-to-edge link.
+pub const DEFAULT_LINK_QUEUE_DEPTH: NonZeroUsize = nonzero_usize(8192);
+pub const LINK_QUEUE_DEPTH_MAX: usize = 65_536;
 
 const DEFAULT_MESSAGES_PER_MINUTE: NonZeroU32 = nonzero_u32(limits::DEFAULT_MESSAGES_PER_MINUTE);
 const DEFAULT_MESSAGES_PER_HOUR: NonZeroU32 = nonzero_u32(limits::DEFAULT_MESSAGES_PER_HOUR);
@@ -119,6 +133,11 @@ const _: () = assert!(RENEW_AT_REMAINING_PERCENT_MIN <= DEFAULT_RENEW_AT_REMAINI
 const _: () = assert!(DEFAULT_RENEW_AT_REMAINING_PERCENT <= RENEW_AT_REMAINING_PERCENT_MAX);
 const _: () = assert!(RENEW_CHECK_INTERVAL_MIN.as_millis() <= DEFAULT_RENEW_CHECK_INTERVAL.as_millis());
 const _: () = assert!(DEFAULT_RENEW_CHECK_INTERVAL.as_millis() <= RENEW_CHECK_INTERVAL_MAX.as_millis());
+const _: () = assert!(PRESENCE_FRESH_MIN.as_millis() <= DEFAULT_PRESENCE_FRESH.as_millis());
+const _: () = assert!(DEFAULT_PRESENCE_FRESH.as_millis() <= PRESENCE_FRESH_MAX.as_millis());
+const _: () = assert!(HANDOFF_INTERVAL_MIN.as_millis() <= DEFAULT_HANDOFF_INTERVAL.as_millis());
+const _: () = assert!(DEFAULT_HANDOFF_INTERVAL.as_millis() <= HANDOFF_INTERVAL_MAX.as_millis());
+const _: () = assert!(DEFAULT_LINK_QUEUE_DEPTH.get() <= LINK_QUEUE_DEPTH_MAX);
 
 /// The edge's validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,6 +158,25 @@ pub struct EdgeConfig {
     pub log: LogConfig,
     /// `[control_plane]`: the gRPC link to the control plane; `None` runs standalone.
     pub control_plane: Option<ControlPlaneConfig>,
+    /// `[federation]`: links to other edges; `None` routes only between local agents.
+    /// Needs `[control_plane]`, whose presence data says where agents are.
+    pub federation: Option<FederationConfig>,
+}
+
+/// The `[federation]` section: edge-to-edge QUIC links (ALPN `molt-edge/1`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FederationConfig {
+    /// UDP address other edges connect to (`listen_addr`).
+    pub listen_addr: SocketAddr,
+    /// Address other edges are told to dial; the bound address if absent.
+    pub advertise_addr: Option<SocketAddr>,
+    /// How long a presence answer is used before the control plane is asked again (a
+    /// stale answer is still used while the control plane cannot be reached).
+    pub presence_fresh: Duration,
+    /// How often buffered messages are checked for a recipient connected elsewhere.
+    pub handoff_interval: Duration,
+    /// Requests queued on one link before senders are told to wait (stored locally).
+    pub link_queue_depth: NonZeroUsize,
 }
 
 /// The `[control_plane]` section. Durations come from the `*_ms` keys of the same name.
@@ -575,7 +613,8 @@ impl fmt::Display for LogFormat {
 // ---------------------------------------------------------------------------------------
 // Known keys, for unknown-key detection and suggestions.
 
-const SECTION_KEYS: &[&str] = &["edge", "identity", "trust", "limits", "buffer", "shutdown", "log", "control_plane"];
+const SECTION_KEYS: &[&str] =
+    &["edge", "identity", "trust", "limits", "buffer", "shutdown", "log", "control_plane", "federation"];
 const EDGE_KEYS: &[&str] = &["listen_addr", "admin_addr", "data_dir", "region"];
 const IDENTITY_KEYS: &[&str] = &["certificate_chain", "key_source", "private_key", "pkcs11"];
 const PKCS11_KEYS: &[&str] = &["module", "token_label", "key_label", "pin_env", "pin_file"];
@@ -609,6 +648,8 @@ const CONTROL_PLANE_KEYS: &[&str] = &[
     "renew_at_remaining_percent",
     "renew_check_interval_ms",
 ];
+const FEDERATION_KEYS: &[&str] =
+    &["listen_addr", "advertise_addr", "presence_fresh_ms", "handoff_interval_ms", "link_queue_depth"];
 
 /// Every table of the file with its keys, to suggest a key that lives in another table.
 const ALL_TABLES: &[(&str, &[&str])] = &[
@@ -623,6 +664,7 @@ const ALL_TABLES: &[(&str, &[&str])] = &[
     ("shutdown", SHUTDOWN_KEYS),
     ("log", LOG_KEYS),
     ("control_plane", CONTROL_PLANE_KEYS),
+    ("federation", FEDERATION_KEYS),
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -642,6 +684,17 @@ struct ConfigFile {
     shutdown: ShutdownFile,
     log: LogFile,
     control_plane: Option<ControlPlaneFile>,
+    federation: Option<FederationFile>,
+}
+
+#[derive(Debug, Default)]
+struct FederationFile {
+    listen_addr: Raw<String>,
+    advertise_addr: Raw<String>,
+    presence_fresh_ms: Raw<i64>,
+    handoff_interval_ms: Raw<i64>,
+    link_queue_depth: Raw<i64>,
+    span: Option<Span>,
 }
 
 #[derive(Debug, Default)]
@@ -768,6 +821,7 @@ fn read_file<'t>(root: &DeTable<'t>, report: &mut Report<'t>) -> ConfigFile {
     let shutdown = top.table("shutdown");
     let log = top.table("log");
     let control_plane = top.table("control_plane");
+    let federation = top.table("federation");
     top.finish();
 
     let mut r = TableReader::section(report, "edge", edge, EDGE_KEYS);
@@ -820,8 +874,9 @@ fn read_file<'t>(root: &DeTable<'t>, report: &mut Report<'t>) -> ConfigFile {
     r.finish();
 
     let control_plane = control_plane.table.is_some().then(|| read_control_plane(report, control_plane));
+    let federation = federation.table.is_some().then(|| read_federation(report, federation));
 
-    ConfigFile { edge, identity, trust, limits, buffer, shutdown, log, control_plane }
+    ConfigFile { edge, identity, trust, limits, buffer, shutdown, log, control_plane, federation }
 }
 
 /// `private_key` is required for a file key; `[identity.pkcs11]` for a PKCS#11 key.
@@ -890,6 +945,20 @@ fn read_control_plane<'t>(report: &mut Report<'t>, at: TableAt<'_, 't>) -> Contr
         reconnect_backoff_max_ms: r.integer("reconnect_backoff_max_ms"),
         renew_at_remaining_percent: r.integer("renew_at_remaining_percent"),
         renew_check_interval_ms: r.integer("renew_check_interval_ms"),
+    };
+    r.finish();
+    file
+}
+
+fn read_federation<'t>(report: &mut Report<'t>, at: TableAt<'_, 't>) -> FederationFile {
+    let mut r = TableReader::section(report, "federation", at, FEDERATION_KEYS);
+    let file = FederationFile {
+        listen_addr: r.required_string("listen_addr"),
+        advertise_addr: r.string("advertise_addr"),
+        presence_fresh_ms: r.integer("presence_fresh_ms"),
+        handoff_interval_ms: r.integer("handoff_interval_ms"),
+        link_queue_depth: r.integer("link_queue_depth"),
+        span: at.span.map(|(start, end)| start..end),
     };
     r.finish();
     file
@@ -1042,6 +1111,47 @@ fn validate(file: &ConfigFile, base_dir: &Path, report: &mut Report<'_>) -> Edge
         shutdown: validate_shutdown(&file.shutdown, report),
         log: validate_log(&file.log, report),
         control_plane: file.control_plane.as_ref().map(|file| validate_control_plane(file, base_dir, report)),
+        federation: file.federation.as_ref().map(|federation| {
+            if file.control_plane.is_none() {
+                let reason = "edge-to-edge links need [control_plane]: its presence data says where agents are".into();
+                report.push(Some("federation".into()), federation.span.clone(), ProblemKind::InvalidValue { reason });
+            }
+            validate_federation(federation, report)
+        }),
+    }
+}
+
+fn socket_address(text: &str) -> Result<SocketAddr, String> {
+    text.parse::<SocketAddr>().map_err(|_| {
+        format!("invalid socket address {text:?}: expected an IP address and port, e.g. \"10.0.0.1:7701\"")
+    })
+}
+
+fn validate_federation(file: &FederationFile, report: &mut Report<'_>) -> FederationConfig {
+    FederationConfig {
+        listen_addr: report
+            .convert("federation.listen_addr", &file.listen_addr, socket_address)
+            .unwrap_or(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))),
+        advertise_addr: report.convert("federation.advertise_addr", &file.advertise_addr, socket_address),
+        presence_fresh: report
+            .millis(
+                "federation.presence_fresh_ms",
+                &file.presence_fresh_ms,
+                millis_of(PRESENCE_FRESH_MIN)..=millis_of(PRESENCE_FRESH_MAX),
+            )
+            .unwrap_or(DEFAULT_PRESENCE_FRESH),
+        handoff_interval: report
+            .millis(
+                "federation.handoff_interval_ms",
+                &file.handoff_interval_ms,
+                millis_of(HANDOFF_INTERVAL_MIN)..=millis_of(HANDOFF_INTERVAL_MAX),
+            )
+            .unwrap_or(DEFAULT_HANDOFF_INTERVAL),
+        link_queue_depth: report
+            .integer("federation.link_queue_depth", &file.link_queue_depth, 1..=LINK_QUEUE_DEPTH_MAX as u64)
+            .and_then(|depth| usize::try_from(depth).ok())
+            .and_then(NonZeroUsize::new)
+            .unwrap_or(DEFAULT_LINK_QUEUE_DEPTH),
     }
 }
 
@@ -1631,7 +1741,7 @@ anchors = "root.pem"
                 let assignment = format!("\n{key} = ");
                 let header = format!("[{table}.{key}]");
                 // The PKCS#11 table is the alternative to `private_key`: shown commented out.
-                let commented = matches!(*table, "identity.pkcs11" | "control_plane")
+                let commented = matches!(*table, "identity.pkcs11" | "control_plane" | "federation")
                     && reference.contains(&format!("\n# {key} = "));
                 assert!(
                     commented
@@ -1853,6 +1963,39 @@ level = "warn,molt_edge=debug"
         );
         assert_eq!(link.renew_at_remaining_percent, 33);
         assert_eq!(link.renew_check_interval, DEFAULT_RENEW_CHECK_INTERVAL);
+    }
+
+    #[test]
+    fn federation_section_gets_its_defaults_and_needs_the_control_plane() {
+        assert_eq!(parse(MINIMAL, base()).unwrap().federation, None);
+        let link = "[control_plane]\ngrpc_addr = \"10.0.0.1:7443\"\ntrust_anchor = \"cp.pem\"\n";
+        let text = with_minimal(&format!("{link}[federation]\nlisten_addr = \"0.0.0.0:4434\"\n"));
+        let federation = parse(&text, base()).unwrap().federation.expect("federation");
+        assert_eq!(federation.listen_addr, "0.0.0.0:4434".parse().unwrap());
+        assert_eq!(federation.advertise_addr, None);
+        assert_eq!(federation.presence_fresh, DEFAULT_PRESENCE_FRESH);
+        assert_eq!(federation.handoff_interval, DEFAULT_HANDOFF_INTERVAL);
+        assert_eq!(federation.link_queue_depth, DEFAULT_LINK_QUEUE_DEPTH);
+
+        let alone = with_minimal("[federation]\nlisten_addr = \"0.0.0.0:4434\"\n");
+        let keys: Vec<String> = problems(&alone).into_iter().filter_map(|problem| problem.key).collect();
+        assert_eq!(keys, ["federation"]);
+
+        let bad = with_minimal(&format!(
+            "{link}[federation]\nadvertise_addr = \"edge.example:1\"\npresence_fresh_ms = 99\n\
+             handoff_interval_ms = 60001\nlink_queue_depth = 65537\nlisten = 1\n"
+        ));
+        let keys: Vec<String> = problems(&bad).into_iter().filter_map(|problem| problem.key).collect();
+        for key in [
+            "federation.listen_addr",
+            "federation.advertise_addr",
+            "federation.presence_fresh_ms",
+            "federation.handoff_interval_ms",
+            "federation.link_queue_depth",
+            "federation.listen",
+        ] {
+            assert!(keys.iter().any(|found| found == key), "{key} not reported in {keys:?}");
+        }
     }
 
     #[test]

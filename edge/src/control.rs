@@ -85,6 +85,25 @@ pub struct LinkContext {
     pub tls: Arc<LiveTls>,
     pub trust: Arc<TrustKeeper>,
     pub relay: Arc<Relay>,
+    /// Where other edges reach this one (`[federation]`), if it takes links.
+    pub peer_addr: Option<SocketAddr>,
+    /// The connected client, shared with the presence lookups of edge-to-edge routing.
+    pub client: Arc<ControlClient>,
+}
+
+/// The control plane's gRPC client while the link is up; `None` while it is down, so
+/// lookups fail at once instead of waiting for a dead connection.
+#[derive(Debug, Default)]
+pub struct ControlClient(std::sync::RwLock<Option<EdgeControlClient<Channel>>>);
+
+impl ControlClient {
+    pub fn get(&self) -> Option<EdgeControlClient<Channel>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, client: Option<EdgeControlClient<Channel>>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = client;
+    }
 }
 
 impl ControlLink {
@@ -182,6 +201,7 @@ async fn run(context: Arc<LinkContext>) {
             Ok(never) => match never {},
             Err(error) => error,
         };
+        context.client.set(None);
         tracing::warn!(%error, after_ms = started.elapsed().as_millis() as u64, "control plane link down; reconnecting");
         let jitter = rand::thread_rng().gen_range(0.5..=1.0);
         tokio::time::sleep(backoff.mul_f64(jitter)).await;
@@ -199,8 +219,10 @@ async fn connection(context: &LinkContext, backoff: &mut Duration) -> Result<Nev
         region: context.region.clone(),
         quic_addrs: vec![advertised.to_string()],
         version: env!("CARGO_PKG_VERSION").to_owned(),
+        peer_addrs: context.peer_addr.iter().map(ToString::to_string).collect(),
     };
     let registered = call("Register", client.register(register)).await?;
+    context.client.set(Some(client.clone()));
     tracing::info!(edge = %context.edge_id, bundle_sequence = registered.trust_bundle_sequence, "registered with the control plane");
     *backoff = context.config.reconnect_backoff_min;
 

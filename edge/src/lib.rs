@@ -11,6 +11,7 @@ pub mod admin;
 pub mod config;
 pub mod control;
 pub mod enroll;
+pub mod federation;
 pub mod identity;
 pub mod live;
 pub mod metrics;

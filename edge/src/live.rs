@@ -32,6 +32,8 @@ pub struct LiveTls {
     configured_revocations: Revocations,
     anchors: RwLock<Arc<TrustAnchors>>,
     revocations: SharedRevocations,
+    /// The edge-to-edge endpoint, which gets the same identity and roots for edge peers.
+    peer_endpoint: RwLock<Option<quinn::Endpoint>>,
 }
 
 impl std::fmt::Debug for LiveTls {
@@ -57,7 +59,44 @@ impl LiveTls {
             configured_revocations,
             anchors: RwLock::new(Arc::new(anchors)),
             revocations,
+            peer_endpoint: RwLock::new(None),
         }
+    }
+
+    /// The roots handshakes are checked against now.
+    pub fn anchors(&self) -> Arc<TrustAnchors> {
+        Arc::clone(&self.anchors.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Keeps the edge-to-edge endpoint's server config in step with the agent endpoint's.
+    pub fn attach_peer_endpoint(&self, endpoint: quinn::Endpoint) {
+        *self.peer_endpoint.write().unwrap_or_else(|p| p.into_inner()) = Some(endpoint);
+    }
+
+    /// The QUIC server config of the edge-to-edge endpoint: edge certificates only.
+    pub fn peer_server_config(&self) -> anyhow::Result<quinn::ServerConfig> {
+        let tls = tls::server_config_with_signer(
+            &self.identity(),
+            self.anchors(),
+            Arc::clone(&self.revocations),
+            ExpectedRole::AnyEdge,
+            tls::ALPN_EDGE_LINK,
+        )
+        .context("while building the edge-to-edge tls configuration")?;
+        crate::federation::quic_server_config(tls)
+    }
+
+    /// The QUIC client config for a link to the edge `peer`.
+    pub fn peer_client_config(&self, peer: molt_protocol::EdgeId) -> anyhow::Result<quinn::ClientConfig> {
+        let tls = tls::client_config_with_signer(
+            &self.identity(),
+            self.anchors(),
+            Arc::clone(&self.revocations),
+            ExpectedRole::Edge(peer),
+            tls::ALPN_EDGE_LINK,
+        )
+        .context("while building the edge-to-edge tls configuration")?;
+        crate::federation::quic_client_config(tls)
     }
 
     /// The edge's current certificate chain and key.
@@ -103,10 +142,9 @@ impl LiveTls {
     /// Builds the QUIC server config from the current identity, roots and revocations.
     pub fn server_config(&self) -> anyhow::Result<quinn::ServerConfig> {
         let identity = self.identity();
-        let anchors = Arc::clone(&self.anchors.read().unwrap_or_else(|p| p.into_inner()));
         let tls = tls::server_config_with_signer(
             &identity,
-            anchors,
+            self.anchors(),
             Arc::clone(&self.revocations),
             ExpectedRole::AnyAgent,
             tls::ALPN_AGENT,
@@ -117,6 +155,9 @@ impl LiveTls {
 
     fn install(&self) -> anyhow::Result<()> {
         self.endpoint.set_server_config(Some(self.server_config()?));
+        if let Some(peers) = self.peer_endpoint.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            peers.set_server_config(Some(self.peer_server_config()?));
+        }
         Ok(())
     }
 }

@@ -40,13 +40,25 @@ pub const DELIVERY_LATENCY_SECONDS: &str = "molt_edge_delivery_latency_seconds";
 /// Counter: connections refused, labelled with [`LABEL_REASON`].
 pub const CONNECTIONS_REFUSED_TOTAL: &str = "molt_edge_connections_refused_total";
 
+/// Counter: messages and receipts passed to other edges, labelled with [`LABEL_OUTCOME`].
+pub const PEER_FORWARDED_TOTAL: &str = "molt_edge_peer_forwarded_total";
+/// Counter: messages and receipts taken from other edges.
+pub const PEER_RECEIVED_TOTAL: &str = "molt_edge_peer_received_total";
+/// Counter: buffered records handed to the edge their recipient is connected to.
+pub const HANDOFFS_TOTAL: &str = "molt_edge_handoffs_total";
+/// Gauge: open links to other edges (dialled by this edge).
+pub const PEER_LINKS: &str = "molt_edge_peer_links";
+
 /// Label of [`REJECTED_TOTAL`]: the protocol error code sent to the agent.
 pub const LABEL_CODE: &str = "code";
 /// Label of [`CONNECTIONS_REFUSED_TOTAL`]: why the connection was refused.
 pub const LABEL_REASON: &str = "reason";
+/// Label of [`PEER_FORWARDED_TOTAL`]: `accepted`, `rejected` or `kept` (stored here
+/// because the link failed).
+pub const LABEL_OUTCOME: &str = "outcome";
 
 /// Every metric name, for checks and dashboards.
-pub const ALL: [&str; 12] = [
+pub const ALL: [&str; 16] = [
     CONNECTIONS,
     MESSAGES_RECEIVED_TOTAL,
     MESSAGES_DELIVERED_TOTAL,
@@ -59,6 +71,10 @@ pub const ALL: [&str; 12] = [
     BUFFER_CAPACITY_BYTES,
     DELIVERY_LATENCY_SECONDS,
     CONNECTIONS_REFUSED_TOTAL,
+    PEER_FORWARDED_TOTAL,
+    PEER_RECEIVED_TOTAL,
+    HANDOFFS_TOTAL,
+    PEER_LINKS,
 ];
 
 /// Bucket bounds of [`DELIVERY_LATENCY_SECONDS`]: 100 µs to 10 s.
@@ -147,6 +163,10 @@ pub fn describe() {
         "Seconds from a message's arrival at the edge to its delivery."
     );
     describe_counter!(CONNECTIONS_REFUSED_TOTAL, Unit::Count, "Connections refused, by reason.");
+    describe_counter!(PEER_FORWARDED_TOTAL, Unit::Count, "Messages and receipts passed to other edges, by outcome.");
+    describe_counter!(PEER_RECEIVED_TOTAL, Unit::Count, "Messages and receipts taken from other edges.");
+    describe_counter!(HANDOFFS_TOTAL, Unit::Count, "Buffered records handed to the recipient's current edge.");
+    describe_gauge!(PEER_LINKS, Unit::Count, "Open links to other edges.");
 }
 
 const _: () = assert!(!DELIVERY_LATENCY_BUCKETS_SECONDS.is_empty());

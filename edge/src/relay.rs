@@ -19,7 +19,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::metrics as names;
@@ -31,6 +31,7 @@ use molt_protocol::replay::{ReplayError, ReplayWindow, check_time};
 use molt_protocol::{AgentId, MessageId, UnixMillis};
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 
+use crate::federation::{Federation, LINK_ANSWER_TIMEOUT, LinkAnswer, Whereabouts};
 use crate::ratelimit::MessageLimiter;
 use crate::store::{OfflineStore, PutOutcome, RecordKind, StoreError};
 
@@ -82,6 +83,21 @@ pub enum Outbound {
         outcome: oneshot::Receiver<Result<PutOutcome, StoreError>>,
         wake: Option<Arc<Session>>,
     },
+    /// Answer with another edge's answer; if it does not come, buffer the message here.
+    Remote {
+        message_id: MessageId,
+        answer: oneshot::Receiver<LinkAnswer>,
+        fallback: Fallback,
+    },
+}
+
+/// What is needed to buffer a message here when the edge it was passed to does not answer.
+#[derive(Debug)]
+pub struct Fallback {
+    store: OfflineStore,
+    recipient: AgentId,
+    expires_at: UnixMillis,
+    bytes: Vec<u8>,
 }
 
 struct Inflight {
@@ -143,6 +159,7 @@ pub struct Relay {
     replay: Mutex<ReplayWindow>,
     sessions: RwLock<HashMap<AgentId, Vec<Arc<Session>>>>,
     next_session_id: AtomicU64,
+    federation: OnceLock<Arc<Federation>>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -171,7 +188,18 @@ impl Relay {
             limiter,
             sessions: RwLock::new(HashMap::new()),
             next_session_id: AtomicU64::new(1),
+            federation: OnceLock::new(),
         })
+    }
+
+    /// Routes messages for agents connected elsewhere through `federation` from now on.
+    pub fn set_federation(&self, federation: Arc<Federation>) {
+        let _ = self.federation.set(federation);
+    }
+
+    /// Whether `agent` has a session here.
+    pub fn has_session(&self, agent: &AgentId) -> bool {
+        self.primary(agent).is_some()
     }
 
     pub fn config(&self) -> &RelayConfig {
@@ -352,6 +380,15 @@ impl Relay {
     async fn route(&self, sender: &Arc<Session>, candidate: Candidate) {
         let Candidate { bytes, message_id, recipient, expires_at, .. } = candidate;
         let target = self.primary(&recipient);
+        if target.is_none()
+            && let Some(federation) = self.federation.get()
+            && let Whereabouts::Elsewhere { edge, addrs } = federation.whereabouts(recipient).await
+            && let Some(answer) = federation.forward(edge, &addrs, bytes.clone())
+        {
+            let fallback = Fallback { store: self.store.clone(), recipient, expires_at, bytes };
+            let _ = sender.outbound.send(Outbound::Remote { message_id, answer, fallback }).await;
+            return;
+        }
         if let Some(target) = &target
             && target.direct.load(Ordering::Acquire)
         {
@@ -428,7 +465,29 @@ impl Relay {
             self.store.delete(session.agent, RecordKind::Envelope, receipt.message_id).await;
         }
         metrics::counter!(names::MESSAGES_DELIVERED_TOTAL).increment(1);
-        match self.primary(&receipt.sender) {
+        let sender = self.primary(&receipt.sender);
+        if sender.is_none()
+            && let Some(federation) = self.federation.get()
+            && let Whereabouts::Elsewhere { edge, addrs } = federation.whereabouts(receipt.sender).await
+            && let Some(answer) = federation.forward_receipt(edge, &addrs, bytes.clone())
+        {
+            // The sender's edge takes it; if the link fails first, keep it here for the
+            // hand-off.
+            let store = self.store.clone();
+            let retention = self.config.retention;
+            tokio::spawn(async move {
+                if !matches!(tokio::time::timeout(LINK_ANSWER_TIMEOUT, answer).await, Ok(Ok(LinkAnswer::Accepted(_)))) {
+                    let expires_at = UnixMillis::now_from_system().saturating_add(retention);
+                    let kept =
+                        store.put(receipt.sender, RecordKind::Receipt, receipt.message_id, expires_at, bytes).await;
+                    if let Err(error) = kept {
+                        tracing::warn!(message_id = %receipt.message_id, %error, "could not keep a receipt");
+                    }
+                }
+            });
+            return true;
+        }
+        match sender {
             Some(sender) if sender.try_send(Frame::Receipt(bytes.clone())) => {}
             _ => {
                 // The sender is away or busy: keep the receipt for it. Receipts are
@@ -442,6 +501,66 @@ impl Relay {
             }
         }
         true
+    }
+
+    /// Takes an envelope another edge passed on: buffers it durably for its recipient,
+    /// answers after the fsync, and wakes the recipient's session if it has one here.
+    /// Returns false if the link's answer queue is closed.
+    pub async fn accept_from_edge(&self, bytes: Vec<u8>, answers: &mpsc::Sender<Outbound>, now: UnixMillis) -> bool {
+        let header = match EnvelopeView::decode(&bytes) {
+            Ok(view) => view.header,
+            Err(error) => {
+                let frame = Frame::Rejected {
+                    message_id: MessageId::from_bytes([0; 16]),
+                    code: RejectCode::Malformed,
+                    detail: error.to_string(),
+                };
+                return answers.send(Outbound::Frame(frame)).await.is_ok();
+            }
+        };
+        let refusal = if header.expires_at() <= now {
+            Some((RejectCode::Expired, "the message expired".to_owned()))
+        } else if header.timestamp > now.saturating_add(self.config.clock_skew) {
+            Some((RejectCode::FromFuture, "the message is dated in the future".to_owned()))
+        } else {
+            None
+        };
+        if let Some((code, detail)) = refusal {
+            let frame = Frame::Rejected { message_id: header.message_id, code, detail };
+            return answers.send(Outbound::Frame(frame)).await.is_ok();
+        }
+        let expires_at = header.expires_at().min(now.saturating_add(self.config.retention));
+        let wake = self.primary(&header.recipient);
+        let outcome =
+            self.store.put_deferred(header.recipient, RecordKind::Envelope, header.message_id, expires_at, bytes).await;
+        answers.send(Outbound::AfterCommit { message_id: header.message_id, outcome, wake }).await.is_ok()
+    }
+
+    /// Takes a receipt another edge passed on: hands it to the sender's session here, or
+    /// buffers it for the sender. Returns false if the link's answer queue is closed.
+    pub async fn receipt_from_edge(&self, bytes: Vec<u8>, answers: &mpsc::Sender<Outbound>, now: UnixMillis) -> bool {
+        let receipt = match Receipt::decode(&bytes) {
+            Ok(receipt) => receipt,
+            Err(error) => {
+                let frame = Frame::Rejected {
+                    message_id: MessageId::from_bytes([0; 16]),
+                    code: RejectCode::Malformed,
+                    detail: error.to_string(),
+                };
+                return answers.send(Outbound::Frame(frame)).await.is_ok();
+            }
+        };
+        let sender = self.primary(&receipt.sender);
+        if let Some(sender) = &sender
+            && sender.try_send(Frame::Receipt(bytes.clone()))
+        {
+            let frame = Frame::Accepted { message_id: receipt.message_id, disposition: Disposition::Forwarded };
+            return answers.send(Outbound::Frame(frame)).await.is_ok();
+        }
+        let expires_at = now.saturating_add(self.config.retention);
+        let outcome =
+            self.store.put_deferred(receipt.sender, RecordKind::Receipt, receipt.message_id, expires_at, bytes).await;
+        answers.send(Outbound::AfterCommit { message_id: receipt.message_id, outcome, wake: sender }).await.is_ok()
     }
 
     /// Hands `session` its stored backlog, in order, while it stays the agent's primary
@@ -632,30 +751,54 @@ async fn encode_outbound(item: Outbound, buffer: &mut Vec<u8>) {
             Frame::Deliver(bytes).encode_into(buffer);
         }
         Outbound::AfterCommit { message_id, outcome, wake } => {
-            let frame = match outcome.await {
-                Ok(Ok(PutOutcome::Stored)) => Frame::Accepted { message_id, disposition: Disposition::Stored },
-                Ok(Ok(PutOutcome::Duplicate)) => Frame::Rejected {
-                    message_id,
-                    code: RejectCode::Duplicate,
-                    detail: "message is already buffered".into(),
-                },
-                Ok(Err(error @ (StoreError::RecipientQueueFull { .. } | StoreError::BufferFull))) => {
-                    Frame::Rejected { message_id, code: RejectCode::QueueFull, detail: error.to_string() }
-                }
-                Ok(Err(error)) => Frame::Rejected { message_id, code: RejectCode::Internal, detail: error.to_string() },
-                Err(_) => Frame::Rejected {
-                    message_id,
-                    code: RejectCode::ShuttingDown,
-                    detail: "edge is shutting down".into(),
-                },
-            };
-            if let Frame::Rejected { code, .. } = &frame {
-                metrics::counter!(names::REJECTED_TOTAL, names::LABEL_CODE => format!("{code:?}")).increment(1);
-            }
+            let frame = stored_answer(message_id, outcome.await.ok());
             frame.encode_into(buffer);
             if let Some(session) = wake {
                 session.wake_drain.notify_one();
             }
         }
+        Outbound::Remote { message_id, answer, fallback } => {
+            let frame = match tokio::time::timeout(LINK_ANSWER_TIMEOUT, answer).await {
+                Ok(Ok(LinkAnswer::Accepted(disposition))) => {
+                    metrics::counter!(names::PEER_FORWARDED_TOTAL, names::LABEL_OUTCOME => "accepted").increment(1);
+                    Frame::Accepted { message_id, disposition }
+                }
+                Ok(Ok(LinkAnswer::Rejected { code, detail })) => {
+                    metrics::counter!(names::PEER_FORWARDED_TOTAL, names::LABEL_OUTCOME => "rejected").increment(1);
+                    metrics::counter!(names::REJECTED_TOTAL, names::LABEL_CODE => format!("{code:?}")).increment(1);
+                    Frame::Rejected { message_id, code, detail }
+                }
+                Ok(Err(_)) | Err(_) => {
+                    // The link failed or stalled: keep the message here; the hand-off
+                    // passes it on once the recipient's edge can be reached.
+                    metrics::counter!(names::PEER_FORWARDED_TOTAL, names::LABEL_OUTCOME => "kept").increment(1);
+                    let Fallback { store, recipient, expires_at, bytes } = fallback;
+                    let kept = store.put(recipient, RecordKind::Envelope, message_id, expires_at, bytes).await;
+                    stored_answer(message_id, Some(kept))
+                }
+            };
+            frame.encode_into(buffer);
+        }
     }
+}
+
+/// The answer to a message once the buffer has decided; `None` if the buffer closed.
+fn stored_answer(message_id: MessageId, outcome: Option<Result<PutOutcome, StoreError>>) -> Frame {
+    let frame = match outcome {
+        Some(Ok(PutOutcome::Stored)) => Frame::Accepted { message_id, disposition: Disposition::Stored },
+        Some(Ok(PutOutcome::Duplicate)) => {
+            Frame::Rejected { message_id, code: RejectCode::Duplicate, detail: "message is already buffered".into() }
+        }
+        Some(Err(error @ (StoreError::RecipientQueueFull { .. } | StoreError::BufferFull))) => {
+            Frame::Rejected { message_id, code: RejectCode::QueueFull, detail: error.to_string() }
+        }
+        Some(Err(StoreError::Closed)) | None => {
+            Frame::Rejected { message_id, code: RejectCode::ShuttingDown, detail: "edge is shutting down".into() }
+        }
+        Some(Err(error)) => Frame::Rejected { message_id, code: RejectCode::Internal, detail: error.to_string() },
+    };
+    if let Frame::Rejected { code, .. } = &frame {
+        metrics::counter!(names::REJECTED_TOTAL, names::LABEL_CODE => format!("{code:?}")).increment(1);
+    }
+    frame
 }

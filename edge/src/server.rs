@@ -19,7 +19,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::config::EdgeConfig;
-use crate::control::{ControlLink, LinkContext, TrustKeeper};
+use crate::control::{ControlClient, ControlLink, LinkContext, TrustKeeper};
+use crate::federation::{self, Federation};
 use crate::identity::{load_anchors, load_identity, load_revocations};
 use crate::live::{LiveConnections, LiveTls};
 use crate::ratelimit::{AgentSlots, IpSlots, MessageLimiter, MessageLimits, Slot};
@@ -46,6 +47,7 @@ pub struct EdgeHandle {
     pub edge_id: EdgeId,
     quic_addr: SocketAddr,
     admin_addr: SocketAddr,
+    peer_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -58,6 +60,11 @@ impl EdgeHandle {
 
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// The UDP address other edges link to, when `[federation]` is configured.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer_addr
     }
 
     /// Tells agents to reconnect elsewhere or later, waits for them to leave (at most the
@@ -166,7 +173,30 @@ impl Edge {
             let _ = admin_stop.wait_for(|stop| *stop).await;
         }));
 
-        tracing::info!(edge_id = %identity.edge_id, %quic_addr, %admin_addr, region = %config.edge.region, "edge is serving");
+        let control_client = Arc::new(ControlClient::default());
+        let federation = match &config.federation {
+            Some(federation) => {
+                let federation = Federation::bind(
+                    identity.edge_id,
+                    federation.clone(),
+                    Arc::clone(&live_tls),
+                    Arc::clone(&control_client),
+                )?;
+                relay.set_federation(Arc::clone(&federation));
+                Some(federation)
+            }
+            None => None,
+        };
+        let peer_addr = federation.as_ref().map(|federation| federation.local_addr()).transpose()?;
+        let peer_advertised = federation.as_ref().map(|federation| federation.advertised_addr()).transpose()?;
+        tracing::info!(
+            edge_id = %identity.edge_id,
+            %quic_addr,
+            %admin_addr,
+            peer_addr = ?peer_addr,
+            region = %config.edge.region,
+            "edge is serving"
+        );
         if let Some(control_plane) = &config.control_plane {
             // Checked now so that a wrong path stops the start instead of every reconnect.
             let path = &control_plane.trust_anchor;
@@ -183,6 +213,8 @@ impl Edge {
                 tls: live_tls,
                 trust,
                 relay: Arc::clone(&relay),
+                peer_addr: peer_advertised,
+                client: control_client,
             })),
             _ => None,
         };
@@ -192,8 +224,18 @@ impl Edge {
             config,
             live,
         });
-        let task = tokio::spawn(run(endpoint, shared, shutdown_signal, ready, admin, writer, link));
-        Ok(EdgeHandle { edge_id: identity.edge_id, quic_addr, admin_addr, shutdown, task })
+        let peers = federation.map(|federation| PeerTasks {
+            server: tokio::spawn(federation::serve(
+                Arc::clone(&federation),
+                Arc::clone(&shared.relay),
+                Arc::clone(&shared.live),
+                shutdown_signal.clone(),
+            )),
+            handoff: tokio::spawn(federation::handoff_loop(Arc::clone(&federation), Arc::clone(&shared.relay))),
+            federation,
+        });
+        let task = tokio::spawn(run(endpoint, shared, shutdown_signal, ready, admin, writer, link, peers));
+        Ok(EdgeHandle { edge_id: identity.edge_id, quic_addr, admin_addr, peer_addr, shutdown, task })
     }
 }
 
@@ -216,6 +258,14 @@ pub(crate) fn quic_server_config(
     Ok(server)
 }
 
+/// The edge-to-edge server and hand-off tasks.
+struct PeerTasks {
+    federation: Arc<Federation>,
+    server: JoinHandle<()>,
+    handoff: JoinHandle<()>,
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn run(
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
@@ -224,6 +274,7 @@ async fn run(
     admin: JoinHandle<std::io::Result<()>>,
     writer: crate::store::WriterGuard,
     link: Option<ControlLink>,
+    peers: Option<PeerTasks>,
 ) -> anyhow::Result<()> {
     let ip_slots = IpSlots::new(shared.config.limits.connections_per_ip.get());
     let housekeeping = tokio::spawn(housekeeping(shared.relay.clone()));
@@ -266,6 +317,11 @@ async fn run(
     endpoint.close(close_code::SHUTTING_DOWN.into(), b"edge is shutting down");
     connections.shutdown().await;
     housekeeping.abort();
+    if let Some(peers) = peers {
+        peers.handoff.abort();
+        let _ = peers.server.await;
+        peers.federation.close();
+    }
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     let _ = admin.await;
     drop(shared);

@@ -230,6 +230,12 @@ impl OfflineStore {
         Ok(records)
     }
 
+    /// Up to `limit` recipients with at least one buffered record.
+    pub fn backlogged(&self, limit: usize) -> Vec<AgentId> {
+        let counters = self.lock_counters();
+        counters.per_recipient.iter().filter(|(_, depth)| **depth > 0).map(|(agent, _)| *agent).take(limit).collect()
+    }
+
     pub fn depth(&self, recipient: AgentId) -> u32 {
         self.lock_counters().per_recipient.get(&recipient).copied().unwrap_or(0)
     }

@@ -5,6 +5,7 @@
 //! load benchmark.
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod control_plane;
 
 use std::net::{SocketAddr, TcpStream, UdpSocket};

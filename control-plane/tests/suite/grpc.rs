@@ -122,7 +122,12 @@ fn renew_request(org: &OrgId, key: &SigningKey, at: UnixMillis) -> RenewCertific
 }
 
 fn register_request() -> RegisterRequest {
-    RegisterRequest { region: "eu-west".into(), quic_addrs: vec!["127.0.0.1:4433".into()], version: "0.1.0".into() }
+    RegisterRequest {
+        region: "eu-west".into(),
+        quic_addrs: vec!["127.0.0.1:4433".into()],
+        version: "0.1.0".into(),
+        peer_addrs: vec!["127.0.0.1:4434".into()],
+    }
 }
 
 async fn an_edge_registers_and_watches_the_trust_bundle_grow(fixture: &Fixture) {
@@ -186,7 +191,26 @@ async fn presence_then_lookup_finds_the_agent_at_its_edge(fixture: &Fixture) {
     assert!(found.found);
     assert_eq!(found.home_edge_id, edge.to_string());
     assert_eq!(found.edge_quic_addrs, ["127.0.0.1:4433"]);
+    assert_eq!(found.edge_peer_addrs, ["127.0.0.1:4434"], "where other edges reach it");
     assert!(found.key_binding.is_empty(), "the agent published no key binding");
+
+    // A malformed peer address is refused and changes nothing.
+    let mut bad = register_request();
+    bad.peer_addrs = vec!["edge.example:4434".into()];
+    let refused = client.register(bad).await.expect_err("a host name is not a socket address");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    let mut many = register_request();
+    many.peer_addrs = vec!["127.0.0.1:1".into(); grpc::QUIC_ADDRS_MAX + 1];
+    assert_eq!(client.register(many).await.expect_err("too many").code(), Code::InvalidArgument);
+    let still = client.lookup_agent(LookupAgentRequest { agent_id: agent.to_string() }).await.unwrap().into_inner();
+    assert_eq!(still.edge_peer_addrs, ["127.0.0.1:4434"]);
+
+    // An edge silent for longer than the staleness window is no agent's home.
+    let stale = SystemClock.now().0 as i64 - grpc::PRESENCE_STALE_AFTER.as_millis() as i64 - 1000;
+    sqlx::query("UPDATE edges SET last_seen_ms = $1").bind(stale).execute(harness.db.pool()).await.unwrap();
+    let silent = client.lookup_agent(LookupAgentRequest { agent_id: agent.to_string() }).await.unwrap().into_inner();
+    assert!(!silent.found, "a silent edge is not named");
+    client.register(register_request()).await.expect("register again");
 
     let empty = PresenceReport { connected_agents: vec![], at_ms: SystemClock.now().0 };
     client.report_presence(empty).await.expect("empty presence");
