@@ -4,33 +4,23 @@
 //! connections within two seconds, relaying on while the control plane is down, and the
 //! renewal of a short-lived edge certificate.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use molt_protocol::cert::{Certificate, TrustAnchors};
+use molt_protocol::cert::Certificate;
 use molt_protocol::frame::Frame;
-use molt_protocol::keys::{EncryptionSecret, SigningKey};
-use molt_protocol::request::{AGENT_PROOF_DOMAIN, possession_message};
 use molt_protocol::{EdgeId, UnixMillis};
-use molt_sdk::dev::AgentCard;
-use molt_sdk::{AgentIdentity, Client, ClientConfig, Directory};
-use molt_tests::control_plane::{Cli, ControlPlane, run};
-use molt_tests::{EdgeSetup, RawSession, TestAgent, binary, free_ports, http_json};
-use serde_json::json;
+use molt_sdk::Client;
+use molt_tests::cluster::{self, Cluster, EnrolledEdge, WAIT};
+use molt_tests::{EdgeSetup, RawSession, TestAgent};
 
 /// The longest a revocation may take to close a live connection (the target).
 const REVOCATION_BUDGET: Duration = Duration::from_secs(2);
-/// Longest wait for anything eventual (registration, presence, reconnection).
-const WAIT: Duration = Duration::from_secs(20);
 
 struct Federation {
-    dir: tempfile::TempDir,
-    cp: ControlPlane,
-    org: String,
+    cluster: Cluster,
     edge_id: EdgeId,
     edge: EdgeSetup,
-    anchors: Arc<TrustAnchors>,
+    enrolled: EnrolledEdge,
 }
 
 impl Federation {
@@ -38,117 +28,34 @@ impl Federation {
     /// `molt enrollment-token create` (with `token` as extra flags) and `link` appended to
     /// its `[control_plane]` section.
     fn new(token: &[&str], link: &str) -> Federation {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("cp")).unwrap();
-        let cp = ControlPlane::start_with_grpc(&dir.path().join("cp")).unwrap();
-        let (status, org) =
-            http_json(cp.addr(), "POST", "/v1/orgs", Some(&cp.token), Some(&json!({"name": "acme"}))).unwrap();
-        assert_eq!(status, 201, "{org}");
-        let org = org["id"].as_str().unwrap().to_owned();
-        let mut create = vec!["enrollment-token", "create", "--org", &org, "--region", "eu-west"];
-        create.extend_from_slice(token);
-        let created = cli(&cp, dir.path()).json(&create).unwrap();
-        assert_eq!(created["status"], "active", "{created}");
-
-        let edge_dir = dir.path().join("edge");
-        let mut enroll = std::process::Command::new(binary("molt-edge"));
-        enroll.args(["enroll", "--control-plane", &format!("http://{}", cp.addr())]);
-        enroll.args(["--token", created["token"].as_str().unwrap()]);
-        enroll.args(["--grpc-addr", &cp.grpc_addr.unwrap().to_string()]);
-        enroll.arg("--dir").arg(&edge_dir);
-        let (status, stdout, stderr) = run(enroll).unwrap();
-        assert!(status.success(), "molt-edge enroll: {stdout}{stderr}");
-
-        // The stub has no ports; give it free loopback ones, and the test's link settings.
-        let config = edge_dir.join("edge.toml");
-        let (quic_port, admin_port) = free_ports();
-        let text = std::fs::read_to_string(&config).unwrap().replace(
-            "[edge]\n",
-            &format!("[edge]\nlisten_addr = \"127.0.0.1:{quic_port}\"\nadmin_addr = \"127.0.0.1:{admin_port}\"\n"),
-        );
-        std::fs::write(&config, format!("{text}{link}\n")).unwrap();
-        let chain = read_chain(&edge_dir.join("edge.pem"));
-        let edge_id = match chain[0].role() {
-            molt_protocol::cert::Role::Edge(id) => id,
-            other => panic!("enrolled as {other:?}"),
-        };
-        let anchors = std::fs::read_to_string(edge_dir.join("trust-anchors.pem")).unwrap();
-        let anchors = Arc::new(TrustAnchors::from_pem(&anchors).unwrap());
-        let edge = EdgeSetup {
-            config,
-            quic_addr: SocketAddr::from(([127, 0, 0, 1], quic_port)),
-            admin_addr: SocketAddr::from(([127, 0, 0, 1], admin_port)),
-        };
-        Federation { dir, cp, org, edge_id, edge, anchors }
+        let cluster = Cluster::start().unwrap();
+        let enrolled = cluster.enroll("edge", "eu-west", token, link, None).unwrap();
+        Federation { edge_id: enrolled.edge_id, edge: enrolled.setup.clone(), enrolled, cluster }
     }
 
-    /// An agent with a certificate from the control plane; its serial.
     fn agent(&self, name: &str) -> (TestAgent, String) {
-        let key = SigningKey::generate(&mut rand::rngs::OsRng);
-        let now = UnixMillis::now_from_system();
-        let signature = key.sign(&possession_message(AGENT_PROOF_DOMAIN, &self.org, &key.public_key(), now));
-        let body = json!({
-            "public_key": hex(key.public_key().as_bytes()),
-            "timestamp_ms": now.0,
-            "signature": hex(&signature.0),
-        });
-        let path = format!("/v1/orgs/{}/agents/certificates", self.org);
-        let (status, issued) = http_json(self.cp.addr(), "POST", &path, Some(&self.cp.token), Some(&body)).unwrap();
-        assert_eq!(status, 201, "{issued}");
-        let chain = Certificate::chain_from_pem(issued["chain_pem"].as_str().unwrap()).unwrap();
-        let identity =
-            Arc::new(AgentIdentity::new(chain, key, EncryptionSecret::generate(&mut rand::rngs::OsRng)).unwrap());
-        let card = AgentCard::from_identity(&identity, now);
-        let agent = TestAgent { dir: self.dir.path().join(name), identity, card };
-        (agent, issued["serial"].as_str().unwrap().to_owned())
+        self.cluster.agent(name).unwrap()
     }
 
     async fn connect(&self, agent: &TestAgent, peers: &[&TestAgent]) -> Client {
-        let directory = Directory::new();
-        for peer in peers.iter().chain([&agent]) {
-            directory.insert(peer.id(), peer.identity.peer_keys());
-        }
-        let mut config = ClientConfig::new(agent.identity.clone(), self.anchors.clone(), self.edge.quic_addr);
-        config.backoff_min = Duration::from_millis(100);
-        config.backoff_max = Duration::from_secs(1);
-        Client::connect(config, directory).await.unwrap()
+        self.enrolled.connect(agent, peers).await.unwrap()
     }
 
     async fn raw(&self, agent: &TestAgent) -> anyhow::Result<RawSession> {
-        RawSession::connect(&agent.identity, self.anchors.clone(), self.edge.quic_addr).await
+        RawSession::connect(&agent.identity, self.enrolled.anchors.clone(), self.edge.quic_addr).await
     }
 
     fn revoke(&self, serial: &str) {
-        let path = format!("/v1/certificates/{serial}/revoke");
-        let body = json!({ "reason": "key_compromise" });
-        let (status, revoked) = http_json(self.cp.addr(), "POST", &path, Some(&self.cp.token), Some(&body)).unwrap();
-        assert_eq!(status, 200, "{revoked}");
+        self.cluster.revoke(serial).unwrap();
     }
 
-    /// Polls the control plane's database until `query` prints `expected`.
     async fn until_sql(&self, query: &str, expected: &str) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let got = self.cp.sql(query).unwrap_or_default();
-            if got.trim() == expected {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{query} printed {got:?}, expected {expected:?}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        self.cluster.until_sql(query, expected).await;
     }
-}
-
-fn cli(cp: &ControlPlane, dir: &std::path::Path) -> Cli {
-    Cli { api: cp.url(), token: Some(cp.token.clone()), dir: dir.to_owned() }
 }
 
 fn read_chain(path: &std::path::Path) -> Vec<Certificate> {
-    Certificate::chain_from_pem(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+    cluster::read_chain(path).unwrap()
 }
 
 /// `from` sends to `to`, which receives it.
@@ -164,7 +71,7 @@ async fn an_enrolled_edge_registers_reports_presence_and_closes_revoked_connecti
     let _edge = net.edge.spawn().unwrap();
     let edge = net.edge_id.to_string();
     net.until_sql("SELECT id || '|' || region FROM edges", &format!("{edge}|eu-west")).await;
-    let tokens = cli(&net.cp, net.dir.path()).json(&["enrollment-token", "list"]).unwrap();
+    let tokens = net.cluster.cli().json(&["enrollment-token", "list"]).unwrap();
     assert_eq!(tokens["items"][0]["status"], "used", "{tokens}");
     assert_eq!(tokens["items"][0]["used_by_edge"], edge.as_str());
     assert!(!tokens.to_string().contains("molt_enroll_"), "a list shows no secret");
@@ -215,7 +122,7 @@ async fn the_edge_relays_on_without_the_control_plane_and_catches_up_when_it_ret
     let mut b = net.connect(&bob, &[&alice]).await;
     exchange(&mut a, &mut b, bob.id(), b"before").await;
 
-    net.cp.stop();
+    net.cluster.cp.stop();
     exchange(&mut a, &mut b, bob.id(), b"the control plane is down").await;
     // A restart while it is down starts from the cached bundle and serves known agents.
     edge.kill9();
@@ -227,7 +134,7 @@ async fn the_edge_relays_on_without_the_control_plane_and_catches_up_when_it_ret
     let dave_session = net.raw(&dave).await.expect("a known agent connects while the control plane is down");
 
     let restarted = UnixMillis::now_from_system().0;
-    net.cp.restart().unwrap();
+    net.cluster.cp.restart().unwrap();
     let seen = format!("SELECT last_seen_ms > {restarted} FROM edges WHERE id = '{id}'");
     net.until_sql(&seen, "1").await;
     // Caught up: a revocation made now reaches the edge.

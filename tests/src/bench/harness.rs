@@ -279,6 +279,16 @@ impl Workload {
     /// Creates `pairs` sender/recipient agents and signs `messages` envelopes of
     /// `payload_bytes` spread evenly over the pairs, on every core.
     pub fn build(net: &Network, pairs: usize, messages: usize, payload_bytes: usize) -> anyhow::Result<Workload> {
+        Workload::build_with(&mut |name| net.agent(name), pairs, messages, payload_bytes)
+    }
+
+    /// As [`Workload::build`], with agents made by `make_agent` (given a name).
+    pub fn build_with(
+        make_agent: &mut dyn FnMut(&str) -> anyhow::Result<TestAgent>,
+        pairs: usize,
+        messages: usize,
+        payload_bytes: usize,
+    ) -> anyhow::Result<Workload> {
         anyhow::ensure!(pairs > 0 && messages >= pairs, "need at least one message per pair");
         anyhow::ensure!(payload_bytes >= SEQUENCE_LEN, "payload must hold the {SEQUENCE_LEN}-byte sequence number");
         let mut plans = Vec::with_capacity(pairs);
@@ -286,8 +296,8 @@ impl Workload {
         for index in 0..pairs {
             let count = messages / pairs + usize::from(index < messages % pairs);
             plans.push(PairPlan {
-                sender: net.agent(&format!("sender-{index}"))?,
-                recipient: net.agent(&format!("recipient-{index}"))?,
+                sender: make_agent(&format!("sender-{index}"))?,
+                recipient: make_agent(&format!("recipient-{index}"))?,
                 seqs: start..start + count,
             });
             start += count;

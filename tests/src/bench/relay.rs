@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use molt_protocol::cert::TrustAnchors;
 use molt_tests::Network;
 use tokio::sync::watch;
 
@@ -47,7 +48,7 @@ pub struct RelayArgs {
 
 /// What the timed phase produced.
 #[derive(Debug)]
-struct Outcome {
+pub struct Outcome {
     finished: Finished,
     /// From the start signal to the last delivery.
     delivery_time: Duration,
@@ -64,16 +65,29 @@ pub fn run(args: &RelayArgs, bench: &Bench) -> anyhow::Result<Section> {
     let workload = Arc::new(Workload::build(&net, args.pairs, args.messages, args.payload)?);
     eprintln!("relay: signed in {:.1} s; running", workload.presign_time.as_secs_f64());
     bench.settle(&edge)?;
-    let outcome = bench.runtime.block_on(timed_phase(&net, &edge, workload.clone(), args))?;
-    Ok(section(args, &bench.reference, &workload, &outcome))
+    let route = Route { anchors: net.anchors.clone(), sender_edge: &edge, recipient_edge: &edge };
+    let outcome = bench.runtime.block_on(timed_phase(&route, workload.clone(), args, async { Ok(()) }))?;
+    let title = format!("relay: {} B payload, {} pairs", args.payload, args.pairs);
+    Ok(section(title, args, &bench.reference, &workload, &outcome))
 }
 
-async fn timed_phase(
-    net: &Network,
-    edge: &BenchEdge,
+/// Where a timed phase's senders and recipients connect. The CPU figures are the
+/// recipients' edge's.
+#[derive(Debug)]
+pub struct Route<'a> {
+    pub anchors: Arc<TrustAnchors>,
+    pub sender_edge: &'a BenchEdge,
+    pub recipient_edge: &'a BenchEdge,
+}
+
+/// Connects every session, waits for `ready`, then times the run.
+pub async fn timed_phase(
+    route: &Route<'_>,
     workload: Arc<Workload>,
     args: &RelayArgs,
+    ready: impl std::future::Future<Output = anyhow::Result<()>>,
 ) -> anyhow::Result<Outcome> {
+    let edge = route.recipient_edge;
     let endpoint = client_endpoint()?;
     let clock = Clock::new();
     let sent_at = sent_at_table(workload.messages());
@@ -85,7 +99,7 @@ async fn timed_phase(
     let mut sender_sessions = Vec::new();
     let mut sender_plans = Vec::new();
     for (pair, plan) in workload.pairs.iter().enumerate() {
-        let session = RawSession::connect(&endpoint, &plan.recipient, net.anchors.clone(), edge.quic_addr()).await?;
+        let session = RawSession::connect(&endpoint, &plan.recipient, route.anchors.clone(), edge.quic_addr()).await?;
         recipient_sessions.push(std::future::ready(Ok(session)));
         recipient_plans.push(RecipientPlan {
             workload: workload.clone(),
@@ -95,8 +109,9 @@ async fn timed_phase(
             sent_at: Some(sent_at.clone()),
             stop: stop_signal.clone(),
         });
-        sender_sessions
-            .push(RawSession::connect(&endpoint, &plan.sender, net.anchors.clone(), edge.quic_addr()).await?);
+        sender_sessions.push(
+            RawSession::connect(&endpoint, &plan.sender, route.anchors.clone(), route.sender_edge.quic_addr()).await?,
+        );
         sender_plans.push(SenderPlan {
             workload: workload.clone(),
             pair,
@@ -111,6 +126,7 @@ async fn timed_phase(
     let mut senders = Senders::spawn(sender_sessions, sender_plans);
     // Let the handshakes' tail (tickets, acks) settle before the edge's CPU is read.
     tokio::time::sleep(Duration::from_millis(200)).await;
+    ready.await?;
 
     let before = CpuMark::take(edge)?;
     let started = clock.nanos();
@@ -135,12 +151,18 @@ async fn timed_phase(
     })
 }
 
-fn section(args: &RelayArgs, reference: &CryptoReference, workload: &Workload, outcome: &Outcome) -> Section {
+pub fn section(
+    title: String,
+    args: &RelayArgs,
+    reference: &CryptoReference,
+    workload: &Workload,
+    outcome: &Outcome,
+) -> Section {
     let finished = &outcome.finished;
     let delivered = finished.unique();
     let answers = finished.answers();
     let rate = delivered as f64 / outcome.delivery_time.as_secs_f64();
-    let mut section = Section::new(format!("relay: {} B payload, {} pairs", args.payload, args.pairs));
+    let mut section = Section::new(title);
     section.note(format!(
         "{} messages ({} per pair), window {} unanswered per sender, edge outbound queue {}; signed in advance in {:.1} s",
         thousands(workload.messages() as f64),

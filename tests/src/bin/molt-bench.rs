@@ -8,6 +8,8 @@
 
 #[path = "../bench/crypto.rs"]
 mod crypto;
+#[path = "../bench/federation.rs"]
+mod federation;
 #[path = "../bench/harness.rs"]
 mod harness;
 #[path = "../bench/offline.rs"]
@@ -23,6 +25,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
+use crate::federation::FederationArgs;
 use crate::harness::Bench;
 use crate::offline::OfflineArgs;
 use crate::relay::RelayArgs;
@@ -57,6 +60,9 @@ enum Command {
     Relay(RelayArgs),
     /// Offline recipients: durable ingest, then drain on reconnect (runs `crypto` first).
     Offline(OfflineArgs),
+    /// A control plane and two linked edges: the relay run on one edge, then across the
+    /// two, and revocation reaching several edges (runs `crypto` first).
+    Federation(FederationArgs),
     /// crypto, relay with 256 B and 1 KiB payloads, offline with 256 B; about two minutes.
     All,
 }
@@ -74,12 +80,14 @@ fn main() -> anyhow::Result<()> {
         Command::Crypto => "crypto",
         Command::Relay(_) => "relay",
         Command::Offline(_) => "offline",
+        Command::Federation(_) => "federation",
         Command::All => "all",
     };
     match &cli.command {
         Command::Crypto => {}
         Command::Relay(args) => sections.push(printed(relay::run(args, &bench)?)),
         Command::Offline(args) => sections.push(printed(offline::run(args, &bench)?)),
+        Command::Federation(args) => sections.extend(federation::run(args, &bench)?.into_iter().map(printed)),
         Command::All => sections.extend(run_all(&bench)?),
     }
     if let Some(path) = &cli.markdown {
