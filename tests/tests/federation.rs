@@ -135,7 +135,7 @@ async fn a_message_for_an_offline_agent_is_delivered_when_it_connects_to_the_oth
 
     let mut b = net.east.connect(&bob, &[&alice]).await.unwrap();
     let received = receive_exactly(&mut b, 20).await;
-    assert!(received.contains(&b"while you were away 0"[..].to_vec()));
+    assert!(received.contains(&b"while you were away 0"[..]));
     for id in ids {
         receipt(&mut a, id).await;
     }
