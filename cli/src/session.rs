@@ -121,7 +121,9 @@ impl Session {
         configure(&mut config);
         let connected = Client::connect(config, self.directory).await;
         match (&args.edge, edge_addr) {
-            (Some(edge), Some(addr)) => connected.with_context(|| format!("while connecting to the edge at {edge} ({addr})")),
+            (Some(edge), Some(addr)) => {
+                connected.with_context(|| format!("while connecting to the edge at {edge} ({addr})"))
+            }
             _ => connected.context("while connecting to an edge of the edge map"),
         }
     }

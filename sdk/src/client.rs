@@ -226,6 +226,7 @@ impl Drop for Client {
 impl Client {
     /// Connects and returns once the first connection is up; later drops reconnect on
     /// their own.
+    ///
     /// With candidate edges ([`ClientConfig::with_edges`]) it measures them first and
     /// connects to the best one that answers.
     pub async fn connect(config: ClientConfig, directory: Directory) -> Result<Client, ConnectError> {
@@ -244,7 +245,7 @@ impl Client {
         endpoint.set_default_client_config(quic_config.clone());
         let (mut choice, (link, addr)) = match config.edges.clone() {
             None => {
-                let link = open_link(&endpoint, &config, config.edge_addr, quic_config, config.connect_timeout)
+                let link = open_link(&endpoint, &config, config.edge_addr, quic_config.clone(), config.connect_timeout)
                     .await
                     .map_err(|reason| ConnectError::Unreachable { addr: config.edge_addr, reason })?;
                 (None, (link, config.edge_addr))
@@ -268,7 +269,7 @@ impl Client {
         let driver = Driver {
             endpoint,
             config: config.clone(),
-            quic_config: quic_client_config(&config, config.expected_edge)?,
+            quic_config,
             directory: directory.clone(),
             commands: command_receiver,
             events: event_sender,
@@ -420,8 +421,7 @@ async fn open_link(
     timeout: Duration,
 ) -> Result<OpenLink, String> {
     let attempt = async {
-        let connecting =
-            endpoint.connect_with(quic_config, addr, &config.server_name).map_err(|e| e.to_string())?;
+        let connecting = endpoint.connect_with(quic_config, addr, &config.server_name).map_err(|e| e.to_string())?;
         let connection = connecting.await.map_err(|e| e.to_string())?;
         let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
         let nonce: u64 = rand::random();
@@ -445,9 +445,7 @@ async fn open_link(
             }
         }
     };
-    tokio::time::timeout(timeout, attempt)
-        .await
-        .map_err(|_| "connection attempt timed out".to_string())?
+    tokio::time::timeout(timeout, attempt).await.map_err(|_| "connection attempt timed out".to_string())?
 }
 
 /// The candidate edges of a client that chooses, the selector, and the task that
@@ -720,7 +718,8 @@ impl Driver {
         match &mut self.choice {
             None => {
                 let (addr, quic_config) = (self.config.edge_addr, self.quic_config.clone());
-                let link = open_link(&self.endpoint, &self.config, addr, quic_config, self.config.connect_timeout).await?;
+                let link =
+                    open_link(&self.endpoint, &self.config, addr, quic_config, self.config.connect_timeout).await?;
                 Ok((link, addr))
             }
             Some(choice) => choice.connect(&self.endpoint, &self.config, preferred, lost).await,

@@ -135,9 +135,12 @@ pub fn candidates_from_map(map: &EdgeMap) -> Vec<EdgeCandidate> {
         };
         for addr in &entry.quic_addrs {
             match addr.parse::<SocketAddr>() {
-                Ok(addr) => {
-                    candidates.push(EdgeCandidate { addr, edge_id: Some(edge_id), region: entry.region.clone(), weight })
-                }
+                Ok(addr) => candidates.push(EdgeCandidate {
+                    addr,
+                    edge_id: Some(edge_id),
+                    region: entry.region.clone(),
+                    weight,
+                }),
                 Err(_) => tracing::warn!(edge = %entry.edge_id, %addr, "edge map address skipped"),
             }
         }
@@ -400,9 +403,8 @@ mod tests {
 
     #[test]
     fn malformed_map_entries_are_skipped() {
-        let edge = EdgeId::from_inception_key(
-            &molt_protocol::keys::SigningKey::generate(&mut rand::rngs::OsRng).public_key(),
-        );
+        let edge =
+            EdgeId::from_inception_key(&molt_protocol::keys::SigningKey::generate(&mut rand::rngs::OsRng).public_key());
         let entry = |id: &str, addrs: &[&str], weight| crate::api::EdgeMapEntry {
             edge_id: id.to_owned(),
             region: "eu-west".to_owned(),

@@ -71,8 +71,7 @@ impl Federation {
 
     /// Enrolls an edge in `region` with `molt-edge enroll`, on fresh loopback ports.
     fn enroll(&self, name: &str, region: &str) -> EnrolledEdge {
-        let created =
-            self.cli().json(&["enrollment-token", "create", "--org", &self.org, "--region", region]).unwrap();
+        let created = self.cli().json(&["enrollment-token", "create", "--org", &self.org, "--region", region]).unwrap();
         let edge_dir = self.dir.path().join(name);
         let mut enroll = std::process::Command::new(binary("molt-edge"));
         enroll.args(["enroll", "--control-plane", &self.cp.url()]);

@@ -5,6 +5,7 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use molt_protocol::ids::EdgeId;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -13,7 +14,6 @@ use super::ca::CaWriteScope;
 use super::extract::{ApiJson, Authorized};
 use super::problem::{ApiError, Problem};
 use crate::edge_map::{self, EDGE_MAP_FRESH_WINDOW, EdgeEntry, EdgeWeight, SetWeightError};
-use molt_protocol::ids::EdgeId;
 
 /// One edge agents may connect to.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

@@ -144,15 +144,51 @@ async fn bad_weight_requests_are_refused_and_change_nothing(fixture: &Fixture) {
     let unknown = EdgeId::from_inception_key(&SigningKey::generate(&mut rand::rngs::OsRng).public_key());
 
     let cases = [
-        (harness.set_weight(&unknown.to_string(), admin, json!({ "weight": 200 })).await, StatusCode::NOT_FOUND, "edge_not_found"),
-        (harness.set_weight("edge-not-an-id", admin, json!({ "weight": 200 })).await, StatusCode::NOT_FOUND, "edge_not_found"),
-        (harness.set_weight(&edge, admin, json!({ "weight": 0 })).await, StatusCode::UNPROCESSABLE_ENTITY, "invalid_weight"),
-        (harness.set_weight(&edge, admin, json!({ "weight": 1001 })).await, StatusCode::UNPROCESSABLE_ENTITY, "invalid_weight"),
-        (harness.set_weight(&edge, admin, json!({ "weight": 65_636 })).await, StatusCode::UNPROCESSABLE_ENTITY, "invalid_weight"),
-        (harness.set_weight(&edge, admin, json!({ "weight": -5 })).await, StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"),
-        (harness.set_weight(&edge, admin, json!({ "weight": 200, "region": "x" })).await, StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"),
-        (harness.set_weight(&edge, None, json!({ "weight": 200 })).await, StatusCode::UNAUTHORIZED, "missing_credentials"),
-        (harness.set_weight(&edge, Some("molt_admin_forged"), json!({ "weight": 200 })).await, StatusCode::UNAUTHORIZED, "invalid_credentials"),
+        (
+            harness.set_weight(&unknown.to_string(), admin, json!({ "weight": 200 })).await,
+            StatusCode::NOT_FOUND,
+            "edge_not_found",
+        ),
+        (
+            harness.set_weight("edge-not-an-id", admin, json!({ "weight": 200 })).await,
+            StatusCode::NOT_FOUND,
+            "edge_not_found",
+        ),
+        (
+            harness.set_weight(&edge, admin, json!({ "weight": 0 })).await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_weight",
+        ),
+        (
+            harness.set_weight(&edge, admin, json!({ "weight": 1001 })).await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_weight",
+        ),
+        (
+            harness.set_weight(&edge, admin, json!({ "weight": 65_636 })).await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_weight",
+        ),
+        (
+            harness.set_weight(&edge, admin, json!({ "weight": -5 })).await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+        ),
+        (
+            harness.set_weight(&edge, admin, json!({ "weight": 200, "region": "x" })).await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+        ),
+        (
+            harness.set_weight(&edge, None, json!({ "weight": 200 })).await,
+            StatusCode::UNAUTHORIZED,
+            "missing_credentials",
+        ),
+        (
+            harness.set_weight(&edge, Some("molt_admin_forged"), json!({ "weight": 200 })).await,
+            StatusCode::UNAUTHORIZED,
+            "invalid_credentials",
+        ),
     ];
     for (response, status, code) in &cases {
         assert_problem(response, *status, code);
