@@ -265,7 +265,7 @@ impl Client {
         }
         let (commands, command_receiver) = mpsc::channel(COMMAND_QUEUE_DEPTH);
         let (event_sender, events) = mpsc::channel(config.inbox_capacity.max(1));
-        let (edge_sender, edge) = watch::channel(None);
+        let (edge_sender, edge) = watch::channel(Some(addr));
         let driver = Driver {
             endpoint,
             config: config.clone(),

@@ -274,4 +274,43 @@ async fn agents_choose_from_the_edge_map_and_fail_over_within_five_seconds_witho
         assert_eq!(got, expected, "{name} received nothing else");
     }
     assert_eq!((a.edge(), b.edge()), (Some(east.setup.quic_addr), Some(east.setup.quic_addr)), "no flapping back");
+
+    // The command line chooses from the same map: west is still listed but dead, so
+    // `molt send` and `molt listen` without --edge end up on east.
+    cli_send_and_listen_choose_from_the_edge_map(&net, east.setup.quic_addr);
+}
+
+fn cli_send_and_listen_choose_from_the_edge_map(net: &Federation, expected_edge: SocketAddr) {
+    let cli = net.cli();
+    let roots = net.anchors.iter().map(Certificate::to_pem).collect::<String>();
+    std::fs::write(net.dir.path().join("root.pem"), roots).unwrap();
+    for name in ["carol", "dave"] {
+        cli.stdout(&["keygen", "--dir", name]).unwrap();
+        cli.json(&["cert", "issue-agent", "--org", &net.org, "--agent-dir", name]).unwrap();
+    }
+    let api = net.cp.url();
+    let sent = cli
+        .stdout(&[
+            "send",
+            "--agent-dir",
+            "carol",
+            "--api",
+            &api,
+            "--ca-root",
+            "root.pem",
+            "--to",
+            "dave/card.json",
+            "hi",
+        ])
+        .unwrap();
+    assert!(sent.contains("\"disposition\""), "{sent}");
+    // MOLT_API (set by the harness) stands in for --api.
+    let listen =
+        ["listen", "--agent-dir", "dave", "--ca-root", "root.pem", "--peer", "carol/card.json", "--count", "1"];
+    let mut command = cli.command(&[&listen[..], &["--timeout-secs", "20"][..]].concat());
+    command.env("RUST_LOG", "off");
+    let (status, stdout, stderr) = run(command).unwrap();
+    assert!(status.success(), "molt listen: {stdout}{stderr}");
+    assert!(stdout.contains("\"text\":\"hi\""), "{stdout}");
+    assert!(stderr.contains(&format!("via {expected_edge}")), "{stderr}");
 }
