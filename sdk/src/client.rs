@@ -541,7 +541,7 @@ impl EdgeChoice {
     /// Takes a round from the task; the edge to move to, if the selector says so.
     fn take_round(&mut self, round: ProbeRound) -> Option<SocketAddr> {
         self.candidates = round.candidates;
-        let chosen = self.selector.update(&self.candidates, &round.probes);
+        let chosen = self.selector.update_while_connected(&self.candidates, &round.probes);
         tracing::debug!(ranking = ?self.selector.ranking(), ?chosen, "edges measured again");
         chosen.filter(|chosen| Some(*chosen) != self.selector.current())
     }

@@ -225,6 +225,20 @@ impl EdgeSelector {
         }
     }
 
+    /// As [`EdgeSelector::update`], for a round measured while the link to the current
+    /// edge is up: a failed probe of the current edge does not count against it (the edge
+    /// may refuse an extra connection, say over the agent's connection limit), because
+    /// the live link decides whether that edge is alive.
+    pub fn update_while_connected(&mut self, candidates: &[EdgeCandidate], probes: &[Probe]) -> Option<SocketAddr> {
+        let current_listed = self.current.filter(|current| candidates.iter().any(|c| c.addr == *current));
+        let current_measured =
+            current_listed.is_some_and(|current| probes.iter().any(|p| p.addr == current && p.rtt.is_some()));
+        if current_listed.is_some() && !current_measured {
+            return self.current;
+        }
+        self.update(candidates, probes)
+    }
+
     /// Records that the client is now connected to `addr`.
     pub fn connected(&mut self, addr: SocketAddr) {
         self.current = Some(addr);
@@ -381,6 +395,18 @@ mod tests {
         let mut selector = settled(&candidates, &[probe(1, Some(10)), probe(2, Some(11))]);
         assert_eq!(selector.update(&candidates, &[probe(1, None), probe(2, None)]), Some(addr(1)));
         assert_eq!(EdgeSelector::new().update(&candidates, &[]), None);
+    }
+
+    #[test]
+    fn a_failed_probe_of_the_live_edge_does_not_move_a_connected_client() {
+        let candidates = [candidate(1, 100), candidate(2, 100)];
+        let mut selector = settled(&candidates, &[probe(1, Some(10)), probe(2, Some(11))]);
+        assert_eq!(selector.update_while_connected(&candidates, &[probe(1, None), probe(2, Some(2))]), Some(addr(1)));
+        // Measured, it is judged as usual.
+        assert_eq!(
+            selector.update_while_connected(&candidates, &[probe(1, Some(10)), probe(2, Some(2))]),
+            Some(addr(2))
+        );
     }
 
     #[test]
