@@ -22,12 +22,15 @@ Messages queued at the edge while the agent was offline arrive first. Only sende
 cards are given with --peer (and the agent itself) can be verified; other messages are \
 reported on stderr and dropped. Text that is not UTF-8 is printed with replacement characters.
 
+Without --edge, the edge is the nearest in the control plane's edge map (--api or MOLT_API), \
+and the agent fails over to the next one if it dies. \
 Prints `listening as agent-… via HOST:PORT` on stderr once connected. Runs until --count \
 messages arrived, --timeout-secs passed (an error if --count was not reached), or Ctrl-C.
 
 Example:
   molt listen --agent-dir bob --edge localhost:4433 --ca-root ca/root.pem --peer alice/card.json
-  molt listen --agent-dir bob --edge 127.0.0.1:4433 --ca-root ca/root.pem --peer alice/card.json carol/card.json --count 1 --timeout-secs 30"
+  molt listen --agent-dir bob --edge 127.0.0.1:4433 --ca-root ca/root.pem --peer alice/card.json carol/card.json --count 1 --timeout-secs 30
+  molt listen --agent-dir bob --api http://127.0.0.1:8080 --ca-root ca/root.pem --peer alice/card.json"
 )]
 pub struct ListenArgs {
     #[command(flatten)]
@@ -52,7 +55,12 @@ pub async fn run(args: ListenArgs) -> anyhow::Result<()> {
     session.add_self();
     let agent_id = session.identity.agent_id;
     let mut client = session.connect(&args.connect, |_| {}).await?;
-    eprintln!("listening as {agent_id} via {}", args.connect.edge);
+    let via = match (&args.connect.edge, client.edge()) {
+        (Some(edge), _) => edge.clone(),
+        (None, Some(addr)) => addr.to_string(),
+        (None, None) => "an edge".to_owned(),
+    };
+    eprintln!("listening as {agent_id} via {via}");
 
     let mut received = 0;
     let listening = receive(&mut client, args.count, &mut received);

@@ -17,7 +17,8 @@ use crate::session::{ConnectArgs, Session};
 #[derive(Debug, Args)]
 #[command(
     about = "Send one end-to-end encrypted, signed message to an agent",
-    long_about = "Send one message to the agent whose card is given, through an edge.
+    long_about = "Send one message to the agent whose card is given, through an edge: the one given \
+with --edge, or the nearest in the control plane's edge map (--api or MOLT_API).
 
 The message is encrypted to the recipient's key from its card (after the card is verified \
 against --ca-root) and signed with this agent's key. Prints one JSON line once the edge has \
@@ -30,7 +31,8 @@ signed receipt and prints a second line:
 
 Example:
   molt send --agent-dir alice --edge localhost:4433 --ca-root ca/root.pem --to bob/card.json 'hello bob'
-  echo hello | molt send --agent-dir alice --edge 127.0.0.1:4433 --ca-root ca/root.pem --to bob/card.json --wait-receipt -"
+  echo hello | molt send --agent-dir alice --edge 127.0.0.1:4433 --ca-root ca/root.pem --to bob/card.json --wait-receipt -
+  molt send --agent-dir alice --api http://127.0.0.1:8080 --ca-root ca/root.pem --to bob/card.json 'via the nearest edge'"
 )]
 pub struct SendArgs {
     #[command(flatten)]

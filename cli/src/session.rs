@@ -1,5 +1,6 @@
 //! What `send` and `listen` share: loading the agent, its trust anchors and its peers'
-//! cards, and connecting to the edge.
+//! cards, and connecting to the edge: the one given with `--edge`, or the nearest in the
+//! control plane's edge map (`--api`), with failover between them.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -10,8 +11,9 @@ use anyhow::Context as _;
 use clap::Args;
 use molt_protocol::cert::{Revocations, TrustAnchors};
 use molt_protocol::{AgentId, UnixMillis};
+use molt_sdk::api::ApiClient;
 use molt_sdk::dev::{self, AgentCard, AgentFiles};
-use molt_sdk::{AgentIdentity, Client, ClientConfig, Directory};
+use molt_sdk::{AgentIdentity, Client, ClientConfig, Directory, EdgeSource};
 
 /// TLS server name used when `--edge` is an IP address; `molt dev-ca issue-edge` puts it
 /// in edge certificates by default.
@@ -23,9 +25,14 @@ pub struct ConnectArgs {
     /// Agent directory: keys from `molt keygen`, certificate from `molt dev-ca issue-agent`.
     #[arg(long, value_name = "DIR")]
     pub agent_dir: PathBuf,
-    /// Edge address as HOST:PORT, e.g. 127.0.0.1:4433 or localhost:4433.
-    #[arg(long, value_name = "HOST:PORT")]
-    pub edge: String,
+    /// Edge address as HOST:PORT, e.g. 127.0.0.1:4433 or localhost:4433. Without it the
+    /// edge is chosen from the control plane's edge map (--api).
+    #[arg(long, value_name = "HOST:PORT", required_unless_present = "api")]
+    pub edge: Option<String>,
+    /// Control plane URL: without --edge, the agent measures the edges of its edge map,
+    /// connects to the nearest and fails over to the next if it dies.
+    #[arg(long = "api", value_name = "URL", env = "MOLT_API")]
+    pub api: Option<String>,
     /// Root CA certificate (PEM) that the edge and peers must chain to, e.g. CA_DIR/root.pem.
     #[arg(long, value_name = "ROOT_PEM")]
     pub ca_root: PathBuf,
@@ -86,21 +93,39 @@ impl Session {
         self.directory.insert(self.identity.agent_id, self.identity.peer_keys());
     }
 
-    /// Resolves the edge and connects; returns once the first connection is up.
+    /// Resolves the edge (or fetches the edge map) and connects; returns once the first
+    /// connection is up.
     pub async fn connect(
         self,
         args: &ConnectArgs,
         configure: impl FnOnce(&mut ClientConfig),
     ) -> anyhow::Result<Client> {
-        let edge_addr = resolve(&args.edge).await?;
-        let mut config = ClientConfig::new(self.identity, self.anchors, edge_addr);
-        config.server_name = args.server_name.clone().unwrap_or_else(|| default_server_name(&args.edge));
+        let (mut config, edge_addr) = match (&args.edge, &args.api) {
+            (Some(edge), _) => {
+                let edge_addr = resolve(edge).await?;
+                let mut config = ClientConfig::new(self.identity, self.anchors, edge_addr);
+                config.server_name = default_server_name(edge);
+                (config, Some(edge_addr))
+            }
+            (None, Some(api)) => {
+                let api = ApiClient::new(api).context("while reading --api")?;
+                (ClientConfig::with_edges(self.identity, self.anchors, EdgeSource::EdgeMap(api)), None)
+            }
+            (None, None) => anyhow::bail!("give --edge HOST:PORT, or --api URL to choose from the edge map"),
+        };
+        if let Some(server_name) = &args.server_name {
+            config.server_name = server_name.clone();
+        }
         config.revocations = Arc::new(RwLock::new(self.revocations));
         config.connect_timeout = Duration::from_secs(args.connect_timeout_secs);
         configure(&mut config);
-        Client::connect(config, self.directory)
-            .await
-            .with_context(|| format!("while connecting to the edge at {} ({edge_addr})", args.edge))
+        let connected = Client::connect(config, self.directory).await;
+        match (&args.edge, edge_addr) {
+            (Some(edge), Some(addr)) => {
+                connected.with_context(|| format!("while connecting to the edge at {edge} ({addr})"))
+            }
+            _ => connected.context("while connecting to an edge of the edge map"),
+        }
     }
 }
 

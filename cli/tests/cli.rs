@@ -185,6 +185,15 @@ fn user_mistakes_fail_with_one_clear_line() {
     let output = molt(&["dev-ca", "revoke", "--ca", "ca"], dir);
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr(&output).contains("--serial"));
+    // Without --edge, send and listen need the control plane whose edge map they choose from.
+    let output = Command::new(env!("CARGO_BIN_EXE_molt"))
+        .args(["send", "--agent-dir", "alice", "--ca-root", "ca/root.pem", "--to", "alice/card.json", "hi"])
+        .current_dir(dir)
+        .env_remove("MOLT_API")
+        .output()
+        .expect("molt runs");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("--edge"), "{}", stderr(&output));
 }
 
 #[test]

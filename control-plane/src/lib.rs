@@ -10,6 +10,7 @@
 //!   PKCS#11 token, agent and edge certificates on proof of possession, revocation, CRLs
 //!   and the trust bundle;
 //! - [`keys`]: agent key rotation with an overlap window, guardians and social recovery;
+//! - [`edge_map`]: the edges agents choose from (recently seen, with admin-set weights);
 //! - [`grpc`]: the tonic gRPC service for edges over mutual TLS (registration, trust
 //!   stream, presence, agent lookup);
 //! - [`api`]: the axum HTTP API with problem+json errors and its OpenAPI document;
@@ -29,6 +30,7 @@ pub mod ca;
 pub mod clock;
 pub mod config;
 pub mod db;
+pub mod edge_map;
 pub mod enrollment;
 pub mod grpc;
 pub mod ids;

@@ -46,6 +46,9 @@ pub const DRAIN_WINDOW: usize = 4096;
 /// Forwarded messages awaiting their receipt per session, at most; beyond it messages
 /// are stored instead.
 pub const INFLIGHT_MAX: usize = 8192;
+/// How often an idle drainer checks whether the store holds something for its agent that
+/// no one woke it for (stored by a sender that routed before the session registered).
+pub const DRAIN_RECHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// QUIC application close codes.
 pub mod close_code {
@@ -593,7 +596,12 @@ impl Relay {
                     // Look once more: something may have been stored just before the switch.
                     continue;
                 }
-                session.wake_drain.notified().await;
+                // A message routed before this session registered, and committed after the
+                // look above, wakes no one: look again while the store holds something.
+                while tokio::time::timeout(DRAIN_RECHECK_INTERVAL, session.wake_drain.notified()).await.is_err()
+                    && self.store.depth(session.agent) == 0
+                    && !session.closed.load(Ordering::Acquire)
+                {}
                 continue;
             }
             for record in records {

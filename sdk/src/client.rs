@@ -10,6 +10,14 @@
 //! then resends every message the edge has not confirmed durably: those awaiting an
 //! answer and those forwarded live whose receipt has not come back. The edge and the
 //! recipient both deduplicate by message id, so resending is safe.
+//!
+//! Given several candidate edges ([`ClientConfig::with_edges`]), the client measures them
+//! and connects to the best ([`crate::edges`]). It keeps its QUIC link alive every
+//! [`LIVENESS_KEEP_ALIVE`] with an idle timeout of [`LIVENESS_IDLE_TIMEOUT`], so a dead
+//! edge is noticed within [`DEAD_EDGE_DETECTION_MAX`]; it then connects to the next edge
+//! of the last ranking at once, without back-off, and resends as above. Every
+//! [`ClientConfig::reprobe_interval`] it measures again (fetching the edge map again) and
+//! moves to a clearly better edge.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -24,9 +32,10 @@ use molt_protocol::receipt::Receipt;
 use molt_protocol::tls::{self, SharedRevocations};
 use molt_protocol::{AgentId, MessageId, UnixMillis};
 use rand::Rng;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::edges::{self, CandidatesError, EdgeCandidate, EdgeSelector, EdgeSource, Probe};
 use crate::identity::{AgentIdentity, Directory};
 
 /// Commands queued from the API to the driver.
@@ -38,6 +47,23 @@ pub const UNCONFIRMED_MAX: usize = 65_536;
 pub const DEDUP_CAPACITY: usize = 1 << 17;
 /// Bytes asked of the stream per read.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// QUIC keep-alive interval of a client with candidate edges.
+pub const LIVENESS_KEEP_ALIVE: Duration = Duration::from_millis(500);
+/// QUIC idle timeout of a client with candidate edges: the link is declared dead when
+/// nothing arrives for this long.
+pub const LIVENESS_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The longest a client with candidate edges takes to notice that its edge died: the idle
+/// timeout, restarted at most once by a keep-alive sent after the last packet received.
+pub const DEAD_EDGE_DETECTION_MAX: Duration = Duration::from_secs(3);
+/// How long one attempt to reach an edge may take while failing over, so that a dead
+/// candidate does not hold up the next one.
+pub const FAILOVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Probe rounds from the re-measuring task waiting for the driver.
+const PROBE_ROUND_QUEUE_DEPTH: usize = 1;
+
+const _: () = assert!(LIVENESS_KEEP_ALIVE.as_millis() * 2 <= LIVENESS_IDLE_TIMEOUT.as_millis());
+const _: () =
+    assert!(LIVENESS_KEEP_ALIVE.as_millis() + LIVENESS_IDLE_TIMEOUT.as_millis() <= DEAD_EDGE_DETECTION_MAX.as_millis());
 
 /// How to reach the edge and who we are.
 #[derive(Clone, Debug)]
@@ -56,6 +82,10 @@ pub struct ClientConfig {
     pub default_ttl: Ttl,
     pub inbox_capacity: usize,
     pub connect_timeout: Duration,
+    /// Candidate edges to choose from; `edge_addr` is not used when set.
+    pub edges: Option<EdgeSource>,
+    /// How often a client with candidate edges measures them again.
+    pub reprobe_interval: Duration,
 }
 
 impl ClientConfig {
@@ -74,6 +104,20 @@ impl ClientConfig {
             default_ttl: Ttl::from_secs(24 * 3600).unwrap_or(Ttl::MAX),
             inbox_capacity: 4096,
             connect_timeout: Duration::from_secs(10),
+            edges: None,
+            reprobe_interval: edges::REPROBE_INTERVAL,
+        }
+    }
+
+    /// A client that chooses its edge from `source` and fails over between them, with the
+    /// liveness keep-alive and idle timeout.
+    pub fn with_edges(identity: Arc<AgentIdentity>, anchors: Arc<TrustAnchors>, source: EdgeSource) -> ClientConfig {
+        let unused = SocketAddr::from(([0, 0, 0, 0], 0));
+        ClientConfig {
+            edges: Some(source),
+            keep_alive: LIVENESS_KEEP_ALIVE,
+            idle_timeout: LIVENESS_IDLE_TIMEOUT,
+            ..ClientConfig::new(identity, anchors, unused)
         }
     }
 }
@@ -90,6 +134,10 @@ pub enum ConnectError {
     Socket(#[from] std::io::Error),
     #[error("could not reach the edge at {addr}: {reason}")]
     Unreachable { addr: SocketAddr, reason: String },
+    #[error("could not find candidate edges: {0}")]
+    Candidates(#[from] CandidatesError),
+    #[error("could not reach any of {tried} candidate edges: {last}")]
+    NoEdgeReachable { tried: usize, last: String },
 }
 
 /// Why a message was not taken.
@@ -165,6 +213,7 @@ pub struct Client {
     default_ttl: Ttl,
     commands: mpsc::Sender<Command>,
     events: mpsc::Receiver<Event>,
+    edge: watch::Receiver<Option<SocketAddr>>,
     driver: JoinHandle<()>,
 }
 
@@ -177,30 +226,61 @@ impl Drop for Client {
 impl Client {
     /// Connects and returns once the first connection is up; later drops reconnect on
     /// their own.
+    ///
+    /// With candidate edges ([`ClientConfig::with_edges`]) it measures them first and
+    /// connects to the best one that answers.
     pub async fn connect(config: ClientConfig, directory: Directory) -> Result<Client, ConnectError> {
-        let quic_config = quic_client_config(&config)?;
-        let bind: SocketAddr = if config.edge_addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
-            .parse()
-            .map_err(|_| ConnectError::Quic("bind address".into()))?;
+        let quic_config = quic_client_config(&config, config.expected_edge)?;
+        let candidates = match &config.edges {
+            Some(source) => source.candidates().await?,
+            None => Vec::new(),
+        };
+        let ipv6 = match &config.edges {
+            Some(_) => candidates.iter().any(|candidate| candidate.addr.is_ipv6()),
+            None => config.edge_addr.is_ipv6(),
+        };
+        let bind: SocketAddr =
+            if ipv6 { "[::]:0" } else { "0.0.0.0:0" }.parse().map_err(|_| ConnectError::Quic("bind address".into()))?;
         let mut endpoint = quinn::Endpoint::client(bind)?;
-        endpoint.set_default_client_config(quic_config);
-        let link = open_link(&endpoint, &config)
-            .await
-            .map_err(|reason| ConnectError::Unreachable { addr: config.edge_addr, reason })?;
+        endpoint.set_default_client_config(quic_config.clone());
+        let (mut choice, (link, addr)) = match config.edges.clone() {
+            None => {
+                let link = open_link(&endpoint, &config, config.edge_addr, quic_config.clone(), config.connect_timeout)
+                    .await
+                    .map_err(|reason| ConnectError::Unreachable { addr: config.edge_addr, reason })?;
+                (None, (link, config.edge_addr))
+            }
+            Some(source) => {
+                let mut choice = EdgeChoice::new(source, candidates);
+                let best = choice.measure(&endpoint, &config).await;
+                let opened = choice
+                    .connect(&endpoint, &config, best, None)
+                    .await
+                    .map_err(|last| ConnectError::NoEdgeReachable { tried: choice.candidates.len(), last })?;
+                (Some(choice), opened)
+            }
+        };
+        if let Some(choice) = &mut choice {
+            choice.start_remeasuring(&endpoint, &config);
+        }
         let (commands, command_receiver) = mpsc::channel(COMMAND_QUEUE_DEPTH);
         let (event_sender, events) = mpsc::channel(config.inbox_capacity.max(1));
+        let (edge_sender, edge) = watch::channel(Some(addr));
         let driver = Driver {
             endpoint,
             config: config.clone(),
+            quic_config,
             directory: directory.clone(),
             commands: command_receiver,
             events: event_sender,
+            edge: edge_sender,
+            choice,
             unanswered: HashMap::new(),
             unreceipted: HashMap::new(),
             resend: VecDeque::new(),
             seen: Dedup::new(DEDUP_CAPACITY),
         };
-        let driver = tokio::spawn(driver.run(link));
+        let driver = tokio::spawn(driver.run(link, addr));
         Ok(Client {
             agent_id: config.identity.agent_id,
             identity: config.identity.clone(),
@@ -208,8 +288,20 @@ impl Client {
             default_ttl: config.default_ttl,
             commands,
             events,
+            edge,
             driver,
         })
+    }
+
+    /// The address of the edge the client is connected to now; `None` while it is
+    /// reconnecting.
+    pub fn edge(&self) -> Option<SocketAddr> {
+        *self.edge.borrow()
+    }
+
+    /// Follows [`Client::edge`] as it changes.
+    pub fn edge_changes(&self) -> watch::Receiver<Option<SocketAddr>> {
+        self.edge.clone()
     }
 
     pub fn agent_id(&self) -> AgentId {
@@ -286,12 +378,12 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 const LINK_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 const _: () = assert!(LINK_FLUSH_TIMEOUT.as_millis() < CLOSE_TIMEOUT.as_millis());
 
-fn quic_client_config(config: &ClientConfig) -> Result<quinn::ClientConfig, ConnectError> {
+fn quic_client_config(config: &ClientConfig, expected_edge: ExpectedRole) -> Result<quinn::ClientConfig, ConnectError> {
     let tls = tls::client_config(
         &config.identity.tls(),
         config.anchors.clone(),
         config.revocations.clone(),
-        config.expected_edge,
+        expected_edge,
         tls::ALPN_AGENT,
     )?;
     let crypto =
@@ -321,9 +413,15 @@ struct Link {
 /// Connects, opens the session stream and pings over it: the edge registers a session
 /// only once its stream carries data, so the pong proves the edge is ready to route to
 /// us. Frames that arrive before the pong are returned with the reader's leftover bytes.
-async fn open_link(endpoint: &quinn::Endpoint, config: &ClientConfig) -> Result<OpenLink, String> {
+async fn open_link(
+    endpoint: &quinn::Endpoint,
+    config: &ClientConfig,
+    addr: SocketAddr,
+    quic_config: quinn::ClientConfig,
+    timeout: Duration,
+) -> Result<OpenLink, String> {
     let attempt = async {
-        let connecting = endpoint.connect(config.edge_addr, &config.server_name).map_err(|e| e.to_string())?;
+        let connecting = endpoint.connect_with(quic_config, addr, &config.server_name).map_err(|e| e.to_string())?;
         let connection = connecting.await.map_err(|e| e.to_string())?;
         let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
         let nonce: u64 = rand::random();
@@ -347,9 +445,137 @@ async fn open_link(endpoint: &quinn::Endpoint, config: &ClientConfig) -> Result<
             }
         }
     };
-    tokio::time::timeout(config.connect_timeout, attempt)
-        .await
-        .map_err(|_| "connection attempt timed out".to_string())?
+    tokio::time::timeout(timeout, attempt).await.map_err(|_| "connection attempt timed out".to_string())?
+}
+
+/// The candidate edges of a client that chooses, the selector, and the task that
+/// measures them again; the task stops when this is dropped.
+struct EdgeChoice {
+    source: EdgeSource,
+    candidates: Vec<EdgeCandidate>,
+    selector: EdgeSelector,
+    rounds: Option<mpsc::Receiver<ProbeRound>>,
+    remeasuring: Option<JoinHandle<()>>,
+}
+
+/// One round of measurements by the re-measuring task.
+struct ProbeRound {
+    candidates: Vec<EdgeCandidate>,
+    probes: Vec<Probe>,
+}
+
+impl Drop for EdgeChoice {
+    fn drop(&mut self) {
+        if let Some(task) = &self.remeasuring {
+            task.abort();
+        }
+    }
+}
+
+impl EdgeChoice {
+    fn new(source: EdgeSource, candidates: Vec<EdgeCandidate>) -> EdgeChoice {
+        EdgeChoice { source, candidates, selector: EdgeSelector::new(), rounds: None, remeasuring: None }
+    }
+
+    /// Probes the candidates and lets the selector choose; the edge to try first.
+    async fn measure(&mut self, endpoint: &quinn::Endpoint, config: &ClientConfig) -> Option<SocketAddr> {
+        let configs = |candidate: &EdgeCandidate| candidate_quic_config(config, candidate);
+        let probes = edges::probe_round(endpoint, &self.candidates, &config.server_name, &configs).await;
+        let chosen = self.selector.update(&self.candidates, &probes);
+        tracing::debug!(ranking = ?self.selector.ranking(), ?chosen, "edges measured");
+        chosen
+    }
+
+    /// Fetches the candidates again (keeping the last ones if that fails) and measures.
+    async fn refresh(&mut self, endpoint: &quinn::Endpoint, config: &ClientConfig) -> Option<SocketAddr> {
+        match self.source.candidates().await {
+            Ok(candidates) => self.candidates = candidates,
+            Err(error) => tracing::info!(%error, "keeping the last candidate edges"),
+        }
+        self.measure(endpoint, config).await
+    }
+
+    /// Connects to `first`, then down the last ranking without `lost`, then to `lost`
+    /// itself; every attempt bounded by [`FAILOVER_CONNECT_TIMEOUT`].
+    async fn connect(
+        &mut self,
+        endpoint: &quinn::Endpoint,
+        config: &ClientConfig,
+        first: Option<SocketAddr>,
+        lost: Option<SocketAddr>,
+    ) -> Result<(OpenLink, SocketAddr), String> {
+        let mut order: Vec<SocketAddr> = first.into_iter().collect();
+        for addr in self.selector.failover_order(lost).into_iter().chain(lost) {
+            if !order.contains(&addr) {
+                order.push(addr);
+            }
+        }
+        let timeout = config.connect_timeout.min(FAILOVER_CONNECT_TIMEOUT);
+        let mut last = "no candidate edge".to_owned();
+        for addr in order {
+            let Some(candidate) = self.candidates.iter().find(|candidate| candidate.addr == addr) else { continue };
+            let Some(quic_config) = candidate_quic_config(config, candidate) else { continue };
+            match open_link(endpoint, config, addr, quic_config, timeout).await {
+                Ok(link) => {
+                    self.selector.connected(addr);
+                    tracing::info!(%addr, region = %candidate.region, "connected to edge");
+                    return Ok((link, addr));
+                }
+                Err(reason) => {
+                    tracing::debug!(%addr, %reason, "edge unreachable");
+                    last = format!("{addr}: {reason}");
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// Starts the task that measures the edges every `reprobe_interval`.
+    fn start_remeasuring(&mut self, endpoint: &quinn::Endpoint, config: &ClientConfig) {
+        let (rounds, receiver) = mpsc::channel(PROBE_ROUND_QUEUE_DEPTH);
+        let task = remeasure(endpoint.clone(), self.source.clone(), config.clone(), self.candidates.clone(), rounds);
+        self.remeasuring = Some(tokio::spawn(task));
+        self.rounds = Some(receiver);
+    }
+
+    /// Takes a round from the task; the edge to move to, if the selector says so.
+    fn take_round(&mut self, round: ProbeRound) -> Option<SocketAddr> {
+        self.candidates = round.candidates;
+        let chosen = self.selector.update_while_connected(&self.candidates, &round.probes);
+        tracing::debug!(ranking = ?self.selector.ranking(), ?chosen, "edges measured again");
+        chosen.filter(|chosen| Some(*chosen) != self.selector.current())
+    }
+}
+
+/// The re-measuring task: every `reprobe_interval`, fetch the candidates and probe them.
+async fn remeasure(
+    endpoint: quinn::Endpoint,
+    source: EdgeSource,
+    config: ClientConfig,
+    mut candidates: Vec<EdgeCandidate>,
+    rounds: mpsc::Sender<ProbeRound>,
+) {
+    loop {
+        tokio::time::sleep(config.reprobe_interval).await;
+        match source.candidates().await {
+            Ok(fresh) => candidates = fresh,
+            Err(error) => tracing::info!(%error, "keeping the last candidate edges"),
+        }
+        let configs = |candidate: &EdgeCandidate| candidate_quic_config(&config, candidate);
+        let probes = edges::probe_round(&endpoint, &candidates, &config.server_name, &configs).await;
+        if rounds.send(ProbeRound { candidates: candidates.clone(), probes }).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The QUIC config for one candidate: it accepts only the candidate's edge id when the
+/// edge map gave one. `None` (logged) if it cannot be built.
+fn candidate_quic_config(config: &ClientConfig, candidate: &EdgeCandidate) -> Option<quinn::ClientConfig> {
+    let expected = candidate.edge_id.map_or(config.expected_edge, ExpectedRole::Edge);
+    quic_client_config(config, expected)
+        .inspect_err(|error| tracing::warn!(%error, addr = %candidate.addr, "no client config for the edge"))
+        .ok()
 }
 
 /// Prefers the connection's close reason (say, a refused certificate) over the stream error.
@@ -390,9 +616,15 @@ impl Dedup {
 struct Driver {
     endpoint: quinn::Endpoint,
     config: ClientConfig,
+    /// For the fixed edge (`config.edge_addr`).
+    quic_config: quinn::ClientConfig,
     directory: Directory,
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<Event>,
+    /// The edge connected to now, for [`Client::edge`].
+    edge: watch::Sender<Option<SocketAddr>>,
+    /// Candidate edges, when the client chooses.
+    choice: Option<EdgeChoice>,
     /// Sent, no answer from the edge yet: bytes kept for a resend, caller waiting.
     unanswered: HashMap<MessageId, (Vec<u8>, Option<AnswerSender>)>,
     /// Forwarded live, no receipt yet: resent after a reconnect.
@@ -406,16 +638,21 @@ enum LinkEnd {
     Closed,
     Lost(String),
     GoAway(Duration),
+    /// The selector chose another edge; the link was closed politely.
+    Switch(SocketAddr),
 }
 
 impl Driver {
-    async fn run(mut self, first: OpenLink) {
-        let mut link = Some(first);
+    async fn run(mut self, first: OpenLink, first_addr: SocketAddr) {
+        let mut link = Some((first, first_addr));
         let mut failures: u32 = 0;
+        // With candidate edges: where to go first, and the edge just lost (tried last).
+        let mut preferred: Option<SocketAddr> = None;
+        let mut lost: Option<SocketAddr> = None;
         loop {
-            let current = match link.take() {
+            let (current, addr) = match link.take() {
                 Some(current) => current,
-                None => match open_link(&self.endpoint, &self.config).await {
+                None => match self.reconnect(preferred.take(), lost.take()).await {
                     Ok(current) => current,
                     Err(reason) => {
                         failures = failures.saturating_add(1);
@@ -424,13 +661,19 @@ impl Driver {
                         if self.wait_or_close(delay).await {
                             return;
                         }
+                        if let Some(choice) = &mut self.choice {
+                            preferred = choice.refresh(&self.endpoint, &self.config).await;
+                        }
                         continue;
                     }
                 },
             };
             failures = 0;
+            self.edge.send_replace(Some(addr));
             let _ = self.events.try_send(Event::Connected);
-            match self.serve(current).await {
+            let end = self.serve(current).await;
+            self.edge.send_replace(None);
+            match end {
                 LinkEnd::Closed => {
                     self.endpoint.close(0u32.into(), b"closed");
                     // The close frame leaves only while the endpoint is driven.
@@ -439,19 +682,47 @@ impl Driver {
                 }
                 LinkEnd::Lost(reason) => {
                     let _ = self.events.try_send(Event::Disconnected { reason });
-                    let delay = backoff(self.config.backoff_min, self.config.backoff_max, 1);
-                    if self.wait_or_close(delay).await {
-                        return;
+                    if self.choice.is_some() {
+                        // Fail over at once: the next edge is (most likely) alive.
+                        lost = Some(addr);
+                    } else {
+                        let delay = backoff(self.config.backoff_min, self.config.backoff_max, 1);
+                        if self.wait_or_close(delay).await {
+                            return;
+                        }
                     }
                 }
                 LinkEnd::GoAway(after) => {
                     let _ = self.events.try_send(Event::GoAway { reconnect_after: after });
-                    if self.wait_or_close(jitter(after)).await {
+                    if self.choice.is_some() {
+                        lost = Some(addr);
+                    } else if self.wait_or_close(jitter(after)).await {
                         return;
                     }
                 }
+                LinkEnd::Switch(to) => {
+                    tracing::info!(from = %addr, %to, "moving to a clearly better edge");
+                    preferred = Some(to);
+                }
             }
             self.requeue_unconfirmed();
+        }
+    }
+
+    /// A new link: to the fixed edge, or to the candidates in order.
+    async fn reconnect(
+        &mut self,
+        preferred: Option<SocketAddr>,
+        lost: Option<SocketAddr>,
+    ) -> Result<(OpenLink, SocketAddr), String> {
+        match &mut self.choice {
+            None => {
+                let (addr, quic_config) = (self.config.edge_addr, self.quic_config.clone());
+                let link =
+                    open_link(&self.endpoint, &self.config, addr, quic_config, self.config.connect_timeout).await?;
+                Ok((link, addr))
+            }
+            Some(choice) => choice.connect(&self.endpoint, &self.config, preferred, lost).await,
         }
     }
 
@@ -526,6 +797,12 @@ impl Driver {
                     }
                     if let Err(error) = link.send.write_all(&out).await {
                         return LinkEnd::Lost(format!("write failed: {error}"));
+                    }
+                }
+                round = next_round(&mut self.choice) => {
+                    if let Some(target) = self.choice.as_mut().and_then(|choice| choice.take_round(round)) {
+                        self.close_link(link).await;
+                        return LinkEnd::Switch(target);
                     }
                 }
                 chunk = link.recv.read_chunk(READ_CHUNK_BYTES, true) => {
@@ -690,6 +967,17 @@ impl Driver {
             let _ = reply.send(Ok(Disposition::Forwarded));
         }
         let _ = self.events.send(Event::Receipt { message_id: receipt.message_id, from: receipt.recipient }).await;
+    }
+}
+
+/// The next round of measurements, for a client with candidate edges; never otherwise.
+async fn next_round(choice: &mut Option<EdgeChoice>) -> ProbeRound {
+    match choice.as_mut().and_then(|choice| choice.rounds.as_mut()) {
+        Some(rounds) => match rounds.recv().await {
+            Some(round) => round,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod admin_keys;
 pub mod ca;
+pub mod edges;
 pub mod enrollment;
 pub mod extract;
 pub mod keys;
@@ -25,7 +26,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
@@ -118,6 +119,8 @@ impl AppState {
         enrollment::revoke_enrollment_token,
         enrollment::enrollment_org,
         enrollment::enroll_edge,
+        edges::edge_map,
+        edges::set_edge_weight,
         registry::register_agent,
         registry::search_agents,
         registry::get_agent,
@@ -145,6 +148,7 @@ impl AppState {
         (name = "certificate authority", description = "Org CAs, certificates, revocation, CRLs, trust bundle"),
         (name = "agent keys", description = "Key rotation, guardians and social recovery of agents"),
         (name = "edge enrollment", description = "Enrollment tokens and the enrollment of new edges"),
+        (name = "edges", description = "The edge map agents choose their edge from, and edge weights"),
         (name = "registry", description = "Agent registry: signed registration, heartbeats, search, agent cards"),
     )
 )]
@@ -195,6 +199,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/admin/enrollment-tokens/{id}", delete(enrollment::revoke_enrollment_token))
         .route("/v1/edges/enroll", post(enrollment::enroll_edge))
         .route("/v1/edges/enroll/org", post(enrollment::enrollment_org))
+        .route("/v1/edge-map", get(edges::edge_map))
+        .route("/v1/admin/edges/{id}/weight", put(edges::set_edge_weight))
         .route("/v1/agents", post(registry::register_agent).get(registry::search_agents))
         .route("/v1/agents/{id}", get(registry::get_agent).put(registry::update_agent))
         .route("/v1/agents/{id}/heartbeat", post(registry::heartbeat))

@@ -276,6 +276,8 @@ async fn every_route_is_documented(fixture: &Fixture) {
         ("delete", "/v1/admin/enrollment-tokens/{id}"),
         ("post", "/v1/edges/enroll/org"),
         ("post", "/v1/edges/enroll"),
+        ("get", "/v1/edge-map"),
+        ("put", "/v1/admin/edges/{id}/weight"),
         ("post", "/v1/agents"),
         ("get", "/v1/agents"),
         ("get", "/v1/agents/{id}"),
@@ -317,7 +319,7 @@ async fn every_route_is_documented(fixture: &Fixture) {
         ("get", "/v1/admin/ledger/audit"),
     ];
     // Fetched by agents and edges without credentials (enrollment: the token is the credential).
-    let public = ["/v1/orgs/{id}/crl", "/v1/trust-bundle", "/v1/edges/enroll", "/v1/edges/enroll/org"];
+    let public = ["/v1/orgs/{id}/crl", "/v1/trust-bundle", "/v1/edges/enroll", "/v1/edges/enroll/org", "/v1/edge-map"];
     let paths = document["paths"].as_object().expect("paths");
     let documented: usize = paths.values().map(|item| item.as_object().unwrap().len()).sum();
     assert_eq!(documented, routes.len(), "{paths:#?}");

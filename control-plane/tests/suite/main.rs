@@ -5,6 +5,7 @@
 mod api;
 mod ca;
 mod cards;
+mod edge_map;
 mod enrollment;
 mod fixture;
 mod grpc;

@@ -14,6 +14,7 @@
 //! [`REQUEST_TIMEOUT`] (and connecting by [`CONNECT_TIMEOUT`]). Redirects are not followed,
 //! so neither a token nor a signature goes anywhere but the given URL.
 
+mod edges;
 pub mod enrollment;
 mod keys;
 mod ledger;
@@ -34,6 +35,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
 
+pub use edges::{EdgeMap, EdgeMapEntry};
 pub use keys::{Approval, CompletedRecovery, Guardians, KeyEvent, KeyHistory, Recovery, Rotation};
 pub use ledger::wallet_account;
 pub use ledger_types::*;
