@@ -48,6 +48,7 @@ pub struct EdgeHandle {
     admin_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<anyhow::Result<()>>,
+    reloader: Arc<crate::reload::Reloader>,
 }
 
 impl EdgeHandle {
@@ -58,6 +59,11 @@ impl EdgeHandle {
 
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// What applies a reloaded config to this edge (`crate::reload`).
+    pub fn reloader(&self) -> Arc<crate::reload::Reloader> {
+        Arc::clone(&self.reloader)
     }
 
     /// Tells agents to reconnect elsewhere or later, waits for them to leave (at most the
@@ -186,14 +192,17 @@ impl Edge {
             })),
             _ => None,
         };
-        let shared = Arc::new(Shared {
-            relay,
-            agent_slots: AgentSlots::new(config.limits.connections_per_agent.get()),
-            config,
-            live,
-        });
-        let task = tokio::spawn(run(endpoint, shared, shutdown_signal, ready, admin, writer, link));
-        Ok(EdgeHandle { edge_id: identity.edge_id, quic_addr, admin_addr, shutdown, task })
+        let agent_slots = AgentSlots::new(config.limits.connections_per_agent.get());
+        let ip_slots = IpSlots::new(config.limits.connections_per_ip.get());
+        let reloader = Arc::new(crate::reload::Reloader::new(
+            Arc::clone(&relay),
+            Arc::clone(&agent_slots),
+            Arc::clone(&ip_slots),
+            config.clone(),
+        ));
+        let shared = Arc::new(Shared { relay, agent_slots, config, live });
+        let task = tokio::spawn(run(endpoint, shared, ip_slots, shutdown_signal, ready, admin, writer, link));
+        Ok(EdgeHandle { edge_id: identity.edge_id, quic_addr, admin_addr, shutdown, task, reloader })
     }
 }
 
@@ -216,16 +225,17 @@ pub(crate) fn quic_server_config(
     Ok(server)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
+    ip_slots: Arc<IpSlots>,
     mut shutdown: watch::Receiver<bool>,
     ready: Arc<AtomicBool>,
     admin: JoinHandle<std::io::Result<()>>,
     writer: crate::store::WriterGuard,
     link: Option<ControlLink>,
 ) -> anyhow::Result<()> {
-    let ip_slots = IpSlots::new(shared.config.limits.connections_per_ip.get());
     let housekeeping = tokio::spawn(housekeeping(shared.relay.clone()));
     let mut connections = JoinSet::new();
     loop {
