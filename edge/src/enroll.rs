@@ -34,6 +34,7 @@ use molt_protocol::request::{EDGE_PROOF_DOMAIN, possession_message};
 use molt_protocol::{EdgeId, UnixMillis};
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
+use zeroize::Zeroizing;
 
 use crate::config;
 use crate::trust::{Bundle, write_atomically};
@@ -412,7 +413,8 @@ async fn enroll_with(
 #[derive(Debug)]
 struct NewFile {
     target: PathBuf,
-    bytes: Vec<u8>,
+    /// Zeroized on drop: one of them is the private key.
+    bytes: Zeroizing<Vec<u8>>,
     mode: u32,
 }
 
@@ -425,10 +427,11 @@ fn files_to_write(
     record: &Record,
 ) -> Result<Vec<NewFile>, EnrollError> {
     let dir = std::path::absolute(&options.dir).map_err(|error| EnrollError::Options(error.to_string()))?;
-    let file = |name: &str, bytes: Vec<u8>, mode: u32| NewFile { target: dir.join(name), bytes, mode };
+    let file =
+        |name: &str, bytes: Vec<u8>, mode: u32| NewFile { target: dir.join(name), bytes: Zeroizing::new(bytes), mode };
     let mut files = Vec::new();
     if let NewKey::File(signing_key) = key {
-        files.push(file(KEY_FILE, signing_key.to_pkcs8_pem().into_bytes(), 0o600));
+        files.push(file(KEY_FILE, signing_key.to_pkcs8_pem().as_bytes().to_vec(), 0o600));
     }
     files.push(file(CHAIN_FILE, chain_pem.as_bytes().to_vec(), 0o644));
     let anchors: String = bundle.roots.iter().map(Certificate::to_pem).collect();
@@ -437,7 +440,7 @@ fn files_to_write(
     // Paths in the config are relative to its own directory when it sits in `dir`.
     let base = if config_path.parent() == Some(dir.as_path()) { PathBuf::new() } else { dir.clone() };
     let stub = StubSettings { region: &record.region, grpc_addr: options.grpc_addr, base: &base, key: key.stub_key() };
-    files.push(NewFile { target: config_path.to_owned(), bytes: stub.render().into_bytes(), mode: 0o644 });
+    files.push(NewFile { target: config_path.to_owned(), bytes: Zeroizing::new(stub.render().into_bytes()), mode: 0o644 });
     let record_json = serde_json::to_vec_pretty(record).map_err(|e| EnrollError::Answer(e.to_string()))?;
     files.push(file(RECORD_FILE, record_json, 0o644));
     Ok(files)
@@ -790,8 +793,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("b"), "old b").unwrap();
         let files = vec![
-            NewFile { target: dir.path().join("a"), bytes: b"new a".to_vec(), mode: 0o600 },
-            NewFile { target: dir.path().join("b"), bytes: b"new b".to_vec(), mode: 0o644 },
+            NewFile { target: dir.path().join("a"), bytes: Zeroizing::new(b"new a".to_vec()), mode: 0o600 },
+            NewFile { target: dir.path().join("b"), bytes: Zeroizing::new(b"new b".to_vec()), mode: 0o644 },
         ];
         commit_files(&files).unwrap();
         assert_eq!(std::fs::read_to_string(dir.path().join("a")).unwrap(), "new a");
@@ -810,9 +813,9 @@ mod tests {
         std::fs::create_dir(dir.path().join("b")).unwrap();
         std::fs::write(dir.path().join("b").join("inside"), "x").unwrap();
         let files = vec![
-            NewFile { target: dir.path().join("a"), bytes: b"new a".to_vec(), mode: 0o644 },
-            NewFile { target: dir.path().join("b"), bytes: b"new b".to_vec(), mode: 0o644 },
-            NewFile { target: dir.path().join("c"), bytes: b"new c".to_vec(), mode: 0o644 },
+            NewFile { target: dir.path().join("a"), bytes: Zeroizing::new(b"new a".to_vec()), mode: 0o644 },
+            NewFile { target: dir.path().join("b"), bytes: Zeroizing::new(b"new b".to_vec()), mode: 0o644 },
+            NewFile { target: dir.path().join("c"), bytes: Zeroizing::new(b"new c".to_vec()), mode: 0o644 },
         ];
         let (path, _) = commit_files(&files).unwrap_err();
         assert_eq!(path, dir.path().join("b"));

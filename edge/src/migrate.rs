@@ -146,6 +146,19 @@ mod tests {
     }
 
     #[test]
+    fn config_check_reports_an_unknown_version_with_its_key_and_line() {
+        let newer = format!("# comment\nconfig_version = 3\n{}", V1.replace("anchors = ", "anchor = "));
+        let error = config::parse(&newer, Path::new("/etc/molt")).unwrap_err();
+        let problems = error.problems();
+        assert_eq!(problems.len(), 3, "{error}");
+        assert_eq!((problems[0].key.as_deref(), problems[0].line), (Some("config_version"), Some(2)));
+        assert!(problems[0].to_string().contains("newer than this molt-edge reads"), "{error}");
+        let wrong_type = config::parse(&format!("config_version = \"2\"\n{V1}"), Path::new("/")).unwrap_err();
+        assert!(wrong_type.to_string().contains("config_version: expected integer, found string"), "{wrong_type}");
+        assert!(config::parse(&format!("config_version = 1\n{V1}"), Path::new("/")).is_ok());
+    }
+
+    #[test]
     fn versions_out_of_range_are_named() {
         assert_eq!(version_of("config_version = 2\n"), Ok(2));
         assert!(version_of("config_version = 7\n").unwrap_err().contains("unknown version 7"));

@@ -50,7 +50,7 @@ trap 'umount "$rootfs/proc" 2>/dev/null || true' EXIT
 chroot "$rootfs" /bin/sh -ec '
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q /tmp/molt-edge.deb
     rm /tmp/molt-edge.deb
-    systemctl enable molt-edge.service systemd-networkd.service
+    systemctl enable molt-edge.service
     echo molt-edge > /etc/hostname
     printf "auto lo\niface lo inet loopback\nallow-hotplug eth0\niface eth0 inet dhcp\n" > /etc/network/interfaces
     apt-get clean

@@ -75,9 +75,15 @@ fn the_package_installs_verifies_and_starts() {
         assert!(unit.contains(option), "the unit lacks {option:?}");
     }
 
-    // The unit, checked against the installed tree.
-    let mut verify = Command::new("systemd-analyze");
-    verify.arg("verify").arg(format!("--root={}", root.display())).arg("/lib/systemd/system/molt-edge.service");
+    // The unit, with the installed binaries laid over the host's /usr/bin (an overlay in a
+    // private mount namespace), so that its commands resolve as on the device.
+    let script = format!(
+        "set -e; mount -t overlay overlay -o lowerdir='{root}/usr/bin':/usr/bin /usr/bin; \
+         systemd-analyze verify '{root}/lib/systemd/system/molt-edge.service'",
+        root = root.display()
+    );
+    let mut verify = Command::new("unshare");
+    verify.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
     let (status, stdout, stderr) = run(verify).unwrap();
     assert!(status.success() && !stderr.contains("molt-edge.service:"), "systemd-analyze verify: {stdout}{stderr}");
 
