@@ -109,7 +109,7 @@ fn add_version_key(text: &str) -> String {
     }
     // Keep a blank line between the comments and the key if the file had one there.
     let (head, rest) = text.split_at(offset);
-    let separator = if head.is_empty() || head.ends_with("\n\n") { "" } else { "\n" };
+    let separator = if head.ends_with("\n\n") { "\n" } else { "" };
     let head = head.trim_end_matches('\n');
     let lead = if head.is_empty() { String::new() } else { format!("{head}\n{separator}") };
     format!("{lead}config_version = 2\n\n{}", rest.trim_start_matches('\n'))
