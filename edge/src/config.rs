@@ -582,7 +582,8 @@ impl fmt::Display for LogFormat {
 // ---------------------------------------------------------------------------------------
 // Known keys, for unknown-key detection and suggestions.
 
-const SECTION_KEYS: &[&str] = &["config_version", "edge", "identity", "trust", "limits", "buffer", "shutdown", "log", "control_plane"];
+const SECTION_KEYS: &[&str] =
+    &["config_version", "edge", "identity", "trust", "limits", "buffer", "shutdown", "log", "control_plane"];
 const EDGE_KEYS: &[&str] = &["listen_addr", "admin_addr", "data_dir", "region"];
 const IDENTITY_KEYS: &[&str] = &["certificate_chain", "key_source", "private_key", "pkcs11"];
 const PKCS11_KEYS: &[&str] = &["module", "token_label", "key_label", "pin_env", "pin_file"];
@@ -1061,7 +1062,9 @@ fn validate_version(raw: &Raw<i64>, report: &mut Report<'_>) {
     let Some(raw) = raw else { return };
     let version = *raw.get_ref();
     let reason = if version > i64::from(CONFIG_VERSION_CURRENT) {
-        format!("version {version} is newer than this molt-edge reads (up to {CONFIG_VERSION_CURRENT}); upgrade molt-edge")
+        format!(
+            "version {version} is newer than this molt-edge reads (up to {CONFIG_VERSION_CURRENT}); upgrade molt-edge"
+        )
     } else if version < i64::from(CONFIG_VERSION_UNVERSIONED) {
         format!("version {version} does not exist: versions start at {CONFIG_VERSION_UNVERSIONED}")
     } else {

@@ -279,10 +279,9 @@ async fn already_enrolled(
         .filter(|record| record.control_plane == control_plane && record.token_sha256 == token_sha256(&options.token));
     match same {
         Some(record) => verify_record(&options.dir, record).await,
-        None => Err(EnrollError::IdentityExists {
-            dir: options.dir.clone(),
-            edge_id: record.map(|record| record.edge_id),
-        }),
+        None => {
+            Err(EnrollError::IdentityExists { dir: options.dir.clone(), edge_id: record.map(|record| record.edge_id) })
+        }
     }
 }
 
@@ -440,7 +439,11 @@ fn files_to_write(
     // Paths in the config are relative to its own directory when it sits in `dir`.
     let base = if config_path.parent() == Some(dir.as_path()) { PathBuf::new() } else { dir.clone() };
     let stub = StubSettings { region: &record.region, grpc_addr: options.grpc_addr, base: &base, key: key.stub_key() };
-    files.push(NewFile { target: config_path.to_owned(), bytes: Zeroizing::new(stub.render().into_bytes()), mode: 0o644 });
+    files.push(NewFile {
+        target: config_path.to_owned(),
+        bytes: Zeroizing::new(stub.render().into_bytes()),
+        mode: 0o644,
+    });
     let record_json = serde_json::to_vec_pretty(record).map_err(|e| EnrollError::Answer(e.to_string()))?;
     files.push(file(RECORD_FILE, record_json, 0o644));
     Ok(files)
@@ -452,7 +455,8 @@ fn commit_files(files: &[NewFile]) -> Result<(), (PathBuf, std::io::Error)> {
     let staged: Vec<PathBuf> = files.iter().map(|file| sibling(&file.target, "enroll-new")).collect();
     let backups: Vec<PathBuf> = files.iter().map(|file| sibling(&file.target, "enroll-old")).collect();
     for (file, staged_path) in files.iter().zip(&staged) {
-        let written = write_atomically(staged_path, &file.bytes, file.mode).and_then(|()| owned_like_parent(staged_path));
+        let written =
+            write_atomically(staged_path, &file.bytes, file.mode).and_then(|()| owned_like_parent(staged_path));
         if let Err(source) = written {
             staged.iter().for_each(|path| drop(std::fs::remove_file(path)));
             return Err((file.target.clone(), source));

@@ -131,7 +131,10 @@ mod tests {
         assert_eq!(version_of(V1), Ok(1));
         let migrated = migrate_text(V1, 1);
         assert_eq!(version_of(&migrated), Ok(CONFIG_VERSION_CURRENT));
-        assert!(migrated.starts_with("# my edge\n# second comment\n\nconfig_version = 2\n\n[identity]\n"), "{migrated}");
+        assert!(
+            migrated.starts_with("# my edge\n# second comment\n\nconfig_version = 2\n\n[identity]\n"),
+            "{migrated}"
+        );
         assert!(migrated.ends_with("anchors = \"roots.pem\" # inline\n"), "comments are kept");
         let old = config::parse(V1, Path::new("/etc/molt")).unwrap();
         let new = config::parse(&migrated, Path::new("/etc/molt")).unwrap();

@@ -16,7 +16,7 @@
 //!   its old values for them, so the next reload reports them again.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use crate::config::{self, ConfigError, EdgeConfig, LimitsConfig, LogFilter};
 use crate::ratelimit::{AgentSlots, IpSlots, MessageLimits};
@@ -28,7 +28,9 @@ pub type LogLevelSetter = dyn Fn(&LogFilter) -> Result<(), String> + Send + Sync
 /// What can change while the edge runs, and the config it runs with.
 #[derive(Debug)]
 pub struct Reloader {
-    relay: Arc<Relay>,
+    /// Weak: the relay owns the offline store, whose writer thread stops only when every
+    /// handle is gone, and a reload must never keep a stopping edge alive.
+    relay: Weak<Relay>,
     agent_slots: Arc<AgentSlots>,
     ip_slots: Arc<IpSlots>,
     running: Mutex<EdgeConfig>,
@@ -45,12 +47,12 @@ pub struct ReloadReport {
 
 impl Reloader {
     pub fn new(
-        relay: Arc<Relay>,
+        relay: &Arc<Relay>,
         agent_slots: Arc<AgentSlots>,
         ip_slots: Arc<IpSlots>,
         running: EdgeConfig,
     ) -> Reloader {
-        Reloader { relay, agent_slots, ip_slots, running: Mutex::new(running) }
+        Reloader { relay: Arc::downgrade(relay), agent_slots, ip_slots, running: Mutex::new(running) }
     }
 
     /// The config in force.
@@ -70,8 +72,9 @@ impl Reloader {
         let mut report = ReloadReport::default();
         let old_limits = message_limits(&running.limits);
         let new_limits = message_limits(&new.limits);
-        if old_limits != new_limits {
-            self.relay.limiter().set_limits(new_limits);
+        let relay = self.relay.upgrade();
+        if let (true, Some(relay)) = (old_limits != new_limits, &relay) {
+            relay.limiter().set_limits(new_limits);
             let limits = &mut running.limits;
             for (key, changed) in [
                 ("limits.messages_per_minute", limits.messages_per_minute != new.limits.messages_per_minute),
@@ -161,8 +164,7 @@ pub async fn reload_on_hangup(
         let path = path.clone();
         let reloader = Arc::clone(&reloader);
         let set_log_level = Arc::clone(&set_log_level);
-        let reloaded =
-            tokio::task::spawn_blocking(move || reloader.reload_file(&path, set_log_level.as_ref())).await;
+        let reloaded = tokio::task::spawn_blocking(move || reloader.reload_file(&path, set_log_level.as_ref())).await;
         match reloaded {
             Ok(Ok(report)) => log_report(&report),
             Ok(Err(error)) => log_refusal(&error),

@@ -195,7 +195,7 @@ impl Edge {
         let agent_slots = AgentSlots::new(config.limits.connections_per_agent.get());
         let ip_slots = IpSlots::new(config.limits.connections_per_ip.get());
         let reloader = Arc::new(crate::reload::Reloader::new(
-            Arc::clone(&relay),
+            &relay,
             Arc::clone(&agent_slots),
             Arc::clone(&ip_slots),
             config.clone(),

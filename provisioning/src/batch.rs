@@ -132,7 +132,8 @@ impl BatchFile {
         }
         let text = std::fs::read_to_string(path).map_err(read)?;
         let invalid = |detail: String| BatchFileError::Invalid { path: path.to_owned(), detail };
-        let mut file: BatchFile = toml::from_str(&text).map_err(|error| invalid(error.to_string().trim().to_owned()))?;
+        let mut file: BatchFile =
+            toml::from_str(&text).map_err(|error| invalid(error.to_string().trim().to_owned()))?;
         let base = std::path::absolute(path).map_err(read)?;
         let base = base.parent().unwrap_or(Path::new("/"));
         for device in &mut file.devices {

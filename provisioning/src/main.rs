@@ -174,7 +174,11 @@ fn run_batch(args: &BatchArgs) -> anyhow::Result<ExitCode> {
             _ => format!("{}: {:?}", report.name, report.status),
         };
         // Through the bar, so the line does not tear it; plain when stderr is no terminal.
-        if bar.is_hidden() { eprintln!("{line}") } else { bar.println(line) }
+        if bar.is_hidden() {
+            eprintln!("{line}")
+        } else {
+            bar.println(line)
+        }
         bar.inc(1);
     }));
     bar.finish_and_clear();

@@ -112,9 +112,12 @@ mount --bind '{state}' /var/lib/molt-edge
 pid=$!
 for attempt in $(seq 1 300); do
     if exec 3<>/dev/tcp/127.0.0.1/9090 2>/dev/null; then
-        printf 'GET /healthz HTTP/1.0\r\n\r\n' >&3
+        printf 'GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n' >&3
         answer=$(cat <&3)
-        kill -TERM $pid; wait $pid || true
+        # Closed before the stop: the admin server's graceful shutdown waits for it.
+        exec 3<&-
+        kill -TERM $pid
+        wait $pid
         echo "$answer"
         exit 0
     fi
@@ -135,4 +138,5 @@ kill $pid; cat '{state}/edge.log' >&2; exit 1
     let log = std::fs::read_to_string(state.join("edge.log")).unwrap();
     assert!(log.lines().any(|line| line.starts_with('{') && line.contains("edge is serving")), "JSON logs: {log}");
     assert!(state.join("data/buffer.redb").is_file(), "the buffer lives in the state directory");
+    assert!(log.contains("edge stopped"), "SIGTERM stops it cleanly: {log}");
 }

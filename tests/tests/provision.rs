@@ -13,7 +13,8 @@ use molt_tests::{binary, free_ports, http_json};
 use serde_json::{Value, json};
 
 /// Identity files an enrollment writes into its directory.
-const IDENTITY_FILES: &[&str] = &["edge.key", "edge.pem", "trust-anchors.pem", "trust-bundle.json", "edge.toml", "provisioned.json"];
+const IDENTITY_FILES: &[&str] =
+    &["edge.key", "edge.pem", "trust-anchors.pem", "trust-bundle.json", "edge.toml", "provisioned.json"];
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -37,7 +38,8 @@ impl Setup {
     fn token(&self) -> (String, String) {
         let body = json!({"org_id": self.org, "region": "eu-west"});
         let (status, created) =
-            http_json(self.cp.addr(), "POST", "/v1/admin/enrollment-tokens", Some(&self.cp.token), Some(&body)).unwrap();
+            http_json(self.cp.addr(), "POST", "/v1/admin/enrollment-tokens", Some(&self.cp.token), Some(&body))
+                .unwrap();
         assert_eq!(status, 201, "{created}");
         (created["id"].as_str().unwrap().to_owned(), created["token"].as_str().unwrap().to_owned())
     }
@@ -87,7 +89,10 @@ fn snapshot(dir: &Path) -> BTreeMap<String, (Vec<u8>, std::time::SystemTime)> {
         .filter(|entry| entry.file_type().unwrap().is_file())
         .map(|entry| {
             let metadata = entry.metadata().unwrap();
-            (entry.file_name().into_string().unwrap(), (std::fs::read(entry.path()).unwrap(), metadata.modified().unwrap()))
+            (
+                entry.file_name().into_string().unwrap(),
+                (std::fs::read(entry.path()).unwrap(), metadata.modified().unwrap()),
+            )
         })
         .collect()
 }
@@ -289,7 +294,8 @@ fn enroll_with_the_key_in_a_softhsm_token() {
     let tokens = setup.path("tokens");
     std::fs::create_dir(&tokens).unwrap();
     let conf = setup.path("softhsm2.conf");
-    std::fs::write(&conf, format!("directories.tokendir = {}\nobjectstore.backend = file\n", tokens.display())).unwrap();
+    std::fs::write(&conf, format!("directories.tokendir = {}\nobjectstore.backend = file\n", tokens.display()))
+        .unwrap();
     let mut init = Command::new("softhsm2-util");
     init.args(["--init-token", "--free", "--label", "edge-token", "--so-pin", "12345678", "--pin", "87654321"]);
     init.env("SOFTHSM2_CONF", &conf);
@@ -317,7 +323,10 @@ fn enroll_with_the_key_in_a_softhsm_token() {
     assert_eq!(answer["status"], "enrolled", "{answer}");
     assert!(!device.join("edge.key").exists(), "the key stays in the token");
     let config = std::fs::read_to_string(device.join("edge.toml")).unwrap();
-    assert!(config.contains("key_source = \"pkcs11\"") && config.contains("pin_env = \"MOLT_TEST_EDGE_PIN\""), "{config}");
+    assert!(
+        config.contains("key_source = \"pkcs11\"") && config.contains("pin_env = \"MOLT_TEST_EDGE_PIN\""),
+        "{config}"
+    );
     config_check(&device.join("edge.toml"));
     let before = snapshot(&device);
 
@@ -354,7 +363,8 @@ fn a_batch_with_one_bad_device_provisions_the_others() {
     assert_eq!(code, Some(1), "one device failed: {stdout}{stderr}");
     assert!(stdout.contains("3 devices: 2 enrolled, 0 already provisioned, 1 failed"), "{stdout}");
     assert!(stdout.contains("failed: nowhere"), "{stdout}");
-    let statuses: Vec<&str> = summary["devices"].as_array().unwrap().iter().map(|d| d["status"].as_str().unwrap()).collect();
+    let statuses: Vec<&str> =
+        summary["devices"].as_array().unwrap().iter().map(|d| d["status"].as_str().unwrap()).collect();
     assert_eq!(statuses, ["enrolled", "failed", "enrolled"], "{summary}");
     for name in ["fra-01", "ams-01"] {
         config_check(&setup.path(name).join("edge.toml"));

@@ -45,9 +45,10 @@ async fn sighup_applies_live_changes_and_refuses_a_broken_file() {
     // Raise the limit and move the listen address: the first applies, the second waits.
     let original = std::fs::read_to_string(&setup.config).unwrap();
     let (other_port, _) = free_ports();
-    let changed = original
-        .replace("connections_per_agent = 1", "connections_per_agent = 2")
-        .replace(&format!("listen_addr = \"{}\"", setup.quic_addr), &format!("listen_addr = \"127.0.0.1:{other_port}\""));
+    let changed = original.replace("connections_per_agent = 1", "connections_per_agent = 2").replace(
+        &format!("listen_addr = \"{}\"", setup.quic_addr),
+        &format!("listen_addr = \"127.0.0.1:{other_port}\""),
+    );
     assert_ne!(changed, original);
     std::fs::write(&setup.config, &changed).unwrap();
     hangup(&edge);
