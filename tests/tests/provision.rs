@@ -213,6 +213,14 @@ fn failed_enrollments_leave_the_previous_identity_intact() {
     assert_eq!(snapshot(&device), before);
     assert_eq!(setup.token_status(&fresh_id), "active");
 
+    // A key file that no longer parses: the re-run says so and touches nothing.
+    std::fs::write(device.join("edge.key"), "not a key").unwrap();
+    let damaged = snapshot(&device);
+    let (code, _, stderr) = setup.enroll(&token, &device, &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("no longer usable") && stderr.contains("edge.key"), "{stderr}");
+    assert_eq!(snapshot(&device), damaged);
+
     // A fresh directory keeps no half-written identity after a failure.
     let empty = setup.path("empty");
     let (code, _, stderr) = setup.enroll("molt_enroll_0000000000000000000000000000000000000000", &empty, &[]);
@@ -334,6 +342,20 @@ fn enroll_with_the_key_in_a_softhsm_token() {
     let again = enroll(&token);
     assert_eq!(again["status"], "already_provisioned", "{again}");
     assert_eq!(snapshot(&device), before);
+
+    // A failed replacement destroys the key it generated in the token: one key is left.
+    let mut failed = setup.enroll_command(&setup.cp.url(), &token, &device, &hsm_args);
+    failed.arg("--force").env("SOFTHSM2_CONF", &conf).env("MOLT_TEST_EDGE_PIN", "87654321");
+    let (status, _, stderr) = run(failed).unwrap();
+    assert_eq!(status.code(), Some(1), "a spent token: {stderr}");
+    assert_eq!(snapshot(&device), before);
+    let mut list = Command::new("pkcs11-tool");
+    list.args(["--module", "/usr/lib/softhsm/libsofthsm2.so", "--token-label", "edge-token"]);
+    list.args(["--login", "--pin", "87654321", "--list-objects", "--type", "privkey"]);
+    list.env("SOFTHSM2_CONF", &conf);
+    let (status, stdout, stderr) = run(list).unwrap();
+    assert!(status.success(), "pkcs11-tool: {stderr}");
+    assert_eq!(stdout.matches("Private Key Object").count(), 1, "{stdout}");
 }
 
 #[test]
