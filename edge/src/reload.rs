@@ -9,18 +9,21 @@
 //!   `limits.messages_per_hour` and `limits.bytes_per_minute` (every agent starts again
 //!   with a full allowance under the new limits); the connection limits
 //!   `limits.connections_per_agent` and `limits.connections_per_ip` (connections already
-//!   open are kept). Established connections are never dropped by a reload.
+//!   open are kept); the buffer quotas `buffer.queue_depth_per_agent_max`,
+//!   `buffer.messages_max` and `buffer.bytes_max` (messages already buffered stay, even
+//!   above a lowered quota). Established connections are never dropped by a reload.
 //! * left as they are and logged as needing a restart: everything else (listen and admin
-//!   addresses, data directory, region, identity, trust, control plane link, buffer
-//!   quotas, shutdown timing, log format and the other limits). The running config keeps
+//!   addresses, data directory, region, identity, trust, control plane link,
+//!   `buffer.retention_ms`, shutdown timing, log format and the other limits). The running config keeps
 //!   its old values for them, so the next reload reports them again.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 
-use crate::config::{self, ConfigError, EdgeConfig, LimitsConfig, LogFilter};
+use crate::config::{self, BufferConfig, ConfigError, EdgeConfig, LimitsConfig, LogFilter};
 use crate::ratelimit::{AgentSlots, IpSlots, MessageLimits};
 use crate::relay::Relay;
+use crate::store::StoreLimits;
 
 /// Changes the log filter of the running subscriber; an error names why it could not.
 pub type LogLevelSetter = dyn Fn(&LogFilter) -> Result<(), String> + Send + Sync;
@@ -89,6 +92,28 @@ impl Reloader {
             limits.messages_per_hour = new.limits.messages_per_hour;
             limits.bytes_per_minute = new.limits.bytes_per_minute;
         }
+        if let (true, Some(relay)) = (buffer_quotas(&running.buffer) != buffer_quotas(&new.buffer), &relay) {
+            let quotas = buffer_quotas(&new.buffer);
+            relay.store().set_limits(quotas);
+            metrics::gauge!(crate::metrics::BUFFER_CAPACITY_MESSAGES).set(quotas.messages_max as f64);
+            metrics::gauge!(crate::metrics::BUFFER_CAPACITY_BYTES).set(quotas.bytes_max as f64);
+            let buffer = &mut running.buffer;
+            for (key, changed) in [
+                (
+                    "buffer.queue_depth_per_agent_max",
+                    buffer.queue_depth_per_agent_max != new.buffer.queue_depth_per_agent_max,
+                ),
+                ("buffer.messages_max", buffer.messages_max != new.buffer.messages_max),
+                ("buffer.bytes_max", buffer.bytes_max != new.buffer.bytes_max),
+            ] {
+                if changed {
+                    report.applied.push(key);
+                }
+            }
+            buffer.queue_depth_per_agent_max = new.buffer.queue_depth_per_agent_max;
+            buffer.messages_max = new.buffer.messages_max;
+            buffer.bytes_max = new.buffer.bytes_max;
+        }
         if running.limits.connections_per_agent != new.limits.connections_per_agent {
             self.agent_slots.set_max(new.limits.connections_per_agent.get());
             running.limits.connections_per_agent = new.limits.connections_per_agent;
@@ -132,7 +157,7 @@ fn restart_only_changes(running: &EdgeConfig, new: &EdgeConfig) -> Vec<&'static 
         ("identity", running.identity != new.identity),
         ("trust", running.trust != new.trust),
         ("limits", limits_other(&running.limits) != limits_other(&new.limits)),
-        ("buffer", running.buffer != new.buffer),
+        ("buffer.retention_ms", running.buffer.retention != new.buffer.retention),
         ("shutdown", running.shutdown != new.shutdown),
         ("log.format", running.log.format != new.log.format),
         ("control_plane", running.control_plane != new.control_plane),
@@ -140,6 +165,14 @@ fn restart_only_changes(running: &EdgeConfig, new: &EdgeConfig) -> Vec<&'static 
     .into_iter()
     .filter_map(|(key, changed)| changed.then_some(key))
     .collect()
+}
+
+fn buffer_quotas(buffer: &BufferConfig) -> StoreLimits {
+    StoreLimits {
+        queue_depth_per_agent_max: buffer.queue_depth_per_agent_max.get(),
+        messages_max: buffer.messages_max.get(),
+        bytes_max: buffer.bytes_max.get(),
+    }
 }
 
 fn message_limits(limits: &LimitsConfig) -> MessageLimits {

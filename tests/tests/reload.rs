@@ -1,5 +1,5 @@
-//! `kill -HUP` on a real `molt-edge`: a changed connection limit applies at once without
-//! dropping the agent already connected, a changed listen address is logged as needing a
+//! `kill -HUP` on a real `molt-edge`: a changed connection limit and buffer quota apply at
+//! once without dropping the agent already connected, a changed listen address is logged as needing a
 //! restart and left alone, and a broken file is refused with its problems logged while
 //! the running config stays in force.
 
@@ -49,11 +49,14 @@ async fn sighup_applies_live_changes_and_refuses_a_broken_file() {
         &format!("listen_addr = \"{}\"", setup.quic_addr),
         &format!("listen_addr = \"127.0.0.1:{other_port}\""),
     );
+    let changed = format!("{changed}\n[buffer]\nmessages_max = 500000\n");
     assert_ne!(changed, original);
     std::fs::write(&setup.config, &changed).unwrap();
     hangup(&edge);
     let reloaded = wait_for_log(&log, "config reloaded", 1);
     assert!(reloaded[0].contains("limits.connections_per_agent"), "{reloaded:?}");
+    assert!(reloaded[0].contains("buffer.messages_max"), "{reloaded:?}");
+    assert_eq!(edge.metric("molt_edge_buffer_capacity_messages").unwrap(), 500_000.0);
     let restart = wait_for_log(&log, "needs a restart", 1);
     assert!(restart[0].contains("edge.listen_addr"), "{restart:?}");
     let second = connect().await.expect("the raised limit applies at once, on the old address");
