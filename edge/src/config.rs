@@ -27,6 +27,13 @@ use molt_protocol::limits;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
+/// The config format this edge writes (`config_version`). Version 2 added the key
+/// itself; a file without it is version 1 and loads unchanged (`molt-edge config migrate`
+/// adds it). See [`crate::migrate`].
+pub const CONFIG_VERSION_CURRENT: u32 = 2;
+/// The version of a file without `config_version`.
+pub const CONFIG_VERSION_UNVERSIONED: u32 = 1;
+
 /// Default QUIC (UDP) address agents connect to.
 pub const DEFAULT_LISTEN_ADDR: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 4433));
 /// Default HTTP address of `/healthz` and `/metrics`; loopback so it is not public by accident.
@@ -614,7 +621,7 @@ impl fmt::Display for LogFormat {
 // Known keys, for unknown-key detection and suggestions.
 
 const SECTION_KEYS: &[&str] =
-    &["edge", "identity", "trust", "limits", "buffer", "shutdown", "log", "control_plane", "federation"];
+    &["config_version", "edge", "identity", "trust", "limits", "buffer", "shutdown", "log", "control_plane", "federation"];
 const EDGE_KEYS: &[&str] = &["listen_addr", "admin_addr", "data_dir", "region"];
 const IDENTITY_KEYS: &[&str] = &["certificate_chain", "key_source", "private_key", "pkcs11"];
 const PKCS11_KEYS: &[&str] = &["module", "token_label", "key_label", "pin_env", "pin_file"];
@@ -676,6 +683,7 @@ type Raw<T> = Option<Spanned<T>>;
 /// The config file as written: every key optional, spanned and of its TOML type.
 #[derive(Debug, Default)]
 struct ConfigFile {
+    config_version: Raw<i64>,
     edge: EdgeFile,
     identity: IdentityFile,
     trust: TrustFile,
@@ -821,6 +829,7 @@ fn read_file<'t>(root: &DeTable<'t>, report: &mut Report<'t>) -> ConfigFile {
     let shutdown = top.table("shutdown");
     let log = top.table("log");
     let control_plane = top.table("control_plane");
+    let config_version = top.integer("config_version");
     let federation = top.table("federation");
     top.finish();
 
@@ -876,7 +885,7 @@ fn read_file<'t>(root: &DeTable<'t>, report: &mut Report<'t>) -> ConfigFile {
     let control_plane = control_plane.table.is_some().then(|| read_control_plane(report, control_plane));
     let federation = federation.table.is_some().then(|| read_federation(report, federation));
 
-    ConfigFile { edge, identity, trust, limits, buffer, shutdown, log, control_plane, federation }
+    ConfigFile { config_version, edge, identity, trust, limits, buffer, shutdown, log, control_plane, federation }
 }
 
 /// `private_key` is required for a file key; `[identity.pkcs11]` for a PKCS#11 key.
@@ -1102,6 +1111,7 @@ impl<'r, 'd, 't> TableReader<'r, 'd, 't> {
 // Pass 2: typed values and the relations between them.
 
 fn validate(file: &ConfigFile, base_dir: &Path, report: &mut Report<'_>) -> EdgeConfig {
+    validate_version(&file.config_version, report);
     EdgeConfig {
         edge: validate_server(&file.edge, base_dir, report),
         identity: validate_identity(&file.identity, base_dir, report),
@@ -1153,6 +1163,23 @@ fn validate_federation(file: &FederationFile, report: &mut Report<'_>) -> Federa
             .and_then(NonZeroUsize::new)
             .unwrap_or(DEFAULT_LINK_QUEUE_DEPTH),
     }
+}
+
+/// A version this edge reads: from [`CONFIG_VERSION_UNVERSIONED`] to
+/// [`CONFIG_VERSION_CURRENT`].
+fn validate_version(raw: &Raw<i64>, report: &mut Report<'_>) {
+    let Some(raw) = raw else { return };
+    let version = *raw.get_ref();
+    let reason = if version > i64::from(CONFIG_VERSION_CURRENT) {
+        format!(
+            "version {version} is newer than this molt-edge reads (up to {CONFIG_VERSION_CURRENT}); upgrade molt-edge"
+        )
+    } else if version < i64::from(CONFIG_VERSION_UNVERSIONED) {
+        format!("version {version} does not exist: versions start at {CONFIG_VERSION_UNVERSIONED}")
+    } else {
+        return;
+    };
+    report.invalid("config_version", raw.span(), reason);
 }
 
 fn validate_control_plane(file: &ControlPlaneFile, base_dir: &Path, report: &mut Report<'_>) -> ControlPlaneConfig {

@@ -57,6 +57,9 @@ enum ConfigCommand {
     Check { file: PathBuf },
     /// Print the documented reference configuration with every key and its default.
     Reference,
+    /// Bring a configuration file to the current `config_version`, keeping the original
+    /// as FILE.v<N>.bak; the file is replaced atomically, and only with a valid result.
+    Migrate { file: PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -67,8 +70,17 @@ fn main() -> ExitCode {
             print!("{}", config::reference());
             Ok(())
         }
+        Some(Command::Config(ConfigCommand::Migrate { file })) => migrate(&file),
         Some(Command::Enroll { control_plane, token, grpc_addr, dir, force }) => {
-            enroll(molt_edge::enroll::EnrollOptions { control_plane, token, grpc_addr, dir, force })
+            enroll(molt_edge::enroll::EnrollOptions {
+                control_plane,
+                token,
+                grpc_addr,
+                dir,
+                config: None,
+                key: molt_edge::enroll::KeyPlan::File,
+                force,
+            })
         }
         None => match cli.config {
             Some(path) => run(&path),
@@ -90,14 +102,37 @@ fn check(file: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn migrate(file: &std::path::Path) -> anyhow::Result<()> {
+    use molt_edge::migrate::Migrated;
+    match molt_edge::migrate::migrate_file(file).with_context(|| format!("while migrating {}", file.display()))? {
+        Migrated::AlreadyCurrent => {
+            println!("{}: already at config_version {}", file.display(), config::CONFIG_VERSION_CURRENT)
+        }
+        Migrated::Rewritten { from, backup } => println!(
+            "{}: migrated from config_version {from} to {}; the original is in {}",
+            file.display(),
+            config::CONFIG_VERSION_CURRENT,
+            backup.display()
+        ),
+    }
+    Ok(())
+}
+
 fn run(path: &std::path::Path) -> anyhow::Result<()> {
     let config = config::load(path).with_context(|| format!("while loading {}", path.display()))?;
-    init_logging(&config.log);
+    let set_log_level = init_logging(&config.log);
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("while starting the runtime")?;
     runtime.block_on(async {
+        // Before the edge starts: from then on a SIGHUP reloads instead of terminating.
+        let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("while listening for SIGHUP")?;
         let edge = molt_edge::Edge::start(config).await?;
-        edge.run_until(shutdown_signal()).await
+        let reloads =
+            tokio::spawn(molt_edge::reload::reload_on_hangup(hangups, path.to_owned(), edge.reloader(), set_log_level));
+        let result = edge.run_until(shutdown_signal()).await;
+        reloads.abort();
+        result
     })
 }
 
@@ -105,17 +140,29 @@ fn enroll(options: molt_edge::enroll::EnrollOptions) -> anyhow::Result<()> {
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("while starting the runtime")?;
     let enrolled = runtime.block_on(molt_edge::enroll::enroll(&options)).context("while enrolling")?;
-    println!("enrolled {} in org {} (region {})", enrolled.edge_id, enrolled.org_id, enrolled.region);
+    let verb = match enrolled.outcome {
+        molt_edge::enroll::Outcome::Enrolled => "enrolled",
+        molt_edge::enroll::Outcome::AlreadyEnrolled => "already enrolled as",
+    };
+    println!("{verb} {} in org {} (region {})", enrolled.edge_id, enrolled.org_id, enrolled.region);
     println!("run it with: molt-edge --config {}", enrolled.config.display());
     Ok(())
 }
 
-fn init_logging(log: &config::LogConfig) {
-    let builder = tracing_subscriber::fmt().with_env_filter(log.level.to_env_filter()).with_writer(std::io::stderr);
+/// Installs the subscriber; the answer changes its level (on a config reload).
+fn init_logging(log: &config::LogConfig) -> std::sync::Arc<molt_edge::reload::LogLevelSetter> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(log.level.to_env_filter());
+    let registry = tracing_subscriber::registry().with(filter);
+    let output = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     match log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => registry.with(output.json()).init(),
+        LogFormat::Text => registry.with(output).init(),
     }
+    std::sync::Arc::new(move |level: &config::LogFilter| {
+        handle.reload(level.to_env_filter()).map_err(|error| error.to_string())
+    })
 }
 
 async fn shutdown_signal() {

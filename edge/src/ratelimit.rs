@@ -8,13 +8,14 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use molt_protocol::AgentId;
 
 /// Per-agent message limits.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MessageLimits {
     pub messages_per_minute: NonZeroU32,
     pub messages_per_hour: NonZeroU32,
@@ -33,48 +34,76 @@ pub enum RateLimited {
     BytesPerMinute,
 }
 
+/// The per-agent limiters. Their limits can be replaced while the edge runs
+/// ([`MessageLimiter::set_limits`], on a config reload).
 #[derive(Debug)]
 pub struct MessageLimiter {
+    buckets: RwLock<Buckets>,
+}
+
+#[derive(Debug)]
+struct Buckets {
+    limits: MessageLimits,
     per_minute: DefaultKeyedRateLimiter<AgentId>,
     per_hour: DefaultKeyedRateLimiter<AgentId>,
     bytes: DefaultKeyedRateLimiter<AgentId>,
 }
 
-impl MessageLimiter {
-    pub fn new(limits: MessageLimits) -> MessageLimiter {
-        MessageLimiter {
+impl Buckets {
+    fn new(limits: MessageLimits) -> Buckets {
+        Buckets {
+            limits,
             per_minute: RateLimiter::keyed(Quota::per_minute(limits.messages_per_minute)),
             per_hour: RateLimiter::keyed(Quota::per_hour(limits.messages_per_hour)),
             bytes: RateLimiter::keyed(Quota::per_minute(limits.bytes_per_minute)),
         }
     }
+}
+
+impl MessageLimiter {
+    pub fn new(limits: MessageLimits) -> MessageLimiter {
+        MessageLimiter { buckets: RwLock::new(Buckets::new(limits)) }
+    }
 
     /// Admits one message of `bytes` from `agent`, or says which limit it broke.
     pub fn check(&self, agent: &AgentId, bytes: usize) -> Result<(), RateLimited> {
-        self.per_minute.check_key(agent).map_err(|_| RateLimited::MessagesPerMinute)?;
-        self.per_hour.check_key(agent).map_err(|_| RateLimited::MessagesPerHour)?;
+        let buckets = self.buckets.read().unwrap_or_else(|p| p.into_inner());
+        buckets.per_minute.check_key(agent).map_err(|_| RateLimited::MessagesPerMinute)?;
+        buckets.per_hour.check_key(agent).map_err(|_| RateLimited::MessagesPerHour)?;
         let cells = NonZeroU32::new(u32::try_from(bytes).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN);
-        match self.bytes.check_key_n(agent, cells) {
+        match buckets.bytes.check_key_n(agent, cells) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) | Err(_) => Err(RateLimited::BytesPerMinute),
         }
     }
 
+    /// The limits in force.
+    pub fn limits(&self) -> MessageLimits {
+        self.buckets.read().unwrap_or_else(|p| p.into_inner()).limits
+    }
+
+    /// Replaces the limits. Every agent starts again with a full allowance under the new
+    /// limits: GCRA state is not portable between quotas.
+    pub fn set_limits(&self, limits: MessageLimits) {
+        *self.buckets.write().unwrap_or_else(|p| p.into_inner()) = Buckets::new(limits);
+    }
+
     /// Forgets agents whose buckets are full again; bounds memory. Call periodically.
     pub fn housekeeping(&self) {
-        self.per_minute.retain_recent();
-        self.per_hour.retain_recent();
-        self.bytes.retain_recent();
-        self.per_minute.shrink_to_fit();
-        self.per_hour.shrink_to_fit();
-        self.bytes.shrink_to_fit();
+        let buckets = self.buckets.read().unwrap_or_else(|p| p.into_inner());
+        buckets.per_minute.retain_recent();
+        buckets.per_hour.retain_recent();
+        buckets.bytes.retain_recent();
+        buckets.per_minute.shrink_to_fit();
+        buckets.per_hour.shrink_to_fit();
+        buckets.bytes.shrink_to_fit();
     }
 }
 
 /// Counts concurrent holders per key, up to a maximum.
 #[derive(Debug)]
 pub struct SlotTable<K: Eq + Hash> {
-    max: u32,
+    max: AtomicU32,
     held: Mutex<HashMap<K, u32>>,
 }
 
@@ -87,14 +116,25 @@ pub struct Slot<K: Eq + Hash + Clone> {
 
 impl<K: Eq + Hash + Clone> SlotTable<K> {
     pub fn new(max: u32) -> Arc<SlotTable<K>> {
-        Arc::new(SlotTable { max, held: Mutex::new(HashMap::new()) })
+        Arc::new(SlotTable { max: AtomicU32::new(max), held: Mutex::new(HashMap::new()) })
+    }
+
+    /// The maximum per key.
+    pub fn max(&self) -> u32 {
+        self.max.load(Ordering::Relaxed)
+    }
+
+    /// Changes the maximum per key. Slots already held are kept; a key above a lowered
+    /// maximum gets no new slot until it is below it.
+    pub fn set_max(&self, max: u32) {
+        self.max.store(max, Ordering::Relaxed);
     }
 
     /// Takes a slot for `key`, or `None` if `key` already holds the maximum.
     pub fn acquire(self: &Arc<Self>, key: K) -> Option<Slot<K>> {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let count = held.entry(key.clone()).or_default();
-        if *count >= self.max {
+        if *count >= self.max.load(Ordering::Relaxed) {
             return None;
         }
         *count += 1;

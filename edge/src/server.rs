@@ -50,6 +50,7 @@ pub struct EdgeHandle {
     peer_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<anyhow::Result<()>>,
+    reloader: Arc<crate::reload::Reloader>,
 }
 
 impl EdgeHandle {
@@ -65,6 +66,11 @@ impl EdgeHandle {
     /// The UDP address other edges link to, when `[federation]` is configured.
     pub fn peer_addr(&self) -> Option<SocketAddr> {
         self.peer_addr
+    }
+
+    /// What applies a reloaded config to this edge (`crate::reload`).
+    pub fn reloader(&self) -> Arc<crate::reload::Reloader> {
+        Arc::clone(&self.reloader)
     }
 
     /// Tells agents to reconnect elsewhere or later, waits for them to leave (at most the
@@ -218,12 +224,15 @@ impl Edge {
             })),
             _ => None,
         };
-        let shared = Arc::new(Shared {
-            relay,
-            agent_slots: AgentSlots::new(config.limits.connections_per_agent.get()),
-            config,
-            live,
-        });
+        let agent_slots = AgentSlots::new(config.limits.connections_per_agent.get());
+        let ip_slots = IpSlots::new(config.limits.connections_per_ip.get());
+        let reloader = Arc::new(crate::reload::Reloader::new(
+            &relay,
+            Arc::clone(&agent_slots),
+            Arc::clone(&ip_slots),
+            config.clone(),
+        ));
+        let shared = Arc::new(Shared { relay, agent_slots, config, live });
         let peers = federation.map(|federation| PeerTasks {
             server: tokio::spawn(federation::serve(
                 Arc::clone(&federation),
@@ -234,8 +243,8 @@ impl Edge {
             handoff: tokio::spawn(federation::handoff_loop(Arc::clone(&federation), Arc::clone(&shared.relay))),
             federation,
         });
-        let task = tokio::spawn(run(endpoint, shared, shutdown_signal, ready, admin, writer, link, peers));
-        Ok(EdgeHandle { edge_id: identity.edge_id, quic_addr, admin_addr, peer_addr, shutdown, task })
+        let task = tokio::spawn(run(endpoint, shared, ip_slots, shutdown_signal, ready, admin, writer, link, peers));
+        Ok(EdgeHandle { edge_id: identity.edge_id, quic_addr, admin_addr, peer_addr, shutdown, task, reloader })
     }
 }
 
@@ -269,6 +278,7 @@ struct PeerTasks {
 async fn run(
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
+    ip_slots: Arc<IpSlots>,
     mut shutdown: watch::Receiver<bool>,
     ready: Arc<AtomicBool>,
     admin: JoinHandle<std::io::Result<()>>,
@@ -276,7 +286,6 @@ async fn run(
     link: Option<ControlLink>,
     peers: Option<PeerTasks>,
 ) -> anyhow::Result<()> {
-    let ip_slots = IpSlots::new(shared.config.limits.connections_per_ip.get());
     let housekeeping = tokio::spawn(housekeeping(shared.relay.clone()));
     let mut connections = JoinSet::new();
     loop {

@@ -44,7 +44,7 @@ pub enum RecordKind {
     Receipt = 2,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StoreLimits {
     pub queue_depth_per_agent_max: u32,
     pub messages_max: u64,
@@ -125,7 +125,9 @@ pub struct OfflineStore {
     db: Arc<Database>,
     counters: Arc<Mutex<Counters>>,
     requests: mpsc::Sender<Request>,
-    limits: StoreLimits,
+    /// Shared with the writer thread, which reads it for every put: a config reload can
+    /// change the quotas while the edge runs.
+    limits: Arc<std::sync::RwLock<StoreLimits>>,
 }
 
 /// Joins the writer thread when the last store handle is gone and its queue drained.
@@ -149,7 +151,9 @@ impl OfflineStore {
         let counters =
             Arc::new(Mutex::new(Counters { per_recipient: state.per_recipient.clone(), total: state.total }));
         let (requests, receiver) = mpsc::channel(WRITE_QUEUE_DEPTH_MAX);
-        let writer = Writer { db: db.clone(), published: counters.clone(), limits, state, undo: Vec::new() };
+        let limits = Arc::new(std::sync::RwLock::new(limits));
+        let writer =
+            Writer { db: db.clone(), published: counters.clone(), limits: limits.clone(), state, undo: Vec::new() };
         let handle = thread::Builder::new()
             .name("molt-store-writer".into())
             .spawn(move || writer.run(receiver))
@@ -245,7 +249,13 @@ impl OfflineStore {
     }
 
     pub fn limits(&self) -> StoreLimits {
-        self.limits
+        *self.limits.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Changes the quotas for every later put. Messages already buffered stay, even above
+    /// a lowered quota; new ones are refused until the buffer is below it.
+    pub fn set_limits(&self, limits: StoreLimits) {
+        *self.limits.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = limits;
     }
 
     fn lock_counters(&self) -> std::sync::MutexGuard<'_, Counters> {
@@ -340,7 +350,7 @@ struct Writer {
     db: Arc<Database>,
     /// Counters as of the last successful commit, for readers.
     published: Arc<Mutex<Counters>>,
-    limits: StoreLimits,
+    limits: Arc<std::sync::RwLock<StoreLimits>>,
     state: State,
     undo: Vec<Undo>,
 }
@@ -461,13 +471,14 @@ impl Writer {
         if self.state.index.contains_key(&id) {
             return Ok(Ok(PutOutcome::Duplicate));
         }
+        let limits = *self.limits.read().unwrap_or_else(|poisoned| poisoned.into_inner());
         let depth = self.state.per_recipient.get(&record.recipient).copied().unwrap_or(0);
-        if depth >= self.limits.queue_depth_per_agent_max {
+        if depth >= limits.queue_depth_per_agent_max {
             return Ok(Err(StoreError::RecipientQueueFull { depth }));
         }
         let size = (VALUE_HEADER_LEN + record.bytes.len()) as u64;
         let total = self.state.total;
-        if total.messages >= self.limits.messages_max || total.bytes + size > self.limits.bytes_max {
+        if total.messages >= limits.messages_max || total.bytes + size > limits.bytes_max {
             return Ok(Err(StoreError::BufferFull));
         }
         let key = queue_key(record.recipient, *next_sequence);
@@ -646,6 +657,22 @@ mod tests {
             .put(agent(1), RecordKind::Envelope, id(2), UnixMillis(after_expiry.0 + 1000), vec![0; 100])
             .await
             .unwrap();
+        drop(store);
+        writer.join();
+    }
+
+    #[tokio::test]
+    async fn quotas_can_change_while_the_store_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = OfflineStore::open(&dir.path().join("b.redb"), limits()).unwrap();
+        let later = UnixMillis(NOW.0 + 60_000);
+        store.put(agent(1), RecordKind::Envelope, id(1), later, vec![1]).await.unwrap();
+        store.set_limits(StoreLimits { queue_depth_per_agent_max: 1, ..limits() });
+        assert_eq!(store.limits().queue_depth_per_agent_max, 1);
+        let refused = store.put(agent(1), RecordKind::Envelope, id(2), later, vec![2]).await;
+        assert!(matches!(refused, Err(StoreError::RecipientQueueFull { depth: 1 })), "{refused:?}");
+        store.set_limits(limits());
+        assert_eq!(store.put(agent(1), RecordKind::Envelope, id(2), later, vec![2]).await.unwrap(), PutOutcome::Stored);
         drop(store);
         writer.join();
     }

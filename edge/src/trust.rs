@@ -159,14 +159,18 @@ impl Bundle {
 
     /// Writes the bundle to `path` atomically.
     pub fn write_cache(&self, path: &Path) -> std::io::Result<()> {
+        write_atomically(path, &self.to_cache_json()?, 0o644)
+    }
+
+    /// The bundle as the cache file holds it.
+    pub fn to_cache_json(&self) -> std::io::Result<Vec<u8>> {
         let cached = CachedBundle {
             sequence: self.sequence,
             roots: self.roots.iter().map(Certificate::to_pem).collect(),
             org_cas: self.org_cas.iter().map(Certificate::to_pem).collect(),
             crls: self.crls.iter().map(RevocationList::to_pem).collect(),
         };
-        let json = serde_json::to_vec_pretty(&cached).map_err(std::io::Error::other)?;
-        write_atomically(path, &json, 0o644)
+        serde_json::to_vec_pretty(&cached).map_err(std::io::Error::other)
     }
 }
 

@@ -47,6 +47,7 @@ pub fn binary(name: &str) -> PathBuf {
             "control-plane/src",
             "control-plane/migrations",
             "cli/src",
+            "provisioning/src",
         ];
         let newest_source = sources.iter().filter_map(|dir| newest_modification(&workspace.join(dir))).max();
         let built = std::fs::metadata(&path).and_then(|metadata| metadata.modified()).ok();
