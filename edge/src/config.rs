@@ -620,8 +620,18 @@ impl fmt::Display for LogFormat {
 // ---------------------------------------------------------------------------------------
 // Known keys, for unknown-key detection and suggestions.
 
-const SECTION_KEYS: &[&str] =
-    &["config_version", "edge", "identity", "trust", "limits", "buffer", "shutdown", "log", "control_plane", "federation"];
+const SECTION_KEYS: &[&str] = &[
+    "config_version",
+    "edge",
+    "identity",
+    "trust",
+    "limits",
+    "buffer",
+    "shutdown",
+    "log",
+    "control_plane",
+    "federation",
+];
 const EDGE_KEYS: &[&str] = &["listen_addr", "admin_addr", "data_dir", "region"];
 const IDENTITY_KEYS: &[&str] = &["certificate_chain", "key_source", "private_key", "pkcs11"];
 const PKCS11_KEYS: &[&str] = &["module", "token_label", "key_label", "pin_env", "pin_file"];

@@ -33,10 +33,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use molt_protocol::cert::{Certificate, Role};
+use molt_protocol::cert::Role;
 use molt_protocol::frame::{Disposition, Frame, FrameReader, RejectCode};
-use molt_protocol::{AgentId, EdgeId, UnixMillis, tls};
-use rustls::pki_types::CertificateDer;
+use molt_protocol::{AgentId, EdgeId, UnixMillis};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
@@ -334,7 +333,7 @@ pub(crate) fn quic_server_config(tls: rustls::ServerConfig) -> anyhow::Result<qu
     Ok(server)
 }
 
-pub(crate) fn quic_client_config(tls: rustls::ClientConfig) -> anyhow::Result<quinn::ClientConfig> {
+pub fn quic_client_config(tls: rustls::ClientConfig) -> anyhow::Result<quinn::ClientConfig> {
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).context("while adapting tls to quic")?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     client.transport_config(Arc::new(link_transport()?));
@@ -528,18 +527,14 @@ async fn serve_peer(relay: Arc<Relay>, live: Arc<LiveConnections>, incoming: qui
             return;
         }
     };
-    let chain = connection.peer_identity().and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok());
-    let Some(Role::Edge(peer)) = chain.as_deref().and_then(|chain| tls::peer_identity(chain)).map(|leaf| leaf.role())
-    else {
+    let Some((leaf, serials)) = crate::live::authenticated_peer(&connection) else {
+        connection.close(close_code::PROTOCOL_VIOLATION.into(), b"no client certificate");
+        return;
+    };
+    let Role::Edge(peer) = leaf.role() else {
         connection.close(close_code::PROTOCOL_VIOLATION.into(), b"not an edge certificate");
         return;
     };
-    let serials = chain
-        .iter()
-        .flat_map(|chain| chain.iter())
-        .filter_map(|der| Certificate::from_der(der).ok())
-        .map(|certificate| certificate.serial())
-        .collect();
     let _live = live.insert(serials, connection.clone());
     let (send, mut recv) = match tokio::time::timeout(PEER_STREAM_TIMEOUT, connection.accept_bi()).await {
         Ok(Ok(streams)) => streams,

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use anyhow::Context as _;
 use molt_protocol::cert::{Certificate, ExpectedRole, RevocationList, Revocations, Serial, TrustAnchors};
 use molt_protocol::tls::{self, SharedRevocations, SignerTlsIdentity};
+use rustls::pki_types::CertificateDer;
 
 use crate::config::EdgeConfig;
 use crate::relay::close_code;
@@ -160,6 +161,15 @@ impl LiveTls {
         }
         Ok(())
     }
+}
+
+/// The leaf certificate a handshaken connection's peer presented, and the serial of every
+/// certificate in its chain (so revoking an org CA also closes its members' connections).
+pub fn authenticated_peer(connection: &quinn::Connection) -> Option<(Certificate, Vec<Serial>)> {
+    let chain = connection.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    let leaf = tls::peer_identity(&chain)?;
+    let serials = chain.iter().filter_map(|der| Certificate::from_der(der).ok()).map(|c| c.serial()).collect();
+    Some((leaf, serials))
 }
 
 /// Live agent connections by the serials of the certificates in their chains.

@@ -512,14 +512,7 @@ impl Relay {
     pub async fn accept_from_edge(&self, bytes: Vec<u8>, answers: &mpsc::Sender<Outbound>, now: UnixMillis) -> bool {
         let header = match EnvelopeView::decode(&bytes) {
             Ok(view) => view.header,
-            Err(error) => {
-                let frame = Frame::Rejected {
-                    message_id: MessageId::from_bytes([0; 16]),
-                    code: RejectCode::Malformed,
-                    detail: error.to_string(),
-                };
-                return answers.send(Outbound::Frame(frame)).await.is_ok();
-            }
+            Err(error) => return answer_malformed(answers, error.to_string()).await,
         };
         let refusal = if header.expires_at() <= now {
             Some((RejectCode::Expired, "the message expired".to_owned()))
@@ -544,14 +537,7 @@ impl Relay {
     pub async fn receipt_from_edge(&self, bytes: Vec<u8>, answers: &mpsc::Sender<Outbound>, now: UnixMillis) -> bool {
         let receipt = match Receipt::decode(&bytes) {
             Ok(receipt) => receipt,
-            Err(error) => {
-                let frame = Frame::Rejected {
-                    message_id: MessageId::from_bytes([0; 16]),
-                    code: RejectCode::Malformed,
-                    detail: error.to_string(),
-                };
-                return answers.send(Outbound::Frame(frame)).await.is_ok();
-            }
+            Err(error) => return answer_malformed(answers, error.to_string()).await,
         };
         let sender = self.primary(&receipt.sender);
         if let Some(sender) = &sender
@@ -625,6 +611,12 @@ impl Relay {
             }
         }
     }
+}
+
+/// Answers a link's request that does not decode; false if the answer queue is closed.
+async fn answer_malformed(answers: &mpsc::Sender<Outbound>, detail: String) -> bool {
+    let frame = Frame::Rejected { message_id: MessageId::from_bytes([0; 16]), code: RejectCode::Malformed, detail };
+    answers.send(Outbound::Frame(frame)).await.is_ok()
 }
 
 /// Verifies all candidates' signatures with one batch when possible.

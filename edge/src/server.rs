@@ -10,11 +10,10 @@ use std::time::Duration;
 
 use crate::metrics as names;
 use anyhow::Context as _;
-use molt_protocol::cert::{Certificate, ExpectedRole, Role};
+use molt_protocol::cert::{ExpectedRole, Role};
 use molt_protocol::frame::Frame;
 use molt_protocol::tls::SignerTlsIdentity;
 use molt_protocol::{EdgeId, UnixMillis, tls};
-use rustls::pki_types::CertificateDer;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -374,18 +373,11 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming, _ip_sl
             return;
         }
     };
-    let chain = connection.peer_identity().and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok());
-    let Some(leaf) = chain.as_deref().and_then(|chain| tls::peer_identity(chain)) else {
+    // Every certificate of the chain, so revoking the org CA closes its agents too.
+    let Some((leaf, serials)) = crate::live::authenticated_peer(&connection) else {
         connection.close(close_code::PROTOCOL_VIOLATION.into(), b"no client certificate");
         return;
     };
-    // Every certificate of the chain, so revoking the org CA closes its agents too.
-    let serials = chain
-        .iter()
-        .flat_map(|chain| chain.iter())
-        .filter_map(|der| Certificate::from_der(der).ok())
-        .map(|certificate| certificate.serial())
-        .collect();
     let _live = shared.live.insert(serials, connection.clone());
     let Role::Agent(agent) = leaf.role() else {
         connection.close(close_code::PROTOCOL_VIOLATION.into(), b"not an agent certificate");

@@ -7,8 +7,9 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use molt_protocol::MessageId;
-use molt_protocol::frame::Disposition;
+use molt_protocol::envelope::{self, EnvelopeHeader, Ttl};
+use molt_protocol::frame::{Disposition, Frame, FrameReader, RejectCode};
+use molt_protocol::{MessageId, UnixMillis};
 use molt_sdk::{Client, Event};
 use molt_tests::cluster::{Cluster, EnrolledEdge, WAIT};
 use molt_tests::{EdgeProcess, TestAgent};
@@ -198,4 +199,101 @@ async fn known_agents_keep_talking_across_edges_while_the_control_plane_is_down(
     net.cluster.cp.restart().unwrap();
     net.cluster.until_present(&bob, &net.east).await;
     assert_eq!(exchange(&a, &mut b, &bob, b"after").await, Disposition::Stored);
+}
+
+/// A raw link to `to`, dialled with `from`'s identity files.
+async fn raw_link(from: &EnrolledEdge, to: &EnrolledEdge) -> anyhow::Result<(quinn::Connection, RawLink)> {
+    let key = molt_edge::config::KeySource::File(from.setup.config.with_file_name("edge.key"));
+    let identity = molt_edge::identity::load_identity(&from.chain_path(), &key)?;
+    let tls = molt_protocol::tls::client_config_with_signer(
+        &identity.tls,
+        to.anchors.clone(),
+        Default::default(),
+        molt_protocol::cert::ExpectedRole::Edge(to.edge_id),
+        molt_protocol::tls::ALPN_EDGE_LINK,
+    )?;
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    endpoint.set_default_client_config(molt_edge::federation::quic_client_config(tls)?);
+    let connection = endpoint.connect(to.peer_addr.expect("a federation port"), "edge.molt")?.await?;
+    let (send, recv) = connection.open_bi().await?;
+    Ok((connection, RawLink { send, recv, reader: FrameReader::new() }))
+}
+
+struct RawLink {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    reader: FrameReader,
+}
+
+impl RawLink {
+    async fn request(&mut self, bytes: &[u8]) -> Frame {
+        self.send.write_all(bytes).await.unwrap();
+        tokio::time::timeout(WAIT, async {
+            loop {
+                if let Some(frame) = self.reader.next_frame().unwrap() {
+                    return frame;
+                }
+                let chunk = self.recv.read_chunk(65536, true).await.unwrap().expect("link open");
+                self.reader.extend(&chunk.bytes);
+            }
+        })
+        .await
+        .expect("an answer")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_refuses_agents_and_answers_bad_requests_without_storing_them() {
+    let net = pair();
+    let west = net.west.setup.spawn().unwrap();
+    let _east = net.east.setup.spawn().unwrap();
+    let peer_addr = net.west.peer_addr.unwrap();
+
+    // An agent's certificate does not open a link.
+    let (alice, _) = net.cluster.agent("alice").unwrap();
+    let refused = molt_tests::RawSession::connect(&alice.identity, net.west.anchors.clone(), peer_addr).await;
+    assert!(refused.is_err(), "an agent certificate was accepted on the edge-to-edge port");
+
+    // From a real edge: a garbled envelope, an expired one and a garbled receipt are
+    // refused one by one, and nothing is buffered.
+    let (connection, mut link) = raw_link(&net.east, &net.west).await.unwrap();
+    let garbled = link.request(&Frame::Send(vec![7; 64]).encode()).await;
+    assert!(matches!(garbled, Frame::Rejected { code: RejectCode::Malformed, .. }), "{garbled:?}");
+    let (bob, _) = net.cluster.agent("bob").unwrap();
+    let header = EnvelopeHeader {
+        message_id: MessageId::random(&mut rand::rngs::OsRng),
+        sender: alice.id(),
+        recipient: bob.id(),
+        timestamp: UnixMillis(UnixMillis::now_from_system().0 - 120_000),
+        ttl: Ttl::from_secs(60).unwrap(),
+    };
+    let expired = envelope::seal(
+        &header,
+        &bob.identity.peer_keys().encryption,
+        b"too late",
+        &alice.identity.signing_key,
+        &mut rand::rngs::OsRng,
+    )
+    .unwrap();
+    let answer = link.request(&Frame::Send(expired).encode()).await;
+    assert!(matches!(answer, Frame::Rejected { code: RejectCode::Expired, .. }), "{answer:?}");
+    let garbled = link.request(&Frame::Receipt(vec![1; 10]).encode()).await;
+    assert!(matches!(garbled, Frame::Rejected { code: RejectCode::Malformed, .. }), "{garbled:?}");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(west.metric("molt_edge_buffer_messages").unwrap(), 0.0);
+
+    // A frame no edge may send on a link closes it.
+    link.send.write_all(&Frame::Deliver(vec![1, 2, 3]).encode()).await.unwrap();
+    let closed = tokio::time::timeout(WAIT, connection.closed()).await.expect("the link is closed");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, quinn::VarInt::from_u32(molt_edge::relay::close_code::PROTOCOL_VIOLATION));
+        }
+        other => panic!("closed for another reason: {other}"),
+    }
+    // And a frame that does not decode (an unknown type) closes a fresh one too.
+    let (connection, mut link) = raw_link(&net.east, &net.west).await.unwrap();
+    link.send.write_all(&[0, 0, 0, 1, 0xee]).await.unwrap();
+    let closed = tokio::time::timeout(WAIT, connection.closed()).await.expect("the link is closed");
+    assert!(matches!(closed, quinn::ConnectionError::ApplicationClosed(_)), "{closed}");
 }
