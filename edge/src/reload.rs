@@ -13,7 +13,7 @@
 //!   `buffer.messages_max` and `buffer.bytes_max` (messages already buffered stay, even
 //!   above a lowered quota). Established connections are never dropped by a reload.
 //! * left as they are and logged as needing a restart: everything else (listen and admin
-//!   addresses, data directory, region, identity, trust, control plane link,
+//!   addresses, data directory, region, identity, trust, control plane link, edge links,
 //!   `buffer.retention_ms`, shutdown timing, log format and the other limits). The running config keeps
 //!   its old values for them, so the next reload reports them again.
 
@@ -161,6 +161,7 @@ fn restart_only_changes(running: &EdgeConfig, new: &EdgeConfig) -> Vec<&'static 
         ("shutdown", running.shutdown != new.shutdown),
         ("log.format", running.log.format != new.log.format),
         ("control_plane", running.control_plane != new.control_plane),
+        ("federation", running.federation != new.federation),
     ]
     .into_iter()
     .filter_map(|(key, changed)| changed.then_some(key))
