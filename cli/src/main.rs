@@ -8,12 +8,15 @@ mod agent_keys;
 mod card;
 mod cert;
 mod control;
+mod demo;
 mod dev_ca;
 mod enrollment_token;
 mod keygen;
 mod ledger;
 mod listen;
+mod network;
 mod org;
+mod run_edge;
 mod send;
 mod session;
 mod up;
@@ -79,6 +82,10 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Up(up::UpArgs),
+    Demo(demo::DemoArgs),
+    /// Runs one edge of `molt up`'s network (started by `molt up` and `molt demo`).
+    #[command(hide = true)]
+    RunEdge(run_edge::RunEdgeArgs),
     Keygen(keygen::KeygenArgs),
     #[command(subcommand)]
     DevCa(dev_ca::DevCaCommand),
@@ -100,8 +107,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // `molt up` logs as its edge's configuration says.
-    if !matches!(cli.command, Command::Up(_)) {
+    // `up`, `demo` and `run-edge` set up logging of their own.
+    if !matches!(cli.command, Command::Up(_) | Command::Demo(_) | Command::RunEdge(_)) {
         init_logging();
     }
     match run(cli.command) {
@@ -116,6 +123,8 @@ fn main() -> ExitCode {
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Up(args) => up::run(&args),
+        Command::Demo(args) => demo::run(&args),
+        Command::RunEdge(args) => run_edge::run(&args),
         Command::Keygen(args) => keygen::run(&args),
         Command::DevCa(command) => dev_ca::run(command),
         Command::Card(command) => card::run(command),

@@ -67,6 +67,16 @@ pub const PRESENCE_AGENTS_MAX: usize = 100_000;
 /// An edge that has not registered or reported presence for this long is not named as
 /// any agent's home edge.
 pub const PRESENCE_STALE_AFTER: Duration = Duration::from_secs(120);
+
+/// The edge that last reported `agent` as connected to it, if one did (whether that edge
+/// is still alive is not checked). For tools that wait until presence has propagated.
+pub async fn reported_home_edge(db: &Database, agent: AgentId) -> Result<Option<String>, sqlx::Error> {
+    let row = sqlx::query("SELECT edge_id FROM edge_presence WHERE agent_id = $1")
+        .bind(agent.to_string())
+        .fetch_optional(db.pool())
+        .await?;
+    row.map(|row| row.try_get("edge_id")).transpose()
+}
 /// The reserved org under which the control plane's own TLS certificate is issued.
 pub const CONTROL_PLANE_ORG: &str = "molt-control-plane";
 /// ALPN of gRPC over TLS.

@@ -1,7 +1,11 @@
 //! The control plane's JSON bodies, as the client sends and reads them. Responses ignore
 //! members they do not know, so a newer server does not break an older client.
 
+use molt_protocol::AgentId;
+use molt_protocol::keys::{KeyBinding, PublicKey};
 use serde::{Deserialize, Serialize};
+
+use crate::identity::PeerKeys;
 
 /// An RFC 9457 problem document with Molt's stable `code`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -237,6 +241,48 @@ pub struct Agent {
     pub expires_at_ms: u64,
 }
 
+impl Agent {
+    /// The keys a peer needs to message this agent, from its registry entry: the
+    /// Ed25519 key and the X25519 key named by the signed key binding. The binding's
+    /// signature and agent are checked here; that the key belongs to the id is the
+    /// registry's word (it checked the registration's signature and keeps the rotation
+    /// history). Edges still check every message against the sender's certificate.
+    pub fn peer_keys(&self) -> Result<(AgentId, PeerKeys), RegistryKeysError> {
+        let agent_id: AgentId = self.id.parse().map_err(|_| RegistryKeysError::Id)?;
+        let key_bytes: [u8; 32] = hex::decode(&self.public_key)
+            .ok()
+            .and_then(|bytes| bytes.try_into().ok())
+            .ok_or(RegistryKeysError::PublicKey)?;
+        let signing = PublicKey::from_bytes(&key_bytes).map_err(|_| RegistryKeysError::PublicKey)?;
+        let binding_hex = self.key_binding.as_deref().ok_or(RegistryKeysError::NoKeyBinding)?;
+        let binding_bytes = hex::decode(binding_hex).map_err(|_| RegistryKeysError::KeyBinding)?;
+        let binding = KeyBinding::decode(&binding_bytes).map_err(|_| RegistryKeysError::KeyBinding)?;
+        if binding.agent != agent_id {
+            return Err(RegistryKeysError::BindingForOtherAgent(binding.agent));
+        }
+        binding.verify(&signing).map_err(|_| RegistryKeysError::BindingSignature)?;
+        Ok((agent_id, PeerKeys { signing, encryption: binding.encryption_key }))
+    }
+}
+
+/// Why a registry entry gives no usable keys.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryKeysError {
+    #[error("the entry's id is not an agent id")]
+    Id,
+    #[error("the entry's public key is not an Ed25519 key in hex")]
+    PublicKey,
+    #[error("the agent published no encryption key (no key binding)")]
+    NoKeyBinding,
+    #[error("the entry's key binding does not decode")]
+    KeyBinding,
+    #[error("the entry's key binding names another agent ({0})")]
+    BindingForOtherAgent(AgentId),
+    #[error("the entry's key binding is not signed by its key")]
+    BindingSignature,
+}
+
 /// The answer to a heartbeat.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Heartbeat {
@@ -332,4 +378,61 @@ pub struct AgentCardMolt {
     pub home_edge: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub visibility: Option<Visibility>,
+}
+
+#[cfg(test)]
+mod tests {
+    use molt_protocol::UnixMillis;
+    use molt_protocol::keys::{EncryptionSecret, SigningKey};
+
+    use super::*;
+
+    fn entry(key: &SigningKey, binding: Option<&KeyBinding>) -> Agent {
+        Agent {
+            id: AgentId::from_inception_key(&key.public_key()).to_string(),
+            public_key: hex::encode(key.public_key().as_bytes()),
+            name: "bob".into(),
+            description: String::new(),
+            capabilities: Vec::new(),
+            key_binding: binding.map(|binding| hex::encode(binding.encode())),
+            visibility: Visibility::Public,
+            home_edge: None,
+            revision: 1,
+            health: Health::Online,
+            registered_at_ms: 0,
+            updated_at_ms: 0,
+            last_heartbeat_ms: 0,
+            expires_at_ms: 0,
+        }
+    }
+
+    fn binding(agent: AgentId, key: &SigningKey, encryption: &EncryptionSecret) -> KeyBinding {
+        KeyBinding::sign(agent, encryption.public_key(), UnixMillis(1), key).unwrap()
+    }
+
+    #[test]
+    fn registry_entries_give_keys_only_with_a_binding_signed_for_them() {
+        let mut rng = rand::rngs::OsRng;
+        let (key, other_key) = (SigningKey::generate(&mut rng), SigningKey::generate(&mut rng));
+        let encryption = EncryptionSecret::generate(&mut rng);
+        let id = AgentId::from_inception_key(&key.public_key());
+        let other_id = AgentId::from_inception_key(&other_key.public_key());
+
+        let good = entry(&key, Some(&binding(id, &key, &encryption)));
+        let (agent_id, keys) = good.peer_keys().unwrap();
+        assert_eq!(agent_id, id);
+        assert_eq!(keys, PeerKeys { signing: key.public_key(), encryption: encryption.public_key() });
+
+        assert_eq!(entry(&key, None).peer_keys(), Err(RegistryKeysError::NoKeyBinding));
+        let forged = entry(&key, Some(&binding(id, &other_key, &encryption)));
+        assert_eq!(forged.peer_keys(), Err(RegistryKeysError::BindingSignature));
+        let someone_elses = entry(&key, Some(&binding(other_id, &key, &encryption)));
+        assert_eq!(someone_elses.peer_keys(), Err(RegistryKeysError::BindingForOtherAgent(other_id)));
+        let garbled = Agent { key_binding: Some("00ff".into()), ..good.clone() };
+        assert_eq!(garbled.peer_keys(), Err(RegistryKeysError::KeyBinding));
+        let bad_key = Agent { public_key: "zz".into(), ..good.clone() };
+        assert_eq!(bad_key.peer_keys(), Err(RegistryKeysError::PublicKey));
+        let bad_id = Agent { id: "edge-x".into(), ..good };
+        assert_eq!(bad_id.peer_keys(), Err(RegistryKeysError::Id));
+    }
 }
