@@ -344,7 +344,7 @@ impl ControlPlane {
             .await
             .with_context(|| format!("while binding the control plane's API to {}", config.listen_addr))?;
         let api_addr = listener.local_addr().context("while reading the API's address")?;
-        let state = started.state.clone().with_key_policy(config.keys.clone());
+        let state = started.state.clone().with_key_policy(config.keys);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let serving = tokio::spawn(molt_control_plane::api::serve(listener, state, async {
             let _ = stopped.await;

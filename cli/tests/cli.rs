@@ -201,8 +201,9 @@ fn every_command_explains_itself_with_an_example() {
     let temp = tempfile::tempdir().unwrap();
     let top = succeeds(&["--help"], temp.path());
     assert!(top.contains("Quick start"), "{top}");
-    let commands: [&[&str]; 10] = [
+    let commands: [&[&str]; 11] = [
         &["up"],
+        &["demo"],
         &["keygen"],
         &["dev-ca"],
         &["dev-ca", "init"],

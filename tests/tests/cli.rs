@@ -1,5 +1,6 @@
-//! End-to-end scenarios through the real `molt` binary: `molt up` runs the network as a
-//! child process, and agents are made, send and listen with the CLI, as a user would.
+//! End-to-end scenarios through the real `molt` binary: `molt up` runs the network (a
+//! control plane and two edges) as a child process, and agents are made, send and listen
+//! with the CLI, as a user would; `molt demo` runs its tour.
 
 use std::io::{BufRead as _, BufReader, Read as _};
 use std::net::SocketAddr;
@@ -9,37 +10,42 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
-use molt_tests::{binary, free_ports, http_get};
+use molt_tests::{binary, http_get};
 
 /// How long `molt up` may take to answer /healthz and print its banner.
-const UP_TIMEOUT: Duration = Duration::from_secs(30);
+const UP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a `molt` command other than `up` may run.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(40);
 /// How long `molt listen` may take to connect.
 const LISTEN_START_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long `molt up` may take to drain and exit after SIGTERM.
-const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `molt demo` may run.
+const DEMO_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[test]
-fn molt_up_relays_between_cli_agents() -> anyhow::Result<()> {
+fn molt_up_relays_between_cli_agents_on_its_two_edges() -> anyhow::Result<()> {
     let temp = tempfile::tempdir()?;
     let mut up = MoltUp::start(temp.path(), "net")?;
     let alice = CliAgent::create(&up, "alice")?;
     let bob = CliAgent::create(&up, "bob")?;
 
-    let listener = Listener::start(&up, &bob, &alice, 2)?;
-    let first = alice.send(&up, &bob, "hello bob", false)?;
+    // bob on east, alice on west: every message crosses the edge link.
+    let listener = Listener::start(&up, &bob, EAST, &alice, 2)?;
+    let first = alice.send(&up, &bob, Via::Edge(WEST), "hello bob", false)?;
     ensure!(first.len() == 1, "send printed {first:?}");
-    ensure!(first[0].contains(r#""disposition":"forwarded""#), "bob is listening: {first:?}");
     ensure!(first[0].contains(&format!(r#""recipient":"{}""#, bob.id)), "{first:?}");
-    let second = alice.send(&up, &bob, "second message", true)?;
+    // The edge picked from the control plane's edge map this time.
+    let second = alice.send(&up, &bob, Via::EdgeMap, "second message", true)?;
     ensure!(second.len() == 2, "send --wait-receipt printed {second:?}");
     ensure!(second[1].contains(&format!(r#""receipt_from":"{}""#, bob.id)), "{second:?}");
 
     let received = listener.finish()?;
     ensure!(received.len() == 2, "listen printed {received:?}");
-    for (line, text) in received.iter().zip(["hello bob", "second message"]) {
-        ensure!(line.contains(&format!(r#""text":"{text}""#)), "expected {text:?} in {line}");
+    // Sent through different edges, so either may arrive first.
+    for text in ["hello bob", "second message"] {
+        let line = received.iter().find(|line| line.contains(&format!(r#""text":"{text}""#)));
+        let line = line.with_context(|| format!("{text:?} not among {received:?}"))?;
         ensure!(line.contains(&format!(r#""sender":"{}""#, alice.id)), "expected sender {} in {line}", alice.id);
     }
     let status = up.terminate()?;
@@ -54,9 +60,10 @@ fn molt_up_stores_for_an_offline_cli_agent() -> anyhow::Result<()> {
     let alice = CliAgent::create(&up, "alice")?;
     let bob = CliAgent::create(&up, "bob")?;
 
-    let sent = alice.send(&up, &bob, "while you were out", false)?;
+    let sent = alice.send(&up, &bob, Via::Edge(WEST), "while you were out", false)?;
     ensure!(sent.len() == 1 && sent[0].contains(r#""disposition":"stored""#), "bob is offline: {sent:?}");
-    let received = Listener::start(&up, &bob, &alice, 1)?.finish()?;
+    // bob comes back at the other edge: the message is handed over to it.
+    let received = Listener::start(&up, &bob, EAST, &alice, 1)?.finish()?;
     ensure!(received.len() == 1, "listen printed {received:?}");
     ensure!(received[0].contains(r#""text":"while you were out""#), "{received:?}");
     ensure!(received[0].contains(&format!(r#""sender":"{}""#, alice.id)), "{received:?}");
@@ -69,21 +76,66 @@ fn molt_up_stores_for_an_offline_cli_agent() -> anyhow::Result<()> {
 fn molt_up_reuses_its_directory() -> anyhow::Result<()> {
     let temp = tempfile::tempdir()?;
     let mut first = MoltUp::start(temp.path(), "net")?;
-    ensure!(first.banner().contains("(created)"), "first banner:\n{}", first.banner());
-    let files = ["ca/root.pem", "ca/org.pem", "edge/edge.pem", "edge/edge.key", "edge/edge.toml"];
+    let banner = first.banner();
+    for expected in ["(created now)", "org            local (org_", "edge west", "edge east"] {
+        ensure!(banner.contains(expected), "first banner lacks {expected:?}:\n{banner}");
+    }
+    ensure!(!banner.contains("reused"), "first banner:\n{banner}");
+    let files = [
+        "root.pem",
+        "control-plane/admin.token",
+        "control-plane/org.json",
+        "control-plane/control-plane.toml",
+        "edges/west/edge.pem",
+        "edges/west/edge.key",
+        "edges/west/edge.toml",
+        "edges/east/edge.pem",
+        "edges/east/edge.key",
+        "edges/east/edge.toml",
+    ];
     let before = read_all(&first.dir, &files)?;
     let status = first.terminate()?;
     ensure!(status.success(), "first molt up exited with {status}; log:\n{}", first.log());
 
-    // Fresh ports, so the flags override edge.toml for this run.
-    let mut second = MoltUp::start(temp.path(), "net")?;
+    // The same ports, from the files: no --port-base this time.
+    let mut second = MoltUp::restart(&first)?;
     let banner = second.banner();
-    ensure!(banner.contains(&format!("CA       {} (reused)", first.dir.join("ca").display())), "{banner}");
-    ensure!(banner.contains("certificate reused"), "{banner}");
-    ensure!(banner.contains("overridden for this run by --listen --admin"), "{banner}");
-    ensure!(read_all(&second.dir, &files)? == before, "a second run changed the CA or the edge's files");
+    ensure!(!banner.contains("created now"), "second banner:\n{banner}");
+    ensure!(banner.matches("(enrollment reused)").count() == 2, "second banner:\n{banner}");
+    ensure!(banner.contains("admin token in") && banner.contains("(reused)"), "second banner:\n{banner}");
+    ensure!(read_all(&second.dir, &files)? == before, "a second run changed the network's files");
     let status = second.terminate()?;
     ensure!(status.success(), "second molt up exited with {status}; log:\n{}", second.log());
+    Ok(())
+}
+
+#[test]
+fn molt_demo_passes_every_step_and_says_so() -> anyhow::Result<()> {
+    let temp = tempfile::tempdir()?;
+    let dir = temp.path().join("demo");
+    let mut command = Command::new(molt());
+    command.arg("demo").arg("--dir").arg(&dir);
+    let transcript = run_molt_for(&mut command, DEMO_TIMEOUT)?;
+    for step in 1..=8 {
+        ensure!(transcript.contains(&format!("[{step}/8]")), "no step {step} in:\n{transcript}");
+    }
+    ensure!(transcript.matches("      ok (").count() == 8, "a step did not pass:\n{transcript}");
+    ensure!(transcript.contains("alice moved to east after"), "{transcript}");
+    ensure!(transcript.contains("bob reconnected and received all 3, in order"), "{transcript}");
+    ensure!(transcript.trim_end().ends_with(&format!("Files and logs in {}", dir.display())), "{transcript}");
+    ensure!(dir.join("edges/west/edge.log").exists() && dir.join("control-plane.log").exists());
+    Ok(())
+}
+
+#[test]
+fn molt_demo_refuses_a_used_directory() -> anyhow::Result<()> {
+    let temp = tempfile::tempdir()?;
+    std::fs::write(temp.path().join("something"), "mine")?;
+    let output = Command::new(molt()).arg("demo").arg("--dir").arg(temp.path()).stdin(Stdio::null()).output()?;
+    ensure!(output.status.code() == Some(1), "exit status {}", output.status);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure!(stderr.contains("is not empty: the demo needs a fresh network"), "{stderr}");
+    ensure!(std::fs::read_to_string(temp.path().join("something"))? == "mine");
     Ok(())
 }
 
@@ -167,48 +219,77 @@ impl Lines {
 #[derive(Debug)]
 struct MoltUp {
     dir: PathBuf,
-    quic_addr: SocketAddr,
+    /// The `--port-base` of the network's first run.
+    base: u16,
     log_path: PathBuf,
     stdout: Lines,
     process: ChildGuard,
 }
 
+/// Edge indexes in `molt up`'s port layout.
+const WEST: usize = 0;
+const EAST: usize = 1;
+
 impl MoltUp {
-    /// Starts `molt up --dir parent/name` and waits for /healthz and the banner.
+    /// Starts `molt up --dir parent/name --port-base …` and waits for the banner and both
+    /// edges' /healthz.
     fn start(parent: &Path, name: &str) -> anyhow::Result<MoltUp> {
-        let dir = parent.join(name);
-        let (quic_port, admin_port) = free_ports();
-        let quic_addr = SocketAddr::from(([127, 0, 0, 1], quic_port));
-        let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin_port));
-        let log_path = parent.join(format!("{name}-up-{admin_port}.log"));
-        let mut process = ChildGuard::spawn(
-            Command::new(molt())
-                .arg("up")
-                .arg("--dir")
-                .arg(&dir)
-                .args(["--listen", &quic_addr.to_string(), "--admin", &admin_addr.to_string()])
-                .stdout(Stdio::piped())
-                .stderr(std::fs::File::create(&log_path)?),
-        )?;
+        let base = free_port_run(8)?;
+        MoltUp::spawn(parent.join(name), base, true)
+    }
+
+    /// Starts `molt up` again on the directory of a stopped one, without `--port-base`.
+    fn restart(previous: &MoltUp) -> anyhow::Result<MoltUp> {
+        MoltUp::spawn(previous.dir.clone(), previous.base, false)
+    }
+
+    fn spawn(dir: PathBuf, base: u16, with_base: bool) -> anyhow::Result<MoltUp> {
+        let parent = dir.parent().context("a parent directory")?;
+        let log_path = parent.join(format!("up-{base}-{}.log", std::process::id()));
+        let mut command = Command::new(molt());
+        command.arg("up").arg("--dir").arg(&dir);
+        if with_base {
+            command.args(["--port-base", &base.to_string()]);
+        }
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+        let mut process = ChildGuard::spawn(command.stdout(Stdio::piped()).stderr(log))?;
         let stdout = Lines::collect(process.child.stdout.take().context("molt up's stdout")?);
-        let up = MoltUp { dir, quic_addr, log_path, stdout, process };
-        up.wait_ready(admin_addr)?;
+        let up = MoltUp { dir, base, log_path, stdout, process };
+        up.wait_ready()?;
         Ok(up)
     }
 
-    fn wait_ready(&self, admin_addr: SocketAddr) -> anyhow::Result<()> {
-        let deadline = Instant::now() + UP_TIMEOUT;
-        while !http_get(admin_addr, "/healthz").is_ok_and(|(status, _)| status == 200) {
-            ensure!(Instant::now() < deadline, "molt up was not healthy within {UP_TIMEOUT:?}; log:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        // The banner follows the edge's start; its last command is `molt send`.
-        ensure!(self.stdout.wait_for("molt send", UP_TIMEOUT), "no banner; stdout:\n{}", self.banner());
+    fn wait_ready(&self) -> anyhow::Result<()> {
+        // The banner's last line names `molt demo`.
+        ensure!(
+            self.stdout.wait_for("molt demo", UP_TIMEOUT),
+            "no banner; stdout:\n{}\nlog:\n{}",
+            self.banner(),
+            self.log()
+        );
         let banner = self.banner();
-        ensure!(banner.contains(&format!("--edge {}", self.quic_addr)), "banner:\n{banner}");
-        ensure!(banner.contains(&format!("http://{admin_addr}/healthz")), "banner:\n{banner}");
-        ensure!(banner.contains(&format!("http://{admin_addr}/metrics")), "banner:\n{banner}");
+        ensure!(banner.contains(&format!("http://{}", self.api_addr())), "banner:\n{banner}");
+        for edge in [WEST, EAST] {
+            let admin = self.port(edge, 1);
+            ensure!(http_get(admin, "/healthz").is_ok_and(|(status, _)| status == 200), "edge {edge} is not healthy");
+            ensure!(banner.contains(&format!("QUIC {}", self.quic_addr(edge))), "banner:\n{banner}");
+            ensure!(banner.contains(&format!("health http://{admin}/healthz")), "banner:\n{banner}");
+        }
         Ok(())
+    }
+
+    /// Port `offset` (0 QUIC, 1 health, 2 link) of edge `edge`.
+    fn port(&self, edge: usize, offset: u16) -> SocketAddr {
+        let edge = u16::try_from(edge).expect("two edges");
+        SocketAddr::from(([127, 0, 0, 1], self.base + 2 + edge * 3 + offset))
+    }
+
+    fn quic_addr(&self, edge: usize) -> SocketAddr {
+        self.port(edge, 0)
+    }
+
+    fn api_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.base))
     }
 
     fn banner(&self) -> String {
@@ -219,12 +300,18 @@ impl MoltUp {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
-    fn ca_dir(&self) -> PathBuf {
-        self.dir.join("ca")
+    fn ca_root(&self) -> PathBuf {
+        self.dir.join("root.pem")
     }
 
-    fn ca_root(&self) -> PathBuf {
-        self.ca_dir().join("root.pem")
+    fn admin_token(&self) -> anyhow::Result<String> {
+        Ok(std::fs::read_to_string(self.dir.join("control-plane/admin.token"))?.trim().to_owned())
+    }
+
+    fn org_id(&self) -> anyhow::Result<String> {
+        let org: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(self.dir.join("control-plane/org.json"))?)?;
+        Ok(org["id"].as_str().context("org.json's id")?.to_owned())
     }
 
     /// SIGTERM, then waits for the graceful exit.
@@ -236,7 +323,17 @@ impl MoltUp {
     }
 }
 
-/// An agent made with `molt keygen` and `molt dev-ca issue-agent`.
+/// How an agent reaches the network.
+#[derive(Clone, Copy, Debug)]
+enum Via {
+    /// This edge of `molt up`'s two.
+    Edge(usize),
+    /// The nearest edge of the control plane's edge map.
+    EdgeMap,
+}
+
+/// An agent made with `molt keygen` and certified by the control plane with
+/// `molt cert issue-agent`.
 #[derive(Debug)]
 struct CliAgent {
     dir: PathBuf,
@@ -250,7 +347,11 @@ impl CliAgent {
         let id = id.trim().to_owned();
         ensure!(id.starts_with("agent-"), "keygen printed {id:?}");
         run_molt(
-            Command::new(molt()).args(["dev-ca", "issue-agent", "--ca"]).arg(up.ca_dir()).arg("--agent-dir").arg(&dir),
+            Command::new(molt())
+                .args(["cert", "issue-agent", "--org", &up.org_id()?, "--agent-dir"])
+                .arg(&dir)
+                .env("MOLT_API", format!("http://{}", up.api_addr()))
+                .env("MOLT_ADMIN_TOKEN", up.admin_token()?),
         )?;
         Ok(CliAgent { dir, id })
     }
@@ -260,10 +361,17 @@ impl CliAgent {
     }
 
     /// `molt send`; returns its output lines.
-    fn send(&self, up: &MoltUp, to: &CliAgent, text: &str, wait_receipt: bool) -> anyhow::Result<Vec<String>> {
+    fn send(
+        &self,
+        up: &MoltUp,
+        to: &CliAgent,
+        via: Via,
+        text: &str,
+        wait_receipt: bool,
+    ) -> anyhow::Result<Vec<String>> {
         let mut command = Command::new(molt());
         command.arg("send");
-        connect_args(&mut command, up, self);
+        connect_args(&mut command, up, self, via);
         command.arg("--to").arg(to.card());
         if wait_receipt {
             command.arg("--wait-receipt");
@@ -283,10 +391,10 @@ struct Listener {
 impl Listener {
     /// Starts `molt listen --count count` for `agent`, accepting `peer`, and waits until
     /// it is connected.
-    fn start(up: &MoltUp, agent: &CliAgent, peer: &CliAgent, count: u32) -> anyhow::Result<Listener> {
+    fn start(up: &MoltUp, agent: &CliAgent, edge: usize, peer: &CliAgent, count: u32) -> anyhow::Result<Listener> {
         let mut command = Command::new(molt());
         command.arg("listen");
-        connect_args(&mut command, up, agent);
+        connect_args(&mut command, up, agent, Via::Edge(edge));
         command
             .arg("--peer")
             .arg(peer.card())
@@ -319,21 +427,41 @@ impl Listener {
     }
 }
 
-fn connect_args(command: &mut Command, up: &MoltUp, agent: &CliAgent) {
-    command
-        .arg("--agent-dir")
-        .arg(&agent.dir)
-        .args(["--edge", &up.quic_addr.to_string()])
-        .arg("--ca-root")
-        .arg(up.ca_root());
+fn connect_args(command: &mut Command, up: &MoltUp, agent: &CliAgent, via: Via) {
+    command.arg("--agent-dir").arg(&agent.dir);
+    match via {
+        Via::Edge(edge) => command.args(["--edge", &up.quic_addr(edge).to_string()]),
+        Via::EdgeMap => command.args(["--api", &format!("http://{}", up.api_addr())]),
+    };
+    command.arg("--ca-root").arg(up.ca_root());
+}
+
+/// The first of `count` consecutive loopback ports that are free for TCP and UDP now.
+fn free_port_run(count: u16) -> anyhow::Result<u16> {
+    use rand::Rng as _;
+    for _ in 0..200 {
+        let base = rand::thread_rng().gen_range(20_000..60_000);
+        let free = (0..count).all(|offset| {
+            let addr = SocketAddr::from(([127, 0, 0, 1], base + offset));
+            std::net::TcpListener::bind(addr).is_ok() && std::net::UdpSocket::bind(addr).is_ok()
+        });
+        if free {
+            return Ok(base);
+        }
+    }
+    bail!("found no {count} consecutive free ports")
 }
 
 /// Runs a `molt` command to completion; returns its stdout, or fails with its stderr.
 fn run_molt(command: &mut Command) -> anyhow::Result<String> {
+    run_molt_for(command, COMMAND_TIMEOUT)
+}
+
+fn run_molt_for(command: &mut Command, timeout: Duration) -> anyhow::Result<String> {
     let description = format!("{command:?}");
     let mut process = ChildGuard::spawn(command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()))?;
     // Small outputs: they fit in the pipes until the process has exited.
-    let status = process.wait_timeout(COMMAND_TIMEOUT).with_context(|| format!("while running {description}"))?;
+    let status = process.wait_timeout(timeout).with_context(|| format!("while running {description}"))?;
     let (mut stdout, mut stderr) = (String::new(), String::new());
     process.child.stdout.take().context("stdout")?.read_to_string(&mut stdout)?;
     process.child.stderr.take().context("stderr")?.read_to_string(&mut stderr)?;
