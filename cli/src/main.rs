@@ -10,6 +10,7 @@ mod cert;
 mod control;
 mod demo;
 mod dev_ca;
+mod edge;
 mod enrollment_token;
 mod keygen;
 mod ledger;
@@ -39,15 +40,19 @@ const RUNTIME_WORKER_THREADS: usize = 2;
 Agents talk through QUIC edge relays with mutual TLS. An agent's id is derived from its first \
 (inception) Ed25519 key; messages are encrypted to the recipient (HPKE) and signed by the sender.
 
-Quick start, all on one machine: `molt up` runs a local network (a development CA in .molt/ca \
-and an edge on 127.0.0.1:4433) and prints the commands to try it; in another terminal:
+Quick start, all on one machine: `molt up` runs a local network (a control plane on \
+127.0.0.1:8080 and two linked edges, west on 127.0.0.1:4433 and east on 127.0.0.1:4434) and \
+prints the commands to try it; `molt demo` runs a scripted tour on a fresh network. With \
+`molt up` running, in another terminal:
 
-  molt keygen --dir .molt/agents/alice && molt dev-ca issue-agent --ca .molt/ca --agent-dir .molt/agents/alice
-  molt keygen --dir .molt/agents/bob   && molt dev-ca issue-agent --ca .molt/ca --agent-dir .molt/agents/bob
-  molt listen --agent-dir .molt/agents/bob --edge 127.0.0.1:4433 --ca-root .molt/ca/root.pem --peer .molt/agents/alice/card.json &
-  molt send --agent-dir .molt/agents/alice --edge 127.0.0.1:4433 --ca-root .molt/ca/root.pem --to .molt/agents/bob/card.json 'hello bob'
+  export MOLT_ADMIN_TOKEN=$(cat .molt/control-plane/admin.token)
+  molt keygen --dir alice && molt cert issue-agent --org org_… --agent-dir alice   # org id: molt up's banner
+  molt keygen --dir bob   && molt cert issue-agent --org org_… --agent-dir bob
+  molt listen --agent-dir bob --edge 127.0.0.1:4434 --ca-root .molt/root.pem --peer alice/card.json &
+  molt send --agent-dir alice --edge 127.0.0.1:4433 --ca-root .molt/root.pem --to bob/card.json 'hello bob'
 
-For a network of your own, see `molt dev-ca --help` (a CA, and certificates for molt-edge).
+Without a control plane, `molt dev-ca --help` shows how to make a CA of your own (and \
+certificates for molt-edge).
 
 With a control plane (`molt-control-plane`, default http://127.0.0.1:8080; --api or MOLT_API), \
 admins manage orgs, certificates and keys, and agents register and find each other:
@@ -98,6 +103,7 @@ enum Command {
     Agent(agent::AgentArgs),
     AdminKey(admin_key::AdminKeyArgs),
     EnrollmentToken(enrollment_token::EnrollmentTokenArgs),
+    Edge(edge::EdgeArgs),
     Wallet(ledger::WalletArgs),
     Pay(ledger::PayArgs),
     Escrow(ledger::EscrowArgs),
@@ -135,6 +141,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Agent(args) => runtime()?.block_on(agent::run(args)),
         Command::AdminKey(args) => runtime()?.block_on(admin_key::run(args)),
         Command::EnrollmentToken(args) => runtime()?.block_on(enrollment_token::run(args)),
+        Command::Edge(args) => runtime()?.block_on(edge::run(args)),
         Command::Wallet(args) => runtime()?.block_on(ledger::run_wallet(args)),
         Command::Pay(args) => runtime()?.block_on(ledger::run_pay(args)),
         Command::Escrow(args) => runtime()?.block_on(ledger::run_escrow(args)),

@@ -15,7 +15,7 @@ use molt_protocol::time::UnixMillis;
 use sqlx::Row as _;
 use sqlx::any::AnyRow;
 
-use crate::db::Database;
+use crate::db::{Database, Page};
 
 /// An edge is listed while its last registration or presence report is at most this old:
 /// three default presence intervals (an idle edge reports every 30 s), so one or two lost
@@ -63,6 +63,48 @@ pub struct EdgeEntry {
     pub quic_addrs: Vec<String>,
     pub weight: EdgeWeight,
     pub last_seen: UnixMillis,
+}
+
+/// The metrics summary an edge sends with its presence reports: totals since the edge
+/// process started, and current levels (see the edge's `/metrics`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(default)]
+pub struct EdgeSummary {
+    /// Milliseconds since the edge process started.
+    pub uptime_ms: u64,
+    /// Open agent connections.
+    pub connections: u64,
+    pub messages_received: u64,
+    pub messages_delivered: u64,
+    /// Messages refused, any reason.
+    pub messages_rejected: u64,
+    pub rate_limited: u64,
+    /// Messages in the offline buffer now.
+    pub buffered_messages: u64,
+    pub buffered_bytes: u64,
+    /// Open links to other edges.
+    pub peer_links: u64,
+    /// Messages and receipts passed to other edges.
+    pub peer_forwarded: u64,
+    /// Messages and receipts taken from other edges.
+    pub peer_received: u64,
+    /// Buffered records handed to the recipient's current edge.
+    pub handoffs: u64,
+}
+
+/// An edge as admins see it: its map entry, what it registered, how many agents it
+/// reported, and its latest metrics summary.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EdgeStatus {
+    pub entry: EdgeEntry,
+    pub version: String,
+    /// Where other edges link to it; empty if it takes no links.
+    pub peer_addrs: Vec<String>,
+    pub registered_at: UnixMillis,
+    /// Agents its latest presence report named.
+    pub connected_agents: u64,
+    /// The latest summary and when it came; `None` until the edge sends one.
+    pub summary: Option<(EdgeSummary, UnixMillis)>,
 }
 
 /// Reading the edge map failed.
@@ -118,6 +160,70 @@ pub async fn set_weight(db: &Database, edge: EdgeId, weight: EdgeWeight) -> Resu
         .await
         .map_err(SetWeightError::Store)?;
     entry_from_row(&row).ok_or(SetWeightError::UnknownEdge(edge))
+}
+
+/// A page of every registered edge, fresh or not, by id.
+pub async fn list_edges(db: &Database, page: &Page<EdgeId>) -> Result<Vec<EdgeStatus>, EdgeMapError> {
+    let rows = sqlx::query(
+        "SELECT e.id AS id, e.region AS region, e.quic_addrs AS quic_addrs, e.weight AS weight, \
+         e.last_seen_ms AS last_seen_ms, e.version AS version, e.peer_addrs AS peer_addrs, \
+         e.registered_at_ms AS registered_at_ms, e.summary AS summary, e.summary_at_ms AS summary_at_ms, \
+         (SELECT COUNT(*) FROM edge_presence p WHERE p.edge_id = e.id) AS connected_agents \
+         FROM edges e WHERE e.id > $1 ORDER BY e.id LIMIT $2",
+    )
+    .bind(page.after.map(|edge| edge.to_string()).unwrap_or_default())
+    .bind(i64::from(page.limit))
+    .fetch_all(db.pool())
+    .await
+    .map_err(EdgeMapError::Store)?;
+    Ok(rows.iter().filter_map(status_from_row).collect())
+}
+
+/// Records the summary of a presence report (in the report's transaction).
+pub async fn record_summary(
+    connection: &mut sqlx::AnyConnection,
+    edge: EdgeId,
+    summary: &EdgeSummary,
+    at: UnixMillis,
+) -> Result<(), sqlx::Error> {
+    // Invariant: a struct of integers serialises.
+    let json = serde_json::to_string(summary).expect("EdgeSummary serialises");
+    sqlx::query("UPDATE edges SET summary = $1, summary_at_ms = $2 WHERE id = $3")
+        .bind(json)
+        .bind(to_db(at))
+        .bind(edge.to_string())
+        .execute(connection)
+        .await?;
+    Ok(())
+}
+
+fn status_from_row(row: &AnyRow) -> Option<EdgeStatus> {
+    let entry = entry_from_row(row)?;
+    let parsed = (|| {
+        let peer_addrs: String = row.try_get("peer_addrs").ok()?;
+        let registered_at: i64 = row.try_get("registered_at_ms").ok()?;
+        let connected_agents: i64 = row.try_get("connected_agents").ok()?;
+        let summary: Option<String> = row.try_get("summary").ok()?;
+        let summary_at: Option<i64> = row.try_get("summary_at_ms").ok()?;
+        let summary = match (summary, summary_at) {
+            (Some(json), Some(at)) => {
+                Some((serde_json::from_str(&json).ok()?, UnixMillis(u64::try_from(at).unwrap_or(0))))
+            }
+            _ => None,
+        };
+        Some(EdgeStatus {
+            entry: entry.clone(),
+            version: row.try_get("version").ok()?,
+            peer_addrs: serde_json::from_str(&peer_addrs).ok()?,
+            registered_at: UnixMillis(u64::try_from(registered_at).unwrap_or(0)),
+            connected_agents: u64::try_from(connected_agents).unwrap_or(0),
+            summary,
+        })
+    })();
+    if parsed.is_none() {
+        tracing::error!(edge = %entry.edge_id, "an edges row is malformed; left out of the list");
+    }
+    parsed
 }
 
 /// A row as an entry; `None` (logged) for a row the service could not have written.

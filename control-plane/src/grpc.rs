@@ -68,6 +68,23 @@ pub const PRESENCE_AGENTS_MAX: usize = 100_000;
 /// any agent's home edge.
 pub const PRESENCE_STALE_AFTER: Duration = Duration::from_secs(120);
 
+fn summary_from_proto(summary: &proto::EdgeSummary) -> crate::edge_map::EdgeSummary {
+    crate::edge_map::EdgeSummary {
+        uptime_ms: summary.uptime_ms,
+        connections: summary.connections,
+        messages_received: summary.messages_received,
+        messages_delivered: summary.messages_delivered,
+        messages_rejected: summary.messages_rejected,
+        rate_limited: summary.rate_limited,
+        buffered_messages: summary.buffered_messages,
+        buffered_bytes: summary.buffered_bytes,
+        peer_links: summary.peer_links,
+        peer_forwarded: summary.peer_forwarded,
+        peer_received: summary.peer_received,
+        handoffs: summary.handoffs,
+    }
+}
+
 /// The edge that last reported `agent` as connected to it, if one did (whether that edge
 /// is still alive is not checked). For tools that wait until presence has propagated.
 pub async fn reported_home_edge(db: &Database, agent: AgentId) -> Result<Option<String>, sqlx::Error> {
@@ -312,6 +329,11 @@ impl EdgeControl for EdgeControlService {
             .rows_affected();
         if seen == 0 {
             return Err(Status::failed_precondition("the edge must call Register first"));
+        }
+        if let Some(summary) = &report.summary {
+            crate::edge_map::record_summary(&mut transaction, edge, &summary_from_proto(summary), self.clock.now())
+                .await
+                .map_err(internal("recording the metrics summary"))?;
         }
         sqlx::query("DELETE FROM edge_presence WHERE edge_id = $1")
             .bind(edge.to_string())

@@ -89,6 +89,10 @@ pub struct LinkContext {
     pub peer_addr: Option<SocketAddr>,
     /// The connected client, shared with the presence lookups of edge-to-edge routing.
     pub client: Arc<ControlClient>,
+    /// The edge's metrics, summarised into every presence report.
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// When the edge started, for the summary's uptime.
+    pub started: Instant,
 }
 
 /// The control plane's gRPC client while the link is up; `None` while it is down, so
@@ -279,11 +283,31 @@ async fn report_presence(
     let report = proto::PresenceReport {
         connected_agents: agents.iter().map(ToString::to_string).collect(),
         at_ms: UnixMillis::now_from_system().0,
+        summary: Some(summary(context)),
     };
     call("ReportPresence", client.report_presence(report)).await?;
     tracing::debug!(agents = agents.len(), "presence reported");
     *reported = Some((agents, Instant::now()));
     Ok(())
+}
+
+/// The metrics summary sent with a presence report.
+fn summary(context: &LinkContext) -> proto::EdgeSummary {
+    let summary = crate::metrics::Summary::from_page(&context.metrics.render());
+    proto::EdgeSummary {
+        uptime_ms: u64::try_from(context.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        connections: summary.connections,
+        messages_received: summary.messages_received,
+        messages_delivered: summary.messages_delivered,
+        messages_rejected: summary.messages_rejected,
+        rate_limited: summary.rate_limited,
+        buffered_messages: summary.buffered_messages,
+        buffered_bytes: summary.buffered_bytes,
+        peer_links: summary.peer_links,
+        peer_forwarded: summary.peer_forwarded,
+        peer_received: summary.peer_received,
+        handoffs: summary.handoffs,
+    }
 }
 
 /// Whether less than `percent` of the leaf's lifetime is left at `now`.

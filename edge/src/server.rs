@@ -220,6 +220,8 @@ impl Edge {
                 relay: Arc::clone(&relay),
                 peer_addr: peer_advertised,
                 client: control_client,
+                metrics: crate::metrics::prometheus_handle(),
+                started: std::time::Instant::now(),
             })),
             _ => None,
         };

@@ -207,3 +207,48 @@ fn served_serial(session: &RawSession) -> molt_protocol::cert::Serial {
         .expect("the edge's chain");
     Certificate::from_der(&chain[0]).unwrap().serial()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_reports_a_metrics_summary_that_molt_edge_list_shows() {
+    let net = Federation::new(&[], "presence_interval_ms = 200");
+    let _edge = net.edge.spawn().unwrap();
+    let (alice, _) = net.agent("alice");
+    let (bob, _) = net.agent("bob");
+    let mut alice_client = net.connect(&alice, &[&bob]).await;
+    let mut bob_client = net.connect(&bob, &[&alice]).await;
+    for index in 0..5 {
+        exchange(&mut alice_client, &mut bob_client, bob.id(), format!("note {index}").as_bytes()).await;
+    }
+
+    // Reports go out at least every 200 ms; wait for one that counts all five.
+    let deadline = Instant::now() + WAIT;
+    let listed = loop {
+        let listed = net.cluster.cli().json(&["edge", "list"]).unwrap();
+        let received = listed["items"][0]["summary"]["messages_received"].as_u64().unwrap_or(0);
+        if received >= 5 && listed["items"][0]["connected_agents"] == 2 {
+            break listed;
+        }
+        assert!(Instant::now() < deadline, "no summary with 5 messages and 2 agents: {listed}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let edge = &listed["items"][0];
+    assert_eq!(edge["edge_id"], net.edge_id.to_string().as_str(), "{listed}");
+    assert_eq!(edge["in_edge_map"], true, "{listed}");
+    assert_eq!(edge["summary"]["connections"], 2, "{listed}");
+    assert!(edge["summary"]["messages_delivered"].as_u64().unwrap() >= 5, "{listed}");
+    assert!(edge["summary"]["uptime_ms"].as_u64().unwrap() > 0, "{listed}");
+    assert!(edge["summary_at_ms"].as_u64().unwrap() > 0, "{listed}");
+
+    // The text form names the edge and its counts.
+    let text = net.cluster.cli().stdout(&["edge", "list"]).unwrap();
+    assert!(text.contains(&net.edge_id.to_string()) && text.contains("2 connections"), "{text}");
+
+    // Without an admin key the list is refused; a weight out of range is a usage error.
+    let anonymous = molt_tests::control_plane::Cli { token: None, ..net.cluster.cli() };
+    let refused = anonymous.fails(&["edge", "list"]).unwrap();
+    assert!(refused.contains("an admin token is needed"), "{refused}");
+    let edge_id = net.edge_id.to_string();
+    net.cluster.cli().fails_with(2, &["edge", "weight", &edge_id, "0"]).unwrap();
+    let weighted = net.cluster.cli().json(&["edge", "weight", &edge_id, "250"]).unwrap();
+    assert_eq!(weighted["weight"], 250, "{weighted}");
+}

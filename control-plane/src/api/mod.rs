@@ -121,6 +121,7 @@ impl AppState {
         enrollment::enroll_edge,
         edges::edge_map,
         edges::set_edge_weight,
+        edges::list_edges,
         registry::register_agent,
         registry::search_agents,
         registry::get_agent,
@@ -200,6 +201,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/edges/enroll", post(enrollment::enroll_edge))
         .route("/v1/edges/enroll/org", post(enrollment::enrollment_org))
         .route("/v1/edge-map", get(edges::edge_map))
+        .route("/v1/admin/edges", get(edges::list_edges))
         .route("/v1/admin/edges/{id}/weight", put(edges::set_edge_weight))
         .route("/v1/agents", post(registry::register_agent).get(registry::search_agents))
         .route("/v1/agents/{id}", get(registry::get_agent).put(registry::update_agent))

@@ -12,7 +12,7 @@ use molt_control_plane::ca::{
 use molt_control_plane::clock::{Clock, SystemClock};
 use molt_control_plane::grpc::proto::edge_control_client::EdgeControlClient;
 use molt_control_plane::grpc::proto::{
-    LookupAgentRequest, PresenceReport, RegisterRequest, RenewCertificateRequest, WatchTrustRequest,
+    EdgeSummary, LookupAgentRequest, PresenceReport, RegisterRequest, RenewCertificateRequest, WatchTrustRequest,
 };
 use molt_control_plane::grpc::{self, GrpcServer};
 use molt_control_plane::ids::OrgId;
@@ -34,6 +34,7 @@ use crate::fixture::Fixture;
 crate::on_both_backends!(
     an_edge_registers_and_watches_the_trust_bundle_grow,
     presence_then_lookup_finds_the_agent_at_its_edge,
+    presence_reports_carry_the_metrics_summary_admins_list,
     an_agent_certificate_is_refused_at_the_handshake,
     a_client_without_certificate_is_refused,
     a_malformed_agent_id_is_an_invalid_argument,
@@ -177,7 +178,8 @@ async fn presence_then_lookup_finds_the_agent_at_its_edge(fixture: &Fixture) {
     .validate(agent, &key)
     .unwrap();
     registry::register(&harness.db, agent, &key, &profile, hour_ago).await.expect("register the agent");
-    let report = PresenceReport { connected_agents: vec![agent.to_string()], at_ms: SystemClock.now().0 };
+    let report =
+        PresenceReport { connected_agents: vec![agent.to_string()], at_ms: SystemClock.now().0, summary: None };
     let refused = client.report_presence(report.clone()).await.expect_err("presence before Register");
     assert_eq!(refused.code(), Code::FailedPrecondition);
 
@@ -212,10 +214,80 @@ async fn presence_then_lookup_finds_the_agent_at_its_edge(fixture: &Fixture) {
     assert!(!silent.found, "a silent edge is not named");
     client.register(register_request()).await.expect("register again");
 
-    let empty = PresenceReport { connected_agents: vec![], at_ms: SystemClock.now().0 };
+    let empty = PresenceReport { connected_agents: vec![], at_ms: SystemClock.now().0, summary: None };
     client.report_presence(empty).await.expect("empty presence");
     let gone = client.lookup_agent(LookupAgentRequest { agent_id: agent.to_string() }).await.unwrap().into_inner();
     assert!(!gone.found);
+}
+
+async fn presence_reports_carry_the_metrics_summary_admins_list(fixture: &Fixture) {
+    use molt_control_plane::db::Page;
+    use molt_control_plane::edge_map;
+
+    let harness = Harness::new(fixture).await;
+    let (edge, mut client) = harness.edge_client().await;
+    client.register(register_request()).await.expect("register");
+    let all = Page { after: None, limit: 100 };
+    let listed = edge_map::list_edges(&harness.db, &all).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].entry.edge_id, edge);
+    assert_eq!(listed[0].summary, None, "no summary before the first report");
+    assert_eq!(listed[0].peer_addrs, ["127.0.0.1:4434"]);
+
+    let key = SigningKey::generate(&mut rand::rngs::OsRng).public_key();
+    let agent = AgentId::from_inception_key(&key);
+    let summary = EdgeSummary {
+        uptime_ms: 60_000,
+        connections: 3,
+        messages_received: 1_000,
+        messages_delivered: 990,
+        messages_rejected: 4,
+        rate_limited: 2,
+        buffered_messages: 6,
+        buffered_bytes: 1_536,
+        peer_links: 1,
+        peer_forwarded: 40,
+        peer_received: 30,
+        handoffs: 5,
+    };
+    let report = PresenceReport {
+        connected_agents: vec![agent.to_string()],
+        at_ms: SystemClock.now().0,
+        summary: Some(summary),
+    };
+    client.report_presence(report).await.expect("presence with a summary");
+    let listed = edge_map::list_edges(&harness.db, &all).await.unwrap();
+    let (stored, at) = listed[0].summary.expect("the summary is kept");
+    assert_eq!(
+        stored,
+        edge_map::EdgeSummary {
+            uptime_ms: 60_000,
+            connections: 3,
+            messages_received: 1_000,
+            messages_delivered: 990,
+            messages_rejected: 4,
+            rate_limited: 2,
+            buffered_messages: 6,
+            buffered_bytes: 1_536,
+            peer_links: 1,
+            peer_forwarded: 40,
+            peer_received: 30,
+            handoffs: 5,
+        }
+    );
+    assert!(at.0 > 0);
+    assert_eq!(listed[0].connected_agents, 1);
+
+    // A report without a summary (an older edge) keeps the last one.
+    let bare = PresenceReport { connected_agents: vec![], at_ms: SystemClock.now().0, summary: None };
+    client.report_presence(bare).await.expect("presence without a summary");
+    let listed = edge_map::list_edges(&harness.db, &all).await.unwrap();
+    assert_eq!(listed[0].summary.map(|(summary, _)| summary.messages_received), Some(1_000));
+    assert_eq!(listed[0].connected_agents, 0);
+
+    // Paging: nothing after the last edge.
+    let after = Page { after: Some(edge), limit: 100 };
+    assert!(edge_map::list_edges(&harness.db, &after).await.unwrap().is_empty());
 }
 
 async fn an_agent_certificate_is_refused_at_the_handshake(fixture: &Fixture) {
@@ -238,7 +310,7 @@ async fn a_malformed_agent_id_is_an_invalid_argument(fixture: &Fixture) {
     let status = client.lookup_agent(LookupAgentRequest { agent_id: "not-an-agent".into() }).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status}");
     client.register(register_request()).await.expect("register");
-    let report = PresenceReport { connected_agents: vec!["agent:nope".into()], at_ms: 0 };
+    let report = PresenceReport { connected_agents: vec!["agent:nope".into()], at_ms: 0, summary: None };
     let status = client.report_presence(report).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status}");
 }

@@ -35,7 +35,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
 
-pub use edges::{EdgeMap, EdgeMapEntry};
+pub use edges::{EdgeList, EdgeMap, EdgeMapEntry, EdgeStatus, EdgeSummary};
 pub use keys::{Approval, CompletedRecovery, Guardians, KeyEvent, KeyHistory, Recovery, Rotation};
 pub use ledger::wallet_account;
 pub use ledger_types::*;
