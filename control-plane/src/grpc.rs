@@ -68,20 +68,22 @@ pub const PRESENCE_AGENTS_MAX: usize = 100_000;
 /// any agent's home edge.
 pub const PRESENCE_STALE_AFTER: Duration = Duration::from_secs(120);
 
-fn summary_from_proto(summary: &proto::EdgeSummary) -> crate::edge_map::EdgeSummary {
-    crate::edge_map::EdgeSummary {
-        uptime_ms: summary.uptime_ms,
-        connections: summary.connections,
-        messages_received: summary.messages_received,
-        messages_delivered: summary.messages_delivered,
-        messages_rejected: summary.messages_rejected,
-        rate_limited: summary.rate_limited,
-        buffered_messages: summary.buffered_messages,
-        buffered_bytes: summary.buffered_bytes,
-        peer_links: summary.peer_links,
-        peer_forwarded: summary.peer_forwarded,
-        peer_received: summary.peer_received,
-        handoffs: summary.handoffs,
+impl From<&proto::EdgeSummary> for crate::edge_map::EdgeSummary {
+    fn from(summary: &proto::EdgeSummary) -> Self {
+        crate::edge_map::EdgeSummary {
+            uptime_ms: summary.uptime_ms,
+            connections: summary.connections,
+            messages_received: summary.messages_received,
+            messages_delivered: summary.messages_delivered,
+            messages_rejected: summary.messages_rejected,
+            rate_limited: summary.rate_limited,
+            buffered_messages: summary.buffered_messages,
+            buffered_bytes: summary.buffered_bytes,
+            peer_links: summary.peer_links,
+            peer_forwarded: summary.peer_forwarded,
+            peer_received: summary.peer_received,
+            handoffs: summary.handoffs,
+        }
     }
 }
 
@@ -331,7 +333,7 @@ impl EdgeControl for EdgeControlService {
             return Err(Status::failed_precondition("the edge must call Register first"));
         }
         if let Some(summary) = &report.summary {
-            crate::edge_map::record_summary(&mut transaction, edge, &summary_from_proto(summary), self.clock.now())
+            crate::edge_map::record_summary(&mut transaction, edge, &summary.into(), self.clock.now())
                 .await
                 .map_err(internal("recording the metrics summary"))?;
         }

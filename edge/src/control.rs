@@ -293,21 +293,8 @@ async fn report_presence(
 
 /// The metrics summary sent with a presence report.
 fn summary(context: &LinkContext) -> proto::EdgeSummary {
-    let summary = crate::metrics::Summary::from_page(&context.metrics.render());
-    proto::EdgeSummary {
-        uptime_ms: u64::try_from(context.started.elapsed().as_millis()).unwrap_or(u64::MAX),
-        connections: summary.connections,
-        messages_received: summary.messages_received,
-        messages_delivered: summary.messages_delivered,
-        messages_rejected: summary.messages_rejected,
-        rate_limited: summary.rate_limited,
-        buffered_messages: summary.buffered_messages,
-        buffered_bytes: summary.buffered_bytes,
-        peer_links: summary.peer_links,
-        peer_forwarded: summary.peer_forwarded,
-        peer_received: summary.peer_received,
-        handoffs: summary.handoffs,
-    }
+    let uptime_ms = u64::try_from(context.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    proto::EdgeSummary { uptime_ms, ..crate::metrics::summary_from_page(&context.metrics.render()) }
 }
 
 /// Whether less than `percent` of the leaf's lifetime is left at `now`.

@@ -139,56 +139,42 @@ pub fn recorder() -> PrometheusRecorder {
         .build_recorder()
 }
 
-/// The totals and levels the edge reports to the control plane with its presence: each
-/// metric of the scrape page summed over its labels.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Summary {
-    pub connections: u64,
-    pub messages_received: u64,
-    pub messages_delivered: u64,
-    pub messages_rejected: u64,
-    pub rate_limited: u64,
-    pub buffered_messages: u64,
-    pub buffered_bytes: u64,
-    pub peer_links: u64,
-    pub peer_forwarded: u64,
-    pub peer_received: u64,
-    pub handoffs: u64,
-}
+/// The totals and levels the edge reports to the control plane with its presence (the
+/// control plane's `EdgeSummary` message): each metric of the scrape page summed over its
+/// labels. The uptime is the caller's to fill in.
+pub type Summary = crate::control::proto::EdgeSummary;
 
-impl Summary {
-    /// Reads a Prometheus text page (as [`PrometheusHandle::render`] writes it). Lines
-    /// that are not `name[{labels}] value` with a finite, non-negative value are skipped.
-    pub fn from_page(page: &str) -> Summary {
-        let mut summary = Summary::default();
-        for line in page.lines().filter(|line| !line.starts_with('#')) {
-            let Some((series, value)) = line.rsplit_once(' ') else { continue };
-            let name = series.split_once('{').map_or(series, |(name, _labels)| name);
-            let Ok(value) = value.parse::<f64>() else { continue };
-            if !value.is_finite() || value < 0.0 {
-                continue;
-            }
-            // Counters and gauges here are whole numbers far below 2^53.
-            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-            let value = value as u64;
-            let slot = match name {
-                CONNECTIONS => &mut summary.connections,
-                MESSAGES_RECEIVED_TOTAL => &mut summary.messages_received,
-                MESSAGES_DELIVERED_TOTAL => &mut summary.messages_delivered,
-                REJECTED_TOTAL => &mut summary.messages_rejected,
-                RATE_LIMITED_TOTAL => &mut summary.rate_limited,
-                BUFFER_MESSAGES => &mut summary.buffered_messages,
-                BUFFER_BYTES => &mut summary.buffered_bytes,
-                PEER_LINKS => &mut summary.peer_links,
-                PEER_FORWARDED_TOTAL => &mut summary.peer_forwarded,
-                PEER_RECEIVED_TOTAL => &mut summary.peer_received,
-                HANDOFFS_TOTAL => &mut summary.handoffs,
-                _ => continue,
-            };
-            *slot = slot.saturating_add(value);
+/// Reads a Prometheus text page (as [`PrometheusHandle::render`] writes it). Lines
+/// that are not `name[{labels}] value` with a finite, non-negative value are skipped.
+pub fn summary_from_page(page: &str) -> Summary {
+    let mut summary = Summary::default();
+    for line in page.lines().filter(|line| !line.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else { continue };
+        let name = series.split_once('{').map_or(series, |(name, _labels)| name);
+        let Ok(value) = value.parse::<f64>() else { continue };
+        if !value.is_finite() || value < 0.0 {
+            continue;
         }
-        summary
+        // Counters and gauges here are whole numbers far below 2^53.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let value = value as u64;
+        let slot = match name {
+            CONNECTIONS => &mut summary.connections,
+            MESSAGES_RECEIVED_TOTAL => &mut summary.messages_received,
+            MESSAGES_DELIVERED_TOTAL => &mut summary.messages_delivered,
+            REJECTED_TOTAL => &mut summary.messages_rejected,
+            RATE_LIMITED_TOTAL => &mut summary.rate_limited,
+            BUFFER_MESSAGES => &mut summary.buffered_messages,
+            BUFFER_BYTES => &mut summary.buffered_bytes,
+            PEER_LINKS => &mut summary.peer_links,
+            PEER_FORWARDED_TOTAL => &mut summary.peer_forwarded,
+            PEER_RECEIVED_TOTAL => &mut summary.peer_received,
+            HANDOFFS_TOTAL => &mut summary.handoffs,
+            _ => continue,
+        };
+        *slot = slot.saturating_add(value);
     }
+    summary
 }
 
 /// Registers the unit and help text of every metric with the current recorder.
@@ -289,7 +275,7 @@ mod tests {
             ::metrics::gauge!(BUFFER_BYTES).set(4096.0);
             ::metrics::histogram!(DELIVERY_LATENCY_SECONDS).record(0.003);
         });
-        let summary = Summary::from_page(&handle.render());
+        let summary = summary_from_page(&handle.render());
         assert_eq!(
             summary,
             Summary {
@@ -302,7 +288,7 @@ mod tests {
             }
         );
         let odd = "molt_edge_connections NaN\nmolt_edge_connections -3\nmolt_edge_handoffs_total\nmolt_edge_handoffs_total 2\n";
-        assert_eq!(Summary::from_page(odd), Summary { handoffs: 2, ..Summary::default() });
+        assert_eq!(summary_from_page(odd), Summary { handoffs: 2, ..Summary::default() });
     }
 
     #[test]
