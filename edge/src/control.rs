@@ -18,13 +18,14 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
 use molt_protocol::cert::{Certificate, ExpectedRole, Role};
 use molt_protocol::ids::{AgentId, EdgeId};
+use molt_protocol::keys::{Signer, SigningKey};
 use molt_protocol::request::{EDGE_PROOF_DOMAIN, possession_message};
 use molt_protocol::tls::{self, SignerTlsIdentity};
 use molt_protocol::{UnixMillis, cert::TrustAnchors};
@@ -89,6 +90,8 @@ pub struct LinkContext {
     pub peer_addr: Option<SocketAddr>,
     /// The connected client, shared with the presence lookups of edge-to-edge routing.
     pub client: Arc<ControlClient>,
+    /// Where the edge's key lives: a key file is replaced at every renewal.
+    pub key: crate::config::KeySource,
     /// The edge's metrics, summarised into every presence report.
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// When the edge started, for the summary's uptime.
@@ -320,11 +323,43 @@ async fn renew(context: &LinkContext, client: &mut EdgeControlClient<Channel>) -
         .get(1)
         .and_then(org_of)
         .ok_or_else(|| LinkError::Renewal("the chain does not name its org CA".into()))?;
-    let public_key = identity.signer.public_key();
+    // A key file is rotated: the new key is staged beside the old one first, so that a
+    // crash at any point leaves a pair that `identity::finish_rotation` can settle. A key
+    // in a PKCS#11 token stays.
+    let rotation = match &context.key {
+        crate::config::KeySource::File(key_path) => {
+            let key = SigningKey::generate(&mut rand::rngs::OsRng);
+            let staged = crate::identity::staged(key_path);
+            write_atomically(&staged, key.to_pkcs8_pem().as_bytes(), 0o600)
+                .map_err(|error| LinkError::Renewal(format!("staging the new key in {}: {error}", staged.display())))?;
+            Some((key_path.clone(), key))
+        }
+        crate::config::KeySource::Pkcs11(_) => None,
+    };
+    let result = renew_onto(context, client, &org, &identity, rotation.as_ref()).await;
+    if let (Err(_), Some((key_path, _))) = (&result, &rotation) {
+        let _ = std::fs::remove_file(crate::identity::staged(key_path));
+    }
+    result
+}
+
+/// Asks for a certificate for the rotated key (or the current one), checks it, writes it
+/// and installs it.
+async fn renew_onto(
+    context: &LinkContext,
+    client: &mut EdgeControlClient<Channel>,
+    org: &str,
+    identity: &SignerTlsIdentity,
+    rotation: Option<&(PathBuf, SigningKey)>,
+) -> Result<(), LinkError> {
+    let signer: Arc<dyn Signer> = match rotation {
+        Some((_, key)) => Arc::new(key.clone()),
+        None => Arc::clone(&identity.signer),
+    };
+    let public_key = signer.public_key();
     let now = UnixMillis::now_from_system();
-    let signature = identity
-        .signer
-        .try_sign(&possession_message(EDGE_PROOF_DOMAIN, &org, &public_key, now))
+    let signature = signer
+        .try_sign(&possession_message(EDGE_PROOF_DOMAIN, org, &public_key, now))
         .map_err(|error| LinkError::Renewal(format!("signing the proof: {error}")))?;
     let request = proto::RenewCertificateRequest {
         public_key: public_key.as_bytes().to_vec(),
@@ -343,15 +378,31 @@ async fn renew(context: &LinkContext, client: &mut EdgeControlClient<Channel>) -
         return Err(LinkError::Renewal("the renewed certificate is not for this edge and key".into()));
     }
     let pem: String = chain.iter().map(Certificate::to_pem).collect();
-    write_atomically(&context.chain_path, pem.as_bytes(), 0o644)
-        .map_err(|error| LinkError::Renewal(format!("writing {}: {error}", context.chain_path.display())))?;
+    let failed =
+        |path: &Path, error: std::io::Error| LinkError::Renewal(format!("writing {}: {error}", path.display()));
+    match rotation {
+        Some((key_path, _)) => {
+            // Staged, then the key, then the chain: the order `finish_rotation` expects.
+            let staged_chain = crate::identity::staged(&context.chain_path);
+            write_atomically(&staged_chain, pem.as_bytes(), 0o644).map_err(|error| failed(&staged_chain, error))?;
+            std::fs::rename(crate::identity::staged(key_path), key_path).map_err(|error| failed(key_path, error))?;
+            std::fs::rename(&staged_chain, &context.chain_path).map_err(|error| failed(&context.chain_path, error))?;
+            if let Some(directory) = context.chain_path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+                std::fs::File::open(directory)
+                    .and_then(|directory| directory.sync_all())
+                    .map_err(|error| failed(directory, error))?;
+            }
+        }
+        None => write_atomically(&context.chain_path, pem.as_bytes(), 0o644)
+            .map_err(|error| failed(&context.chain_path, error))?,
+    }
     let serial = leaf.serial();
     let not_after = leaf.validity().not_after.0;
     context
         .tls
-        .replace_identity(SignerTlsIdentity { chain, signer: identity.signer })
+        .replace_identity(SignerTlsIdentity { chain, signer })
         .map_err(|error| LinkError::Renewal(format!("installing the certificate: {error:#}")))?;
-    tracing::info!(%serial, not_after_ms = not_after, "edge certificate renewed");
+    tracing::info!(%serial, not_after_ms = not_after, rotated_key = rotation.is_some(), "edge certificate renewed");
     Ok(())
 }
 

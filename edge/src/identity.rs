@@ -51,8 +51,17 @@ pub struct EdgeIdentity {
 }
 
 /// Reads the chain and finds the key (in its file or on its token), and checks that they
-/// belong together. A PKCS#11 key stays logged in for as long as the identity lives.
+/// belong together. A PKCS#11 key stays logged in for as long as the identity lives. With a
+/// key file, a key rotation that a crash interrupted is first finished or undone
+/// ([`finish_rotation`]).
 pub fn load_identity(chain_path: &Path, key: &KeySource) -> Result<EdgeIdentity, IdentityError> {
+    if let KeySource::File(key_path) = key {
+        match finish_rotation(chain_path, key_path) {
+            Ok(Rotation::None) => {}
+            Ok(outcome) => tracing::warn!(?outcome, "an interrupted key rotation was found at start"),
+            Err(error) => return Err(IdentityError::Read { path: staged(chain_path), source: error }),
+        }
+    }
     let chain = Certificate::chain_from_pem(&read(chain_path)?).map_err(|e| invalid(chain_path, e))?;
     let leaf = chain.first().ok_or_else(|| invalid(chain_path, "no certificate found"))?;
     let Role::Edge(edge_id) = leaf.role() else {
@@ -79,6 +88,76 @@ pub fn load_identity(chain_path: &Path, key: &KeySource) -> Result<EdgeIdentity,
         }
     };
     Ok(EdgeIdentity { edge_id, tls: SignerTlsIdentity { chain, signer } })
+}
+
+/// Where a rotation stages the new file beside `path`: `path.next`.
+pub fn staged(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".next");
+    PathBuf::from(name)
+}
+
+/// What [`finish_rotation`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rotation {
+    /// No staged files: nothing to do.
+    None,
+    /// The new key and chain were both staged: both were moved into place.
+    Completed,
+    /// The new key was already in place and the chain staged: the chain was moved.
+    CompletedChain,
+    /// Staged files that make no pair with the key: removed; the old identity stands.
+    Discarded,
+}
+
+/// Finishes or undoes a key rotation a crash interrupted. A rotation (at certificate
+/// renewal) writes the new key to `key.next`, gets the certificate, writes the chain to
+/// `chain.next`, then renames the key into place and then the chain. So a staged chain
+/// whose key is staged or already in place is moved in; anything else staged is removed.
+pub fn finish_rotation(chain_path: &Path, key_path: &Path) -> std::io::Result<Rotation> {
+    let (next_chain, next_key) = (staged(chain_path), staged(key_path));
+    let staged_leaf_key = match std::fs::read_to_string(&next_chain) {
+        Ok(pem) => Certificate::chain_from_pem(&pem).ok().and_then(|chain| chain.first().map(Certificate::public_key)),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            return match std::fs::remove_file(&next_key) {
+                Ok(()) => Ok(Rotation::Discarded),
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(Rotation::None),
+                Err(error) => Err(error),
+            };
+        }
+        Err(error) => return Err(error),
+    };
+    let public_key_of = |path: &Path| {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|pem| SigningKey::from_pkcs8_pem(&pem).ok())
+            .map(|key| key.public_key())
+    };
+    let outcome = match staged_leaf_key {
+        Some(leaf) if public_key_of(&next_key) == Some(leaf) => {
+            std::fs::rename(&next_key, key_path)?;
+            std::fs::rename(&next_chain, chain_path)?;
+            Rotation::Completed
+        }
+        Some(leaf) if public_key_of(key_path) == Some(leaf) => {
+            std::fs::rename(&next_chain, chain_path)?;
+            let _ = std::fs::remove_file(&next_key);
+            Rotation::CompletedChain
+        }
+        _ => {
+            for path in [&next_chain, &next_key] {
+                match std::fs::remove_file(path) {
+                    Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+                    _ => {}
+                }
+            }
+            Rotation::Discarded
+        }
+    };
+    if let Some(directory) = chain_path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        std::fs::File::open(directory)?.sync_all()?;
+    }
+    Ok(outcome)
 }
 
 fn open_hsm_key(config: &Pkcs11KeyConfig) -> Result<molt_hsm::HsmKey, IdentityError> {
@@ -147,6 +226,58 @@ mod tests {
         let validity = pki.org.validity();
         let leaf = issue_leaf(&pki.org, &pki.org_key, &key.public_key(), role, &[], validity, Serial([3; 16])).unwrap();
         format!("{}{}", leaf.to_pem(), pki.org.to_pem())
+    }
+
+    #[test]
+    fn an_interrupted_key_rotation_is_finished_or_undone_at_load() {
+        let pki = pki();
+        let dir = pki.dir.path();
+        let (chain_path, key_path) = (dir.join("edge.pem"), dir.join("edge.key"));
+        let (old, new) = (SigningKey::from_bytes(&[4; 32]), SigningKey::from_bytes(&[7; 32]));
+        let edge_id = EdgeId::from_inception_key(&old.public_key());
+        let (old_chain, new_chain) = (leaf(&pki, &old, Role::Edge(edge_id)), leaf(&pki, &new, Role::Edge(edge_id)));
+        let source = KeySource::File(key_path.clone());
+        let reset = || {
+            std::fs::write(&chain_path, &old_chain).unwrap();
+            std::fs::write(&key_path, old.to_pkcs8_pem().as_bytes()).unwrap();
+            let _ = std::fs::remove_file(staged(&chain_path));
+            let _ = std::fs::remove_file(staged(&key_path));
+        };
+        let loaded_key = || load_identity(&chain_path, &source).unwrap().tls.signer.public_key();
+
+        // Crashed after staging the key only: the new key is dropped.
+        reset();
+        std::fs::write(staged(&key_path), new.to_pkcs8_pem().as_bytes()).unwrap();
+        assert_eq!(finish_rotation(&chain_path, &key_path).unwrap(), Rotation::Discarded);
+        assert_eq!(loaded_key(), old.public_key());
+        assert!(!staged(&key_path).exists());
+
+        // Crashed with both staged: both move in.
+        reset();
+        std::fs::write(staged(&key_path), new.to_pkcs8_pem().as_bytes()).unwrap();
+        std::fs::write(staged(&chain_path), &new_chain).unwrap();
+        assert_eq!(loaded_key(), new.public_key());
+        assert!(!staged(&key_path).exists() && !staged(&chain_path).exists());
+
+        // Crashed between the two renames: the chain follows the key.
+        reset();
+        std::fs::write(&key_path, new.to_pkcs8_pem().as_bytes()).unwrap();
+        std::fs::write(staged(&chain_path), &new_chain).unwrap();
+        assert_eq!(finish_rotation(&chain_path, &key_path).unwrap(), Rotation::CompletedChain);
+        assert_eq!(loaded_key(), new.public_key());
+
+        // A staged chain that fits no key, or garbage: removed, the old identity stands.
+        reset();
+        std::fs::write(staged(&chain_path), &new_chain).unwrap();
+        assert_eq!(finish_rotation(&chain_path, &key_path).unwrap(), Rotation::Discarded);
+        reset();
+        std::fs::write(staged(&chain_path), "not a chain").unwrap();
+        std::fs::write(staged(&key_path), "not a key").unwrap();
+        assert_eq!(loaded_key(), old.public_key());
+        assert!(!staged(&key_path).exists() && !staged(&chain_path).exists());
+
+        reset();
+        assert_eq!(finish_rotation(&chain_path, &key_path).unwrap(), Rotation::None);
     }
 
     #[test]

@@ -220,6 +220,7 @@ impl Edge {
                 relay: Arc::clone(&relay),
                 peer_addr: peer_advertised,
                 client: control_client,
+                key: config.identity.key.clone(),
                 metrics: crate::metrics::prometheus_handle(),
                 started: std::time::Instant::now(),
             })),

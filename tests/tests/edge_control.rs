@@ -152,8 +152,10 @@ async fn a_short_lived_edge_certificate_is_renewed_before_it_expires() {
     let link = "renew_at_remaining_percent = 16\nrenew_check_interval_ms = 200";
     let net = Federation::new(&["--certificate-validity-secs", "60"], link);
     let chain_path = net.edge.config.with_file_name("edge.pem");
+    let key_path = net.edge.config.with_file_name("edge.key");
     let first = read_chain(&chain_path).remove(0);
-    let _edge = net.edge.spawn().unwrap();
+    let first_key = std::fs::read(&key_path).unwrap();
+    let mut edge = net.edge.spawn().unwrap();
     let (alice, _) = net.agent("alice");
     let mut before = net.raw(&alice).await.expect("alice connects with the first certificate");
     assert_eq!(served_serial(&before), first.serial());
@@ -168,7 +170,8 @@ async fn a_short_lived_edge_certificate_is_renewed_before_it_expires() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(renewed.role(), first.role(), "the same edge id");
-    assert_eq!(renewed.public_key(), first.public_key(), "the same key");
+    assert_ne!(renewed.public_key(), first.public_key(), "a renewal rotates a key file");
+    assert_ne!(std::fs::read(&key_path).unwrap(), first_key, "the new key replaced the old one");
     assert!(renewed.validity().not_after.0 > first.validity().not_after.0);
     ping(&mut before).await;
 
@@ -178,6 +181,12 @@ async fn a_short_lived_edge_certificate_is_renewed_before_it_expires() {
     }
     let after = net.raw(&alice).await.expect("a new connection after the first certificate expired");
     assert_ne!(served_serial(&after), first.serial());
+
+    // Killed at any point of its renewals, the edge restarts on a key and chain that fit.
+    edge.kill9();
+    let _edge = net.edge.spawn().unwrap();
+    let restarted = net.raw(&alice).await.expect("a connection after kill -9 and a restart");
+    assert_ne!(served_serial(&restarted), first.serial());
 }
 
 /// The connection answers a ping: it survived the certificate swap.
