@@ -278,6 +278,7 @@ async fn every_route_is_documented(fixture: &Fixture) {
         ("post", "/v1/edges/enroll"),
         ("get", "/v1/edge-map"),
         ("put", "/v1/admin/edges/{id}/weight"),
+        ("get", "/v1/admin/edges"),
         ("post", "/v1/agents"),
         ("get", "/v1/agents"),
         ("get", "/v1/agents/{id}"),
