@@ -24,9 +24,11 @@
 //! work under a lease.
 
 pub mod books;
+pub mod cache;
 pub mod engine;
 pub mod escrow;
 pub mod journal;
+pub mod postgres;
 pub mod service;
 pub mod stake;
 pub mod store;

@@ -26,7 +26,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::engine::{Command, Outcome, Requester};
 use super::escrow::EscrowEvent;
-use super::store::{self, LedgerQueryError};
+use super::store::{self, BatchStore, LedgerQueryError};
 use crate::clock::Clock;
 use crate::db::Database;
 
@@ -71,13 +71,14 @@ struct Job {
 #[derive(Debug)]
 pub struct Ledger {
     db: Database,
+    store: Arc<BatchStore>,
     clock: Arc<dyn Clock>,
     queue: OnceLock<mpsc::Sender<Job>>,
 }
 
 impl Ledger {
     pub fn new(db: Database, clock: Arc<dyn Clock>) -> Ledger {
-        Ledger { db, clock, queue: OnceLock::new() }
+        Ledger { store: Arc::new(BatchStore::new(db.clone())), db, clock, queue: OnceLock::new() }
     }
 
     pub fn db(&self) -> &Database {
@@ -90,7 +91,7 @@ impl Ledger {
 
     /// Runs commands through the group-commit writers; one outcome per command.
     pub async fn execute(&self, commands: Vec<Command>) -> Result<Vec<Outcome>, Arc<LedgerError>> {
-        let queue = self.queue.get_or_init(|| spawn_writers(self.db.clone(), Arc::clone(&self.clock)));
+        let queue = self.queue.get_or_init(|| spawn_writers(Arc::clone(&self.store), Arc::clone(&self.clock)));
         let (reply, answer) = oneshot::channel();
         queue.send(Job { commands, reply }).await.map_err(|_| Arc::new(LedgerError::Stopped))?;
         answer.await.map_err(|_| Arc::new(LedgerError::Stopped))?
@@ -98,7 +99,7 @@ impl Ledger {
 
     /// Runs commands in the caller's task, in one transaction, with retries.
     pub async fn execute_now(&self, commands: &[Command]) -> Result<Vec<Outcome>, LedgerError> {
-        execute_with_retries(&self.db, self.clock.as_ref(), commands).await
+        execute_with_retries(&self.store, self.clock.as_ref(), commands).await
     }
 
     /// One expiry pass: resolves expired escrows and releases matured unbondings.
@@ -157,18 +158,18 @@ impl Drop for ExpiryWorker {
     }
 }
 
-fn spawn_writers(db: Database, clock: Arc<dyn Clock>) -> mpsc::Sender<Job> {
+fn spawn_writers(store: Arc<BatchStore>, clock: Arc<dyn Clock>) -> mpsc::Sender<Job> {
     let (sender, receiver) = mpsc::channel(LEDGER_QUEUE_DEPTH);
     let receiver = Arc::new(Mutex::new(receiver));
-    let writers = if db.backend() == crate::db::Backend::Sqlite { 1 } else { WRITER_TASKS };
+    let writers = if store.db().backend() == crate::db::Backend::Sqlite { 1 } else { WRITER_TASKS };
     for _ in 0..writers {
         // The tasks end when every sender (the Ledger) is gone and the queue is empty.
-        tokio::spawn(run_writer(db.clone(), Arc::clone(&clock), Arc::clone(&receiver)));
+        tokio::spawn(run_writer(Arc::clone(&store), Arc::clone(&clock), Arc::clone(&receiver)));
     }
     sender
 }
 
-async fn run_writer(db: Database, clock: Arc<dyn Clock>, receiver: Arc<Mutex<mpsc::Receiver<Job>>>) {
+async fn run_writer(store: Arc<BatchStore>, clock: Arc<dyn Clock>, receiver: Arc<Mutex<mpsc::Receiver<Job>>>) {
     loop {
         let jobs = {
             let mut receiver = receiver.lock().await;
@@ -186,13 +187,13 @@ async fn run_writer(db: Database, clock: Arc<dyn Clock>, receiver: Arc<Mutex<mps
             }
             jobs
         };
-        run_jobs(&db, clock.as_ref(), jobs).await;
+        run_jobs(&store, clock.as_ref(), jobs).await;
     }
 }
 
-async fn run_jobs(db: &Database, clock: &dyn Clock, jobs: Vec<Job>) {
+async fn run_jobs(store: &BatchStore, clock: &dyn Clock, jobs: Vec<Job>) {
     let commands: Vec<Command> = jobs.iter().flat_map(|job| job.commands.iter().cloned()).collect();
-    match execute_with_retries(db, clock, &commands).await {
+    match execute_with_retries(store, clock, &commands).await {
         Ok(mut outcomes) => {
             for job in jobs.into_iter().rev() {
                 let rest = outcomes.split_off(outcomes.len() - job.commands.len());
@@ -207,7 +208,7 @@ async fn run_jobs(db: &Database, clock: &dyn Clock, jobs: Vec<Job>) {
         Err(error) => {
             tracing::warn!(%error, jobs = jobs.len(), "ledger batch failed; running its jobs one by one");
             for job in jobs {
-                let result = execute_with_retries(db, clock, &job.commands).await.map_err(Arc::new);
+                let result = execute_with_retries(store, clock, &job.commands).await.map_err(Arc::new);
                 let _ = job.reply.send(result);
             }
         }
@@ -215,13 +216,13 @@ async fn run_jobs(db: &Database, clock: &dyn Clock, jobs: Vec<Job>) {
 }
 
 async fn execute_with_retries(
-    db: &Database,
+    store: &BatchStore,
     clock: &dyn Clock,
     commands: &[Command],
 ) -> Result<Vec<Outcome>, LedgerError> {
     let mut attempt = 0;
     loop {
-        match store::execute(db, commands, clock.now()).await {
+        match store.execute(commands, clock.now()).await {
             Ok(outcomes) => return Ok(outcomes),
             Err(error) if error.is_retryable() && attempt + 1 < RETRY_ATTEMPTS_MAX => {
                 attempt += 1;
