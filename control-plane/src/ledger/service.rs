@@ -1,11 +1,12 @@
 //! [`Ledger`]: the handle the API and the background work use.
 //!
 //! **Group commit.** Requests queue their commands ([`LEDGER_QUEUE_DEPTH`] jobs at most);
-//! [`WRITER_TASKS`] writer tasks each take every queued job up to
-//! [`BATCH_COMMANDS_MAX`] commands and run them in one transaction
-//! ([`store::execute`]), then answer each job. Under load one commit (one fsync) carries
-//! hundreds of requests; idle, a request is a transaction of its own. Two writers let one
-//! batch be prepared while the other commits; the database orders them (row locks).
+//! [`WRITER_TASKS`] writer task takes every queued job up to [`BATCH_COMMANDS_MAX`]
+//! commands and runs them in one transaction ([`BatchStore::execute`]), then answers each
+//! job. Under load one commit (one fsync) carries hundreds of requests; idle, a request
+//! is a transaction of its own. The batches of one process run one at a time (they share
+//! the writer's cached account totals, and would queue on the journal head anyway), so a
+//! second writer would only take a small batch early and make the next one wait for it.
 //!
 //! **Retries.** A batch that fails with a serialization failure, a deadlock or a busy
 //! database is run again from the start in a new transaction, up to
@@ -34,9 +35,8 @@ use crate::db::Database;
 pub const LEDGER_QUEUE_DEPTH: usize = 4096;
 /// Most commands one transaction carries (a job larger than this runs alone).
 pub const BATCH_COMMANDS_MAX: usize = 8192;
-/// Writer tasks per process on PostgreSQL; SQLite has one writer, so one task there
-/// (a second would only wait in SQLite's busy handler).
-pub const WRITER_TASKS: usize = 2;
+/// Writer tasks per process (batches run one at a time; see the module docs).
+pub const WRITER_TASKS: usize = 1;
 /// Attempts at a batch that keeps failing with retryable errors.
 pub const RETRY_ATTEMPTS_MAX: u32 = 10;
 /// How often the expiry worker looks for due escrows and unbondings.
@@ -161,8 +161,7 @@ impl Drop for ExpiryWorker {
 fn spawn_writers(store: Arc<BatchStore>, clock: Arc<dyn Clock>) -> mpsc::Sender<Job> {
     let (sender, receiver) = mpsc::channel(LEDGER_QUEUE_DEPTH);
     let receiver = Arc::new(Mutex::new(receiver));
-    let writers = if store.db().backend() == crate::db::Backend::Sqlite { 1 } else { WRITER_TASKS };
-    for _ in 0..writers {
+    for _ in 0..WRITER_TASKS {
         // The tasks end when every sender (the Ledger) is gone and the queue is empty.
         tokio::spawn(run_writer(Arc::clone(&store), Arc::clone(&clock), Arc::clone(&receiver)));
     }
