@@ -1,3 +1,8 @@
+-- From this version on, a ledger batch locks the ledger_head row first, before it reads
+-- or writes any account row (0006 describes the older order). A replica of the older
+-- version beside a newer one stays correct, but the two orders can deadlock; PostgreSQL
+-- detects it and the ledger retries the batch.
+
 -- Ledger batches (src/ledger/postgres.rs) rewrite each touched account row once per
 -- batch. Leave room on every page so those updates stay on the page (HOT) and skip
 -- the indexes; the setting applies to pages written from now on.

@@ -212,7 +212,7 @@ async fn execute_sqlite(
 }
 
 /// Creates the accounts if missing (their own transaction per statement, before any
-/// batch uses them; ids in order, like every other lock).
+/// batch uses them; ids in order, so concurrent calls cannot deadlock on each other).
 pub async fn ensure_accounts(db: &Database, ids: &[AccountId], now: UnixMillis) -> Result<(), LedgerQueryError> {
     let mut sorted: Vec<&AccountId> = ids.iter().collect();
     sorted.sort();
