@@ -18,15 +18,19 @@
 //! **Layers.** [`books`] applies transfer specs to an in-memory view; [`escrow`] and
 //! [`stake`] are the state machines; [`engine`] turns escrow and stake commands into
 //! transfers. These are pure: time comes in as an argument. [`journal`] computes the
-//! hash chain and audits. [`store`] loads views and persists effects with sqlx, in one
-//! transaction per batch, locking account rows in id order and then the journal head.
+//! hash chain and audits. [`store`] loads what a batch needs and persists its effects,
+//! in one transaction per batch that takes the journal head lock first (on PostgreSQL
+//! through native array statements, [`postgres`]); [`cache`] keeps account totals between
+//! a writer's batches while the journal head shows no other writer has moved them.
 //! [`service::Ledger`] feeds commands to a group-commit writer task and runs the expiry
 //! work under a lease.
 
 pub mod books;
+pub mod cache;
 pub mod engine;
 pub mod escrow;
 pub mod journal;
+pub mod postgres;
 pub mod service;
 pub mod stake;
 pub mod store;

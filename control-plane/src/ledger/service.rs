@@ -1,11 +1,12 @@
 //! [`Ledger`]: the handle the API and the background work use.
 //!
 //! **Group commit.** Requests queue their commands ([`LEDGER_QUEUE_DEPTH`] jobs at most);
-//! [`WRITER_TASKS`] writer tasks each take every queued job up to
-//! [`BATCH_COMMANDS_MAX`] commands and run them in one transaction
-//! ([`store::execute`]), then answer each job. Under load one commit (one fsync) carries
-//! hundreds of requests; idle, a request is a transaction of its own. Two writers let one
-//! batch be prepared while the other commits; the database orders them (row locks).
+//! [`WRITER_TASKS`] writer task takes every queued job up to [`BATCH_COMMANDS_MAX`]
+//! commands (yielding a few times, [`COLLECT_ROUNDS_MAX`], while that brings more) and runs them in one transaction ([`BatchStore::execute`]), then answers each
+//! job. Under load one commit (one fsync) carries hundreds of requests; idle, a request
+//! is a transaction of its own. The batches of one process run one at a time (they share
+//! the writer's cached account totals, and would queue on the journal head anyway), so a
+//! second writer would only take a small batch early and make the next one wait for it.
 //!
 //! **Retries.** A batch that fails with a serialization failure, a deadlock or a busy
 //! database is run again from the start in a new transaction, up to
@@ -26,7 +27,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::engine::{Command, Outcome, Requester};
 use super::escrow::EscrowEvent;
-use super::store::{self, LedgerQueryError};
+use super::store::{self, BatchStore, LedgerQueryError};
 use crate::clock::Clock;
 use crate::db::Database;
 
@@ -34,9 +35,11 @@ use crate::db::Database;
 pub const LEDGER_QUEUE_DEPTH: usize = 4096;
 /// Most commands one transaction carries (a job larger than this runs alone).
 pub const BATCH_COMMANDS_MAX: usize = 8192;
-/// Writer tasks per process on PostgreSQL; SQLite has one writer, so one task there
-/// (a second would only wait in SQLite's busy handler).
-pub const WRITER_TASKS: usize = 2;
+/// Writer tasks per process (batches run one at a time; see the module docs).
+pub const WRITER_TASKS: usize = 1;
+/// Times a writer lets other tasks run while collecting a batch, as long as each time
+/// brings new jobs (a few microseconds each; it keeps batches from splitting in two).
+pub const COLLECT_ROUNDS_MAX: usize = 4;
 /// Attempts at a batch that keeps failing with retryable errors.
 pub const RETRY_ATTEMPTS_MAX: u32 = 10;
 /// How often the expiry worker looks for due escrows and unbondings.
@@ -71,13 +74,14 @@ struct Job {
 #[derive(Debug)]
 pub struct Ledger {
     db: Database,
+    store: Arc<BatchStore>,
     clock: Arc<dyn Clock>,
     queue: OnceLock<mpsc::Sender<Job>>,
 }
 
 impl Ledger {
     pub fn new(db: Database, clock: Arc<dyn Clock>) -> Ledger {
-        Ledger { db, clock, queue: OnceLock::new() }
+        Ledger { store: Arc::new(BatchStore::new(db.clone())), db, clock, queue: OnceLock::new() }
     }
 
     pub fn db(&self) -> &Database {
@@ -90,7 +94,7 @@ impl Ledger {
 
     /// Runs commands through the group-commit writers; one outcome per command.
     pub async fn execute(&self, commands: Vec<Command>) -> Result<Vec<Outcome>, Arc<LedgerError>> {
-        let queue = self.queue.get_or_init(|| spawn_writers(self.db.clone(), Arc::clone(&self.clock)));
+        let queue = self.queue.get_or_init(|| spawn_writers(Arc::clone(&self.store), Arc::clone(&self.clock)));
         let (reply, answer) = oneshot::channel();
         queue.send(Job { commands, reply }).await.map_err(|_| Arc::new(LedgerError::Stopped))?;
         answer.await.map_err(|_| Arc::new(LedgerError::Stopped))?
@@ -98,7 +102,7 @@ impl Ledger {
 
     /// Runs commands in the caller's task, in one transaction, with retries.
     pub async fn execute_now(&self, commands: &[Command]) -> Result<Vec<Outcome>, LedgerError> {
-        execute_with_retries(&self.db, self.clock.as_ref(), commands).await
+        execute_with_retries(&self.store, self.clock.as_ref(), commands).await
     }
 
     /// One expiry pass: resolves expired escrows and releases matured unbondings.
@@ -157,42 +161,54 @@ impl Drop for ExpiryWorker {
     }
 }
 
-fn spawn_writers(db: Database, clock: Arc<dyn Clock>) -> mpsc::Sender<Job> {
+fn spawn_writers(store: Arc<BatchStore>, clock: Arc<dyn Clock>) -> mpsc::Sender<Job> {
     let (sender, receiver) = mpsc::channel(LEDGER_QUEUE_DEPTH);
     let receiver = Arc::new(Mutex::new(receiver));
-    let writers = if db.backend() == crate::db::Backend::Sqlite { 1 } else { WRITER_TASKS };
-    for _ in 0..writers {
+    for _ in 0..WRITER_TASKS {
         // The tasks end when every sender (the Ledger) is gone and the queue is empty.
-        tokio::spawn(run_writer(db.clone(), Arc::clone(&clock), Arc::clone(&receiver)));
+        tokio::spawn(run_writer(Arc::clone(&store), Arc::clone(&clock), Arc::clone(&receiver)));
     }
     sender
 }
 
-async fn run_writer(db: Database, clock: Arc<dyn Clock>, receiver: Arc<Mutex<mpsc::Receiver<Job>>>) {
+async fn run_writer(store: Arc<BatchStore>, clock: Arc<dyn Clock>, receiver: Arc<Mutex<mpsc::Receiver<Job>>>) {
     loop {
         let jobs = {
             let mut receiver = receiver.lock().await;
             let Some(first) = receiver.recv().await else { return };
             let mut size = first.commands.len();
             let mut jobs = vec![first];
-            while size < BATCH_COMMANDS_MAX {
-                match receiver.try_recv() {
-                    Ok(job) => {
-                        size += job.commands.len();
-                        jobs.push(job);
+            let mut rounds = 0;
+            loop {
+                while size < BATCH_COMMANDS_MAX {
+                    match receiver.try_recv() {
+                        Ok(job) => {
+                            size += job.commands.len();
+                            jobs.push(job);
+                        }
+                        Err(_) => break,
                     }
-                    Err(_) => break,
+                }
+                if size >= BATCH_COMMANDS_MAX || rounds == COLLECT_ROUNDS_MAX {
+                    break;
+                }
+                // Callers the previous batch just answered are ready to queue their next
+                // request: let them run once, and take what they queued.
+                rounds += 1;
+                tokio::task::yield_now().await;
+                if receiver.is_empty() {
+                    break;
                 }
             }
             jobs
         };
-        run_jobs(&db, clock.as_ref(), jobs).await;
+        run_jobs(&store, clock.as_ref(), jobs).await;
     }
 }
 
-async fn run_jobs(db: &Database, clock: &dyn Clock, jobs: Vec<Job>) {
+async fn run_jobs(store: &BatchStore, clock: &dyn Clock, jobs: Vec<Job>) {
     let commands: Vec<Command> = jobs.iter().flat_map(|job| job.commands.iter().cloned()).collect();
-    match execute_with_retries(db, clock, &commands).await {
+    match execute_with_retries(store, clock, &commands).await {
         Ok(mut outcomes) => {
             for job in jobs.into_iter().rev() {
                 let rest = outcomes.split_off(outcomes.len() - job.commands.len());
@@ -207,7 +223,7 @@ async fn run_jobs(db: &Database, clock: &dyn Clock, jobs: Vec<Job>) {
         Err(error) => {
             tracing::warn!(%error, jobs = jobs.len(), "ledger batch failed; running its jobs one by one");
             for job in jobs {
-                let result = execute_with_retries(db, clock, &job.commands).await.map_err(Arc::new);
+                let result = execute_with_retries(store, clock, &job.commands).await.map_err(Arc::new);
                 let _ = job.reply.send(result);
             }
         }
@@ -215,13 +231,13 @@ async fn run_jobs(db: &Database, clock: &dyn Clock, jobs: Vec<Job>) {
 }
 
 async fn execute_with_retries(
-    db: &Database,
+    store: &BatchStore,
     clock: &dyn Clock,
     commands: &[Command],
 ) -> Result<Vec<Outcome>, LedgerError> {
     let mut attempt = 0;
     loop {
-        match store::execute(db, commands, clock.now()).await {
+        match store.execute(commands, clock.now()).await {
             Ok(outcomes) => return Ok(outcomes),
             Err(error) if error.is_retryable() && attempt + 1 < RETRY_ATTEMPTS_MAX => {
                 attempt += 1;

@@ -1,14 +1,20 @@
-//! Persistence: loads a [`View`] for a batch of commands and writes its effects, in one
-//! transaction.
+//! Persistence: loads what a batch of commands needs and writes its effects, in one
+//! transaction; plus the reads the API and the audit use.
 //!
-//! **Locking.** On PostgreSQL a batch first locks the account rows it may touch with
-//! `SELECT … FOR UPDATE`, ordered by id, then the journal head row. Every writer takes its
-//! locks in that one global order (accounts by id, head last), so writers never deadlock;
-//! the head lock gives the journal one order. On SQLite the batch's first statement writes
-//! the head row, which takes the database's write lock at once (SQLite has one writer;
-//! a transaction that read first and then wrote could fail to upgrade). Serialization
-//! and deadlock failures, and SQLite's busy errors, are retried by
-//! [`super::service::Ledger`] a bounded number of times with a new transaction.
+//! **Locking.** A batch's first locking statement takes the journal head: `SELECT … FOR
+//! UPDATE` of the head row on PostgreSQL, an `UPDATE` of it on SQLite (which takes the
+//! database's single write lock at once; a transaction that read first could fail to
+//! upgrade). Every ledger writer in every process takes the head before it reads or
+//! writes an account total, so writers are serialised by that one lock and cannot
+//! deadlock; the account updates lock their rows as they write them. The head lock also
+//! gives the journal its one order. Serialization and deadlock failures, and SQLite's
+//! busy errors, are retried by [`super::service::Ledger`] a bounded number of times with
+//! a new transaction.
+//!
+//! **Reads.** Under the lock a batch reads the escrows and unbondings it names, the
+//! account totals its [`AccountCache`] does not hold (the cache is checked against the
+//! stored head first, see [`super::cache`]), and which of its transfer ids are already
+//! known (applied or refused).
 //!
 //! **Hot accounts.** A batch applies its transfers in memory and writes each account row
 //! once with its final totals, so a thousand transfers into the treasury in one batch
@@ -18,9 +24,12 @@ use std::collections::{BTreeSet, HashMap};
 
 use molt_protocol::{AgentId, UnixMillis};
 use sqlx::any::AnyRow;
+use sqlx::postgres::{PgPool, PgRow};
 use sqlx::{Any, Row as _, Transaction};
+use tokio::sync::{Mutex, OnceCell};
 
 use super::books::{Books, Known, TransferError};
+use super::cache::{AccountCache, Head};
 use super::engine::{self, Command, View, ViewEffects};
 use super::escrow::{Escrow, EscrowState, OnExpiry};
 use super::journal::{AuditReport, Auditor};
@@ -63,67 +72,147 @@ pub(crate) fn query_error(operation: &'static str) -> impl Fn(sqlx::Error) -> Le
     move |source| LedgerQueryError { operation, source }
 }
 
-fn decode_error(operation: &'static str, what: &str) -> LedgerQueryError {
+pub(crate) fn decode_error(operation: &'static str, what: &str) -> LedgerQueryError {
     LedgerQueryError { operation, source: sqlx::Error::Decode(format!("bad stored {what}").into()) }
 }
 
 type Tx = Transaction<'static, Any>;
 
-/// Runs `commands` in one transaction and returns the outcomes; the caller commits
-/// nothing: this function commits.
-pub async fn execute(
-    db: &Database,
+/// Runs ledger batches: one transaction each, with the writer's [`AccountCache`]. On
+/// PostgreSQL through a pool of native connections opened beside the [`Database`]'s own
+/// (array parameters, see [`super::postgres`]); on SQLite through the shared pool.
+#[derive(Debug)]
+pub struct BatchStore {
+    db: Database,
+    postgres: OnceCell<PgPool>,
+    cache: Mutex<AccountCache>,
+}
+
+impl BatchStore {
+    pub fn new(db: Database) -> BatchStore {
+        BatchStore { db, postgres: OnceCell::new(), cache: Mutex::new(AccountCache::new()) }
+    }
+
+    pub fn db(&self) -> &Database {
+        &self.db
+    }
+
+    /// Runs `commands` in one transaction, commits, and returns the outcomes. Batches of
+    /// one process run one at a time (they would queue on the journal head anyway).
+    pub async fn execute(
+        &self,
+        commands: &[Command],
+        now: UnixMillis,
+    ) -> Result<Vec<engine::Outcome>, LedgerQueryError> {
+        let mut cache = self.cache.lock().await;
+        let result = match self.db.backend() {
+            Backend::Postgres => {
+                let pool = self.postgres.get_or_try_init(|| super::postgres::connect(&self.db)).await?;
+                super::postgres::execute(pool, &mut cache, commands, now).await
+            }
+            Backend::Sqlite => execute_sqlite(&self.db, &mut cache, commands, now).await,
+        };
+        if result.is_err() {
+            cache.invalidate();
+        }
+        result
+    }
+}
+
+/// What a batch reads under the head lock besides account totals.
+pub(crate) struct Loaded {
+    pub fee_bps: u32,
+    pub escrows: Vec<Escrow>,
+    pub unbondings: Vec<Unbonding>,
+    pub known: Vec<(TransferId, Known)>,
+}
+
+/// Every account the commands may touch (the treasury always: fees).
+pub(crate) fn account_ids_of(
     commands: &[Command],
-    now: UnixMillis,
-) -> Result<Vec<engine::Outcome>, LedgerQueryError> {
-    let (escrow_ids, unbonding_ids) = referenced_records(commands);
-    // Escrow and unbonding accounts never change, so reading them before the locks is
-    // safe; their state is read again under the locks.
-    let mut connection = db.pool().acquire().await.map_err(query_error("reading escrows"))?;
-    let escrow_accounts: HashMap<TransferId, (AccountId, AccountId)> =
-        escrows(&mut connection, &escrow_ids).await?.into_iter().map(|e| (e.id.clone(), (e.payer, e.payee))).collect();
-    let unbonding_owners: HashMap<TransferId, (AgentId, StakeKind)> = unbondings(&mut connection, &unbonding_ids)
-        .await?
-        .into_iter()
-        .map(|u| (u.id.clone(), (u.owner, u.kind)))
-        .collect();
-    drop(connection);
+    escrows: &[Escrow],
+    unbondings: &[Unbonding],
+) -> BTreeSet<AccountId> {
+    let escrow_accounts: HashMap<&TransferId, (&AccountId, &AccountId)> =
+        escrows.iter().map(|e| (&e.id, (&e.payer, &e.payee))).collect();
+    let unbonding_owners: HashMap<&TransferId, (AgentId, StakeKind)> =
+        unbondings.iter().map(|u| (&u.id, (u.owner, u.kind))).collect();
     let mut account_ids = BTreeSet::from([AccountId::treasury()]);
     for command in commands {
         engine::accounts_of(
             command,
-            |id| escrow_accounts.get(id).cloned(),
+            |id| escrow_accounts.get(id).map(|(payer, payee)| ((*payer).clone(), (*payee).clone())),
             |id| unbonding_owners.get(id).copied(),
             &mut account_ids,
         );
     }
+    account_ids
+}
 
-    let mut tx = db.pool().begin().await.map_err(query_error("starting a ledger transaction"))?;
-    let (seq, hash, fee_bps) = lock_head_and_accounts(&mut tx, db.backend(), &account_ids).await?;
-    let mut books = Books::new(seq, hash, fee_bps, now);
-    for account in accounts_in(&mut tx, &account_ids).await? {
-        books.insert_account(account);
+/// Runs the commands against the head, the cached totals and what was loaded.
+pub(crate) fn run_batch(
+    head: Head,
+    cache: &AccountCache,
+    account_ids: &BTreeSet<AccountId>,
+    loaded: Loaded,
+    commands: &[Command],
+    now: UnixMillis,
+) -> (Vec<engine::Outcome>, ViewEffects) {
+    let mut books = Books::new(head.0, head.1, loaded.fee_bps, now);
+    for id in account_ids {
+        if let Some(account) = cache.get(id) {
+            books.insert_account(account.clone());
+        }
     }
-    let ids: Vec<TransferId> = commands.iter().flat_map(spec_ids).collect();
-    for (id, known) in known_ids(&mut tx, &ids).await? {
+    for (id, known) in loaded.known {
         books.insert_known(id, known);
     }
     let mut view = View::new(books);
-    for escrow in escrows(&mut tx, &escrow_ids).await? {
+    for escrow in loaded.escrows {
         view.insert_escrow(escrow);
     }
-    for unbonding in unbondings(&mut tx, &unbonding_ids).await? {
+    for unbonding in loaded.unbondings {
         view.insert_unbonding(unbonding);
     }
     let outcomes = view.run(commands);
-    let effects = view.take_effects();
+    (outcomes, view.take_effects())
+}
+
+/// The SQLite batch: the first statement takes the database's write lock (a transaction
+/// that read first could fail to upgrade), then the reads, then the writes.
+async fn execute_sqlite(
+    db: &Database,
+    cache: &mut AccountCache,
+    commands: &[Command],
+    now: UnixMillis,
+) -> Result<Vec<engine::Outcome>, LedgerQueryError> {
+    let (escrow_ids, unbonding_ids) = referenced_records(commands);
+    let mut tx = db.pool().begin().await.map_err(query_error("starting a ledger transaction"))?;
+    sqlx::query("UPDATE ledger_head SET seq = seq WHERE id = 1")
+        .execute(&mut *tx)
+        .await
+        .map_err(query_error("taking the write lock"))?;
+    let (seq, hash, fee_bps) = head(&mut tx).await?;
+    cache.validate((seq, hash));
+    let escrows = escrows(&mut tx, &escrow_ids).await?;
+    let unbondings = unbondings(&mut tx, &unbonding_ids).await?;
+    let account_ids = account_ids_of(commands, &escrows, &unbondings);
+    let missing: BTreeSet<AccountId> = account_ids.iter().filter(|id| !cache.contains(id)).cloned().collect();
+    for account in accounts_in(&mut tx, &missing).await? {
+        cache.insert(account);
+    }
+    let ids: Vec<TransferId> = commands.iter().flat_map(spec_ids).collect();
+    let known = known_ids_on(&mut tx, &ids).await?;
+    let loaded = Loaded { fee_bps, escrows, unbondings, known };
+    let (outcomes, effects) = run_batch((seq, hash), cache, &account_ids, loaded, commands, now);
     persist(&mut tx, &effects).await?;
     tx.commit().await.map_err(query_error("committing a ledger batch"))?;
+    cache.committed(&effects.books.accounts, effects.books.head);
     Ok(outcomes)
 }
 
 /// Creates the accounts if missing (their own transaction per statement, before any
-/// batch uses them; ids in order, like every other lock).
+/// batch uses them; ids in order, so concurrent calls cannot deadlock on each other).
 pub async fn ensure_accounts(db: &Database, ids: &[AccountId], now: UnixMillis) -> Result<(), LedgerQueryError> {
     let mut sorted: Vec<&AccountId> = ids.iter().collect();
     sorted.sort();
@@ -320,26 +409,26 @@ macro_rules! account_columns {
         "id, flags, debits_pending, debits_posted, credits_pending, credits_posted"
     };
 }
-use account_columns;
+pub(crate) use account_columns;
 
 macro_rules! transfer_columns {
     () => {
         "seq, id, debit_account, credit_account, amount, kind, pending_id, purpose, flags, created_at_ms, hash"
     };
 }
-use transfer_columns;
+pub(crate) use transfer_columns;
 
 macro_rules! unbonding_columns {
     () => {
         "id, owner, stake_kind, amount, matures_at_ms, state, created_at_ms"
     };
 }
-use unbonding_columns;
+pub(crate) use unbonding_columns;
 
-const ESCROW_COLUMNS: &str =
+pub(crate) const ESCROW_COLUMNS: &str =
     "id, payer, payee, amount, state, on_expiry, expires_at_ms, released, created_at_ms, updated_at_ms";
 
-fn referenced_records(commands: &[Command]) -> (Vec<TransferId>, Vec<TransferId>) {
+pub(crate) fn referenced_records(commands: &[Command]) -> (Vec<TransferId>, Vec<TransferId>) {
     let (mut escrow_ids, mut unbonding_ids) = (Vec::new(), Vec::new());
     for command in commands {
         match command {
@@ -353,47 +442,12 @@ fn referenced_records(commands: &[Command]) -> (Vec<TransferId>, Vec<TransferId>
     (escrow_ids, unbonding_ids)
 }
 
-fn spec_ids(command: &Command) -> Vec<TransferId> {
+pub(crate) fn spec_ids(command: &Command) -> Vec<TransferId> {
     match command {
         Command::Transfers(specs) => specs.iter().map(|spec| spec.id.clone()).collect(),
         Command::CreateEscrow { spec, .. } | Command::Unlock { spec, .. } => vec![spec.id.clone()],
         Command::Escrow { .. } | Command::Mature { .. } => Vec::new(),
     }
-}
-
-/// Takes the locks in the global order and reads the head.
-async fn lock_head_and_accounts(
-    tx: &mut Tx,
-    backend: Backend,
-    account_ids: &BTreeSet<AccountId>,
-) -> Result<(u64, [u8; 32], u32), LedgerQueryError> {
-    match backend {
-        Backend::Sqlite => {
-            sqlx::query("UPDATE ledger_head SET seq = seq WHERE id = 1")
-                .execute(&mut **tx)
-                .await
-                .map_err(query_error("taking the write lock"))?;
-        }
-        Backend::Postgres => {
-            let ids: Vec<&AccountId> = account_ids.iter().collect();
-            for chunk in fixed_chunks(&ids) {
-                let sql = format!(
-                    "SELECT id FROM ledger_accounts WHERE id IN ({}) ORDER BY id FOR UPDATE",
-                    placeholders(false, 1, chunk.len())
-                );
-                let mut query = sqlx::query(&sql);
-                for id in chunk {
-                    query = query.bind(id.as_str().to_owned());
-                }
-                query.fetch_all(&mut **tx).await.map_err(query_error("locking accounts"))?;
-            }
-            sqlx::query("SELECT id FROM ledger_head WHERE id = 1 FOR UPDATE")
-                .fetch_all(&mut **tx)
-                .await
-                .map_err(query_error("locking the journal head"))?;
-        }
-    }
-    head(tx).await
 }
 
 async fn head(tx: &mut Tx) -> Result<(u64, [u8; 32], u32), LedgerQueryError> {
@@ -433,10 +487,6 @@ async fn accounts_in(
         }
     }
     Ok(accounts)
-}
-
-async fn known_ids(tx: &mut Tx, ids: &[TransferId]) -> Result<Vec<(TransferId, Known)>, LedgerQueryError> {
-    known_ids_on(tx, ids).await
 }
 
 async fn known_ids_on(
@@ -693,13 +743,42 @@ fn rows_placeholders(anonymous: bool, rows: usize, width: usize) -> String {
     (0..rows).map(|row| format!("({})", placeholders(anonymous, row * width + 1, width))).collect::<Vec<_>>().join(", ")
 }
 
-fn account_from_row(row: &AnyRow) -> Result<Account, LedgerQueryError> {
+/// The column types the ledger stores, read alike from either kind of row.
+pub(crate) trait StoredRow {
+    fn int(&self, column: &str) -> Result<i64, sqlx::Error>;
+    fn text(&self, column: &str) -> Result<String, sqlx::Error>;
+    fn optional_text(&self, column: &str) -> Result<Option<String>, sqlx::Error>;
+    fn bytes(&self, column: &str) -> Result<Vec<u8>, sqlx::Error>;
+}
+
+macro_rules! stored_row {
+    ($row:ty) => {
+        impl StoredRow for $row {
+            fn int(&self, column: &str) -> Result<i64, sqlx::Error> {
+                self.try_get(column)
+            }
+            fn text(&self, column: &str) -> Result<String, sqlx::Error> {
+                self.try_get(column)
+            }
+            fn optional_text(&self, column: &str) -> Result<Option<String>, sqlx::Error> {
+                self.try_get(column)
+            }
+            fn bytes(&self, column: &str) -> Result<Vec<u8>, sqlx::Error> {
+                self.try_get(column)
+            }
+        }
+    };
+}
+stored_row!(AnyRow);
+stored_row!(PgRow);
+
+pub(crate) fn account_from_row(row: &impl StoredRow) -> Result<Account, LedgerQueryError> {
     let operation = "reading an account";
     let read = query_error(operation);
-    let id: String = row.try_get("id").map_err(read)?;
-    let flags: i64 = row.try_get("flags").map_err(read)?;
+    let id = row.text("id").map_err(read)?;
+    let flags = row.int("flags").map_err(read)?;
     let total = |column: &str| -> Result<Credits, LedgerQueryError> {
-        let value: i64 = row.try_get(column).map_err(read)?;
+        let value = row.int(column).map_err(read)?;
         Credits::from_db(value).ok_or_else(|| decode_error(operation, column))
     };
     Ok(Account {
@@ -712,12 +791,12 @@ fn account_from_row(row: &AnyRow) -> Result<Account, LedgerQueryError> {
     })
 }
 
-fn spec_from_row(row: &AnyRow, operation: &'static str) -> Result<TransferSpec, LedgerQueryError> {
+pub(crate) fn spec_from_row(row: &impl StoredRow, operation: &'static str) -> Result<TransferSpec, LedgerQueryError> {
     let read = query_error(operation);
-    let text = |column: &str| -> Result<String, LedgerQueryError> { row.try_get(column).map_err(read) };
-    let amount: i64 = row.try_get("amount").map_err(read)?;
-    let pending: Option<String> = row.try_get("pending_id").map_err(read)?;
-    let flags: i64 = row.try_get("flags").map_err(read)?;
+    let text = |column: &str| -> Result<String, LedgerQueryError> { row.text(column).map_err(read) };
+    let amount = row.int("amount").map_err(read)?;
+    let pending = row.optional_text("pending_id").map_err(read)?;
+    let flags = row.int("flags").map_err(read)?;
     Ok(TransferSpec {
         id: TransferId::from_stored(text("id")?),
         debit: AccountId::parse(&text("debit_account")?).ok_or_else(|| decode_error(operation, "debit account"))?,
@@ -730,12 +809,12 @@ fn spec_from_row(row: &AnyRow, operation: &'static str) -> Result<TransferSpec, 
     })
 }
 
-fn transfer_from_row(row: &AnyRow) -> Result<Transfer, LedgerQueryError> {
+pub(crate) fn transfer_from_row(row: &impl StoredRow) -> Result<Transfer, LedgerQueryError> {
     let operation = "reading a transfer";
     let read = query_error(operation);
-    let seq: i64 = row.try_get("seq").map_err(read)?;
-    let created_at_ms: i64 = row.try_get("created_at_ms").map_err(read)?;
-    let hash: Vec<u8> = row.try_get("hash").map_err(read)?;
+    let seq = row.int("seq").map_err(read)?;
+    let created_at_ms = row.int("created_at_ms").map_err(read)?;
+    let hash = row.bytes("hash").map_err(read)?;
     Ok(Transfer {
         seq: u64::try_from(seq).map_err(|_| decode_error(operation, "seq"))?,
         spec: spec_from_row(row, operation)?,
@@ -744,11 +823,11 @@ fn transfer_from_row(row: &AnyRow) -> Result<Transfer, LedgerQueryError> {
     })
 }
 
-fn escrow_from_row(row: &AnyRow) -> Result<Escrow, LedgerQueryError> {
+pub(crate) fn escrow_from_row(row: &impl StoredRow) -> Result<Escrow, LedgerQueryError> {
     let operation = "reading an escrow";
     let read = query_error(operation);
-    let text = |column: &str| -> Result<String, LedgerQueryError> { row.try_get(column).map_err(read) };
-    let number = |column: &str| -> Result<i64, LedgerQueryError> { row.try_get(column).map_err(read) };
+    let text = |column: &str| -> Result<String, LedgerQueryError> { row.text(column).map_err(read) };
+    let number = |column: &str| -> Result<i64, LedgerQueryError> { row.int(column).map_err(read) };
     let account = |column: &str| AccountId::parse(&text(column)?).ok_or_else(|| decode_error(operation, "account"));
     Ok(Escrow {
         id: TransferId::from_stored(text("id")?),
@@ -764,11 +843,11 @@ fn escrow_from_row(row: &AnyRow) -> Result<Escrow, LedgerQueryError> {
     })
 }
 
-fn unbonding_from_row(row: &AnyRow) -> Result<Unbonding, LedgerQueryError> {
+pub(crate) fn unbonding_from_row(row: &impl StoredRow) -> Result<Unbonding, LedgerQueryError> {
     let operation = "reading an unbonding";
     let read = query_error(operation);
-    let text = |column: &str| -> Result<String, LedgerQueryError> { row.try_get(column).map_err(read) };
-    let number = |column: &str| -> Result<i64, LedgerQueryError> { row.try_get(column).map_err(read) };
+    let text = |column: &str| -> Result<String, LedgerQueryError> { row.text(column).map_err(read) };
+    let number = |column: &str| -> Result<i64, LedgerQueryError> { row.int(column).map_err(read) };
     Ok(Unbonding {
         id: TransferId::from_stored(text("id")?),
         owner: text("owner")?.parse().map_err(|_| decode_error(operation, "owner"))?,
@@ -780,10 +859,10 @@ fn unbonding_from_row(row: &AnyRow) -> Result<Unbonding, LedgerQueryError> {
     })
 }
 
-fn to_db(time: UnixMillis) -> i64 {
+pub(crate) fn to_db(time: UnixMillis) -> i64 {
     i64::try_from(time.0).unwrap_or(i64::MAX)
 }
 
-fn from_db(millis: i64) -> UnixMillis {
+pub(crate) fn from_db(millis: i64) -> UnixMillis {
     UnixMillis(u64::try_from(millis).unwrap_or(0))
 }
