@@ -1,5 +1,6 @@
-//! Ledger durability: the real `molt-control-plane` (SQLite) is killed with `kill -9`
-//! while clients stream signed transfers through its group-commit writer. After a
+//! Ledger durability: the real `molt-control-plane` (on SQLite, and on a fresh PostgreSQL
+//! database, whose batches take the native path) is killed with `kill -9` while clients
+//! stream signed transfers through its group-commit writer. After a
 //! restart on the same database the audit passes, every acknowledged transfer is in the
 //! journal exactly once (a retry returns the same journal entry), retrying the
 //! unacknowledged ones never applies anything twice, and no credit is lost or made.
@@ -37,14 +38,33 @@ struct Sent {
     amount: u64,
 }
 
+/// Where the tests' PostgreSQL is (its maintenance database), unless set.
+const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+/// Overrides [`DEFAULT_POSTGRES_URL`], as for the control plane's own suite.
+const POSTGRES_URL_VARIABLE: &str = "MOLT_TEST_POSTGRES_URL";
+
 #[test]
-fn acknowledged_transfers_survive_kill_9_exactly_once() {
+fn acknowledged_transfers_survive_kill_9_exactly_once_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
-    let database = dir.path().join("control-plane.db");
+    let database = format!("sqlite:{}", dir.path().join("control-plane.db").display());
+    survives_kill_9(&dir, &database, &[]);
+}
+
+#[test]
+fn acknowledged_transfers_survive_kill_9_exactly_once_on_postgres() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = ScratchDatabase::create();
+    // PostgreSQL has no file beside which the key-encryption key could live.
+    let kek: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+    survives_kill_9(&dir, &database.url, &[("MOLT_CP_KEK", &kek)]);
+}
+
+fn survives_kill_9(dir: &tempfile::TempDir, database: &str, environment: &[(&str, &str)]) {
     let binary = control_plane_binary();
     let addr = free_addr();
+    let launch = Launch { binary: &binary, database, environment, addr, dir: dir.path() };
 
-    let (mut server, token) = start(&binary, &database, addr, dir.path(), true);
+    let (mut server, token) = launch.start(true);
     let token = token.expect("the first start prints the bootstrap credential");
     let agents: Arc<Vec<Agent>> = Arc::new(
         (0..AGENTS)
@@ -113,7 +133,7 @@ fn acknowledged_transfers_survive_kill_9_exactly_once() {
     }
     assert!(acked.len() >= ACKNOWLEDGED_BEFORE_KILL);
 
-    let (mut server, second_token) = start(&binary, &database, addr, dir.path(), false);
+    let (mut server, second_token) = launch.start(false);
     assert!(second_token.is_none(), "the restart keeps the credentials");
     let (status, report) = admin(addr, &token, "GET", "/v1/admin/ledger/audit", "");
     assert_eq!(status, 200);
@@ -164,32 +184,74 @@ fn free_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
-/// Starts the control plane and waits for `/healthz`; returns the bootstrap token if
-/// this start printed one.
-fn start(binary: &Path, database: &Path, addr: SocketAddr, dir: &Path, first: bool) -> (Child, Option<String>) {
-    let log_path = dir.join(if first { "first.log" } else { "second.log" });
-    let child = Command::new(binary)
-        .arg("--database-url")
-        .arg(format!("sqlite:{}", database.display()))
-        .arg("--listen")
-        .arg(addr.to_string())
-        .current_dir(dir)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .expect("molt-control-plane starts");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok((200, _)) = http(addr, "GET", "/healthz", &[], "") {
-            break;
+/// How the control plane is started, both times.
+struct Launch<'a> {
+    binary: &'a Path,
+    database: &'a str,
+    environment: &'a [(&'a str, &'a str)],
+    addr: SocketAddr,
+    dir: &'a Path,
+}
+
+impl Launch<'_> {
+    /// Starts the control plane and waits for `/healthz`; returns the bootstrap token if
+    /// this start printed one.
+    fn start(&self, first: bool) -> (Child, Option<String>) {
+        let log_path = self.dir.join(if first { "first.log" } else { "second.log" });
+        let child = Command::new(self.binary)
+            .arg("--database-url")
+            .arg(self.database)
+            .arg("--listen")
+            .arg(self.addr.to_string())
+            .current_dir(self.dir)
+            .env("RUST_LOG", "warn")
+            .envs(self.environment.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .expect("molt-control-plane starts");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok((200, _)) = http(self.addr, "GET", "/healthz", &[], "") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "molt-control-plane did not come up: {}", read(&log_path));
+            std::thread::sleep(Duration::from_millis(50));
         }
-        assert!(Instant::now() < deadline, "molt-control-plane did not come up: {}", read(&log_path));
-        std::thread::sleep(Duration::from_millis(50));
+        let log = read(&log_path);
+        let token = log.split_whitespace().find(|word| word.starts_with("molt_admin_")).map(str::to_owned);
+        (child, token)
     }
-    let log = read(&log_path);
-    let token = log.split_whitespace().find(|word| word.starts_with("molt_admin_")).map(str::to_owned);
-    (child, token)
+}
+
+/// A fresh PostgreSQL database, made with `psql` and dropped (with its connections) at
+/// the end.
+struct ScratchDatabase {
+    name: String,
+    maintenance: String,
+    url: String,
+}
+
+impl ScratchDatabase {
+    fn create() -> ScratchDatabase {
+        let maintenance = std::env::var(POSTGRES_URL_VARIABLE).unwrap_or_else(|_| DEFAULT_POSTGRES_URL.to_owned());
+        let name = format!("molt_crash_{:016x}", rand::random::<u64>());
+        psql(&maintenance, &format!("CREATE DATABASE {name}"));
+        let (server, _) = maintenance.rsplit_once('/').expect("the PostgreSQL url names a database");
+        ScratchDatabase { url: format!("{server}/{name}"), name, maintenance }
+    }
+}
+
+impl Drop for ScratchDatabase {
+    fn drop(&mut self) {
+        psql(&self.maintenance, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
+    }
+}
+
+fn psql(url: &str, statement: &str) {
+    let output = Command::new("psql").arg(url).args(["-v", "ON_ERROR_STOP=1", "-c", statement]).output();
+    let output = output.expect("psql runs (PostgreSQL's client)");
+    assert!(output.status.success(), "psql {statement:?}: {}", String::from_utf8_lossy(&output.stderr));
 }
 
 fn read(path: &Path) -> String {
