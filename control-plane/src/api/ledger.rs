@@ -149,7 +149,7 @@ pub struct SlashRequest {
 pub struct HistoryParams {
     /// Entries per page, 1 to 1000 (default 100).
     pub limit: Option<u32>,
-    /// The `next_before` of the previous page.
+    /// The `next_before` of the previous page (any other position is refused).
     pub before: Option<u64>,
 }
 
@@ -307,10 +307,20 @@ pub async fn wallet_history(
     if !(1..=HISTORY_LIMIT_MAX).contains(&limit) {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", "limit must be 1 to 1000"));
     }
-    let items = store::history(&state.db, &AccountId::wallet(caller.agent), params.before, limit)
+    let wallet = AccountId::wallet(caller.agent);
+    let items = store::history(&state.db, &wallet, params.before, limit)
         .await
-        .map_err(|e| ApiError::internal(&e))?;
-    let next_before = (items.len() == limit as usize).then(|| items.last().map(|t| t.seq)).flatten();
+        .map_err(|e| ApiError::internal(&e))?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                "before must be the next_before of a previous page (the position of one of this wallet's entries)",
+            )
+        })?;
+    // The last entry links to an older one of this wallet's exactly when there is more.
+    let next_before =
+        items.last().filter(|last| items.len() == limit as usize && link_for(last, &wallet) != 0).map(|last| last.seq);
     Ok(Json(HistoryPage { items: items.iter().map(transfer_body).collect(), next_before }))
 }
 
@@ -893,6 +903,11 @@ pub fn account_body(account: &Account) -> AccountBody {
         credits_posted: account.credits_posted.micros(),
         no_overdraft: account.flags.contains(crate::ledger::types::AccountFlags::NO_OVERDRAFT),
     }
+}
+
+/// The entry before `transfer` among `account`'s (0: none).
+fn link_for(transfer: &Transfer, account: &AccountId) -> u64 {
+    if transfer.spec.debit == *account { transfer.debit_prev } else { transfer.credit_prev }
 }
 
 pub fn transfer_body(transfer: &Transfer) -> TransferBody {

@@ -362,7 +362,11 @@ impl Books {
         }
     }
 
-    fn commit(&mut self, spec: &TransferSpec, debit: Account, credit: Account) -> Transfer {
+    fn commit(&mut self, spec: &TransferSpec, mut debit: Account, mut credit: Account) -> Transfer {
+        let seq = self.seq + 1;
+        let (debit_prev, credit_prev) = (debit.last_seq, credit.last_seq);
+        debit.last_seq = seq;
+        credit.last_seq = seq;
         for account in [debit, credit] {
             self.dirty.insert(account.id.clone());
             let old = self.accounts.insert(account.id.clone(), account);
@@ -384,10 +388,10 @@ impl Books {
                 undo.pending.push(spec.id.clone());
             }
         }
-        self.seq += 1;
-        let hash = journal::entry_hash(&self.hash, self.seq, spec, self.now);
+        self.seq = seq;
+        let hash = journal::entry_hash(&self.hash, seq, spec, self.now);
         self.hash = hash;
-        let transfer = Transfer { seq: self.seq, spec: spec.clone(), created_at: self.now, hash };
+        let transfer = Transfer { seq, spec: spec.clone(), created_at: self.now, hash, debit_prev, credit_prev };
         self.transfers.push(transfer.clone());
         self.known.insert(spec.id.clone(), Known::Applied(transfer.clone()));
         if let Some(undo) = self.undo.as_mut() {

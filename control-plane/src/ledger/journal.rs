@@ -79,6 +79,8 @@ pub struct Auditor {
     hash: [u8; 32],
     seq: u64,
     totals: HashMap<AccountId, [u128; 4]>,
+    /// Each account's newest entry so far, to check the links between its entries.
+    last: HashMap<AccountId, u64>,
     pending: HashMap<TransferId, (AccountId, AccountId, Credits)>,
     resolved: HashSet<TransferId>,
     ids: HashSet<TransferId>,
@@ -103,6 +105,7 @@ impl Auditor {
             hash: GENESIS_HASH,
             seq: 0,
             totals: HashMap::new(),
+            last: HashMap::new(),
             pending: HashMap::new(),
             resolved: HashSet::new(),
             ids: HashSet::new(),
@@ -125,6 +128,15 @@ impl Auditor {
         self.hash = transfer.hash;
         if !self.ids.insert(spec.id.clone()) {
             self.problem(format!("transfer id {} appears twice", spec.id));
+        }
+        for (account, link) in [(&spec.debit, transfer.debit_prev), (&spec.credit, transfer.credit_prev)] {
+            let previous = self.last.insert(account.clone(), transfer.seq).unwrap_or(0);
+            if link != previous {
+                self.problem(format!(
+                    "entry {} links to entry {link} as {account}'s previous one, the journal gives {previous}",
+                    transfer.seq
+                ));
+            }
         }
         let amount = u128::from(spec.amount.micros());
         match spec.kind {
@@ -155,6 +167,13 @@ impl Auditor {
             .map(u128::from);
             if totals != actual {
                 self.problem(format!("account {} has totals {actual:?}, the journal gives {totals:?}", account.id));
+            }
+            let newest = self.last.get(&account.id).copied().unwrap_or(0);
+            if account.last_seq != newest {
+                self.problem(format!(
+                    "account {} names entry {} as its newest, the journal gives {newest}",
+                    account.id, account.last_seq
+                ));
             }
             let owed = u128::from(account.debits_posted.micros()) + u128::from(account.debits_pending.micros());
             if account.flags.contains(AccountFlags::NO_OVERDRAFT) && owed > u128::from(account.credits_posted.micros())

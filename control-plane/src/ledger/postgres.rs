@@ -21,8 +21,8 @@ use super::escrow::Escrow;
 use super::stake::Unbonding;
 use super::store::{
     ESCROW_COLUMNS, LedgerQueryError, Loaded, account_columns, account_from_row, account_ids_of, decode_error,
-    escrow_from_row, query_error, referenced_records, run_batch, spec_from_row, spec_ids, to_db, transfer_from_row,
-    unbonding_columns, unbonding_from_row,
+    escrow_from_row, query_error, referenced_records, run_batch, spec_from_row, spec_ids, to_db, to_db_position,
+    transfer_from_row, unbonding_columns, unbonding_from_row,
 };
 use super::types::{Account, TransferId};
 use crate::db::Database;
@@ -159,10 +159,10 @@ async fn known_ids(tx: &mut Tx, ids: &[TransferId]) -> Result<Vec<(TransferId, K
     // whole array.
     let rows = sqlx::query(
         "SELECT t.seq, t.id, t.debit_account, t.credit_account, t.amount, t.kind, t.pending_id, t.purpose, t.flags, \
-         t.created_at_ms, t.hash, NULL::text AS code \
+         t.created_at_ms, t.hash, t.debit_prev, t.credit_prev, NULL::text AS code \
          FROM UNNEST($1::text[]) AS q (id) JOIN ledger_transfers AS t ON t.id = q.id \
          UNION ALL SELECT NULL, r.id, r.debit_account, r.credit_account, r.amount, r.kind, r.pending_id, r.purpose, \
-         r.flags, r.created_at_ms, NULL, r.code \
+         r.flags, r.created_at_ms, NULL, NULL, NULL, r.code \
          FROM UNNEST($1::text[]) AS q (id) JOIN ledger_rejections AS r ON r.id = q.id",
     )
     .bind(texts(ids))
@@ -192,34 +192,34 @@ async fn known_ids(tx: &mut Tx, ids: &[TransferId]) -> Result<Vec<(TransferId, K
 /// escrows, unbondings and the head. Empty arrays write nothing.
 const PERSIST: &str = "WITH new_transfers AS (
     INSERT INTO ledger_transfers (seq, id, debit_account, credit_account, amount, kind, pending_id, purpose, flags,
-        created_at_ms, hash)
+        created_at_ms, hash, debit_prev, credit_prev)
     SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[],
-        $8::text[], $9::bigint[], $10::bigint[], $11::bytea[])
+        $8::text[], $9::bigint[], $10::bigint[], $11::bytea[], $12::bigint[], $13::bigint[])
 ), new_rejections AS (
     INSERT INTO ledger_rejections (id, debit_account, credit_account, amount, kind, pending_id, purpose, flags, code,
         created_at_ms)
-    SELECT * FROM UNNEST($12::text[], $13::text[], $14::text[], $15::bigint[], $16::text[], $17::text[],
-        $18::text[], $19::bigint[], $20::text[], $21::bigint[])
+    SELECT * FROM UNNEST($14::text[], $15::text[], $16::text[], $17::bigint[], $18::text[], $19::text[],
+        $20::text[], $21::bigint[], $22::text[], $23::bigint[])
 ), totals AS (
     UPDATE ledger_accounts AS a SET debits_pending = t.debits_pending, debits_posted = t.debits_posted,
-        credits_pending = t.credits_pending, credits_posted = t.credits_posted
-    FROM UNNEST($22::text[], $23::bigint[], $24::bigint[], $25::bigint[], $26::bigint[])
-        AS t (id, debits_pending, debits_posted, credits_pending, credits_posted)
+        credits_pending = t.credits_pending, credits_posted = t.credits_posted, last_seq = t.last_seq
+    FROM UNNEST($24::text[], $25::bigint[], $26::bigint[], $27::bigint[], $28::bigint[], $29::bigint[])
+        AS t (id, debits_pending, debits_posted, credits_pending, credits_posted, last_seq)
     WHERE a.id = t.id
 ), escrows AS (
     INSERT INTO ledger_escrows (id, payer, payee, amount, state, on_expiry, expires_at_ms, released, created_at_ms,
         updated_at_ms)
-    SELECT * FROM UNNEST($27::text[], $28::text[], $29::text[], $30::bigint[], $31::text[], $32::text[],
-        $33::bigint[], $34::bigint[], $35::bigint[], $36::bigint[])
+    SELECT * FROM UNNEST($30::text[], $31::text[], $32::text[], $33::bigint[], $34::text[], $35::text[],
+        $36::bigint[], $37::bigint[], $38::bigint[], $39::bigint[])
     ON CONFLICT (id) DO UPDATE SET state = excluded.state, released = excluded.released,
         updated_at_ms = excluded.updated_at_ms
 ), unbondings AS (
     INSERT INTO ledger_unbondings (id, owner, stake_kind, amount, matures_at_ms, state, created_at_ms)
-    SELECT * FROM UNNEST($37::text[], $38::text[], $39::text[], $40::bigint[], $41::bigint[], $42::text[],
-        $43::bigint[])
+    SELECT * FROM UNNEST($40::text[], $41::text[], $42::text[], $43::bigint[], $44::bigint[], $45::text[],
+        $46::bigint[])
     ON CONFLICT (id) DO UPDATE SET state = excluded.state
 )
-UPDATE ledger_head SET seq = $44, hash = $45 WHERE id = 1";
+UPDATE ledger_head SET seq = $47, hash = $48 WHERE id = 1";
 
 async fn persist(tx: &mut Tx, effects: &ViewEffects) -> Result<(), LedgerQueryError> {
     let books = &effects.books;
@@ -238,7 +238,9 @@ async fn persist(tx: &mut Tx, effects: &ViewEffects) -> Result<(), LedgerQueryEr
         .bind(column(&transfers, |s| s.purpose.as_str().to_owned()))
         .bind(column(&transfers, |s| s.flags.0 as i64))
         .bind(books.transfers.iter().map(|t| to_db(t.created_at)).collect::<Vec<_>>())
-        .bind(books.transfers.iter().map(|t| t.hash.to_vec()).collect::<Vec<_>>());
+        .bind(books.transfers.iter().map(|t| t.hash.to_vec()).collect::<Vec<_>>())
+        .bind(books.transfers.iter().map(|t| to_db_position(t.debit_prev)).collect::<Vec<_>>())
+        .bind(books.transfers.iter().map(|t| to_db_position(t.credit_prev)).collect::<Vec<_>>());
     // Refusals.
     let query = query
         .bind(column(&rejections, |s| s.id.as_str().to_owned()))
@@ -258,7 +260,8 @@ async fn persist(tx: &mut Tx, effects: &ViewEffects) -> Result<(), LedgerQueryEr
         .bind(column(accounts, |a| a.debits_pending.to_db()))
         .bind(column(accounts, |a| a.debits_posted.to_db()))
         .bind(column(accounts, |a| a.credits_pending.to_db()))
-        .bind(column(accounts, |a| a.credits_posted.to_db()));
+        .bind(column(accounts, |a| a.credits_posted.to_db()))
+        .bind(column(accounts, |a| to_db_position(a.last_seq)));
     // Escrows.
     let escrows = &effects.escrows;
     let query = query

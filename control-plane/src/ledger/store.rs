@@ -259,26 +259,62 @@ pub async fn accounts_of_owner(db: &Database, agent: AgentId) -> Result<Vec<Acco
     rows.iter().map(account_from_row).collect()
 }
 
-/// Journal entries touching `account`, newest first, with `seq` below `before`.
+/// Journal entries touching `account`, newest first, older than `before`; `None` when
+/// `before` is not the position of one of the account's own entries.
+///
+/// An account's entries are linked newest to oldest: the account's `last_seq`, then each
+/// entry's `debit_prev` or `credit_prev`. A page is therefore `limit` primary-key lookups
+/// whatever the journal's size, and the journal carries no per-account index, which would
+/// cost every batch two random index insertions an entry. `before` is a previous page's
+/// `next_before`, the position of the last entry it showed; any other position has no
+/// link to follow and is refused rather than searched for.
 pub async fn history(
     db: &Database,
     account: &AccountId,
     before: Option<u64>,
     limit: u32,
-) -> Result<Vec<Transfer>, LedgerQueryError> {
+) -> Result<Option<Vec<Transfer>>, LedgerQueryError> {
+    let operation = "reading account history";
+    let start = match before {
+        None => sqlx::query_scalar::<_, i64>("SELECT last_seq FROM ledger_accounts WHERE id = $1")
+            .bind(account.as_str().to_owned())
+            .fetch_optional(db.pool())
+            .await
+            .map_err(query_error(operation))?
+            .unwrap_or(0),
+        Some(before) => {
+            let link = sqlx::query_scalar::<_, Option<i64>>(
+                "SELECT CASE WHEN debit_account = $1 THEN debit_prev WHEN credit_account = $1 THEN credit_prev END \
+                 FROM ledger_transfers WHERE seq = $2",
+            )
+            .bind(account.as_str().to_owned())
+            .bind(to_db_position(before))
+            .fetch_optional(db.pool())
+            .await
+            .map_err(query_error(operation))?;
+            match link.flatten() {
+                Some(previous) => previous,
+                None => return Ok(None),
+            }
+        }
+    };
     let rows = sqlx::query(concat!(
-        "SELECT ",
+        "WITH RECURSIVE chain (at, depth) AS (\
+             SELECT CAST($2 AS BIGINT), 1 \
+             UNION ALL \
+             SELECT CASE WHEN t.debit_account = $1 THEN t.debit_prev ELSE t.credit_prev END, chain.depth + 1 \
+             FROM chain JOIN ledger_transfers AS t ON t.seq = chain.at WHERE chain.depth < $3) \
+         SELECT ",
         transfer_columns!(),
-        " FROM ledger_transfers WHERE (debit_account = $1 OR credit_account = $1) AND seq < $2 \
-         ORDER BY seq DESC LIMIT $3"
+        " FROM chain JOIN ledger_transfers ON ledger_transfers.seq = chain.at ORDER BY seq DESC"
     ))
     .bind(account.as_str().to_owned())
-    .bind(before.map_or(i64::MAX, |seq| i64::try_from(seq).unwrap_or(i64::MAX)))
+    .bind(start)
     .bind(i64::from(limit))
     .fetch_all(db.pool())
     .await
-    .map_err(query_error("reading account history"))?;
-    rows.iter().map(transfer_from_row).collect()
+    .map_err(query_error(operation))?;
+    rows.iter().map(transfer_from_row).collect::<Result<_, _>>().map(Some)
 }
 
 /// What is known about a transfer id: applied or remembered as refused.
@@ -406,14 +442,15 @@ pub async fn audit(db: &Database) -> Result<AuditReport, LedgerQueryError> {
 
 macro_rules! account_columns {
     () => {
-        "id, flags, debits_pending, debits_posted, credits_pending, credits_posted"
+        "id, flags, debits_pending, debits_posted, credits_pending, credits_posted, last_seq"
     };
 }
 pub(crate) use account_columns;
 
 macro_rules! transfer_columns {
     () => {
-        "seq, id, debit_account, credit_account, amount, kind, pending_id, purpose, flags, created_at_ms, hash"
+        "seq, id, debit_account, credit_account, amount, kind, pending_id, purpose, flags, created_at_ms, hash, \
+         debit_prev, credit_prev"
     };
 }
 pub(crate) use transfer_columns;
@@ -593,7 +630,7 @@ async fn insert_transfers(tx: &mut Tx, chunk: &[Transfer]) -> Result<(), LedgerQ
     let sql = format!(
         "INSERT INTO ledger_transfers ({}) VALUES {}",
         transfer_columns!(),
-        rows_placeholders(anonymous(tx), chunk.len(), 11)
+        rows_placeholders(anonymous(tx), chunk.len(), 13)
     );
     let mut query = sqlx::query(&sql);
     for transfer in chunk {
@@ -609,7 +646,9 @@ async fn insert_transfers(tx: &mut Tx, chunk: &[Transfer]) -> Result<(), LedgerQ
             .bind(spec.purpose.as_str())
             .bind(spec.flags.0 as i64)
             .bind(to_db(transfer.created_at))
-            .bind(transfer.hash.to_vec());
+            .bind(transfer.hash.to_vec())
+            .bind(to_db_position(transfer.debit_prev))
+            .bind(to_db_position(transfer.credit_prev));
     }
     query.execute(&mut **tx).await.map_err(query_error("writing transfers"))?;
     Ok(())
@@ -644,10 +683,10 @@ async fn insert_rejections(tx: &mut Tx, chunk: &[Rejection]) -> Result<(), Ledge
 async fn update_accounts(tx: &mut Tx, chunk: &[Account]) -> Result<(), LedgerQueryError> {
     let sql = format!(
         "INSERT INTO ledger_accounts (id, kind, flags, debits_pending, debits_posted, credits_pending, credits_posted, \
-         created_at_ms) VALUES {} ON CONFLICT (id) DO UPDATE SET debits_pending = excluded.debits_pending, \
+         last_seq, created_at_ms) VALUES {} ON CONFLICT (id) DO UPDATE SET debits_pending = excluded.debits_pending, \
          debits_posted = excluded.debits_posted, credits_pending = excluded.credits_pending, \
-         credits_posted = excluded.credits_posted",
-        rows_placeholders(anonymous(tx), chunk.len(), 8)
+         credits_posted = excluded.credits_posted, last_seq = excluded.last_seq",
+        rows_placeholders(anonymous(tx), chunk.len(), 9)
     );
     let mut query = sqlx::query(&sql);
     for account in chunk {
@@ -659,6 +698,7 @@ async fn update_accounts(tx: &mut Tx, chunk: &[Account]) -> Result<(), LedgerQue
             .bind(account.debits_posted.to_db())
             .bind(account.credits_pending.to_db())
             .bind(account.credits_posted.to_db())
+            .bind(to_db_position(account.last_seq))
             .bind(0i64);
     }
     query.execute(&mut **tx).await.map_err(query_error("writing account totals"))?;
@@ -788,6 +828,7 @@ pub(crate) fn account_from_row(row: &impl StoredRow) -> Result<Account, LedgerQu
         debits_posted: total("debits_posted")?,
         credits_pending: total("credits_pending")?,
         credits_posted: total("credits_posted")?,
+        last_seq: position(row, operation, "last_seq")?,
     })
 }
 
@@ -820,7 +861,15 @@ pub(crate) fn transfer_from_row(row: &impl StoredRow) -> Result<Transfer, Ledger
         spec: spec_from_row(row, operation)?,
         created_at: from_db(created_at_ms),
         hash: hash.try_into().map_err(|_| decode_error(operation, "hash"))?,
+        debit_prev: position(row, operation, "debit_prev")?,
+        credit_prev: position(row, operation, "credit_prev")?,
     })
+}
+
+/// A journal position column (never negative).
+fn position(row: &impl StoredRow, operation: &'static str, column: &str) -> Result<u64, LedgerQueryError> {
+    let value = row.int(column).map_err(query_error(operation))?;
+    u64::try_from(value).map_err(|_| decode_error(operation, column))
 }
 
 pub(crate) fn escrow_from_row(row: &impl StoredRow) -> Result<Escrow, LedgerQueryError> {
@@ -857,6 +906,11 @@ pub(crate) fn unbonding_from_row(row: &impl StoredRow) -> Result<Unbonding, Ledg
         state: UnbondingState::parse(&text("state")?).ok_or_else(|| decode_error(operation, "state"))?,
         created_at: from_db(number("created_at_ms")?),
     })
+}
+
+/// A journal position as stored (positions stay far below `i64::MAX`).
+pub(crate) fn to_db_position(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
 }
 
 pub(crate) fn to_db(time: UnixMillis) -> i64 {

@@ -285,6 +285,10 @@ pub struct Account {
     pub debits_posted: Credits,
     pub credits_pending: Credits,
     pub credits_posted: Credits,
+    /// The journal position of the newest entry that touches this account (0: none). With
+    /// [`Transfer::debit_prev`] and [`Transfer::credit_prev`] it links the account's
+    /// entries newest to oldest, which is how its history is read.
+    pub last_seq: u64,
 }
 
 impl Account {
@@ -297,6 +301,7 @@ impl Account {
             debits_posted: Credits::ZERO,
             credits_pending: Credits::ZERO,
             credits_posted: Credits::ZERO,
+            last_seq: 0,
         }
     }
 
@@ -433,6 +438,11 @@ pub struct Transfer {
     pub spec: TransferSpec,
     pub created_at: UnixMillis,
     pub hash: [u8; 32],
+    /// The previous entry touching the debit account (0: none), and the same for the
+    /// credit account. Derived from the journal order, so not part of `hash`; the audit
+    /// checks them.
+    pub debit_prev: u64,
+    pub credit_prev: u64,
 }
 
 /// A refused transfer, remembered under its id with the reason.

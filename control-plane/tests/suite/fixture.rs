@@ -70,6 +70,49 @@ impl Drop for Fixture {
     }
 }
 
+/// An empty database (no migrations applied) of the fixture's backend, for tests of
+/// migrations: a SQLite file beside nothing else, or a PostgreSQL database dropped on drop.
+pub struct EmptyDatabase {
+    pub url: String,
+    _dir: Option<tempfile::TempDir>,
+    postgres_database: Option<String>,
+}
+
+impl EmptyDatabase {
+    pub async fn create(backend: Backend) -> EmptyDatabase {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("create a temp dir");
+                let url = format!("sqlite:{}?mode=rwc", dir.path().join("control-plane.db").display());
+                EmptyDatabase { url, _dir: Some(dir), postgres_database: None }
+            }
+            Backend::Postgres => {
+                let maintenance = maintenance_url();
+                let name = format!("molt_test_{:016x}", rand::rngs::OsRng.next_u64());
+                let mut connection = sqlx::PgConnection::connect(&maintenance).await.expect("connect to PostgreSQL");
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&mut connection)
+                    .await
+                    .unwrap_or_else(|error| panic!("create the test database {name}: {error}"));
+                let _ = connection.close().await;
+                EmptyDatabase { url: database_url(&maintenance, &name), _dir: None, postgres_database: Some(name) }
+            }
+        }
+    }
+
+    /// Opens it as the control plane does, applying every migration not yet applied.
+    pub async fn open(&self) -> Database {
+        Database::connect(&options(self.url.clone())).await.expect("open and migrate the database")
+    }
+}
+
+impl Drop for EmptyDatabase {
+    fn drop(&mut self) {
+        let Some(name) = self.postgres_database.take() else { return };
+        drop_database(name);
+    }
+}
+
 /// An empty PostgreSQL database (no migrations applied), dropped on drop: for tests
 /// where processes of their own open it.
 pub struct ScratchPostgres {

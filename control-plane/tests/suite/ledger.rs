@@ -15,7 +15,7 @@ use molt_control_plane::agent_auth::{self, NONCE_BYTES};
 use molt_control_plane::api::{self, AppState};
 use molt_control_plane::auth::AdminToken;
 use molt_control_plane::clock::{Clock as _, ManualClock};
-use molt_control_plane::db::Database;
+use molt_control_plane::db::{Backend, Database};
 use molt_control_plane::ledger::engine::{Command, Outcome, Requester};
 use molt_control_plane::ledger::escrow::{EscrowEvent, EscrowState, OnExpiry};
 use molt_control_plane::ledger::store;
@@ -32,7 +32,7 @@ use rand::rngs::OsRng;
 use serde_json::{Value, json};
 use tower::ServiceExt as _;
 
-use crate::fixture::Fixture;
+use crate::fixture::{EmptyDatabase, Fixture};
 
 crate::on_both_backends!(
     payments_fees_history_and_audit,
@@ -43,6 +43,7 @@ crate::on_both_backends!(
     stakes_lock_unbond_mature_and_slash,
     random_operations_match_the_model,
     concurrent_clients_keep_the_books,
+    an_older_journal_gets_its_links_when_migrated,
 );
 
 const T0: UnixMillis = UnixMillis(1_700_000_000_000);
@@ -224,6 +225,19 @@ async fn payments_fees_history_and_audit(fixture: &Fixture) {
         h.signed(&bob, Method::GET, &format!("/v1/ledger/wallet/history?limit=2&before={before}"), "").await;
     assert_eq!(page["items"].as_array().unwrap().len(), 1);
     assert!(page.get("next_before").is_none());
+    // A full last page says there is no more, rather than sending the client to an empty one.
+    let (_, page) = h.signed(&bob, Method::GET, "/v1/ledger/wallet/history?limit=3", "").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 3);
+    assert!(page.get("next_before").is_none(), "{page}");
+    // A cursor that is not one of the wallet's entries is refused: another wallet's
+    // entry (alice's mint), a position past the journal's end, position 0.
+    let (_, alices) = h.signed(&alice, Method::GET, "/v1/ledger/wallet/history?limit=1000", "").await;
+    let mint_seq = alices["items"].as_array().unwrap().last().unwrap()["seq"].as_u64().unwrap();
+    for before in [mint_seq, 1 << 40, 0] {
+        let (status, problem) =
+            h.signed(&bob, Method::GET, &format!("/v1/ledger/wallet/history?before={before}"), "").await;
+        assert_eq!((status, problem["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_query")), "{before}");
+    }
     let (status, _) = h.signed(&bob, Method::GET, "/v1/ledger/wallet/history?limit=0", "").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 
@@ -903,9 +917,38 @@ impl PropCase<'_> {
             assert_eq!(stored.available(), self.model.available(account), "{account}");
             assert!(stored.available() >= 0, "{account} overdrawn");
         }
+        for agent in &self.agents {
+            check_history(db, &AccountId::wallet(*agent)).await;
+        }
         let report = store::audit(db).await.unwrap();
         assert!(report.ok, "{report:?}");
     }
+}
+
+/// Pages through `account`'s history three entries at a time: every entry touches the
+/// account, positions fall, and the pages hold exactly the journal's entries for it.
+async fn check_history(db: &Database, account: &AccountId) {
+    let mut seen = Vec::new();
+    let mut before = None;
+    loop {
+        let page = store::history(db, account, before, 3).await.unwrap().expect("a cursor from the last page");
+        for transfer in &page {
+            assert!(transfer.spec.debit == *account || transfer.spec.credit == *account, "{transfer:?}");
+            assert!(seen.last().is_none_or(|&last| transfer.seq < last), "{account}: {seen:?} then {}", transfer.seq);
+            seen.push(transfer.seq);
+        }
+        match page.last() {
+            Some(last) if page.len() == 3 => before = Some(last.seq),
+            _ => break,
+        }
+    }
+    let count: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM ledger_transfers WHERE debit_account = $1 OR credit_account = $1")
+            .bind(account.as_str().to_owned())
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(seen.len() as i64, count, "{account}: history {seen:?}");
 }
 
 async fn random_operations_match_the_model(fixture: &Fixture) {
@@ -1032,4 +1075,102 @@ async fn concurrent_clients_keep_the_books(fixture: &Fixture) {
     let report = store::audit(&fixture.db).await.unwrap();
     assert!(report.ok, "{report:?}");
     assert_eq!(report.transfers as usize, acknowledged.len() + HOT_ACCOUNTS);
+}
+
+// ---- migration ----
+
+/// A journal written before entries were linked (migrations up to 0014) is linked by
+/// migration 0015: the audit checks every link and each account's newest entry, and
+/// history pages follow them.
+async fn an_older_journal_gets_its_links_when_migrated(fixture: &Fixture) {
+    let empty = EmptyDatabase::create(fixture.backend).await;
+    let folder = match fixture.backend {
+        Backend::Sqlite => "sqlite",
+        Backend::Postgres => "postgres",
+    };
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations").join(folder);
+    let mut migrator = sqlx::migrate::Migrator::new(path).await.unwrap();
+    let older: Vec<_> = migrator.migrations.iter().filter(|m| m.version < 15).cloned().collect();
+    assert_eq!(older.len(), 14);
+    migrator.migrations = older.into();
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&empty.url).await.unwrap();
+    migrator.run(&pool).await.unwrap();
+
+    // Entries as the older code wrote them: seq, spec, hash chain, totals and head.
+    let [a, b, c] = [(); 3].map(|_| AccountId::wallet(TestAgent::new().id));
+    let entries = [
+        (AccountId::issuance(), a.clone(), 100),
+        (a.clone(), b.clone(), 10),
+        (b.clone(), c.clone(), 5),
+        (a.clone(), c.clone(), 1),
+        (AccountId::issuance(), b.clone(), 7),
+    ];
+    let mut hash = molt_control_plane::ledger::journal::GENESIS_HASH;
+    let mut totals: BTreeMap<AccountId, (i64, i64)> = BTreeMap::new();
+    for (index, (debit, credit, amount)) in entries.iter().enumerate() {
+        let seq = index as u64 + 1;
+        let s =
+            spec(Namespace::Admin, &format!("old-{seq}"), debit.clone(), credit.clone(), *amount, Purpose::Mint, false);
+        hash = molt_control_plane::ledger::journal::entry_hash(&hash, seq, &s, T0);
+        sqlx::query(
+            "INSERT INTO ledger_transfers (seq, id, debit_account, credit_account, amount, kind, pending_id, purpose, \
+             flags, created_at_ms, hash) VALUES ($1, $2, $3, $4, $5, 'posted', NULL, 'mint', 0, $6, $7)",
+        )
+        .bind(seq as i64)
+        .bind(s.id.as_str().to_owned())
+        .bind(debit.as_str().to_owned())
+        .bind(credit.as_str().to_owned())
+        .bind(*amount as i64)
+        .bind(T0.0 as i64)
+        .bind(hash.to_vec())
+        .execute(&pool)
+        .await
+        .unwrap();
+        totals.entry(debit.clone()).or_default().0 += *amount as i64;
+        totals.entry(credit.clone()).or_default().1 += *amount as i64;
+    }
+    for (account, (debits, credits)) in &totals {
+        let flags = if *account == AccountId::issuance() { 0 } else { 1 };
+        sqlx::query(
+            "INSERT INTO ledger_accounts (id, kind, owner, flags, debits_pending, debits_posted, credits_pending, \
+             credits_posted, created_at_ms) VALUES ($1, $2, NULL, $3, 0, $4, 0, $5, 0) ON CONFLICT (id) DO UPDATE \
+             SET debits_posted = excluded.debits_posted, credits_posted = excluded.credits_posted",
+        )
+        .bind(account.as_str().to_owned())
+        .bind(account.kind_and_owner().0.as_str())
+        .bind(flags)
+        .bind(debits)
+        .bind(credits)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    sqlx::query("UPDATE ledger_head SET seq = $1, hash = $2 WHERE id = 1")
+        .bind(entries.len() as i64)
+        .bind(hash.to_vec())
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+
+    let db = empty.open().await;
+    let report = store::audit(&db).await.unwrap();
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.transfers, entries.len() as u64);
+    let seqs = |page: Vec<molt_control_plane::ledger::types::Transfer>| page.iter().map(|t| t.seq).collect::<Vec<_>>();
+    for (account, expected) in [(&a, vec![4, 2, 1]), (&b, vec![5, 3, 2]), (&c, vec![4, 3])] {
+        assert_eq!(seqs(store::history(&db, account, None, 10).await.unwrap().unwrap()), expected, "{account}");
+        check_history(&db, account).await;
+    }
+    assert_eq!(seqs(store::history(&db, &a, Some(4), 10).await.unwrap().unwrap()), vec![2, 1]);
+    assert_eq!(store::history(&db, &a, Some(3), 10).await.unwrap(), None, "entry 3 is not a's");
+
+    // The ledger writes on from there, linking new entries to the migrated ones.
+    let ledger = Ledger::new(db.clone(), Arc::new(ManualClock::new(T0)));
+    let s = spec(Namespace::Admin, "new-1", AccountId::issuance(), c.clone(), 3, Purpose::Mint, false);
+    ledger.execute(vec![Command::Transfers(vec![s])]).await.unwrap();
+    assert_eq!(seqs(store::history(&db, &c, None, 10).await.unwrap().unwrap()), vec![6, 4, 3]);
+    let report = store::audit(&db).await.unwrap();
+    assert!(report.ok, "{report:?}");
 }
