@@ -67,15 +67,19 @@ pub async fn execute(
     }
     let ids: Vec<TransferId> = commands.iter().flat_map(spec_ids).collect();
     let known = known_ids(&mut tx, &ids).await?;
+    let read = started.elapsed();
     let loaded = Loaded { fee_bps, escrows, unbondings, known };
     let (outcomes, effects) = run_batch((seq, hash), cache, &account_ids, loaded, commands, now);
     let computed = started.elapsed();
     persist(&mut tx, &effects).await?;
+    let written = started.elapsed();
     tx.commit().await.map_err(query_error("committing a ledger batch"))?;
     tracing::trace!(
         commands = commands.len(),
         accounts_read = missing.len(),
+        read_us = read.as_micros() as u64,
         computed_us = computed.as_micros() as u64,
+        written_us = written.as_micros() as u64,
         committed_us = started.elapsed().as_micros() as u64,
         "ledger batch committed"
     );
