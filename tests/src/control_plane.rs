@@ -1,5 +1,6 @@
-//! A real `molt-control-plane` process on a fresh SQLite file, and the `molt` command line
-//! run against it: what the CLI end-to-end tests (`cli_admin`, `cli_ledger`) share.
+//! A real `molt-control-plane` process on a fresh SQLite file (or on a database given to
+//! it), and the `molt` command line run against it: what the CLI end-to-end tests
+//! (`cli_admin`, `cli_ledger`) and `molt-bench ledger-api` share.
 
 use std::io::{BufRead as _, BufReader, Read as _};
 use std::net::SocketAddr;
@@ -20,7 +21,8 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(40);
 /// Lines of the control plane's standard error buffered while it starts.
 const START_LINES_MAX: usize = 256;
 
-/// A `molt-control-plane` process on a fresh SQLite file in a directory, killed on drop.
+/// A `molt-control-plane` process on a fresh SQLite file in a directory (or on the
+/// database it was given), killed on drop.
 #[derive(Debug)]
 pub struct ControlPlane {
     process: Option<Guard>,
@@ -28,6 +30,8 @@ pub struct ControlPlane {
     /// The address of its gRPC service for edges, when started with one.
     pub grpc_addr: Option<SocketAddr>,
     dir: PathBuf,
+    /// `sqlite:<dir>/control-plane.db`, or the URL it was started on.
+    database_url: String,
     /// Extra environment variables it runs with, again on restart.
     environment: Vec<(String, String)>,
     /// The bootstrap admin credential it printed on its first start.
@@ -37,30 +41,46 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// Starts the control plane with its database in `dir` and waits until it answers.
     pub fn start(dir: &Path) -> anyhow::Result<ControlPlane> {
-        ControlPlane::start_with(dir, None, &[])
+        ControlPlane::start_with(dir, None, None, &[])
     }
 
     /// As [`ControlPlane::start`], with extra environment variables (`MOLT_CP_*` settings).
     pub fn start_with_env(dir: &Path, environment: &[(&str, &str)]) -> anyhow::Result<ControlPlane> {
-        ControlPlane::start_with(dir, None, environment)
+        ControlPlane::start_with(dir, None, None, environment)
+    }
+
+    /// As [`ControlPlane::start_with_env`], on the database at `database_url` (a
+    /// `postgres://` one, say) instead of a SQLite file in `dir`, which stays its working
+    /// directory. A PostgreSQL database needs `MOLT_CP_KEK` in `environment`.
+    pub fn start_on_database(
+        dir: &Path,
+        database_url: &str,
+        environment: &[(&str, &str)],
+    ) -> anyhow::Result<ControlPlane> {
+        ControlPlane::start_with(dir, Some(database_url), None, environment)
     }
 
     /// As [`ControlPlane::start`], also serving the edge gRPC service on a free port.
     pub fn start_with_grpc(dir: &Path) -> anyhow::Result<ControlPlane> {
         let (_, port) = free_ports();
-        ControlPlane::start_with(dir, Some(SocketAddr::from(([127, 0, 0, 1], port))), &[])
+        ControlPlane::start_with(dir, None, Some(SocketAddr::from(([127, 0, 0, 1], port))), &[])
     }
 
     fn start_with(
         dir: &Path,
+        database_url: Option<&str>,
         grpc_addr: Option<SocketAddr>,
         environment: &[(&str, &str)],
     ) -> anyhow::Result<ControlPlane> {
         let environment: Vec<(String, String)> =
             environment.iter().map(|(name, value)| ((*name).to_owned(), (*value).to_owned())).collect();
+        let database_url = match database_url {
+            Some(url) => url.to_owned(),
+            None => format!("sqlite:{}", dir.join("control-plane.db").display()),
+        };
         let (_, port) = free_ports();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let (process, lines) = spawn(dir, addr, grpc_addr, &environment)?;
+        let (process, lines) = spawn(dir, &database_url, addr, grpc_addr, &environment)?;
         let mut process = process;
         let deadline = Instant::now() + START_TIMEOUT;
         let mut seen = String::new();
@@ -74,7 +94,15 @@ impl ControlPlane {
             seen.push('\n');
         };
         wait_healthy(&mut process, addr, deadline, &seen)?;
-        Ok(ControlPlane { process: Some(process), addr, grpc_addr, dir: dir.to_owned(), environment, token })
+        Ok(ControlPlane {
+            process: Some(process),
+            addr,
+            grpc_addr,
+            dir: dir.to_owned(),
+            database_url,
+            environment,
+            token,
+        })
     }
 
     /// Kills the process (the database stays).
@@ -84,7 +112,7 @@ impl ControlPlane {
 
     /// Starts the process again on the same database and addresses.
     pub fn restart(&mut self) -> anyhow::Result<()> {
-        let (mut process, _lines) = spawn(&self.dir, self.addr, self.grpc_addr, &self.environment)?;
+        let (mut process, _lines) = spawn(&self.dir, &self.database_url, self.addr, self.grpc_addr, &self.environment)?;
         wait_healthy(&mut process, self.addr, Instant::now() + START_TIMEOUT, "")?;
         self.process = Some(process);
         Ok(())
@@ -94,7 +122,13 @@ impl ControlPlane {
         self.addr
     }
 
-    /// Runs `query` on the control plane's SQLite database with the `sqlite3` tool; its
+    /// The process id while it runs (for its CPU time).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(|process| process.0.id())
+    }
+
+    /// Runs `query` on the control plane's SQLite database (started without another
+    /// database) with the `sqlite3` tool; its
     /// output, one row a line, columns separated by `|`.
     pub fn sql(&self, query: &str) -> anyhow::Result<String> {
         let output = Command::new("sqlite3").arg(self.dir.join("control-plane.db")).arg(query).output()?;
@@ -105,14 +139,14 @@ impl ControlPlane {
 
 fn spawn(
     dir: &Path,
+    database: &str,
     addr: SocketAddr,
     grpc_addr: Option<SocketAddr>,
     environment: &[(String, String)],
 ) -> anyhow::Result<(Guard, mpsc::Receiver<String>)> {
-    let database = format!("sqlite:{}", dir.join("control-plane.db").display());
     let mut command = Command::new(binary("molt-control-plane"));
     command
-        .args(["--listen", &addr.to_string(), "--database-url", &database])
+        .args(["--listen", &addr.to_string(), "--database-url", database])
         .current_dir(dir)
         .env("NO_COLOR", "1")
         .env_remove("MOLT_CP_GRPC_LISTEN")

@@ -3,7 +3,9 @@
 //! Starts a real `molt-edge` process (built next to this binary), connects raw QUIC
 //! agents that send pre-signed envelopes and answer with pre-signed receipts, and prints
 //! the figures next to their targets and next to this machine's Ed25519 verification
-//! cost measured in the same run. See `BENCHMARKS.md`.
+//! cost measured in the same run. `ledger-api` measures the credits ledger's signed
+//! single-transfer calls through a real `molt-control-plane`'s HTTP API instead. See
+//! `BENCHMARKS.md`.
 #![forbid(unsafe_code)]
 
 #[path = "../bench/crypto.rs"]
@@ -12,6 +14,8 @@ mod crypto;
 mod federation;
 #[path = "../bench/harness.rs"]
 mod harness;
+#[path = "../bench/ledger_api.rs"]
+mod ledger_api;
 #[path = "../bench/offline.rs"]
 mod offline;
 #[path = "../bench/relay.rs"]
@@ -27,15 +31,19 @@ use clap::{Parser, Subcommand};
 
 use crate::federation::FederationArgs;
 use crate::harness::Bench;
+use crate::ledger_api::LedgerApiArgs;
 use crate::offline::OfflineArgs;
 use crate::relay::RelayArgs;
 use crate::report::{Section, append_markdown, load_average, machine_description};
 
 /// Load benchmark of the Molt edge: relay throughput, latency and CPU per message,
-/// durable offline ingest and drain on reconnect.
+/// durable offline ingest and drain on reconnect; and the credits ledger's HTTP API.
 #[derive(Debug, Parser)]
-#[command(long_about = "Load benchmark of the Molt edge relay on loopback.\n\nBuild the edge with the same profile \
-first:\n  cargo build --release -p molt-edge -p molt-tests\n  target/release/molt-bench all --markdown BENCHMARKS.md")]
+#[command(long_about = "Load benchmark of the Molt edge relay on loopback, and of the credits ledger's HTTP API \
+(ledger-api).\n\nBuild the edge (or the control plane) with the same profile first:\n  cargo build --release -p \
+molt-edge -p molt-tests\n  target/release/molt-bench all --markdown BENCHMARKS.md\n  cargo build --release -p \
+molt-tests --bin molt-bench -p molt-control-plane --bin molt-control-plane\n  target/release/molt-bench ledger-api \
+--clients 32,64,256")]
 struct Cli {
     /// Append the figures as markdown to FILE.
     #[arg(long, global = true, value_name = "FILE")]
@@ -63,6 +71,11 @@ enum Command {
     /// A control plane and two linked edges: the relay run on one edge, then across the
     /// two, and revocation reaching several edges (runs `crypto` first).
     Federation(FederationArgs),
+    /// The credits ledger through a real control plane's HTTP API: signed single-transfer
+    /// calls by concurrent agents on SQLite and PostgreSQL, with latency, CPU per call and
+    /// a check of the books afterwards (runs `crypto` first; needs molt-control-plane
+    /// built beside molt-bench).
+    LedgerApi(LedgerApiArgs),
     /// crypto, relay with 256 B and 1 KiB payloads, offline with 256 B; about two minutes.
     All,
 }
@@ -81,13 +94,21 @@ fn main() -> anyhow::Result<()> {
         Command::Relay(_) => "relay",
         Command::Offline(_) => "offline",
         Command::Federation(_) => "federation",
+        Command::LedgerApi(_) => "ledger-api",
         Command::All => "all",
     };
+    let mut failures = Vec::new();
     match &cli.command {
         Command::Crypto => {}
         Command::Relay(args) => sections.push(printed(relay::run(args, &bench)?)),
         Command::Offline(args) => sections.push(printed(offline::run(args, &bench)?)),
         Command::Federation(args) => sections.extend(federation::run(args, &bench)?.into_iter().map(printed)),
+        Command::LedgerApi(args) => {
+            // Printed as each phase ends.
+            let outcome = ledger_api::run(args, &bench)?;
+            sections.extend(outcome.sections);
+            failures = outcome.failures;
+        }
         Command::All => sections.extend(run_all(&bench)?),
     }
     if let Some(path) = &cli.markdown {
@@ -102,6 +123,7 @@ fn main() -> anyhow::Result<()> {
         append_markdown(path, &text)?;
         println!("\nappended to {}", path.display());
     }
+    anyhow::ensure!(failures.is_empty(), "{} failure(s):\n  {}", failures.len(), failures.join("\n  "));
     Ok(())
 }
 
