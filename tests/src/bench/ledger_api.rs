@@ -181,7 +181,7 @@ fn run_backend(
         let phase = bench.runtime.block_on(timed_phase(&api, &agents, clients, args.seconds, &server))?;
         let load_after = load_average();
         let cpu = server.cpu_since(&phase.cpu_start, &phase.cpu_end);
-        let resolved = bench.runtime.block_on(resolve_failures(&api, &agents, &phase.failed));
+        let resolved = bench.runtime.block_on(resolve_failures(&api, &agents, &phase.calls.failed));
         let after = read_books(bench, &admin, &agents);
         let checks = match &after {
             Ok(after) => check_phase(&books, after, &phase, &resolved, agents.len()),
@@ -476,6 +476,22 @@ struct Caller {
 }
 
 impl Caller {
+    /// Adds `other`'s record to this one.
+    fn absorb(&mut self, other: Caller) {
+        // Invariant: every histogram has the same bounds, so adding cannot fail.
+        self.latency_us.add(&other.latency_us).expect("same histogram bounds");
+        self.timed_acknowledged += other.timed_acknowledged;
+        self.acknowledged += other.acknowledged;
+        for (total, delta) in self.deltas.iter_mut().zip(&other.deltas) {
+            *total += delta;
+        }
+        self.seqs.extend(other.seqs);
+        for (kind, (count, example)) in other.errors {
+            self.errors.entry(kind).or_insert((0, example)).0 += count;
+        }
+        self.failed.extend(other.failed);
+    }
+
     fn new(agents: usize) -> Caller {
         Caller {
             latency_us: latency_histogram(),
@@ -553,30 +569,26 @@ fn error_kind(error: &ApiError) -> String {
     }
 }
 
-/// What a timed phase measured.
+/// What a timed phase measured: every caller's record added up, and the phase's clock
+/// and CPU counters.
 #[derive(Debug)]
 struct Phase {
     clients: usize,
     /// From the start signal to the last caller's last answer.
     elapsed: Duration,
-    latency_us: Histogram<u64>,
-    timed_acknowledged: u64,
-    acknowledged: u64,
-    deltas: Vec<i64>,
-    seqs: Vec<u64>,
-    errors: BTreeMap<String, (u64, String)>,
-    failed: Vec<Failed>,
+    calls: Caller,
     cpu_start: CpuMark,
     cpu_end: CpuMark,
 }
 
 impl Phase {
     fn failed_calls(&self) -> u64 {
-        self.errors.values().map(|(count, _)| count).sum()
+        self.calls.errors.values().map(|(count, _)| count).sum()
     }
 
     fn failure_lines(&self) -> Vec<String> {
-        self.errors
+        self.calls
+            .errors
             .iter()
             .map(|(kind, (count, example))| format!("{count} call(s) failed: {kind}: {example}"))
             .collect()
@@ -646,34 +658,11 @@ fn merge(
     cpu_start: CpuMark,
     cpu_end: CpuMark,
 ) -> Phase {
-    let mut phase = Phase {
-        clients,
-        elapsed,
-        latency_us: latency_histogram(),
-        timed_acknowledged: 0,
-        acknowledged: 0,
-        deltas: vec![0; agents],
-        seqs: Vec::new(),
-        errors: BTreeMap::new(),
-        failed: Vec::new(),
-        cpu_start,
-        cpu_end,
-    };
+    let mut calls = Caller::new(agents);
     for caller in callers {
-        // Invariant: every histogram has the same bounds, so adding cannot fail.
-        phase.latency_us.add(&caller.latency_us).expect("same histogram bounds");
-        phase.timed_acknowledged += caller.timed_acknowledged;
-        phase.acknowledged += caller.acknowledged;
-        for (total, delta) in phase.deltas.iter_mut().zip(&caller.deltas) {
-            *total += delta;
-        }
-        phase.seqs.extend(caller.seqs);
-        for (kind, (count, example)) in caller.errors {
-            phase.errors.entry(kind).or_insert((0, example)).0 += count;
-        }
-        phase.failed.extend(caller.failed);
+        calls.absorb(caller);
     }
-    phase
+    Phase { clients, elapsed, calls, cpu_start, cpu_end }
 }
 
 /// CPU counters at one instant.
@@ -813,23 +802,25 @@ fn check_phase(before: &Books, after: &Books, phase: &Phase, resolved: &Resolved
         format!("FAILED: {} problem(s)", after.audit.problem_count)
     };
     let added = after.audit.transfers.saturating_sub(before.audit.transfers);
-    let applied = phase.acknowledged + resolved.applied;
+    let applied = phase.calls.acknowledged + resolved.applied;
     checks.journal = format!(
         "{} added; {} pays applied ({} acknowledged, {} failed yet applied)",
         thousands(added as f64),
         thousands(applied as f64),
-        thousands(phase.acknowledged as f64),
+        thousands(phase.calls.acknowledged as f64),
         resolved.applied
     );
     if added != applied {
         checks.failures.push(format!("the journal grew by {added} entries, but {applied} payments were applied"));
     }
-    let distinct: HashSet<u64> = phase.seqs.iter().copied().collect();
-    if distinct.len() != phase.seqs.len() {
-        checks.failures.push(format!("{} acknowledged pays share a journal seq", phase.seqs.len() - distinct.len()));
+    let distinct: HashSet<u64> = phase.calls.seqs.iter().copied().collect();
+    if distinct.len() != phase.calls.seqs.len() {
+        checks
+            .failures
+            .push(format!("{} acknowledged pays share a journal seq", phase.calls.seqs.len() - distinct.len()));
     }
     let wrong: Vec<usize> = (0..agents)
-        .filter(|&i| after.balances[i] != before.balances[i] + phase.deltas[i] + resolved.deltas[i])
+        .filter(|&i| after.balances[i] != before.balances[i] + phase.calls.deltas[i] + resolved.deltas[i])
         .collect();
     checks.wallets = if wrong.is_empty() {
         "each moved by exactly the pays applied; together they hold what was minted".to_owned()
@@ -867,26 +858,26 @@ fn section(
         section.note(format!("WARNING: other processes used {others:.2} cores during this phase"));
     }
     let seconds = phase.elapsed.as_secs_f64();
-    let rate = phase.timed_acknowledged as f64 / seconds;
-    let (ms, p) = (|us: u64| us as f64 / 1000.0, |q: f64| phase.latency_us.value_at_quantile(q));
-    let any = phase.timed_acknowledged > 0;
+    let rate = phase.calls.timed_acknowledged as f64 / seconds;
+    let (ms, p) = (|us: u64| us as f64 / 1000.0, |q: f64| phase.calls.latency_us.value_at_quantile(q));
+    let any = phase.calls.timed_acknowledged > 0;
     let p99 = if any { ms(p(0.99)) } else { f64::NAN };
     section.target("acknowledged calls/s", rate, thousands(rate), Target::AtLeast(TARGET_CALLS_PER_SECOND), "≥ 10,000");
     section.target("p99 latency", p99, format!("{p99:.1} ms"), Target::AtMost(TARGET_P99_MS), "≤ 10 ms");
     section.info(
         "p50 / p99.9 / max latency",
-        format!("{:.1} / {:.1} / {:.1} ms", ms(p(0.5)), ms(p(0.999)), ms(phase.latency_us.max())),
+        format!("{:.1} / {:.1} / {:.1} ms", ms(p(0.5)), ms(p(0.999)), ms(phase.calls.latency_us.max())),
     );
     section.info(
         "calls acknowledged in the timed window",
-        format!("{} in {seconds:.2} s", thousands(phase.timed_acknowledged as f64)),
+        format!("{} in {seconds:.2} s", thousands(phase.calls.timed_acknowledged as f64)),
     );
-    let failed = phase.errors.iter().map(|(kind, (count, _))| format!("{kind}: {count}")).collect::<Vec<_>>();
+    let failed = phase.calls.errors.iter().map(|(kind, (count, _))| format!("{kind}: {count}")).collect::<Vec<_>>();
     let failed =
         if failed.is_empty() { "0".to_owned() } else { format!("{} ({})", phase.failed_calls(), failed.join("; ")) };
     section.info("calls failed", failed);
     let per_thousand = |used: Duration| {
-        let per = used.as_secs_f64() * 1000.0 / phase.timed_acknowledged.max(1) as f64;
+        let per = used.as_secs_f64() * 1000.0 / phase.calls.timed_acknowledged.max(1) as f64;
         format!("{per:.3} s ({:.2} cores)", used.as_secs_f64() / wall)
     };
     section.info("control plane CPU per 1000 calls", per_thousand(cpu.control_plane));
