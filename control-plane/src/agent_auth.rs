@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::api::AppState;
 use crate::api::problem::ApiError;
 use crate::batch;
-use crate::db::Database;
+use crate::db::{Backend, Database};
 use crate::registry::{self, RegistryQueryError, to_db};
 
 /// How far a request's timestamp may be from the server's clock, either way.
@@ -221,7 +221,9 @@ pub enum NonceError {
 }
 
 /// Records request nonces with group commit: one statement (one commit) records every
-/// nonce queued meanwhile, so concurrent agent requests share an fsync. Its writer task
+/// nonce queued meanwhile, so concurrent agent requests share an fsync. On PostgreSQL
+/// the commit does not wait for the flush: the next durable commit, which any durable
+/// effect of the request is, flushes it first. Its writer task
 /// starts with the first nonce and stops when the recorder is dropped.
 #[derive(Debug)]
 pub struct NonceRecorder {
@@ -319,7 +321,19 @@ async fn insert_nonces(db: &Database, jobs: &[NonceJob], now: UnixMillis) -> Res
     for (job, _) in jobs.iter().zip(&first).filter(|(_, first)| **first) {
         statement = statement.bind(job.agent.to_string()).bind(job.nonce.clone()).bind(to_db(job.expires_at));
     }
-    let recorded = statement.fetch_all(db.pool()).await.map_err(registry::query_error("recording request nonces"))?;
+    let failed = registry::query_error("recording request nonces");
+    let recorded = if db.backend() == Backend::Postgres {
+        // The commit does not wait for its WAL flush. PostgreSQL flushes WAL in order,
+        // so the first durable commit after it (the ledger's, say) makes it durable too:
+        // a request's nonce is never lost while a durable effect of the request stays.
+        let mut tx = db.pool().begin().await.map_err(failed)?;
+        sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await.map_err(failed)?;
+        let recorded = statement.fetch_all(&mut *tx).await.map_err(failed)?;
+        tx.commit().await.map_err(failed)?;
+        recorded
+    } else {
+        statement.fetch_all(db.pool()).await.map_err(failed)?
+    };
     let mut inserted = HashSet::with_capacity(recorded.len());
     for row in &recorded {
         let agent: String = row.try_get("agent_id").map_err(registry::query_error("reading recorded nonces"))?;
