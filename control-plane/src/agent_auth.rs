@@ -12,8 +12,12 @@
 //! timestamp, the nonce and the lower-case hex SHA-256 of the body, joined by `\n`. The
 //! server refuses timestamps more than [`TIMESTAMP_SKEW_MAX`] from its clock and nonces it
 //! has seen from the agent within that window; nonces live in the database
-//! (`agent_request_nonces`, primary key (agent, nonce)), so replicas agree.
+//! (`agent_request_nonces`, primary key (agent, nonce)), so replicas agree. A
+//! [`NonceRecorder`] writes them with group commit and deletes expired ones every
+//! [`NONCE_PURGE_INTERVAL`].
 
+use std::collections::HashSet;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -21,10 +25,13 @@ use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderMap, StatusCode};
 use molt_protocol::keys::{PublicKey, Signature};
 use molt_protocol::{AgentId, UnixMillis};
+use sqlx::Row as _;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::api::AppState;
 use crate::api::problem::ApiError;
-use crate::db::Database;
+use crate::batch;
+use crate::db::{Backend, Database};
 use crate::registry::{self, RegistryQueryError, to_db};
 
 /// How far a request's timestamp may be from the server's clock, either way.
@@ -153,12 +160,13 @@ impl SignedRequest {
 
     /// Checks the signature with `key` and records the nonce. Rejections: 401
     /// `invalid_signature`, `replayed_request`.
-    pub async fn verify(self, key: &PublicKey, db: &Database, now: UnixMillis) -> Result<Verified, ApiError> {
+    pub async fn verify(self, key: &PublicKey, nonces: &NonceRecorder, now: UnixMillis) -> Result<Verified, ApiError> {
         if key.verify(self.canonical.as_bytes(), &self.signature).is_err() {
             tracing::info!(agent = %self.agent, "agent request with a bad signature");
             return Err(unauthorized("invalid_signature", "Molt-Signature does not verify with the agent's key"));
         }
-        let fresh = record_nonce(db, self.agent, &self.nonce, self.timestamp.saturating_add(TIMESTAMP_SKEW_MAX), now)
+        let fresh = nonces
+            .record(self.agent, &self.nonce, self.timestamp.saturating_add(TIMESTAMP_SKEW_MAX), now)
             .await
             .map_err(|error| ApiError::internal(&error))?;
         if !fresh {
@@ -189,39 +197,152 @@ impl FromRequest<AppState> for AuthenticatedAgent {
         }
         let by_previous_key = keys.previous.is_some_and(|previous| signed.signed_by(&previous));
         let key = if by_previous_key { keys.previous.unwrap_or(keys.current) } else { keys.current };
-        let verified = signed.verify(&key, &state.db, now).await?;
+        let verified = signed.verify(&key, &state.nonces, now).await?;
         Ok(AuthenticatedAgent { agent: verified.agent, body: verified.body, by_previous_key, key })
     }
 }
 
-/// Records `nonce` for `agent` until `expires_at`; `false` if it is already recorded and
-/// unexpired. One conditional upsert decides, so two replicas cannot both accept it.
-/// Expired nonces are purged on the way.
-pub async fn record_nonce(
-    db: &Database,
+/// Nonce recordings queued for the writer at most; callers beyond wait for room.
+pub const NONCE_QUEUE_DEPTH: usize = 4096;
+/// Nonces one statement records at most.
+pub const NONCE_BATCH_MAX: usize = 512;
+/// How often expired nonces are deleted, on the clock the requests are checked with.
+/// Expired rows are harmless meanwhile: a nonce whose row has expired is accepted again.
+pub const NONCE_PURGE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Why a nonce could not be recorded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NonceError {
+    #[error(transparent)]
+    Query(Arc<RegistryQueryError>),
+    #[error("the nonce writer stopped")]
+    Stopped,
+}
+
+/// Records request nonces with group commit: one statement (one commit) records every
+/// nonce queued meanwhile, so concurrent agent requests share an fsync. On PostgreSQL
+/// the commit does not wait for the flush: the next durable commit, which any durable
+/// effect of the request is, flushes it first. Its writer task
+/// starts with the first nonce and stops when the recorder is dropped.
+#[derive(Debug)]
+pub struct NonceRecorder {
+    db: Database,
+    queue: OnceLock<mpsc::Sender<NonceJob>>,
+}
+
+#[derive(Debug)]
+struct NonceJob {
     agent: AgentId,
-    nonce: &str,
+    nonce: String,
     expires_at: UnixMillis,
     now: UnixMillis,
-) -> Result<bool, RegistryQueryError> {
-    let error = registry::query_error("recording a request nonce");
+    reply: oneshot::Sender<Result<bool, Arc<RegistryQueryError>>>,
+}
+
+impl NonceRecorder {
+    pub fn new(db: Database) -> NonceRecorder {
+        NonceRecorder { db, queue: OnceLock::new() }
+    }
+
+    /// Records `nonce` for `agent` until `expires_at`; `false` if it is already recorded
+    /// and unexpired at `now`. One conditional upsert decides, so two replicas cannot
+    /// both accept it.
+    pub async fn record(
+        &self,
+        agent: AgentId,
+        nonce: &str,
+        expires_at: UnixMillis,
+        now: UnixMillis,
+    ) -> Result<bool, NonceError> {
+        let queue = self.queue.get_or_init(|| {
+            let (sender, receiver) = mpsc::channel(NONCE_QUEUE_DEPTH);
+            tokio::spawn(run_nonce_writer(self.db.clone(), receiver));
+            sender
+        });
+        let (reply, answer) = oneshot::channel();
+        let job = NonceJob { agent, nonce: nonce.to_owned(), expires_at, now, reply };
+        queue.send(job).await.map_err(|_| NonceError::Stopped)?;
+        answer.await.map_err(|_| NonceError::Stopped)?.map_err(NonceError::Query)
+    }
+}
+
+async fn run_nonce_writer(db: Database, mut receiver: mpsc::Receiver<NonceJob>) {
+    let mut purged_at: Option<UnixMillis> = None;
+    while let Some(jobs) = batch::collect(&mut receiver, NONCE_BATCH_MAX, |_| 1).await {
+        let now = jobs.iter().map(|job| job.now).min().unwrap_or(UnixMillis(0));
+        if purged_at.is_none_or(|at| now.since(at) >= NONCE_PURGE_INTERVAL) {
+            match purge_nonces(&db, now).await {
+                Ok(()) => purged_at = Some(now),
+                Err(error) => {
+                    tracing::warn!(%error, "purging expired request nonces failed; retrying with the next batch")
+                }
+            }
+        }
+        match insert_nonces(&db, &jobs, now).await {
+            Ok(fresh) => {
+                for (job, fresh) in jobs.into_iter().zip(fresh) {
+                    let _ = job.reply.send(Ok(fresh));
+                }
+            }
+            Err(error) => {
+                let error = Arc::new(error);
+                for job in jobs {
+                    let _ = job.reply.send(Err(Arc::clone(&error)));
+                }
+            }
+        }
+    }
+}
+
+async fn purge_nonces(db: &Database, now: UnixMillis) -> Result<(), RegistryQueryError> {
     sqlx::query("DELETE FROM agent_request_nonces WHERE expires_at_ms < $1")
         .bind(to_db(now))
         .execute(db.pool())
         .await
-        .map_err(error)?;
-    let inserted = sqlx::query(
-        "INSERT INTO agent_request_nonces (agent_id, nonce, expires_at_ms) VALUES ($1, $2, $3) \
+        .map_err(registry::query_error("purging expired request nonces"))?;
+    Ok(())
+}
+
+/// Inserts the batch's nonces in one statement; whether each job's nonce was fresh. A
+/// nonce twice in one batch is fresh the first time only.
+async fn insert_nonces(db: &Database, jobs: &[NonceJob], now: UnixMillis) -> Result<Vec<bool>, RegistryQueryError> {
+    let mut firsts = HashSet::with_capacity(jobs.len());
+    let first: Vec<bool> = jobs.iter().map(|job| firsts.insert((job.agent, job.nonce.as_str()))).collect();
+    let rows = first.iter().filter(|first| **first).count();
+    let values =
+        (0..rows).map(|row| format!("({})", registry::placeholders(row * 3 + 2, 3))).collect::<Vec<_>>().join(", ");
+    let sql = format!(
+        "INSERT INTO agent_request_nonces (agent_id, nonce, expires_at_ms) VALUES {values} \
          ON CONFLICT (agent_id, nonce) DO UPDATE SET expires_at_ms = excluded.expires_at_ms \
-         WHERE agent_request_nonces.expires_at_ms < $4",
-    )
-    .bind(agent.to_string())
-    .bind(nonce.to_owned())
-    .bind(to_db(expires_at))
-    .bind(to_db(now))
-    .execute(db.pool())
-    .await
-    .map_err(error)?
-    .rows_affected();
-    Ok(inserted == 1)
+         WHERE agent_request_nonces.expires_at_ms < $1 RETURNING agent_id, nonce"
+    );
+    let mut statement = sqlx::query(&sql).bind(to_db(now));
+    for (job, _) in jobs.iter().zip(&first).filter(|(_, first)| **first) {
+        statement = statement.bind(job.agent.to_string()).bind(job.nonce.clone()).bind(to_db(job.expires_at));
+    }
+    let failed = registry::query_error("recording request nonces");
+    let recorded = if db.backend() == Backend::Postgres {
+        // The commit does not wait for its WAL flush. PostgreSQL flushes WAL in order,
+        // so the first durable commit after it (the ledger's, say) makes it durable too:
+        // a request's nonce is never lost while a durable effect of the request stays.
+        let mut tx = db.pool().begin().await.map_err(failed)?;
+        sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await.map_err(failed)?;
+        let recorded = statement.fetch_all(&mut *tx).await.map_err(failed)?;
+        tx.commit().await.map_err(failed)?;
+        recorded
+    } else {
+        statement.fetch_all(db.pool()).await.map_err(failed)?
+    };
+    let mut inserted = HashSet::with_capacity(recorded.len());
+    for row in &recorded {
+        let agent: String = row.try_get("agent_id").map_err(registry::query_error("reading recorded nonces"))?;
+        let nonce: String = row.try_get("nonce").map_err(registry::query_error("reading recorded nonces"))?;
+        inserted.insert((agent, nonce));
+    }
+    Ok(jobs
+        .iter()
+        .zip(first)
+        .map(|(job, first)| first && inserted.contains(&(job.agent.to_string(), job.nonce.clone())))
+        .collect())
 }

@@ -26,6 +26,7 @@ pub mod a2a;
 pub mod agent_auth;
 pub mod api;
 pub mod auth;
+pub mod batch;
 pub mod ca;
 pub mod clock;
 pub mod config;

@@ -86,10 +86,12 @@ impl Token {
             Attribute::Label(label.as_bytes().to_vec()),
             Attribute::Id(id.clone()),
         ];
+        let writes = self.object_writes();
         let mut session = self.session().map_err(failed)?;
         let generated = session.run("C_GenerateKeyPair", |s| {
             s.generate_key_pair(&Mechanism::EccEdwardsKeyPairGen, &public_template, &private_template)
         });
+        drop(writes);
         let (public, private) = match generated {
             Ok(pair) => pair,
             Err(failure) if failure.is(cryptoki::error::RvError::MechanismInvalid) => {
@@ -179,6 +181,7 @@ impl Token {
     }
 
     fn destroy_objects(&self, objects: &[ObjectHandle]) -> Result<(), Pkcs11Failure> {
+        let _writes = self.object_writes();
         let mut session = self.session()?;
         for object in objects {
             session.run("C_DestroyObject", |s| s.destroy_object(*object))?;

@@ -58,19 +58,40 @@ struct TokenInner {
     label: String,
     serial_number: String,
     pool: SessionPool,
+    /// The module's object-store lock, shared by every token opened through it.
+    object_writes: ObjectWrites,
 }
 
-static MODULES: LazyLock<Mutex<Vec<(PathBuf, Pkcs11)>>> = LazyLock::new(|| Mutex::new(Vec::new()));
+/// Serialises the calls that create or destroy token objects within one module.
+///
+/// SoftHSM2 fails concurrent object creation in one process at random
+/// (`CKR_TEMPLATE_INCONSISTENT` or `CKR_GENERAL_ERROR` from `C_GenerateKeyPair`: its file
+/// object store races). Key creation is rare (CA and edge keys, at ceremonies and
+/// renewals), so one lock per loaded module costs nothing that matters; signing and
+/// lookups do not take it.
+type ObjectWrites = Arc<Mutex<()>>;
+
+struct LoadedModule {
+    path: PathBuf,
+    module: Pkcs11,
+    object_writes: ObjectWrites,
+}
+
+static MODULES: LazyLock<Mutex<Vec<LoadedModule>>> = LazyLock::new(|| Mutex::new(Vec::new()));
 
 /// Loads and initialises `path` once per process.
 pub fn load_module(path: &Path) -> Result<Pkcs11, OpenError> {
+    load(path).map(|(module, _)| module)
+}
+
+fn load(path: &Path) -> Result<(Pkcs11, ObjectWrites), OpenError> {
     if !path.exists() {
         return Err(OpenError::ModuleNotFound { path: path.to_owned() });
     }
     let canonical = path.canonicalize().unwrap_or_else(|_| path.to_owned());
     let mut modules = lock(&MODULES);
-    if let Some((_, module)) = modules.iter().find(|(known, _)| *known == canonical) {
-        return Ok(module.clone());
+    if let Some(known) = modules.iter().find(|known| known.path == canonical) {
+        return Ok((known.module.clone(), known.object_writes.clone()));
     }
     let module = Pkcs11::new(&canonical)
         .map_err(|error| OpenError::ModuleLoad { path: path.to_owned(), detail: error.to_string() })?;
@@ -79,14 +100,15 @@ pub fn load_module(path: &Path) -> Result<Pkcs11, OpenError> {
         Err(cryptoki::error::Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
         Err(error) => return Err(OpenError::Module(Pkcs11Failure::from_cryptoki("C_Initialize", error))),
     }
-    modules.push((canonical, module.clone()));
-    Ok(module)
+    let object_writes = ObjectWrites::default();
+    modules.push(LoadedModule { path: canonical, module: module.clone(), object_writes: object_writes.clone() });
+    Ok((module, object_writes))
 }
 
 impl Token {
     /// Loads the module, selects the token, reads the PIN and logs in.
     pub fn open(config: &TokenConfig) -> Result<Token, OpenError> {
-        let module = load_module(&config.module)?;
+        let (module, object_writes) = load(&config.module)?;
         let (slot, label, serial_number) = select_slot(&module, &config.token)?;
         let pin = config.pin.read(&format!("token {label:?}"))?;
         let pin = AuthPin::from(pin.as_str());
@@ -105,7 +127,16 @@ impl Token {
         }
         let capacity = config.pool_size.clamp(1, SESSION_POOL_SIZE_MAX);
         let pool = SessionPool::new(module, slot, pin, first, capacity);
-        Ok(Token { inner: Arc::new(TokenInner { module: config.module.clone(), slot, label, serial_number, pool }) })
+        Ok(Token {
+            inner: Arc::new(TokenInner {
+                module: config.module.clone(),
+                slot,
+                label,
+                serial_number,
+                pool,
+                object_writes,
+            }),
+        })
     }
 
     pub fn label(&self) -> &str {
@@ -127,6 +158,11 @@ impl Token {
     /// A session from the pool, waiting while all are in use.
     pub fn session(&self) -> Result<PooledSession<'_>, Pkcs11Failure> {
         self.inner.pool.acquire()
+    }
+
+    /// Held while creating or destroying objects: see [`ObjectWrites`].
+    pub(crate) fn object_writes(&self) -> MutexGuard<'_, ()> {
+        lock(&self.inner.object_writes)
     }
 
     /// Bytes from the token's random generator (`C_GenerateRandom`).

@@ -314,3 +314,35 @@ fn keys_are_sensitive_and_can_be_destroyed() {
     assert!(token.private_key_labels().unwrap().is_empty());
     assert!(Certificate::from_der(b"").is_err());
 }
+
+/// Key creation and destruction from many threads and two logins to one token all
+/// succeed: SoftHSM2 fails concurrent object creation at random unless the calls are
+/// serialised, which the token does.
+#[test]
+fn concurrent_key_creation_and_destruction_succeed() {
+    let Some(softhsm) = softhsm_child("concurrent_key_creation_and_destruction_succeed") else { return };
+    support::init_tokens(&softhsm, &["busy"]);
+    let replicas = [support::open(&softhsm, "busy", 2).unwrap(), support::open(&softhsm, "busy", 2).unwrap()];
+    let workers: Vec<_> = (0..6usize)
+        .map(|worker| {
+            let token = replicas[worker % 2].clone();
+            std::thread::spawn(move || {
+                for round in 0..8 {
+                    let key = token.generate_ed25519(&format!("busy-{worker}-{round}")).unwrap();
+                    if round % 2 == 1 {
+                        key.destroy().unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.join().unwrap();
+    }
+    let mut labels = replicas[0].private_key_labels().unwrap();
+    labels.sort();
+    let mut expected: Vec<_> =
+        (0..6).flat_map(|worker| (0..8).step_by(2).map(move |round| format!("busy-{worker}-{round}"))).collect();
+    expected.sort();
+    assert_eq!(labels, expected);
+}

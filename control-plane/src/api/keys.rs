@@ -505,7 +505,7 @@ pub async fn complete_recovery(
     let ca = authority(&state)?;
     let found = keys::recovery(&state.db, agent, &recovery).await.map_err(keys_error)?;
     let now = state.clock.now();
-    signed.verify(&found.new_key, &state.db, now).await?;
+    signed.verify(&found.new_key, &state.nonces, now).await?;
     let (completed, issued) =
         keys::complete_recovery(&state.db, ca, agent, &recovery, now).await.map_err(keys_error)?;
     Ok(Json(CompletedRecoveryBody {

@@ -54,6 +54,8 @@ pub struct AppState {
     pub search: Arc<crate::registry::SearchIndex>,
     /// Recovery time lock and other key-management settings.
     pub keys: crate::keys::KeyPolicy,
+    /// Records agent request nonces (its writer task starts with the first request).
+    pub nonces: Arc<crate::agent_auth::NonceRecorder>,
     openapi: Arc<str>,
 }
 
@@ -64,6 +66,7 @@ impl AppState {
         let openapi = ApiDoc::openapi().to_pretty_json().expect("the OpenAPI document serialises");
         let ledger = Arc::new(crate::ledger::Ledger::new(db.clone(), Arc::clone(&clock)));
         let search = Arc::new(crate::registry::SearchIndex::new(db.clone()));
+        let nonces = Arc::new(crate::agent_auth::NonceRecorder::new(db.clone()));
         AppState {
             db,
             clock,
@@ -72,6 +75,7 @@ impl AppState {
             ledger,
             search,
             keys: crate::keys::KeyPolicy::default(),
+            nonces,
             openapi: openapi.into(),
         }
     }

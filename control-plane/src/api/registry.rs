@@ -186,7 +186,7 @@ pub async fn register_agent(
         home_edge: request.home_edge,
     };
     let now = state.clock.now();
-    signed.verify(&key, &state.db, now).await?;
+    signed.verify(&key, &state.nonces, now).await?;
     let profile = input.validate(id, &key).map_err(profile_error)?;
     let agent = registry::register(&state.db, id, &key, &profile, now).await.map_err(|error| match error {
         RegisterError::AlreadyRegistered => {
@@ -310,7 +310,7 @@ pub async fn import_agent_card(
     if revoked {
         return Err(ApiError::new(StatusCode::UNAUTHORIZED, "revoked_agent", "the agent has been revoked"));
     }
-    let verified = signed.verify(&stored_key, &state.db, now).await?;
+    let verified = signed.verify(&stored_key, &state.nonces, now).await?;
     if verified.agent != id {
         return Err(ApiError::new(StatusCode::FORBIDDEN, "not_your_agent", "agents may only change themselves"));
     }
@@ -464,7 +464,7 @@ async fn register_from_card(
         return Err(ApiError::new(StatusCode::UNAUTHORIZED, "agent_mismatch", "Molt-Agent is not the card's agent"));
     }
     let now = state.clock.now();
-    signed.verify(&card.public_key, &state.db, now).await?;
+    signed.verify(&card.public_key, &state.nonces, now).await?;
     let profile = card.profile.validate(id, &card.public_key).map_err(card_profile_error)?;
     let agent =
         registry::register(&state.db, id, &card.public_key, &profile, now).await.map_err(|error| match error {

@@ -31,6 +31,14 @@ use crate::db::Database;
 /// serve `execute_now` callers waiting for their turn).
 pub const BATCH_POOL_CONNECTIONS: u32 = 4;
 
+/// Every lookup and update here finds a batch's rows by key: nested loops over the
+/// primary and unique indexes. A connection keeps its statements prepared, and a plan made
+/// while the journal was small (a fresh database) hashed or scanned whole tables for as
+/// long as the connection lived: the known-ids lookup took 13 ms at 40,000 entries instead
+/// of 0.06 ms, and grew with the journal. Without these settings the planner may still
+/// choose that; with them it takes an index whenever one serves, however small the table.
+const PLANNER_SETTINGS: &str = "SET enable_seqscan = off; SET enable_hashjoin = off; SET enable_mergejoin = off";
+
 type Tx = Transaction<'static, Postgres>;
 
 /// Opens the batch pool with the options of `db`'s own pool.
@@ -40,6 +48,12 @@ pub async fn connect(db: &Database) -> Result<PgPool, LedgerQueryError> {
     PgPoolOptions::new()
         .max_connections(BATCH_POOL_CONNECTIONS)
         .acquire_timeout(db.pool().options().get_acquire_timeout())
+        .after_connect(|connection, _| {
+            Box::pin(async move {
+                sqlx::Executor::execute(&mut *connection, PLANNER_SETTINGS).await?;
+                Ok(())
+            })
+        })
         .connect_with(options)
         .await
         .map_err(query_error("connecting for ledger batches"))

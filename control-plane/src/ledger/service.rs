@@ -2,8 +2,8 @@
 //!
 //! **Group commit.** Requests queue their commands ([`LEDGER_QUEUE_DEPTH`] jobs at most);
 //! [`WRITER_TASKS`] writer task takes every queued job up to [`BATCH_COMMANDS_MAX`]
-//! commands (yielding a few times, [`COLLECT_ROUNDS_MAX`], while that brings more) and runs them in one transaction ([`BatchStore::execute`]), then answers each
-//! job. Under load one commit (one fsync) carries hundreds of requests; idle, a request
+//! commands ([`crate::batch::collect`]) and runs them in one transaction
+//! ([`BatchStore::execute`]), then answers each job. Under load one commit (one fsync) carries hundreds of requests; idle, a request
 //! is a transaction of its own. The batches of one process run one at a time (they share
 //! the writer's cached account totals, and would queue on the journal head anyway), so a
 //! second writer would only take a small batch early and make the next one wait for it.
@@ -28,6 +28,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use super::engine::{Command, Outcome, Requester};
 use super::escrow::EscrowEvent;
 use super::store::{self, BatchStore, LedgerQueryError};
+use crate::batch;
 use crate::clock::Clock;
 use crate::db::Database;
 
@@ -37,9 +38,6 @@ pub const LEDGER_QUEUE_DEPTH: usize = 4096;
 pub const BATCH_COMMANDS_MAX: usize = 8192;
 /// Writer tasks per process (batches run one at a time; see the module docs).
 pub const WRITER_TASKS: usize = 1;
-/// Times a writer lets other tasks run while collecting a batch, as long as each time
-/// brings new jobs (a few microseconds each; it keeps batches from splitting in two).
-pub const COLLECT_ROUNDS_MAX: usize = 4;
 /// Attempts at a batch that keeps failing with retryable errors.
 pub const RETRY_ATTEMPTS_MAX: u32 = 10;
 /// How often the expiry worker looks for due escrows and unbondings.
@@ -175,31 +173,9 @@ async fn run_writer(store: Arc<BatchStore>, clock: Arc<dyn Clock>, receiver: Arc
     loop {
         let jobs = {
             let mut receiver = receiver.lock().await;
-            let Some(first) = receiver.recv().await else { return };
-            let mut size = first.commands.len();
-            let mut jobs = vec![first];
-            let mut rounds = 0;
-            loop {
-                while size < BATCH_COMMANDS_MAX {
-                    match receiver.try_recv() {
-                        Ok(job) => {
-                            size += job.commands.len();
-                            jobs.push(job);
-                        }
-                        Err(_) => break,
-                    }
-                }
-                if size >= BATCH_COMMANDS_MAX || rounds == COLLECT_ROUNDS_MAX {
-                    break;
-                }
-                // Callers the previous batch just answered are ready to queue their next
-                // request: let them run once, and take what they queued.
-                rounds += 1;
-                tokio::task::yield_now().await;
-                if receiver.is_empty() {
-                    break;
-                }
-            }
+            let Some(jobs) = batch::collect(&mut receiver, BATCH_COMMANDS_MAX, |job| job.commands.len()).await else {
+                return;
+            };
             jobs
         };
         run_jobs(&store, clock.as_ref(), jobs).await;

@@ -11,6 +11,7 @@
 
 mod index;
 mod rows;
+pub(crate) use rows::placeholders;
 mod search;
 
 pub use index::{FILTERED_SCAN_MAX, tokens};

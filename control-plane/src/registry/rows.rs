@@ -76,6 +76,6 @@ pub(super) fn bind<'q>(
 }
 
 /// Placeholders `$first, …, $(first + count - 1)`, comma-separated.
-pub(super) fn placeholders(first: usize, count: usize) -> String {
+pub(crate) fn placeholders(first: usize, count: usize) -> String {
     (first..first + count).map(|n| format!("${n}")).collect::<Vec<_>>().join(", ")
 }

@@ -46,6 +46,42 @@ crate::on_both_backends!(
     an_older_journal_gets_its_links_when_migrated,
 );
 
+/// A PostgreSQL batch connection keeps its statements prepared for as long as it lives.
+/// One prepared on an empty journal must still find ids through the index once the
+/// journal has grown, instead of hashing the whole table on every batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_connections_look_ids_up_by_index_however_small_the_journal_was() {
+    let fixture = Fixture::postgres().await;
+    sqlx::raw_sql("VACUUM ANALYZE ledger_transfers").execute(fixture.db.pool()).await.unwrap();
+    let pool = molt_control_plane::ledger::postgres::connect(&fixture.db).await.unwrap();
+    let mut connection = pool.acquire().await.unwrap();
+    let lookup = "SELECT t.seq FROM UNNEST($1::text[]) AS q (id) JOIN ledger_transfers AS t ON t.id = q.id";
+    sqlx::raw_sql(&format!(
+        "SET plan_cache_mode = force_generic_plan; PREPARE known (text[]) AS {lookup}; EXECUTE known ('{{a,b}}')"
+    ))
+    .execute(&mut *connection)
+    .await
+    .unwrap();
+    sqlx::raw_sql(
+        "INSERT INTO ledger_transfers (seq, id, debit_account, credit_account, amount, kind, pending_id, purpose, \
+         flags, created_at_ms, hash, debit_prev, credit_prev) \
+         SELECT g, 'agent:x:' || md5(g::text), 'issuance', 'treasury', 1, 'posted', NULL, 'mint', 0, 0, '\\x00', 0, 0 \
+         FROM generate_series(1, 20000) AS g",
+    )
+    .execute(fixture.db.pool())
+    .await
+    .unwrap();
+    let plan: Vec<String> = sqlx::raw_sql("EXPLAIN EXECUTE known ('{a,b}')")
+        .fetch_all(&mut *connection)
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| sqlx::Row::get::<String, _>(row, 0))
+        .collect();
+    let plan = plan.join("\n");
+    assert!(plan.contains("Index Scan") && !plan.contains("Seq Scan on ledger_transfers"), "{plan}");
+}
+
 const T0: UnixMillis = UnixMillis(1_700_000_000_000);
 const CREDIT: u64 = 1_000_000;
 

@@ -9,7 +9,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode, header};
 use http_body_util::BodyExt as _;
-use molt_control_plane::agent_auth::{self, NONCE_BYTES};
+use molt_control_plane::agent_auth::{self, NONCE_BYTES, NonceRecorder};
 use molt_control_plane::api::{self, AppState, REQUEST_BODY_BYTES_MAX};
 use molt_control_plane::clock::{Clock as _, ManualClock};
 use molt_control_plane::metrics::Metrics;
@@ -443,27 +443,54 @@ async fn bad_signed_requests_are_refused(fixture: &Fixture) {
 }
 
 async fn nonces_are_shared_by_replicas_and_purged(fixture: &Fixture) {
-    let second = fixture.second_handle().await;
+    let first = Arc::new(NonceRecorder::new(fixture.db.clone()));
+    let second = Arc::new(NonceRecorder::new(fixture.second_handle().await));
     let agent = TestAgent::new().id;
     let expiry = T0.saturating_add(agent_auth::TIMESTAMP_SKEW_MAX);
     let nonce = hex::encode(fresh_nonce());
-    assert!(agent_auth::record_nonce(&fixture.db, agent, &nonce, expiry, T0).await.unwrap());
-    assert!(!agent_auth::record_nonce(&second, agent, &nonce, expiry, T0).await.unwrap(), "the other replica sees it");
-    assert!(
-        agent_auth::record_nonce(&second, TestAgent::new().id, &nonce, expiry, T0).await.unwrap(),
-        "nonces are per agent"
-    );
-    // Concurrent attempts: exactly one wins.
+    assert!(first.record(agent, &nonce, expiry, T0).await.unwrap());
+    assert!(!second.record(agent, &nonce, expiry, T0).await.unwrap(), "the other replica sees it");
+    assert!(second.record(TestAgent::new().id, &nonce, expiry, T0).await.unwrap(), "nonces are per agent");
+    // Concurrent attempts: exactly one wins, on two replicas and within one batch.
     let racing = hex::encode(fresh_nonce());
-    let (a, b) = tokio::join!(
-        agent_auth::record_nonce(&fixture.db, agent, &racing, expiry, T0),
-        agent_auth::record_nonce(&second, agent, &racing, expiry, T0),
-    );
+    let (a, b) = tokio::join!(first.record(agent, &racing, expiry, T0), second.record(agent, &racing, expiry, T0));
     assert!(a.unwrap() ^ b.unwrap());
-    assert_eq!(fixture.count("agent_request_nonces").await, 3);
+    let same_batch = hex::encode(fresh_nonce());
+    let attempts = record_at_once(&first, vec![(agent, same_batch); 8], expiry).await;
+    assert_eq!(attempts.into_iter().filter(|fresh| *fresh).count(), 1);
+    // Many agents at once, more than one statement holds: each fresh nonce is recorded.
+    let many: Vec<_> =
+        (0..agent_auth::NONCE_BATCH_MAX + 100).map(|_| (TestAgent::new().id, hex::encode(fresh_nonce()))).collect();
+    assert!(record_at_once(&first, many.clone(), expiry).await.into_iter().all(|fresh| fresh));
+    let replays = record_at_once(&second, many.clone(), expiry).await;
+    assert!(replays.into_iter().all(|fresh| !fresh), "every one is a replay now");
+    assert_eq!(fixture.count("agent_request_nonces").await, 4 + many.len() as i64);
+    // An expired nonce is accepted again; between purges its row stays and is reused.
+    let short = hex::encode(fresh_nonce());
+    let second_later = T0.saturating_add(Duration::from_secs(2));
+    assert!(first.record(agent, &short, T0.saturating_add(Duration::from_secs(1)), T0).await.unwrap());
+    assert!(first.record(agent, &short, expiry.saturating_add(Duration::from_secs(1)), second_later).await.unwrap());
+    assert_eq!(fixture.count("agent_request_nonces").await, 5 + many.len() as i64);
+    // Once the purge interval has passed, the next batch deletes what has expired.
     let later = expiry.saturating_add(Duration::from_millis(1));
-    assert!(agent_auth::record_nonce(&fixture.db, agent, &hex::encode(fresh_nonce()), later, later).await.unwrap());
-    assert_eq!(fixture.count("agent_request_nonces").await, 1, "expired nonces are purged");
+    assert!(later.since(second_later) >= agent_auth::NONCE_PURGE_INTERVAL);
+    let fresh = hex::encode(fresh_nonce());
+    assert!(first.record(agent, &fresh, later.saturating_add(agent_auth::TIMESTAMP_SKEW_MAX), later).await.unwrap());
+    assert_eq!(fixture.count("agent_request_nonces").await, 2, "expired nonces are purged");
+}
+
+/// Records every (agent, nonce) at once from its own task, at `T0`.
+async fn record_at_once(
+    recorder: &Arc<NonceRecorder>,
+    nonces: Vec<(AgentId, String)>,
+    expiry: UnixMillis,
+) -> Vec<bool> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for (agent, nonce) in nonces {
+        let recorder = Arc::clone(recorder);
+        tasks.spawn(async move { recorder.record(agent, &nonce, expiry, T0).await.unwrap() });
+    }
+    tasks.join_all().await
 }
 
 async fn search(harness: &Harness, query: &str) -> Value {
