@@ -1,11 +1,14 @@
 //! [`Ledger`]: the handle the API and the background work use.
 //!
 //! **Group commit.** Requests queue their commands ([`LEDGER_QUEUE_DEPTH`] jobs at most);
-//! [`WRITER_TASKS`] writer task takes every queued job up to [`BATCH_COMMANDS_MAX`]
-//! commands ([`crate::batch::collect`]) and runs them in one transaction
-//! ([`BatchStore::execute`]), then answers each job. Under load one commit (one fsync) carries hundreds of requests; idle, a request
-//! is a transaction of its own. The batches of one process run one at a time (they share
-//! the writer's cached account totals, and would queue on the journal head anyway), so a
+//! a writer task takes every queued job up to [`BATCH_COMMANDS_MAX`] commands
+//! ([`crate::batch::collect`]) and runs them in one transaction
+//! ([`BatchStore::execute`]), then answers each job. Under load one commit (one fsync)
+//! carries hundreds of requests; idle, a request is a transaction of its own. On
+//! PostgreSQL [`WRITER_TASKS_POSTGRES`] writers share the queue: while one batch is
+//! written the other writer collects and prepares the next
+//! ([`super::postgres`]). On SQLite the batches of a process run one at a time (they
+//! queue on the database's write lock anyway), so [`WRITER_TASKS_SQLITE`] is one: a
 //! second writer would only take a small batch early and make the next one wait for it.
 //!
 //! **Retries.** A batch that fails with a serialization failure, a deadlock or a busy
@@ -30,14 +33,16 @@ use super::escrow::EscrowEvent;
 use super::store::{self, BatchStore, LedgerQueryError};
 use crate::batch;
 use crate::clock::Clock;
-use crate::db::Database;
+use crate::db::{Backend, Database};
 
 /// Jobs waiting for a writer.
 pub const LEDGER_QUEUE_DEPTH: usize = 4096;
 /// Most commands one transaction carries (a job larger than this runs alone).
 pub const BATCH_COMMANDS_MAX: usize = 8192;
-/// Writer tasks per process (batches run one at a time; see the module docs).
-pub const WRITER_TASKS: usize = 1;
+/// Writer tasks per process on PostgreSQL: one writing, one preparing (module docs).
+pub const WRITER_TASKS_POSTGRES: usize = 2;
+/// Writer tasks per process on SQLite (batches run one at a time; module docs).
+pub const WRITER_TASKS_SQLITE: usize = 1;
 /// Attempts at a batch that keeps failing with retryable errors.
 pub const RETRY_ATTEMPTS_MAX: u32 = 10;
 /// How often the expiry worker looks for due escrows and unbondings.
@@ -162,7 +167,11 @@ impl Drop for ExpiryWorker {
 fn spawn_writers(store: Arc<BatchStore>, clock: Arc<dyn Clock>) -> mpsc::Sender<Job> {
     let (sender, receiver) = mpsc::channel(LEDGER_QUEUE_DEPTH);
     let receiver = Arc::new(Mutex::new(receiver));
-    for _ in 0..WRITER_TASKS {
+    let writers = match store.db().backend() {
+        Backend::Postgres => WRITER_TASKS_POSTGRES,
+        Backend::Sqlite => WRITER_TASKS_SQLITE,
+    };
+    for _ in 0..writers {
         // The tasks end when every sender (the Ledger) is gone and the queue is empty.
         tokio::spawn(run_writer(Arc::clone(&store), Arc::clone(&clock), Arc::clone(&receiver)));
     }

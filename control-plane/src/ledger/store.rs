@@ -85,37 +85,65 @@ type Tx = Transaction<'static, Any>;
 pub struct BatchStore {
     db: Database,
     postgres: OnceCell<PgPool>,
+    pipeline: super::postgres::Pipeline,
+    /// SQLite's writer's cache (PostgreSQL's is in the pipeline).
     cache: Mutex<AccountCache>,
 }
 
 impl BatchStore {
     pub fn new(db: Database) -> BatchStore {
-        BatchStore { db, postgres: OnceCell::new(), cache: Mutex::new(AccountCache::new()) }
+        BatchStore {
+            db,
+            postgres: OnceCell::new(),
+            pipeline: super::postgres::Pipeline::new(),
+            cache: Mutex::new(AccountCache::new()),
+        }
     }
 
     pub fn db(&self) -> &Database {
         &self.db
     }
 
-    /// Runs `commands` in one transaction, commits, and returns the outcomes. Batches of
-    /// one process run one at a time (they would queue on the journal head anyway).
+    /// The PostgreSQL pipeline (unused on SQLite).
+    pub fn pipeline(&self) -> &super::postgres::Pipeline {
+        &self.pipeline
+    }
+
+    /// Runs `commands` in one transaction, commits, and returns the outcomes. On SQLite
+    /// the batches of one process run one at a time (they would queue on the database's
+    /// write lock anyway); on PostgreSQL one is prepared while another is written
+    /// ([`super::postgres`]).
     pub async fn execute(
         &self,
         commands: &[Command],
         now: UnixMillis,
     ) -> Result<Vec<engine::Outcome>, LedgerQueryError> {
-        let mut cache = self.cache.lock().await;
-        let result = match self.db.backend() {
+        self.execute_pausing(commands, now, async {}).await
+    }
+
+    /// [`BatchStore::execute`]; on PostgreSQL, runs `pause` between preparing the batch
+    /// and taking the head lock (tests write from another replica there).
+    #[doc(hidden)]
+    pub async fn execute_pausing(
+        &self,
+        commands: &[Command],
+        now: UnixMillis,
+        pause: impl std::future::Future<Output = ()>,
+    ) -> Result<Vec<engine::Outcome>, LedgerQueryError> {
+        match self.db.backend() {
             Backend::Postgres => {
                 let pool = self.postgres.get_or_try_init(|| super::postgres::connect(&self.db)).await?;
-                super::postgres::execute(pool, &mut cache, commands, now).await
+                super::postgres::execute_pausing(pool, &self.pipeline, commands, now, pause).await
             }
-            Backend::Sqlite => execute_sqlite(&self.db, &mut cache, commands, now).await,
-        };
-        if result.is_err() {
-            cache.invalidate();
+            Backend::Sqlite => {
+                let mut cache = self.cache.lock().await;
+                let result = execute_sqlite(&self.db, &mut cache, commands, now).await;
+                if result.is_err() {
+                    cache.invalidate();
+                }
+                result
+            }
         }
-        result
     }
 }
 
