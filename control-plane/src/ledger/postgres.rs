@@ -40,7 +40,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use molt_protocol::UnixMillis;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row as _, Transaction};
 use tokio::sync::Mutex;
 
@@ -170,11 +170,24 @@ struct LastWrite {
     committed: bool,
 }
 
-/// A batch run ahead of its write.
+/// A batch run: what to answer, what to write, and what the next batch prepares on.
+struct Ran {
+    outcomes: Vec<Outcome>,
+    head: (u64, [u8; 32]),
+    in_flight: InFlight,
+    write: WriteStatement,
+}
+
+impl Ran {
+    fn new(outcomes: Vec<Outcome>, effects: &ViewEffects) -> Result<Ran, LedgerQueryError> {
+        Ok(Ran { outcomes, head: effects.books.head, in_flight: InFlight::of(effects), write: write_statement(effects)? })
+    }
+}
+
+/// A batch run ahead of the head lock, on `basis`.
 struct Prepared {
     basis: Basis,
-    outcomes: Vec<Outcome>,
-    effects: ViewEffects,
+    ran: Ran,
 }
 
 /// Runs `commands` in one transaction and commits; keeps the pipeline's state in step.
@@ -213,7 +226,7 @@ pub async fn execute_pausing(
     pause.await;
     let mut last_write = pipeline.write.lock().await;
     let decided = decide(pool, &mut speculation, prepared, last_write.committed, commands, now).await;
-    let (mut tx, outcomes, effects, speculated) = match decided {
+    let (mut tx, Ran { outcomes, write, .. }, speculated) = match decided {
         Ok(decided) => decided,
         Err(error) => {
             speculation.reset();
@@ -227,7 +240,7 @@ pub async fn execute_pausing(
     counter.fetch_add(1, Ordering::Relaxed);
     let decided_us = started.elapsed().as_micros() as u64;
     last_write.committed = false;
-    persist(&mut tx, &effects).await?;
+    write.execute(&mut *tx).await.map_err(query_error("writing a ledger batch"))?;
     let written_us = started.elapsed().as_micros() as u64;
     tx.commit().await.map_err(query_error("committing a ledger batch"))?;
     last_write.committed = true;
@@ -253,24 +266,24 @@ async fn decide(
     previous_committed: bool,
     commands: &[Command],
     now: UnixMillis,
-) -> Result<(Tx, Vec<Outcome>, ViewEffects, bool), LedgerQueryError> {
+) -> Result<(Tx, Ran, bool), LedgerQueryError> {
     let mut tx = pool.begin().await.map_err(query_error("starting a ledger transaction"))?;
     let stored = lock_head(&mut tx).await?;
-    let (outcomes, effects, speculated) = match prepared {
-        Some(prepared) if previous_committed && prepared.basis == stored => (prepared.outcomes, prepared.effects, true),
+    let (mut ran, speculated) = match prepared {
+        Some(prepared) if previous_committed && prepared.basis == stored => (prepared.ran, true),
         _ => {
             // The cache may hold this batch's own speculative totals, or totals another
             // writer has changed since.
             speculation.reset();
             let (outcomes, effects) = run_locked(&mut tx, &mut speculation.cache, stored, commands, now).await?;
             speculation.cache.committed(&effects.books.accounts, effects.books.head);
-            (outcomes, effects, false)
+            (Ran::new(outcomes, &effects)?, false)
         }
     };
-    let (seq, hash) = effects.books.head;
+    let (seq, hash) = ran.head;
     speculation.basis = Some(Basis { seq, hash, writes: stored.writes + 1, fee_bps: stored.fee_bps });
-    speculation.in_flight = InFlight::of(&effects);
-    Ok((tx, outcomes, effects, speculated))
+    speculation.in_flight = std::mem::take(&mut ran.in_flight);
+    Ok((tx, ran, speculated))
 }
 
 /// Runs the batch ahead of the head lock on the state the in-flight batch leaves.
@@ -312,7 +325,7 @@ async fn prepare(
     let (outcomes, effects) =
         run_batch((basis.seq, basis.hash), &speculation.cache, &account_ids, loaded, commands, now);
     speculation.cache.committed(&effects.books.accounts, effects.books.head);
-    Ok(Prepared { basis, outcomes, effects })
+    Ok(Prepared { basis, ran: Ran::new(outcomes, &effects)? })
 }
 
 /// Splits `ids` into the records the in-flight batch writes (cloned) and the ids to read.
@@ -497,7 +510,11 @@ const PERSIST: &str = "WITH new_transfers AS (
 )
 UPDATE ledger_head SET seq = $47, hash = $48 WHERE id = 1";
 
-async fn persist(tx: &mut Tx, effects: &ViewEffects) -> Result<(), LedgerQueryError> {
+/// The statement writing every effect of a batch, its parameters encoded already (built
+/// while the batch before is written, not under the head lock).
+type WriteStatement = sqlx::query::Query<'static, Postgres, PgArguments>;
+
+fn write_statement(effects: &ViewEffects) -> Result<WriteStatement, LedgerQueryError> {
     let books = &effects.books;
     let transfers: Vec<_> = books.transfers.iter().map(|t| &t.spec).collect();
     let rejections: Vec<_> = books.rejections.iter().map(|r| &r.spec).collect();
@@ -566,8 +583,7 @@ async fn persist(tx: &mut Tx, effects: &ViewEffects) -> Result<(), LedgerQueryEr
     let query = query
         .bind(i64::try_from(seq).map_err(|_| decode_error("writing the journal head", "seq"))?)
         .bind(hash.to_vec());
-    query.execute(&mut **tx).await.map_err(query_error("writing a ledger batch"))?;
-    Ok(())
+    Ok(query)
 }
 
 /// One array parameter: `value` of every row.
