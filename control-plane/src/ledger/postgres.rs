@@ -54,7 +54,7 @@ use super::store::{
     escrow_from_row, query_error, referenced_records, run_batch, spec_from_row, spec_ids, to_db, to_db_position,
     transfer_from_row, unbonding_columns, unbonding_from_row,
 };
-use super::types::{Account, TransferId};
+use super::types::{Account, Rejection, Transfer, TransferId};
 use crate::db::Database;
 
 /// Native connections for ledger batches: one writing, one preparing the next batch, the
@@ -145,22 +145,45 @@ impl Speculation {
 #[derive(Debug, Default)]
 struct InFlight {
     accounts: Vec<Account>,
-    known: HashMap<TransferId, Known>,
+    transfers: Vec<Transfer>,
+    rejections: Vec<Rejection>,
+    /// Every id of `transfers` (`Ok`) and `rejections` (`Err`), with its index.
+    known: HashMap<TransferId, Result<usize, usize>>,
     escrows: HashMap<TransferId, Escrow>,
     unbondings: HashMap<TransferId, Unbonding>,
 }
 
 impl InFlight {
-    fn of(effects: &ViewEffects) -> InFlight {
-        let books = &effects.books;
-        let applied = books.transfers.iter().map(|t| (t.spec.id.clone(), Known::Applied(t.clone())));
-        let refused = books.rejections.iter().map(|r| (r.spec.id.clone(), Known::Rejected(r.spec.clone(), r.error)));
+    fn new(effects: ViewEffects) -> InFlight {
+        let books = effects.books;
+        let applied = books.transfers.iter().enumerate().map(|(index, t)| (t.spec.id.clone(), Ok(index)));
+        let refused = books.rejections.iter().enumerate().map(|(index, r)| (r.spec.id.clone(), Err(index)));
+        let known = applied.chain(refused).collect();
         InFlight {
-            accounts: books.accounts.clone(),
-            known: applied.chain(refused).collect(),
-            escrows: effects.escrows.iter().map(|e| (e.id.clone(), e.clone())).collect(),
-            unbondings: effects.unbondings.iter().map(|u| (u.id.clone(), u.clone())).collect(),
+            accounts: books.accounts,
+            transfers: books.transfers,
+            rejections: books.rejections,
+            known,
+            escrows: effects.escrows.into_iter().map(|e| (e.id.clone(), e)).collect(),
+            unbondings: effects.unbondings.into_iter().map(|u| (u.id.clone(), u)).collect(),
         }
+    }
+
+    /// Splits `ids` into what the batch knows of them and the ids it does not know.
+    fn known(&self, ids: Vec<TransferId>) -> (Vec<(TransferId, Known)>, Vec<TransferId>) {
+        let (mut found, mut missing) = (Vec::new(), Vec::new());
+        for id in ids {
+            let known = match self.known.get(&id) {
+                Some(Ok(index)) => self.transfers.get(*index).map(|t| Known::Applied(t.clone())),
+                Some(Err(index)) => self.rejections.get(*index).map(|r| Known::Rejected(r.spec.clone(), r.error)),
+                None => None,
+            };
+            match known {
+                Some(known) => found.push((id, known)),
+                None => missing.push(id),
+            }
+        }
+        (found, missing)
     }
 }
 
@@ -179,8 +202,9 @@ struct Ran {
 }
 
 impl Ran {
-    fn new(outcomes: Vec<Outcome>, effects: &ViewEffects) -> Result<Ran, LedgerQueryError> {
-        Ok(Ran { outcomes, head: effects.books.head, in_flight: InFlight::of(effects), write: write_statement(effects)? })
+    fn new(outcomes: Vec<Outcome>, effects: ViewEffects) -> Result<Ran, LedgerQueryError> {
+        let write = write_statement(&effects)?;
+        Ok(Ran { outcomes, head: effects.books.head, in_flight: InFlight::new(effects), write })
     }
 }
 
@@ -240,7 +264,7 @@ pub async fn execute_pausing(
     counter.fetch_add(1, Ordering::Relaxed);
     let decided_us = started.elapsed().as_micros() as u64;
     last_write.committed = false;
-    write.execute(&mut *tx).await.map_err(query_error("writing a ledger batch"))?;
+    sqlx::query_with(PERSIST, write).execute(&mut *tx).await.map_err(query_error("writing a ledger batch"))?;
     let written_us = started.elapsed().as_micros() as u64;
     tx.commit().await.map_err(query_error("committing a ledger batch"))?;
     last_write.committed = true;
@@ -277,7 +301,7 @@ async fn decide(
             speculation.reset();
             let (outcomes, effects) = run_locked(&mut tx, &mut speculation.cache, stored, commands, now).await?;
             speculation.cache.committed(&effects.books.accounts, effects.books.head);
-            (Ran::new(outcomes, &effects)?, false)
+            (Ran::new(outcomes, effects)?, false)
         }
     };
     let (seq, hash) = ran.head;
@@ -318,14 +342,14 @@ async fn prepare(
         speculation.cache.insert(account);
     }
     let ids: Vec<TransferId> = commands.iter().flat_map(spec_ids).collect();
-    let (mut known, ids) = overlay(&in_flight.known, ids);
+    let (mut known, ids) = in_flight.known(ids);
     known.extend(known_ids(&mut connection, &ids).await?);
     drop(connection);
     let loaded = Loaded { fee_bps: basis.fee_bps, escrows, unbondings, known };
     let (outcomes, effects) =
         run_batch((basis.seq, basis.hash), &speculation.cache, &account_ids, loaded, commands, now);
     speculation.cache.committed(&effects.books.accounts, effects.books.head);
-    Ok(Prepared { basis, ran: Ran::new(outcomes, &effects)? })
+    Ok(Prepared { basis, ran: Ran::new(outcomes, effects)? })
 }
 
 /// Splits `ids` into the records the in-flight batch writes (cloned) and the ids to read.
@@ -510,46 +534,74 @@ const PERSIST: &str = "WITH new_transfers AS (
 )
 UPDATE ledger_head SET seq = $47, hash = $48 WHERE id = 1";
 
-/// The statement writing every effect of a batch, its parameters encoded already (built
-/// while the batch before is written, not under the head lock).
-type WriteStatement = sqlx::query::Query<'static, Postgres, PgArguments>;
+/// The parameters of [`PERSIST`] for a batch, encoded already (built while the batch
+/// before is written, not under the head lock).
+type WriteStatement = PgArguments;
+
+/// Encodes parameters in order, borrowing the batch's strings; keeps the first error.
+struct Params {
+    arguments: PgArguments,
+    error: Option<sqlx::error::BoxDynError>,
+}
+
+impl Params {
+    fn new() -> Params {
+        Params { arguments: PgArguments::default(), error: None }
+    }
+
+    fn bind<'q, T: 'q + sqlx::Encode<'q, Postgres> + sqlx::Type<Postgres>>(mut self, value: T) -> Params {
+        if self.error.is_none()
+            && let Err(error) = sqlx::Arguments::add(&mut self.arguments, value)
+        {
+            self.error = Some(error);
+        }
+        self
+    }
+
+    fn finish(self) -> Result<PgArguments, LedgerQueryError> {
+        match self.error {
+            None => Ok(self.arguments),
+            Some(error) => Err(query_error("encoding a ledger batch")(sqlx::Error::Encode(error))),
+        }
+    }
+}
 
 fn write_statement(effects: &ViewEffects) -> Result<WriteStatement, LedgerQueryError> {
     let books = &effects.books;
     let transfers: Vec<_> = books.transfers.iter().map(|t| &t.spec).collect();
     let rejections: Vec<_> = books.rejections.iter().map(|r| &r.spec).collect();
-    let query = sqlx::query(PERSIST);
+    let query = Params::new();
     // Journal entries.
     let query = query
         .bind(books.transfers.iter().map(|t| i64::try_from(t.seq).unwrap_or(i64::MAX)).collect::<Vec<_>>())
-        .bind(column(&transfers, |s| s.id.as_str().to_owned()))
-        .bind(column(&transfers, |s| s.debit.as_str().to_owned()))
-        .bind(column(&transfers, |s| s.credit.as_str().to_owned()))
+        .bind(column(&transfers, |s| s.id.as_str()))
+        .bind(column(&transfers, |s| s.debit.as_str()))
+        .bind(column(&transfers, |s| s.credit.as_str()))
         .bind(column(&transfers, |s| s.amount.to_db()))
-        .bind(column(&transfers, |s| s.kind.as_str().to_owned()))
-        .bind(column(&transfers, |s| s.pending_id.as_ref().map(|id| id.as_str().to_owned())))
-        .bind(column(&transfers, |s| s.purpose.as_str().to_owned()))
+        .bind(column(&transfers, |s| s.kind.as_str()))
+        .bind(column(&transfers, |s| s.pending_id.as_ref().map(|id| id.as_str())))
+        .bind(column(&transfers, |s| s.purpose.as_str()))
         .bind(column(&transfers, |s| s.flags.0 as i64))
         .bind(books.transfers.iter().map(|t| to_db(t.created_at)).collect::<Vec<_>>())
-        .bind(books.transfers.iter().map(|t| t.hash.to_vec()).collect::<Vec<_>>())
+        .bind(books.transfers.iter().map(|t| &t.hash[..]).collect::<Vec<_>>())
         .bind(books.transfers.iter().map(|t| to_db_position(t.debit_prev)).collect::<Vec<_>>())
         .bind(books.transfers.iter().map(|t| to_db_position(t.credit_prev)).collect::<Vec<_>>());
     // Refusals.
     let query = query
-        .bind(column(&rejections, |s| s.id.as_str().to_owned()))
-        .bind(column(&rejections, |s| s.debit.as_str().to_owned()))
-        .bind(column(&rejections, |s| s.credit.as_str().to_owned()))
+        .bind(column(&rejections, |s| s.id.as_str()))
+        .bind(column(&rejections, |s| s.debit.as_str()))
+        .bind(column(&rejections, |s| s.credit.as_str()))
         .bind(column(&rejections, |s| s.amount.to_db()))
-        .bind(column(&rejections, |s| s.kind.as_str().to_owned()))
-        .bind(column(&rejections, |s| s.pending_id.as_ref().map(|id| id.as_str().to_owned())))
-        .bind(column(&rejections, |s| s.purpose.as_str().to_owned()))
+        .bind(column(&rejections, |s| s.kind.as_str()))
+        .bind(column(&rejections, |s| s.pending_id.as_ref().map(|id| id.as_str())))
+        .bind(column(&rejections, |s| s.purpose.as_str()))
         .bind(column(&rejections, |s| s.flags.0 as i64))
-        .bind(books.rejections.iter().map(|r| r.error.code().to_owned()).collect::<Vec<_>>())
+        .bind(books.rejections.iter().map(|r| r.error.code()).collect::<Vec<_>>())
         .bind(books.rejections.iter().map(|r| to_db(r.created_at)).collect::<Vec<_>>());
     // Account totals.
     let accounts = &books.accounts;
     let query = query
-        .bind(column(accounts, |a| a.id.as_str().to_owned()))
+        .bind(column(accounts, |a| a.id.as_str()))
         .bind(column(accounts, |a| a.debits_pending.to_db()))
         .bind(column(accounts, |a| a.debits_posted.to_db()))
         .bind(column(accounts, |a| a.credits_pending.to_db()))
@@ -558,12 +610,12 @@ fn write_statement(effects: &ViewEffects) -> Result<WriteStatement, LedgerQueryE
     // Escrows.
     let escrows = &effects.escrows;
     let query = query
-        .bind(column(escrows, |e| e.id.as_str().to_owned()))
-        .bind(column(escrows, |e| e.payer.as_str().to_owned()))
-        .bind(column(escrows, |e| e.payee.as_str().to_owned()))
+        .bind(column(escrows, |e| e.id.as_str()))
+        .bind(column(escrows, |e| e.payer.as_str()))
+        .bind(column(escrows, |e| e.payee.as_str()))
         .bind(column(escrows, |e| e.amount.to_db()))
-        .bind(column(escrows, |e| e.state.as_str().to_owned()))
-        .bind(column(escrows, |e| e.on_expiry.as_str().to_owned()))
+        .bind(column(escrows, |e| e.state.as_str()))
+        .bind(column(escrows, |e| e.on_expiry.as_str()))
         .bind(column(escrows, |e| to_db(e.expires_at)))
         .bind(column(escrows, |e| e.released.to_db()))
         .bind(column(escrows, |e| to_db(e.created_at)))
@@ -571,22 +623,22 @@ fn write_statement(effects: &ViewEffects) -> Result<WriteStatement, LedgerQueryE
     // Unbondings.
     let unbondings = &effects.unbondings;
     let query = query
-        .bind(column(unbondings, |u| u.id.as_str().to_owned()))
+        .bind(column(unbondings, |u| u.id.as_str()))
         .bind(column(unbondings, |u| u.owner.to_string()))
-        .bind(column(unbondings, |u| u.kind.as_str().to_owned()))
+        .bind(column(unbondings, |u| u.kind.as_str()))
         .bind(column(unbondings, |u| u.amount.to_db()))
         .bind(column(unbondings, |u| to_db(u.matures_at)))
-        .bind(column(unbondings, |u| u.state.as_str().to_owned()))
+        .bind(column(unbondings, |u| u.state.as_str()))
         .bind(column(unbondings, |u| to_db(u.created_at)));
     // Head.
     let (seq, hash) = books.head;
     let query = query
         .bind(i64::try_from(seq).map_err(|_| decode_error("writing the journal head", "seq"))?)
         .bind(hash.to_vec());
-    Ok(query)
+    query.finish()
 }
 
 /// One array parameter: `value` of every row.
-fn column<R, T>(rows: &[R], value: impl Fn(&R) -> T) -> Vec<T> {
+fn column<'a, R, T>(rows: &'a [R], value: impl Fn(&'a R) -> T) -> Vec<T> {
     rows.iter().map(value).collect()
 }

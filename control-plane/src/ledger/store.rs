@@ -203,7 +203,7 @@ pub(crate) fn run_batch(
         view.insert_unbonding(unbonding);
     }
     let outcomes = view.run(commands);
-    (outcomes, view.take_effects())
+    (outcomes, view.into_effects())
 }
 
 /// The SQLite batch: the first statement takes the database's write lock (a transaction
