@@ -294,12 +294,7 @@ impl Books {
         let mut dirty: Vec<AccountId> = self.dirty.into_iter().collect();
         dirty.sort_unstable();
         let accounts = dirty.into_iter().filter_map(|id| self.accounts.remove(&id)).collect();
-        Effects {
-            transfers: self.transfers,
-            rejections: self.rejections,
-            accounts,
-            head: (self.seq, self.hash),
-        }
+        Effects { transfers: self.transfers, rejections: self.rejections, accounts, head: (self.seq, self.hash) }
     }
 
     fn apply_with_fee(&mut self, spec: &TransferSpec) -> Result<Applied, TransferError> {

@@ -11,6 +11,11 @@
 //! fails (or whose commit may or may not have happened) empties the cache, so it never has
 //! to guess what the database kept.
 //!
+//! On PostgreSQL the cache runs ahead of the database: it holds the totals the batch
+//! being written will leave, and the next batch is computed on them before it takes the
+//! head lock. That batch checks its whole basis under the lock and empties the cache
+//! when it does not hold ([`super::postgres`]).
+//!
 //! Pure: no I/O and no clock, like the rest of the books.
 
 use std::collections::HashMap;

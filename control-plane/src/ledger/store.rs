@@ -4,17 +4,19 @@
 //! **Locking.** A batch's first locking statement takes the journal head: `SELECT … FOR
 //! UPDATE` of the head row on PostgreSQL, an `UPDATE` of it on SQLite (which takes the
 //! database's single write lock at once; a transaction that read first could fail to
-//! upgrade). Every ledger writer in every process takes the head before it reads or
-//! writes an account total, so writers are serialised by that one lock and cannot
-//! deadlock; the account updates lock their rows as they write them. The head lock also
+//! upgrade). Every ledger writer in every process takes the head before it writes an
+//! account total, so writers are serialised by that one lock and cannot deadlock; the
+//! account updates lock their rows as they write them. The head lock also
 //! gives the journal its one order. Serialization and deadlock failures, and SQLite's
 //! busy errors, are retried by [`super::service::Ledger`] a bounded number of times with
 //! a new transaction.
 //!
-//! **Reads.** Under the lock a batch reads the escrows and unbondings it names, the
-//! account totals its [`AccountCache`] does not hold (the cache is checked against the
-//! stored head first, see [`super::cache`]), and which of its transfer ids are already
-//! known (applied or refused).
+//! **Reads.** A batch reads the escrows and unbondings it names, the account totals its
+//! [`AccountCache`] does not hold (the cache is checked against the stored head first,
+//! see [`super::cache`]), and which of its transfer ids are already known (applied or
+//! refused). On SQLite it reads under the lock. On PostgreSQL it reads and runs before
+//! the lock, while the previous batch is written, and under the lock checks that nothing
+//! else was written since, or reads and runs again ([`super::postgres`]).
 //!
 //! **Hot accounts.** A batch applies its transfers in memory and writes each account row
 //! once with its final totals, so a thousand transfers into the treasury in one batch
