@@ -65,10 +65,14 @@ impl AccountCache {
         self.accounts.insert(account.id.clone(), account);
     }
 
-    /// The batch committed: its final totals and its head are now the stored ones.
+    /// The batch committed (or, on PostgreSQL, will): its final totals and its head are
+    /// now the stored ones. Every one of them stays, however full the cache was.
     pub fn committed(&mut self, accounts: &[Account], head: Head) {
+        if self.accounts.len() + accounts.len() > ACCOUNT_CACHE_ENTRIES_MAX {
+            self.accounts.clear();
+        }
         for account in accounts {
-            self.insert(account.clone());
+            self.accounts.insert(account.id.clone(), account.clone());
         }
         self.head = Some(head);
     }

@@ -296,14 +296,15 @@ async fn decide(
     let (mut ran, speculated) = match prepared {
         Some(prepared) if previous_committed && prepared.basis == stored => (prepared.ran, true),
         _ => {
-            // The cache may hold this batch's own speculative totals, or totals another
-            // writer has changed since.
+            // The cache may hold totals another writer has changed since, or that a
+            // batch which failed would have left.
             speculation.reset();
             let (outcomes, effects) = run_locked(&mut tx, &mut speculation.cache, stored, commands, now).await?;
-            speculation.cache.committed(&effects.books.accounts, effects.books.head);
             (Ran::new(outcomes, effects)?, false)
         }
     };
+    // Decided, and nothing below waits: the next batch prepares on what this one leaves.
+    speculation.cache.committed(&ran.in_flight.accounts, ran.head);
     let (seq, hash) = ran.head;
     speculation.basis = Some(Basis { seq, hash, writes: stored.writes + 1, fee_bps: stored.fee_bps });
     speculation.in_flight = std::mem::take(&mut ran.in_flight);
@@ -348,7 +349,8 @@ async fn prepare(
     let loaded = Loaded { fee_bps: basis.fee_bps, escrows, unbondings, known };
     let (outcomes, effects) =
         run_batch((basis.seq, basis.hash), &speculation.cache, &account_ids, loaded, commands, now);
-    speculation.cache.committed(&effects.books.accounts, effects.books.head);
+    // The cache takes the batch's totals only once the batch is decided: a batch
+    // dropped before (its caller gone) must leave nothing of itself behind.
     Ok(Prepared { basis, ran: Ran::new(outcomes, effects)? })
 }
 

@@ -87,7 +87,8 @@ async fn batch_connections_look_ids_up_by_index_however_small_the_journal_was() 
 /// Here another replica writes exactly between the two: a payment that makes this one
 /// unaffordable, a chain of refusals (which leaves the journal head as it was) that this
 /// batch repeats, and a fee change. Each time the batch must run again under the lock and
-/// get what running it after the other replica's write gives.
+/// get what running it after the other replica's write gives. And a batch dropped between
+/// the two stages must leave nothing in the next one's state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_prepared_before_another_replica_wrote_runs_again_under_the_lock() {
     let fixture = Fixture::postgres().await;
@@ -145,9 +146,19 @@ async fn a_batch_prepared_before_another_replica_wrote_runs_again_under_the_lock
     assert_eq!(here.pipeline().decisions(), (1, 4));
     assert_eq!(balance(AccountId::treasury()).await - treasury_before, 1);
 
-    // Quiet again: prepared batches are written as prepared, and the books balance.
-    assert_eq!(run_transfers(&here, vec![pay("q1", &b, &c, 1, false)]).await, [None]);
+    // A batch dropped between prepare and lock (its caller gone) leaves nothing behind:
+    // the next one, prepared on the same basis, is written as prepared with true totals.
+    let (a_before, b_before) = (balance(a.clone()).await, balance(b.clone()).await);
+    let commands = [Command::Transfers(vec![pay("gone", &a, &b, 5, false)])];
+    let dropped = here.execute_pausing(&commands, T0, std::future::pending());
+    assert!(tokio::time::timeout(Duration::from_millis(200), dropped).await.is_err());
+    assert_eq!(run_transfers(&here, vec![pay("q1", &a, &b, 1, false)]).await, [None]);
     assert_eq!(here.pipeline().decisions(), (2, 4));
+    assert_eq!((balance(a.clone()).await, balance(b.clone()).await), (a_before - 1, b_before + 1));
+
+    // Quiet again: prepared batches are written as prepared, and the books balance.
+    assert_eq!(run_transfers(&here, vec![pay("q2", &b, &c, 1, false)]).await, [None]);
+    assert_eq!(here.pipeline().decisions(), (3, 4));
     let report = store::audit(&fixture.db).await.unwrap();
     assert!(report.ok, "{report:?}");
 }
