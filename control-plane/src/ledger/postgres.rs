@@ -214,14 +214,19 @@ struct Prepared {
     ran: Ran,
 }
 
+/// Called once a batch has decided what it writes (or has failed before): the next batch
+/// may be collected and prepared from then on.
+pub type OnDecided = Box<dyn FnOnce() + Send>;
+
 /// Runs `commands` in one transaction and commits; keeps the pipeline's state in step.
 pub async fn execute(
     pool: &PgPool,
     pipeline: &Pipeline,
     commands: &[Command],
     now: UnixMillis,
+    on_decided: OnDecided,
 ) -> Result<Vec<Outcome>, LedgerQueryError> {
-    execute_pausing(pool, pipeline, commands, now, async {}).await
+    execute_pausing(pool, pipeline, commands, now, async {}, on_decided).await
 }
 
 /// [`execute`], running `pause` once the batch is prepared and before it takes the head
@@ -233,6 +238,7 @@ pub async fn execute_pausing(
     commands: &[Command],
     now: UnixMillis,
     pause: impl std::future::Future<Output = ()>,
+    on_decided: OnDecided,
 ) -> Result<Vec<Outcome>, LedgerQueryError> {
     let started = std::time::Instant::now();
     let mut speculation = pipeline.prepare.lock().await;
@@ -260,6 +266,7 @@ pub async fn execute_pausing(
     };
     // The next batch may prepare now, on what this one leaves.
     drop(speculation);
+    on_decided();
     let counter = if speculated { &pipeline.written_as_prepared } else { &pipeline.run_under_lock };
     counter.fetch_add(1, Ordering::Relaxed);
     let decided_us = started.elapsed().as_micros() as u64;

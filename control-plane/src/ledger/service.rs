@@ -30,6 +30,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::engine::{Command, Outcome, Requester};
 use super::escrow::EscrowEvent;
+use super::postgres::OnDecided;
 use super::store::{self, BatchStore, LedgerQueryError};
 use crate::batch;
 use crate::clock::Clock;
@@ -105,7 +106,7 @@ impl Ledger {
 
     /// Runs commands in the caller's task, in one transaction, with retries.
     pub async fn execute_now(&self, commands: &[Command]) -> Result<Vec<Outcome>, LedgerError> {
-        execute_with_retries(&self.store, self.clock.as_ref(), commands).await
+        execute_with_retries(&self.store, self.clock.as_ref(), commands, None).await
     }
 
     /// One expiry pass: resolves expired escrows and releases matured unbondings.
@@ -178,22 +179,22 @@ fn spawn_writers(store: Arc<BatchStore>, clock: Arc<dyn Clock>) -> mpsc::Sender<
     sender
 }
 
+/// One writer: takes the queue, collects a batch, and keeps the queue until the batch has
+/// decided what it writes; so the other writer collects the next batch while this one is
+/// written, from everything queued meanwhile, not the moment this one was collected.
 async fn run_writer(store: Arc<BatchStore>, clock: Arc<dyn Clock>, receiver: Arc<Mutex<mpsc::Receiver<Job>>>) {
     loop {
-        let jobs = {
-            let mut receiver = receiver.lock().await;
-            let Some(jobs) = batch::collect(&mut receiver, BATCH_COMMANDS_MAX, |job| job.commands.len()).await else {
-                return;
-            };
-            jobs
+        let mut queue = Arc::clone(&receiver).lock_owned().await;
+        let Some(jobs) = batch::collect(&mut queue, BATCH_COMMANDS_MAX, |job| job.commands.len()).await else {
+            return;
         };
-        run_jobs(&store, clock.as_ref(), jobs).await;
+        run_jobs(&store, clock.as_ref(), jobs, Box::new(move || drop(queue))).await;
     }
 }
 
-async fn run_jobs(store: &BatchStore, clock: &dyn Clock, jobs: Vec<Job>) {
+async fn run_jobs(store: &BatchStore, clock: &dyn Clock, jobs: Vec<Job>, on_decided: OnDecided) {
     let commands: Vec<Command> = jobs.iter().flat_map(|job| job.commands.iter().cloned()).collect();
-    match execute_with_retries(store, clock, &commands).await {
+    match execute_with_retries(store, clock, &commands, Some(on_decided)).await {
         Ok(mut outcomes) => {
             for job in jobs.into_iter().rev() {
                 let rest = outcomes.split_off(outcomes.len() - job.commands.len());
@@ -208,7 +209,7 @@ async fn run_jobs(store: &BatchStore, clock: &dyn Clock, jobs: Vec<Job>) {
         Err(error) => {
             tracing::warn!(%error, jobs = jobs.len(), "ledger batch failed; running its jobs one by one");
             for job in jobs {
-                let result = execute_with_retries(store, clock, &job.commands).await.map_err(Arc::new);
+                let result = execute_with_retries(store, clock, &job.commands, None).await.map_err(Arc::new);
                 let _ = job.reply.send(result);
             }
         }
@@ -219,10 +220,13 @@ async fn execute_with_retries(
     store: &BatchStore,
     clock: &dyn Clock,
     commands: &[Command],
+    mut on_decided: Option<OnDecided>,
 ) -> Result<Vec<Outcome>, LedgerError> {
     let mut attempt = 0;
     loop {
-        match store.execute(commands, clock.now()).await {
+        // The first attempt calls it (or drops it, failing early); retries need not.
+        let on_decided = on_decided.take().unwrap_or_else(|| Box::new(|| {}));
+        match store.execute_then(commands, clock.now(), on_decided).await {
             Ok(outcomes) => return Ok(outcomes),
             Err(error) if error.is_retryable() && attempt + 1 < RETRY_ATTEMPTS_MAX => {
                 attempt += 1;

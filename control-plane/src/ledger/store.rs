@@ -35,6 +35,7 @@ use super::cache::{AccountCache, Head};
 use super::engine::{self, Command, View, ViewEffects};
 use super::escrow::{Escrow, EscrowState, OnExpiry};
 use super::journal::{AuditReport, Auditor};
+use super::postgres::OnDecided;
 use super::stake::{Unbonding, UnbondingState};
 use super::types::{
     Account, AccountFlags, AccountId, Credits, Purpose, Rejection, StakeKind, Transfer, TransferFlags, TransferId,
@@ -120,7 +121,18 @@ impl BatchStore {
         commands: &[Command],
         now: UnixMillis,
     ) -> Result<Vec<engine::Outcome>, LedgerQueryError> {
-        self.execute_pausing(commands, now, async {}).await
+        self.run(commands, now, async {}, Box::new(|| {})).await
+    }
+
+    /// [`BatchStore::execute`], calling `on_decided` once the batch has settled what it
+    /// writes (on SQLite, at once): a writer collects the next batch from then on.
+    pub async fn execute_then(
+        &self,
+        commands: &[Command],
+        now: UnixMillis,
+        on_decided: OnDecided,
+    ) -> Result<Vec<engine::Outcome>, LedgerQueryError> {
+        self.run(commands, now, async {}, on_decided).await
     }
 
     /// [`BatchStore::execute`]; on PostgreSQL, runs `pause` between preparing the batch
@@ -132,12 +144,23 @@ impl BatchStore {
         now: UnixMillis,
         pause: impl std::future::Future<Output = ()>,
     ) -> Result<Vec<engine::Outcome>, LedgerQueryError> {
+        self.run(commands, now, pause, Box::new(|| {})).await
+    }
+
+    async fn run(
+        &self,
+        commands: &[Command],
+        now: UnixMillis,
+        pause: impl std::future::Future<Output = ()>,
+        on_decided: OnDecided,
+    ) -> Result<Vec<engine::Outcome>, LedgerQueryError> {
         match self.db.backend() {
             Backend::Postgres => {
                 let pool = self.postgres.get_or_try_init(|| super::postgres::connect(&self.db)).await?;
-                super::postgres::execute_pausing(pool, &self.pipeline, commands, now, pause).await
+                super::postgres::execute_pausing(pool, &self.pipeline, commands, now, pause, on_decided).await
             }
             Backend::Sqlite => {
+                on_decided();
                 let mut cache = self.cache.lock().await;
                 let result = execute_sqlite(&self.db, &mut cache, commands, now).await;
                 if result.is_err() {
