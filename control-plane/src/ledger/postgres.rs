@@ -214,9 +214,18 @@ struct Prepared {
     ran: Ran,
 }
 
-/// Called once a batch has decided what it writes (or has failed before): the next batch
-/// may be collected and prepared from then on.
+/// Called (or dropped) when the next batch may be collected: once a batch of at least
+/// [`COLLECT_EARLY_COMMANDS`] commands has decided what it writes; for a smaller batch,
+/// when it has committed or failed.
 pub type OnDecided = Box<dyn FnOnce() + Send>;
+
+/// A batch this large lets the writers collect the next one as soon as it has decided,
+/// so the next one's reads and computation overlap its write. A smaller batch is written
+/// in a few milliseconds, and its callers are the ones that would fill the next batch:
+/// collecting earlier only split the queue into a large batch and a tiny one, which
+/// closed-loop callers then alternated between, a commit each (measured: 64 callers,
+/// 17k calls/s against 21k with one batch at a time).
+pub const COLLECT_EARLY_COMMANDS: usize = 1024;
 
 /// Runs `commands` in one transaction and commits; keeps the pipeline's state in step.
 pub async fn execute(
@@ -266,15 +275,24 @@ pub async fn execute_pausing(
     };
     // The next batch may prepare now, on what this one leaves.
     drop(speculation);
-    on_decided();
+    // (A smaller batch drops `on_decided` when it returns.)
+    let on_decided = if commands.len() >= COLLECT_EARLY_COMMANDS {
+        on_decided();
+        None
+    } else {
+        Some(on_decided)
+    };
     let counter = if speculated { &pipeline.written_as_prepared } else { &pipeline.run_under_lock };
     counter.fetch_add(1, Ordering::Relaxed);
     let decided_us = started.elapsed().as_micros() as u64;
     last_write.committed = false;
     sqlx::query_with(PERSIST, write).execute(&mut *tx).await.map_err(query_error("writing a ledger batch"))?;
+
     let written_us = started.elapsed().as_micros() as u64;
     tx.commit().await.map_err(query_error("committing a ledger batch"))?;
     last_write.committed = true;
+    drop(last_write);
+    drop(on_decided);
     tracing::trace!(
         commands = commands.len(),
         speculated,

@@ -179,9 +179,10 @@ fn spawn_writers(store: Arc<BatchStore>, clock: Arc<dyn Clock>) -> mpsc::Sender<
     sender
 }
 
-/// One writer: takes the queue, collects a batch, and keeps the queue until the batch has
-/// decided what it writes; so the other writer collects the next batch while this one is
-/// written, from everything queued meanwhile, not the moment this one was collected.
+/// One writer: takes the queue, collects a batch, and keeps the queue until a large batch
+/// has decided what it writes, or a small one has committed
+/// ([`super::postgres::COLLECT_EARLY_COMMANDS`]); so the other writer collects the next
+/// batch from everything queued meanwhile, not the moment this one was collected.
 async fn run_writer(store: Arc<BatchStore>, clock: Arc<dyn Clock>, receiver: Arc<Mutex<mpsc::Receiver<Job>>>) {
     loop {
         let mut queue = Arc::clone(&receiver).lock_owned().await;
