@@ -1,6 +1,6 @@
 //! The double-entry core: applies transfer specs to an in-memory view of the accounts and
 //! transfers they touch. Pure: the caller loads the view, passes `now`, and persists what
-//! [`Books::take_effects`] returns.
+//! [`Books::into_effects`] returns.
 //!
 //! Rules (TigerBeetle's semantics, with remembered failures):
 //! - a posted transfer moves `amount` from the debit to the credit account; a pending one
@@ -15,7 +15,7 @@
 //! - a payment or escrow release costs its recipient `fee_bps` of the amount, moved to the
 //!   treasury by a derived transfer (`<id>#fee`) in the same chain.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{HashMap, HashSet};
 
 use molt_protocol::UnixMillis;
 
@@ -136,7 +136,7 @@ pub struct Effects {
 #[derive(Debug)]
 pub struct Books {
     accounts: HashMap<AccountId, Account>,
-    known: HashMap<TransferId, Known>,
+    known: HashMap<TransferId, Slot>,
     pending: HashMap<TransferId, PendingEntry>,
     fee_bps: u32,
     seq: u64,
@@ -144,15 +144,23 @@ pub struct Books {
     now: UnixMillis,
     transfers: Vec<Transfer>,
     rejections: Vec<Rejection>,
-    dirty: BTreeSet<AccountId>,
+    /// Accounts changed by the batch (sorted when taken).
+    dirty: HashSet<AccountId>,
     undo: Option<Undo>,
+}
+
+/// Where the view finds what it knows about an id: loaded from storage, or a journal
+/// entry of this batch (an index into `transfers`, so an entry is not kept twice).
+#[derive(Debug)]
+enum Slot {
+    Loaded(Known),
+    Journaled(usize),
 }
 
 /// What to restore when a linked chain fails.
 #[derive(Debug)]
 struct Undo {
     accounts: Vec<Account>,
-    known: Vec<TransferId>,
     resolved: Vec<TransferId>,
     pending: Vec<TransferId>,
     transfers_len: usize,
@@ -173,7 +181,7 @@ impl Books {
             now,
             transfers: Vec::new(),
             rejections: Vec::new(),
-            dirty: BTreeSet::new(),
+            dirty: HashSet::new(),
             undo: None,
         }
     }
@@ -183,7 +191,7 @@ impl Books {
     }
 
     pub fn insert_known(&mut self, id: TransferId, known: Known) {
-        self.known.insert(id, known);
+        self.known.insert(id, Slot::Loaded(known));
     }
 
     pub fn insert_pending(&mut self, entry: PendingEntry) {
@@ -194,8 +202,13 @@ impl Books {
         self.accounts.get(id)
     }
 
-    pub fn known(&self, id: &TransferId) -> Option<&Known> {
-        self.known.get(id)
+    /// What the view knows about `id`: its journal entry, or the refused spec and why.
+    fn known(&self, id: &TransferId) -> Option<Result<&Transfer, (&TransferSpec, TransferError)>> {
+        match self.known.get(id)? {
+            Slot::Loaded(Known::Applied(transfer)) => Some(Ok(transfer)),
+            Slot::Loaded(Known::Rejected(spec, error)) => Some(Err((spec, *error))),
+            Slot::Journaled(index) => self.transfers.get(*index).map(Ok),
+        }
     }
 
     pub fn fee_bps(&self) -> u32 {
@@ -235,7 +248,6 @@ impl Books {
     pub fn apply_chain(&mut self, chain: &[TransferSpec]) -> Vec<Result<Applied, TransferError>> {
         self.undo = Some(Undo {
             accounts: Vec::new(),
-            known: Vec::new(),
             resolved: Vec::new(),
             pending: Vec::new(),
             transfers_len: self.transfers.len(),
@@ -269,24 +281,20 @@ impl Books {
                     return Err(error);
                 }
                 // An id already known keeps its original answer.
-                match self.known.get(&spec.id) {
-                    Some(Known::Rejected(_, original)) => Err(*original),
+                match self.known(&spec.id) {
+                    Some(Err((_, original))) => Err(original),
                     _ => Err(self.remember(spec, error)),
                 }
             })
             .collect()
     }
 
-    /// Everything the batch changed; the view stays usable.
-    pub fn take_effects(&mut self) -> Effects {
-        let accounts =
-            std::mem::take(&mut self.dirty).into_iter().filter_map(|id| self.accounts.get(&id).cloned()).collect();
-        Effects {
-            transfers: std::mem::take(&mut self.transfers),
-            rejections: std::mem::take(&mut self.rejections),
-            accounts,
-            head: (self.seq, self.hash),
-        }
+    /// Everything the batch changed (changed accounts in id order); ends the view.
+    pub fn into_effects(mut self) -> Effects {
+        let mut dirty: Vec<AccountId> = self.dirty.into_iter().collect();
+        dirty.sort_unstable();
+        let accounts = dirty.into_iter().filter_map(|id| self.accounts.remove(&id)).collect();
+        Effects { transfers: self.transfers, rejections: self.rejections, accounts, head: (self.seq, self.hash) }
     }
 
     fn apply_with_fee(&mut self, spec: &TransferSpec) -> Result<Applied, TransferError> {
@@ -312,10 +320,10 @@ impl Books {
     }
 
     fn apply_one(&mut self, spec: &TransferSpec) -> Result<Applied, TransferError> {
-        if let Some(known) = self.known.get(&spec.id) {
+        if let Some(known) = self.known(&spec.id) {
             return match known {
-                Known::Applied(transfer) if transfer.spec == *spec => Ok(Applied::Existed(transfer.clone())),
-                Known::Rejected(original, error) if original == spec => Err(*error),
+                Ok(transfer) if transfer.spec == *spec => Ok(Applied::Existed(transfer.clone())),
+                Err((original, error)) if original == spec => Err(error),
                 _ => Err(TransferError::IdReused),
             };
         }
@@ -368,8 +376,13 @@ impl Books {
         debit.last_seq = seq;
         credit.last_seq = seq;
         for account in [debit, credit] {
-            self.dirty.insert(account.id.clone());
-            let old = self.accounts.insert(account.id.clone(), account);
+            if !self.dirty.contains(&account.id) {
+                self.dirty.insert(account.id.clone());
+            }
+            let old = match self.accounts.get_mut(&account.id) {
+                Some(slot) => Some(std::mem::replace(slot, account)),
+                None => self.accounts.insert(account.id.clone(), account),
+            };
             if let (Some(undo), Some(old)) = (self.undo.as_mut(), old) {
                 undo.accounts.push(old);
             }
@@ -392,11 +405,8 @@ impl Books {
         let hash = journal::entry_hash(&self.hash, seq, spec, self.now);
         self.hash = hash;
         let transfer = Transfer { seq, spec: spec.clone(), created_at: self.now, hash, debit_prev, credit_prev };
+        self.known.insert(spec.id.clone(), Slot::Journaled(self.transfers.len()));
         self.transfers.push(transfer.clone());
-        self.known.insert(spec.id.clone(), Known::Applied(transfer.clone()));
-        if let Some(undo) = self.undo.as_mut() {
-            undo.known.push(spec.id.clone());
-        }
         transfer
     }
 
@@ -405,8 +415,9 @@ impl Books {
         for account in undo.accounts.into_iter().rev() {
             self.accounts.insert(account.id.clone(), account);
         }
-        for id in undo.known {
-            self.known.remove(&id);
+        // The chain's entries are the journal's last; their ids were unknown before.
+        for transfer in &self.transfers[undo.transfers_len..] {
+            self.known.remove(&transfer.spec.id);
         }
         for id in undo.pending {
             self.pending.remove(&id);
@@ -425,7 +436,7 @@ impl Books {
     /// the ledger itself) and returns it.
     fn remember(&mut self, spec: &TransferSpec, error: TransferError) -> TransferError {
         if error != TransferError::IdReused && !spec.id.as_str().contains('#') && !self.known.contains_key(&spec.id) {
-            self.known.insert(spec.id.clone(), Known::Rejected(spec.clone(), error));
+            self.known.insert(spec.id.clone(), Slot::Loaded(Known::Rejected(spec.clone(), error)));
             self.rejections.push(Rejection { spec: spec.clone(), error, created_at: self.now });
         }
         error

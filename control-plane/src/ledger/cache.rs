@@ -11,6 +11,11 @@
 //! fails (or whose commit may or may not have happened) empties the cache, so it never has
 //! to guess what the database kept.
 //!
+//! On PostgreSQL the cache runs ahead of the database: it holds the totals the batch
+//! being written will leave, and the next batch is computed on them before it takes the
+//! head lock. That batch checks its whole basis under the lock and empties the cache
+//! when it does not hold ([`super::postgres`]).
+//!
 //! Pure: no I/O and no clock, like the rest of the books.
 
 use std::collections::HashMap;
@@ -60,10 +65,14 @@ impl AccountCache {
         self.accounts.insert(account.id.clone(), account);
     }
 
-    /// The batch committed: its final totals and its head are now the stored ones.
+    /// The batch committed (or, on PostgreSQL, will): its final totals and its head are
+    /// now the stored ones. Every one of them stays, however full the cache was.
     pub fn committed(&mut self, accounts: &[Account], head: Head) {
+        if self.accounts.len() + accounts.len() > ACCOUNT_CACHE_ENTRIES_MAX {
+            self.accounts.clear();
+        }
         for account in accounts {
-            self.insert(account.clone());
+            self.accounts.insert(account.id.clone(), account.clone());
         }
         self.head = Some(head);
     }

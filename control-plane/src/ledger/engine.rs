@@ -1,6 +1,6 @@
 //! Commands over the books: escrows and stakes turned into transfers. Pure, like
 //! [`Books`]: the storage layer loads a [`View`], runs [`View::run`] with the time of the
-//! batch, and persists [`View::take_effects`].
+//! batch, and persists [`View::into_effects`].
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -100,14 +100,11 @@ impl View {
         commands.iter().map(|command| self.run_one(command)).collect()
     }
 
-    pub fn take_effects(&mut self) -> ViewEffects {
-        let escrows =
-            std::mem::take(&mut self.dirty_escrows).iter().filter_map(|id| self.escrows.get(id).cloned()).collect();
-        let unbondings = std::mem::take(&mut self.dirty_unbondings)
-            .iter()
-            .filter_map(|id| self.unbondings.get(id).cloned())
-            .collect();
-        ViewEffects { books: self.books.take_effects(), escrows, unbondings }
+    /// Everything the batch changed; ends the view.
+    pub fn into_effects(mut self) -> ViewEffects {
+        let escrows = self.dirty_escrows.iter().filter_map(|id| self.escrows.remove(id)).collect();
+        let unbondings = self.dirty_unbondings.iter().filter_map(|id| self.unbondings.remove(id)).collect();
+        ViewEffects { books: self.books.into_effects(), escrows, unbondings }
     }
 
     fn run_one(&mut self, command: &Command) -> Outcome {

@@ -1,11 +1,14 @@
 //! [`Ledger`]: the handle the API and the background work use.
 //!
 //! **Group commit.** Requests queue their commands ([`LEDGER_QUEUE_DEPTH`] jobs at most);
-//! [`WRITER_TASKS`] writer task takes every queued job up to [`BATCH_COMMANDS_MAX`]
-//! commands ([`crate::batch::collect`]) and runs them in one transaction
-//! ([`BatchStore::execute`]), then answers each job. Under load one commit (one fsync) carries hundreds of requests; idle, a request
-//! is a transaction of its own. The batches of one process run one at a time (they share
-//! the writer's cached account totals, and would queue on the journal head anyway), so a
+//! a writer task takes every queued job up to [`BATCH_COMMANDS_MAX`] commands
+//! ([`crate::batch::collect`]) and runs them in one transaction
+//! ([`BatchStore::execute`]), then answers each job. Under load one commit (one fsync)
+//! carries hundreds of requests; idle, a request is a transaction of its own. On
+//! PostgreSQL [`WRITER_TASKS_POSTGRES`] writers share the queue: while one batch is
+//! written the other writer collects and prepares the next
+//! ([`super::postgres`]). On SQLite the batches of a process run one at a time (they
+//! queue on the database's write lock anyway), so [`WRITER_TASKS_SQLITE`] is one: a
 //! second writer would only take a small batch early and make the next one wait for it.
 //!
 //! **Retries.** A batch that fails with a serialization failure, a deadlock or a busy
@@ -27,17 +30,20 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::engine::{Command, Outcome, Requester};
 use super::escrow::EscrowEvent;
+use super::postgres::OnDecided;
 use super::store::{self, BatchStore, LedgerQueryError};
 use crate::batch;
 use crate::clock::Clock;
-use crate::db::Database;
+use crate::db::{Backend, Database};
 
 /// Jobs waiting for a writer.
 pub const LEDGER_QUEUE_DEPTH: usize = 4096;
 /// Most commands one transaction carries (a job larger than this runs alone).
 pub const BATCH_COMMANDS_MAX: usize = 8192;
-/// Writer tasks per process (batches run one at a time; see the module docs).
-pub const WRITER_TASKS: usize = 1;
+/// Writer tasks per process on PostgreSQL: one writing, one preparing (module docs).
+pub const WRITER_TASKS_POSTGRES: usize = 2;
+/// Writer tasks per process on SQLite (batches run one at a time; module docs).
+pub const WRITER_TASKS_SQLITE: usize = 1;
 /// Attempts at a batch that keeps failing with retryable errors.
 pub const RETRY_ATTEMPTS_MAX: u32 = 10;
 /// How often the expiry worker looks for due escrows and unbondings.
@@ -100,7 +106,7 @@ impl Ledger {
 
     /// Runs commands in the caller's task, in one transaction, with retries.
     pub async fn execute_now(&self, commands: &[Command]) -> Result<Vec<Outcome>, LedgerError> {
-        execute_with_retries(&self.store, self.clock.as_ref(), commands).await
+        execute_with_retries(&self.store, self.clock.as_ref(), commands, None).await
     }
 
     /// One expiry pass: resolves expired escrows and releases matured unbondings.
@@ -162,29 +168,34 @@ impl Drop for ExpiryWorker {
 fn spawn_writers(store: Arc<BatchStore>, clock: Arc<dyn Clock>) -> mpsc::Sender<Job> {
     let (sender, receiver) = mpsc::channel(LEDGER_QUEUE_DEPTH);
     let receiver = Arc::new(Mutex::new(receiver));
-    for _ in 0..WRITER_TASKS {
+    let writers = match store.db().backend() {
+        Backend::Postgres => WRITER_TASKS_POSTGRES,
+        Backend::Sqlite => WRITER_TASKS_SQLITE,
+    };
+    for _ in 0..writers {
         // The tasks end when every sender (the Ledger) is gone and the queue is empty.
         tokio::spawn(run_writer(Arc::clone(&store), Arc::clone(&clock), Arc::clone(&receiver)));
     }
     sender
 }
 
+/// One writer: takes the queue, collects a batch, and keeps the queue until a large batch
+/// has decided what it writes, or a small one has committed
+/// ([`super::postgres::COLLECT_EARLY_COMMANDS`]); so the other writer collects the next
+/// batch from everything queued meanwhile, not the moment this one was collected.
 async fn run_writer(store: Arc<BatchStore>, clock: Arc<dyn Clock>, receiver: Arc<Mutex<mpsc::Receiver<Job>>>) {
     loop {
-        let jobs = {
-            let mut receiver = receiver.lock().await;
-            let Some(jobs) = batch::collect(&mut receiver, BATCH_COMMANDS_MAX, |job| job.commands.len()).await else {
-                return;
-            };
-            jobs
+        let mut queue = Arc::clone(&receiver).lock_owned().await;
+        let Some(jobs) = batch::collect(&mut queue, BATCH_COMMANDS_MAX, |job| job.commands.len()).await else {
+            return;
         };
-        run_jobs(&store, clock.as_ref(), jobs).await;
+        run_jobs(&store, clock.as_ref(), jobs, Box::new(move || drop(queue))).await;
     }
 }
 
-async fn run_jobs(store: &BatchStore, clock: &dyn Clock, jobs: Vec<Job>) {
+async fn run_jobs(store: &BatchStore, clock: &dyn Clock, jobs: Vec<Job>, on_decided: OnDecided) {
     let commands: Vec<Command> = jobs.iter().flat_map(|job| job.commands.iter().cloned()).collect();
-    match execute_with_retries(store, clock, &commands).await {
+    match execute_with_retries(store, clock, &commands, Some(on_decided)).await {
         Ok(mut outcomes) => {
             for job in jobs.into_iter().rev() {
                 let rest = outcomes.split_off(outcomes.len() - job.commands.len());
@@ -199,7 +210,7 @@ async fn run_jobs(store: &BatchStore, clock: &dyn Clock, jobs: Vec<Job>) {
         Err(error) => {
             tracing::warn!(%error, jobs = jobs.len(), "ledger batch failed; running its jobs one by one");
             for job in jobs {
-                let result = execute_with_retries(store, clock, &job.commands).await.map_err(Arc::new);
+                let result = execute_with_retries(store, clock, &job.commands, None).await.map_err(Arc::new);
                 let _ = job.reply.send(result);
             }
         }
@@ -210,10 +221,13 @@ async fn execute_with_retries(
     store: &BatchStore,
     clock: &dyn Clock,
     commands: &[Command],
+    mut on_decided: Option<OnDecided>,
 ) -> Result<Vec<Outcome>, LedgerError> {
     let mut attempt = 0;
     loop {
-        match store.execute(commands, clock.now()).await {
+        // The first attempt calls it (or drops it, failing early); retries need not.
+        let on_decided = on_decided.take().unwrap_or_else(|| Box::new(|| {}));
+        match store.execute_then(commands, clock.now(), on_decided).await {
             Ok(outcomes) => return Ok(outcomes),
             Err(error) if error.is_retryable() && attempt + 1 < RETRY_ATTEMPTS_MAX => {
                 attempt += 1;

@@ -4,17 +4,19 @@
 //! **Locking.** A batch's first locking statement takes the journal head: `SELECT … FOR
 //! UPDATE` of the head row on PostgreSQL, an `UPDATE` of it on SQLite (which takes the
 //! database's single write lock at once; a transaction that read first could fail to
-//! upgrade). Every ledger writer in every process takes the head before it reads or
-//! writes an account total, so writers are serialised by that one lock and cannot
-//! deadlock; the account updates lock their rows as they write them. The head lock also
+//! upgrade). Every ledger writer in every process takes the head before it writes an
+//! account total, so writers are serialised by that one lock and cannot deadlock; the
+//! account updates lock their rows as they write them. The head lock also
 //! gives the journal its one order. Serialization and deadlock failures, and SQLite's
 //! busy errors, are retried by [`super::service::Ledger`] a bounded number of times with
 //! a new transaction.
 //!
-//! **Reads.** Under the lock a batch reads the escrows and unbondings it names, the
-//! account totals its [`AccountCache`] does not hold (the cache is checked against the
-//! stored head first, see [`super::cache`]), and which of its transfer ids are already
-//! known (applied or refused).
+//! **Reads.** A batch reads the escrows and unbondings it names, the account totals its
+//! [`AccountCache`] does not hold (the cache is checked against the stored head first,
+//! see [`super::cache`]), and which of its transfer ids are already known (applied or
+//! refused). On SQLite it reads under the lock. On PostgreSQL it reads and runs before
+//! the lock, while the previous batch is written, and under the lock checks that nothing
+//! else was written since, or reads and runs again ([`super::postgres`]).
 //!
 //! **Hot accounts.** A batch applies its transfers in memory and writes each account row
 //! once with its final totals, so a thousand transfers into the treasury in one batch
@@ -33,6 +35,7 @@ use super::cache::{AccountCache, Head};
 use super::engine::{self, Command, View, ViewEffects};
 use super::escrow::{Escrow, EscrowState, OnExpiry};
 use super::journal::{AuditReport, Auditor};
+use super::postgres::OnDecided;
 use super::stake::{Unbonding, UnbondingState};
 use super::types::{
     Account, AccountFlags, AccountId, Credits, Purpose, Rejection, StakeKind, Transfer, TransferFlags, TransferId,
@@ -85,37 +88,87 @@ type Tx = Transaction<'static, Any>;
 pub struct BatchStore {
     db: Database,
     postgres: OnceCell<PgPool>,
+    pipeline: super::postgres::Pipeline,
+    /// SQLite's writer's cache (PostgreSQL's is in the pipeline).
     cache: Mutex<AccountCache>,
 }
 
 impl BatchStore {
     pub fn new(db: Database) -> BatchStore {
-        BatchStore { db, postgres: OnceCell::new(), cache: Mutex::new(AccountCache::new()) }
+        BatchStore {
+            db,
+            postgres: OnceCell::new(),
+            pipeline: super::postgres::Pipeline::new(),
+            cache: Mutex::new(AccountCache::new()),
+        }
     }
 
     pub fn db(&self) -> &Database {
         &self.db
     }
 
-    /// Runs `commands` in one transaction, commits, and returns the outcomes. Batches of
-    /// one process run one at a time (they would queue on the journal head anyway).
+    /// The PostgreSQL pipeline (unused on SQLite).
+    pub fn pipeline(&self) -> &super::postgres::Pipeline {
+        &self.pipeline
+    }
+
+    /// Runs `commands` in one transaction, commits, and returns the outcomes. On SQLite
+    /// the batches of one process run one at a time (they would queue on the database's
+    /// write lock anyway); on PostgreSQL one is prepared while another is written
+    /// ([`super::postgres`]).
     pub async fn execute(
         &self,
         commands: &[Command],
         now: UnixMillis,
     ) -> Result<Vec<engine::Outcome>, LedgerQueryError> {
-        let mut cache = self.cache.lock().await;
-        let result = match self.db.backend() {
+        self.run(commands, now, async {}, Box::new(|| {})).await
+    }
+
+    /// [`BatchStore::execute`], calling `on_decided` once the batch has settled what it
+    /// writes (on SQLite, at once): a writer collects the next batch from then on.
+    pub async fn execute_then(
+        &self,
+        commands: &[Command],
+        now: UnixMillis,
+        on_decided: OnDecided,
+    ) -> Result<Vec<engine::Outcome>, LedgerQueryError> {
+        self.run(commands, now, async {}, on_decided).await
+    }
+
+    /// [`BatchStore::execute`]; on PostgreSQL, runs `pause` between preparing the batch
+    /// and taking the head lock (tests write from another replica there).
+    #[doc(hidden)]
+    pub async fn execute_pausing(
+        &self,
+        commands: &[Command],
+        now: UnixMillis,
+        pause: impl std::future::Future<Output = ()>,
+    ) -> Result<Vec<engine::Outcome>, LedgerQueryError> {
+        self.run(commands, now, pause, Box::new(|| {})).await
+    }
+
+    async fn run(
+        &self,
+        commands: &[Command],
+        now: UnixMillis,
+        pause: impl std::future::Future<Output = ()>,
+        on_decided: OnDecided,
+    ) -> Result<Vec<engine::Outcome>, LedgerQueryError> {
+        match self.db.backend() {
             Backend::Postgres => {
                 let pool = self.postgres.get_or_try_init(|| super::postgres::connect(&self.db)).await?;
-                super::postgres::execute(pool, &mut cache, commands, now).await
+                super::postgres::execute_pausing(pool, &self.pipeline, commands, now, pause, on_decided).await
             }
-            Backend::Sqlite => execute_sqlite(&self.db, &mut cache, commands, now).await,
-        };
-        if result.is_err() {
-            cache.invalidate();
+            Backend::Sqlite => {
+                on_decided();
+                let mut cache = self.cache.lock().await;
+                let result = execute_sqlite(&self.db, &mut cache, commands, now).await;
+                if result.is_err() {
+                    cache.invalidate();
+                }
+                result
+            }
         }
-        result
     }
 }
 
@@ -175,7 +228,7 @@ pub(crate) fn run_batch(
         view.insert_unbonding(unbonding);
     }
     let outcomes = view.run(commands);
-    (outcomes, view.take_effects())
+    (outcomes, view.into_effects())
 }
 
 /// The SQLite batch: the first statement takes the database's write lock (a transaction

@@ -82,6 +82,92 @@ async fn batch_connections_look_ids_up_by_index_however_small_the_journal_was() 
     assert!(plan.contains("Index Scan") && !plan.contains("Seq Scan on ledger_transfers"), "{plan}");
 }
 
+/// A PostgreSQL batch is computed before it takes the head lock, on the state the batch
+/// before it leaves, and written as computed only if nothing else was written meanwhile.
+/// Here another replica writes exactly between the two: a payment that makes this one
+/// unaffordable, a chain of refusals (which leaves the journal head as it was) that this
+/// batch repeats, and a fee change. Each time the batch must run again under the lock and
+/// get what running it after the other replica's write gives. And a batch dropped between
+/// the two stages must leave nothing in the next one's state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_prepared_before_another_replica_wrote_runs_again_under_the_lock() {
+    let fixture = Fixture::postgres().await;
+    let here = store::BatchStore::new(fixture.db.clone());
+    let there_db = fixture.second_handle().await;
+    let there = store::BatchStore::new(there_db.clone());
+    let [a, b, c] = [TestAgent::new().id, TestAgent::new().id, TestAgent::new().id].map(AccountId::wallet);
+    store::ensure_accounts(&fixture.db, &[a.clone(), b.clone(), c.clone()], T0).await.unwrap();
+    let pay = |id: &str, from: &AccountId, to: &AccountId, amount: u64, linked: bool| {
+        spec(Namespace::Admin, id, from.clone(), to.clone(), amount, Purpose::Payment, linked)
+    };
+    let mint = spec(Namespace::Admin, "mint", AccountId::issuance(), a.clone(), 100, Purpose::Mint, false);
+    assert_eq!(run_transfers(&here, vec![mint]).await, [None]);
+    // Nothing else writes: the next batch is written as prepared.
+    assert_eq!(run_transfers(&here, vec![pay("warm", &a, &b, 1, false)]).await, [None]);
+    assert_eq!(here.pipeline().decisions(), (1, 1));
+
+    // A payment from the same wallet lands between prepare and lock.
+    let commands = [Command::Transfers(vec![pay("p1", &a, &b, 60, false)])];
+    let outcomes = here
+        .execute_pausing(&commands, T0, async {
+            assert_eq!(run_transfers(&there, vec![pay("p2", &a, &c, 60, false)]).await, [None]);
+        })
+        .await
+        .unwrap();
+    assert_eq!(codes(&outcomes[0]), [Some("insufficient_funds")]);
+    assert_eq!(here.pipeline().decisions(), (1, 2));
+    let balance = |id: AccountId| {
+        let db = fixture.db.clone();
+        async move { store::account(&db, &id).await.unwrap().unwrap().balance() }
+    };
+    assert_eq!((balance(a.clone()).await, balance(b.clone()).await, balance(c.clone()).await), (39, 1, 60));
+
+    // The other replica refuses a chain, "r1" with it; this batch, prepared before, holds
+    // the same "r1" in a chain that would pass. "r1" keeps its first answer.
+    let commands = [Command::Transfers(vec![pay("r1", &a, &b, 10, true), pay("r2", &a, &b, 5, false)])];
+    let outcomes = here
+        .execute_pausing(&commands, T0, async {
+            let refused =
+                run_transfers(&there, vec![pay("r1", &a, &b, 10, true), pay("x", &a, &b, 1_000, false)]).await;
+            assert_eq!(refused, [Some("linked_transfer_failed"), Some("insufficient_funds")]);
+        })
+        .await
+        .unwrap();
+    assert_eq!(codes(&outcomes[0]), [Some("linked_transfer_failed"), Some("linked_transfer_failed")]);
+    assert_eq!(here.pipeline().decisions(), (1, 3));
+    assert_eq!(fixture.count("ledger_transfers WHERE id LIKE '%r1' OR id LIKE '%r2'").await, 0);
+
+    // The fee changes between prepare and lock: the payment pays the new fee.
+    let treasury_before = balance(AccountId::treasury()).await;
+    let commands = [Command::Transfers(vec![pay("f1", &a, &b, 20, false)])];
+    let outcomes =
+        here.execute_pausing(&commands, T0, async { store::set_fee_bps(&there_db, 500).await.unwrap() }).await.unwrap();
+    assert_eq!(codes(&outcomes[0]), [None]);
+    assert_eq!(here.pipeline().decisions(), (1, 4));
+    assert_eq!(balance(AccountId::treasury()).await - treasury_before, 1);
+
+    // A batch dropped between prepare and lock (its caller gone) leaves nothing behind:
+    // the next one, prepared on the same basis, is written as prepared with true totals.
+    let (a_before, b_before) = (balance(a.clone()).await, balance(b.clone()).await);
+    let commands = [Command::Transfers(vec![pay("gone", &a, &b, 5, false)])];
+    let dropped = here.execute_pausing(&commands, T0, std::future::pending());
+    assert!(tokio::time::timeout(Duration::from_millis(200), dropped).await.is_err());
+    assert_eq!(run_transfers(&here, vec![pay("q1", &a, &b, 1, false)]).await, [None]);
+    assert_eq!(here.pipeline().decisions(), (2, 4));
+    assert_eq!((balance(a.clone()).await, balance(b.clone()).await), (a_before - 1, b_before + 1));
+
+    // Quiet again: prepared batches are written as prepared, and the books balance.
+    assert_eq!(run_transfers(&here, vec![pay("q2", &b, &c, 1, false)]).await, [None]);
+    assert_eq!(here.pipeline().decisions(), (3, 4));
+    let report = store::audit(&fixture.db).await.unwrap();
+    assert!(report.ok, "{report:?}");
+}
+
+/// Runs one batch of transfers on `store`; the error codes, `None` for applied.
+async fn run_transfers(store: &store::BatchStore, specs: Vec<TransferSpec>) -> Vec<Option<&'static str>> {
+    codes(&store.execute(&[Command::Transfers(specs)], T0).await.unwrap()[0])
+}
+
 const T0: UnixMillis = UnixMillis(1_700_000_000_000);
 const CREDIT: u64 = 1_000_000;
 
