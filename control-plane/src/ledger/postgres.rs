@@ -228,20 +228,9 @@ pub type OnDecided = Box<dyn FnOnce() + Send>;
 pub const COLLECT_EARLY_COMMANDS: usize = 1024;
 
 /// Runs `commands` in one transaction and commits; keeps the pipeline's state in step.
+/// `pause` runs once the batch is prepared and before it takes the head lock (tests write
+/// from another replica exactly there; otherwise `async {}`).
 pub async fn execute(
-    pool: &PgPool,
-    pipeline: &Pipeline,
-    commands: &[Command],
-    now: UnixMillis,
-    on_decided: OnDecided,
-) -> Result<Vec<Outcome>, LedgerQueryError> {
-    execute_pausing(pool, pipeline, commands, now, async {}, on_decided).await
-}
-
-/// [`execute`], running `pause` once the batch is prepared and before it takes the head
-/// lock: tests use it to write from another replica exactly there.
-#[doc(hidden)]
-pub async fn execute_pausing(
     pool: &PgPool,
     pipeline: &Pipeline,
     commands: &[Command],

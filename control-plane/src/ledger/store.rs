@@ -157,7 +157,7 @@ impl BatchStore {
         match self.db.backend() {
             Backend::Postgres => {
                 let pool = self.postgres.get_or_try_init(|| super::postgres::connect(&self.db)).await?;
-                super::postgres::execute_pausing(pool, &self.pipeline, commands, now, pause, on_decided).await
+                super::postgres::execute(pool, &self.pipeline, commands, now, pause, on_decided).await
             }
             Backend::Sqlite => {
                 on_decided();
