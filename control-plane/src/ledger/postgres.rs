@@ -334,38 +334,62 @@ async fn prepare(
     now: UnixMillis,
 ) -> Result<Prepared, LedgerQueryError> {
     let mut connection = pool.acquire().await.map_err(query_error("connecting for a ledger batch"))?;
-    let in_flight = &speculation.in_flight;
-    let (escrow_ids, unbonding_ids) = referenced_records(commands);
-    let (found, escrow_ids) = overlay(&in_flight.escrows, escrow_ids);
-    let mut escrows: Vec<Escrow> = found.into_iter().map(|(_, escrow)| escrow).collect();
-    escrows.extend(self::escrows(&mut connection, &escrow_ids).await?);
-    let (found, unbonding_ids) = overlay(&in_flight.unbondings, unbonding_ids);
-    let mut unbondings: Vec<Unbonding> = found.into_iter().map(|(_, unbonding)| unbonding).collect();
-    unbondings.extend(self::unbondings(&mut connection, &unbonding_ids).await?);
-    let account_ids = account_ids_of(commands, &escrows, &unbondings);
-    // Room for every account of the batch, keeping the in-flight batch's totals (its
-    // rows still hold the totals before it).
-    if speculation.cache.len() + account_ids.len() > super::cache::ACCOUNT_CACHE_ENTRIES_MAX {
-        speculation.cache.invalidate();
-        for account in &in_flight.accounts {
-            speculation.cache.insert(account.clone());
-        }
-    }
-    let missing: Vec<String> =
-        account_ids.iter().filter(|id| !speculation.cache.contains(id)).map(|id| id.as_str().to_owned()).collect();
-    for account in accounts(&mut connection, &missing).await? {
-        speculation.cache.insert(account);
-    }
-    let ids: Vec<TransferId> = commands.iter().flat_map(spec_ids).collect();
-    let (mut known, ids) = in_flight.known(ids);
-    known.extend(known_ids(&mut connection, &ids).await?);
-    drop(connection);
-    let loaded = Loaded { fee_bps: basis.fee_bps, escrows, unbondings, known };
-    let (outcomes, effects) =
-        run_batch((basis.seq, basis.hash), &speculation.cache, &account_ids, loaded, commands, now);
+    let Speculation { cache, in_flight, .. } = speculation;
+    let (outcomes, effects) = read_and_run(&mut connection, cache, in_flight, basis, commands, now).await?;
     // The cache takes the batch's totals only once the batch is decided: a batch
     // dropped before (its caller gone) must leave nothing of itself behind.
     Ok(Prepared { basis, ran: Ran::new(outcomes, effects)? })
+}
+
+/// Reads what the batch needs under the head lock and runs it: the batch as it would run
+/// without the pipeline. `cache` is empty or holds totals as of `stored`.
+async fn run_locked(
+    tx: &mut Tx,
+    cache: &mut AccountCache,
+    stored: Basis,
+    commands: &[Command],
+    now: UnixMillis,
+) -> Result<(Vec<Outcome>, ViewEffects), LedgerQueryError> {
+    cache.validate((stored.seq, stored.hash));
+    read_and_run(tx, cache, &InFlight::default(), stored, commands, now).await
+}
+
+/// Reads what the batch needs and `cache` and `in_flight` do not hold, and runs it on
+/// `basis`. Read accounts join the cache; the batch's own totals do not.
+async fn read_and_run(
+    connection: &mut PgConnection,
+    cache: &mut AccountCache,
+    in_flight: &InFlight,
+    basis: Basis,
+    commands: &[Command],
+    now: UnixMillis,
+) -> Result<(Vec<Outcome>, ViewEffects), LedgerQueryError> {
+    let (escrow_ids, unbonding_ids) = referenced_records(commands);
+    let (found, escrow_ids) = overlay(&in_flight.escrows, escrow_ids);
+    let mut escrows: Vec<Escrow> = found.into_iter().map(|(_, escrow)| escrow).collect();
+    escrows.extend(self::escrows(connection, &escrow_ids).await?);
+    let (found, unbonding_ids) = overlay(&in_flight.unbondings, unbonding_ids);
+    let mut unbondings: Vec<Unbonding> = found.into_iter().map(|(_, unbonding)| unbonding).collect();
+    unbondings.extend(self::unbondings(connection, &unbonding_ids).await?);
+    let account_ids = account_ids_of(commands, &escrows, &unbondings);
+    // Room for every account of the batch, keeping the in-flight batch's totals (its
+    // rows still hold the totals before it).
+    if cache.len() + account_ids.len() > super::cache::ACCOUNT_CACHE_ENTRIES_MAX {
+        cache.invalidate();
+        for account in &in_flight.accounts {
+            cache.insert(account.clone());
+        }
+    }
+    let missing: Vec<String> =
+        account_ids.iter().filter(|id| !cache.contains(id)).map(|id| id.as_str().to_owned()).collect();
+    for account in accounts(connection, &missing).await? {
+        cache.insert(account);
+    }
+    let ids: Vec<TransferId> = commands.iter().flat_map(spec_ids).collect();
+    let (mut known, ids) = in_flight.known(ids);
+    known.extend(known_ids(connection, &ids).await?);
+    let loaded = Loaded { fee_bps: basis.fee_bps, escrows, unbondings, known };
+    Ok(run_batch((basis.seq, basis.hash), cache, &account_ids, loaded, commands, now))
 }
 
 /// Splits `ids` into the records the in-flight batch writes (cloned) and the ids to read.
@@ -381,31 +405,6 @@ fn overlay<V: Clone>(
         }
     }
     (found, missing)
-}
-
-/// Reads what the batch needs under the head lock and runs it: the batch as it would run
-/// without the pipeline. `cache` is empty or holds totals as of `stored`.
-async fn run_locked(
-    tx: &mut Tx,
-    cache: &mut AccountCache,
-    stored: Basis,
-    commands: &[Command],
-    now: UnixMillis,
-) -> Result<(Vec<Outcome>, ViewEffects), LedgerQueryError> {
-    let (escrow_ids, unbonding_ids) = referenced_records(commands);
-    cache.validate((stored.seq, stored.hash));
-    let escrows = escrows(tx, &escrow_ids).await?;
-    let unbondings = unbondings(tx, &unbonding_ids).await?;
-    let account_ids = account_ids_of(commands, &escrows, &unbondings);
-    let missing: Vec<String> =
-        account_ids.iter().filter(|id| !cache.contains(id)).map(|id| id.as_str().to_owned()).collect();
-    for account in accounts(tx, &missing).await? {
-        cache.insert(account);
-    }
-    let ids: Vec<TransferId> = commands.iter().flat_map(spec_ids).collect();
-    let known = known_ids(tx, &ids).await?;
-    let loaded = Loaded { fee_bps: stored.fee_bps, escrows, unbondings, known };
-    Ok(run_batch((stored.seq, stored.hash), cache, &account_ids, loaded, commands, now))
 }
 
 async fn lock_head(tx: &mut Tx) -> Result<Basis, LedgerQueryError> {
