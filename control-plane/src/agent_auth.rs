@@ -32,6 +32,7 @@ use crate::api::AppState;
 use crate::api::problem::ApiError;
 use crate::batch;
 use crate::db::{Backend, Database};
+use crate::keys::LookedUp;
 use crate::registry::{self, RegistryQueryError, to_db};
 
 /// How far a request's timestamp may be from the server's clock, either way.
@@ -161,10 +162,15 @@ impl SignedRequest {
     /// Checks the signature with `key` and records the nonce. Rejections: 401
     /// `invalid_signature`, `replayed_request`.
     pub async fn verify(self, key: &PublicKey, nonces: &NonceRecorder, now: UnixMillis) -> Result<Verified, ApiError> {
-        if key.verify(self.canonical.as_bytes(), &self.signature).is_err() {
-            tracing::info!(agent = %self.agent, "agent request with a bad signature");
-            return Err(unauthorized("invalid_signature", "Molt-Signature does not verify with the agent's key"));
+        if !self.signed_by(key) {
+            return Err(self.invalid_signature());
         }
+        self.accept(nonces, now).await
+    }
+
+    /// Records the nonce of a request whose signature verified. Rejection: 401
+    /// `replayed_request`.
+    async fn accept(self, nonces: &NonceRecorder, now: UnixMillis) -> Result<Verified, ApiError> {
         let fresh = nonces
             .record(self.agent, &self.nonce, self.timestamp.saturating_add(TIMESTAMP_SKEW_MAX), now)
             .await
@@ -174,6 +180,11 @@ impl SignedRequest {
             return Err(unauthorized("replayed_request", "this Molt-Nonce was already used"));
         }
         Ok(Verified { agent: self.agent, body: self.body })
+    }
+
+    fn invalid_signature(&self) -> ApiError {
+        tracing::info!(agent = %self.agent, "agent request with a bad signature");
+        unauthorized("invalid_signature", "Molt-Signature does not verify with the agent's key")
     }
 }
 
@@ -186,19 +197,31 @@ impl FromRequest<AppState> for AuthenticatedAgent {
     async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
         let signed = SignedRequest::from_request(request, state).await?;
         let now = state.clock.now();
-        let keys = crate::keys::signing_keys(&state.db, signed.agent, now)
-            .await
-            .map_err(|error| ApiError::internal(&error))?;
-        let Some(keys) = keys else {
-            return Err(unauthorized("unknown_agent", "the agent is not registered"));
-        };
-        if keys.revoked {
-            return Err(unauthorized("revoked_agent", "the agent has been revoked"));
+        let internal = |error: crate::keys::KeysError| ApiError::internal(&error);
+        let mut looked_up = state.signing_keys.get(&state.db, signed.agent, now).await.map_err(internal)?;
+        loop {
+            let Some(LookedUp { keys, fresh }) = looked_up else {
+                return Err(unauthorized("unknown_agent", "the agent is not registered"));
+            };
+            if keys.revoked {
+                return Err(unauthorized("revoked_agent", "the agent has been revoked"));
+            }
+            let signer = match keys.previous {
+                Some(previous) if signed.signed_by(&previous) => Some((previous, true)),
+                _ => signed.signed_by(&keys.current).then_some((keys.current, false)),
+            };
+            match signer {
+                Some((key, by_previous_key)) => {
+                    let verified = signed.accept(&state.nonces, now).await?;
+                    return Ok(AuthenticatedAgent { agent: verified.agent, body: verified.body, by_previous_key, key });
+                }
+                // Kept keys may predate a key change made through another replica.
+                None if !fresh => {
+                    looked_up = state.signing_keys.read(&state.db, signed.agent, now).await.map_err(internal)?;
+                }
+                None => return Err(signed.invalid_signature()),
+            }
         }
-        let by_previous_key = keys.previous.is_some_and(|previous| signed.signed_by(&previous));
-        let key = if by_previous_key { keys.previous.unwrap_or(keys.current) } else { keys.current };
-        let verified = signed.verify(&key, &state.nonces, now).await?;
-        Ok(AuthenticatedAgent { agent: verified.agent, body: verified.body, by_previous_key, key })
     }
 }
 

@@ -28,9 +28,9 @@
 //! [`REVOCATION_LEASE`]), every [`REVOCATION_INTERVAL`], and at once by the request that
 //! made them due; a crash in between leaves them for the worker.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use molt_protocol::cert::Serial;
 use molt_protocol::keys::{KeyBinding, PublicKey, Signature};
@@ -144,8 +144,27 @@ pub struct SigningKeys {
     pub revoked: bool,
 }
 
+/// An agent's keys as stored: the replaced key with the end of its overlap.
+#[derive(Clone, Debug)]
+struct StoredKeys {
+    current: PublicKey,
+    previous: Option<(PublicKey, UnixMillis)>,
+    revoked: bool,
+}
+
+impl StoredKeys {
+    fn at(&self, now: UnixMillis) -> SigningKeys {
+        let previous = self.previous.and_then(|(key, until)| (until > now).then_some(key));
+        SigningKeys { current: self.current, previous, revoked: self.revoked }
+    }
+}
+
 /// Reads the keys that may sign `agent`'s requests at `now`.
 pub async fn signing_keys(db: &Database, agent: AgentId, now: UnixMillis) -> Result<Option<SigningKeys>, KeysError> {
+    Ok(stored_keys(db, agent).await?.map(|keys| keys.at(now)))
+}
+
+async fn stored_keys(db: &Database, agent: AgentId) -> Result<Option<StoredKeys>, KeysError> {
     let read = query_error("reading an agent's keys");
     let row =
         sqlx::query("SELECT public_key, previous_key, previous_key_until_ms, revoked_at_ms FROM agents WHERE id = $1")
@@ -156,12 +175,103 @@ pub async fn signing_keys(db: &Database, agent: AgentId, now: UnixMillis) -> Res
     let Some(row) = row else { return Ok(None) };
     let current = key_column(&row, "public_key")?;
     let until: Option<i64> = row.try_get("previous_key_until_ms").map_err(read)?;
-    let previous = match until.map(from_db) {
-        Some(until) if until > now => optional_key_column(&row, "previous_key")?,
-        _ => None,
+    let previous = match until {
+        Some(until) => optional_key_column(&row, "previous_key")?.map(|key| (key, from_db(until))),
+        None => None,
     };
     let revoked: Option<i64> = row.try_get("revoked_at_ms").map_err(read)?;
-    Ok(Some(SigningKeys { current, previous, revoked: revoked.is_some() }))
+    Ok(Some(StoredKeys { current, previous, revoked: revoked.is_some() }))
+}
+
+/// How long a replica answers agent requests from the keys it last read for an agent,
+/// without reading them again. A key change or revocation made through this replica
+/// takes effect here at once ([`SigningKeysCache::forget`]); one made through another
+/// replica, within this time. A request signed by a key the cached entry does not hold
+/// reads the keys again at once, so a new key signs everywhere from the start.
+pub const SIGNING_KEYS_CACHE_TTL: Duration = Duration::from_secs(1);
+/// Agents whose keys a replica keeps at most; a fuller cache starts over.
+pub const SIGNING_KEYS_CACHE_ENTRIES_MAX: usize = 65_536;
+
+/// Recently read signing keys, per agent: a signed request otherwise reads the agent's
+/// row before anything else, and that read was a third of the database's work per
+/// ledger call (BENCHMARKS.md, "Credits ledger through the HTTP API"). Unknown agents
+/// are not kept, so a registration signs at once.
+#[derive(Debug)]
+pub struct SigningKeysCache {
+    ttl: Duration,
+    entries_max: usize,
+    entries: std::sync::Mutex<HashMap<AgentId, (Instant, StoredKeys)>>,
+}
+
+/// Signing keys and where they came from.
+#[derive(Clone, Debug)]
+pub struct LookedUp {
+    pub keys: SigningKeys,
+    /// Whether they were read for this lookup (else: kept from an earlier one).
+    pub fresh: bool,
+}
+
+impl Default for SigningKeysCache {
+    fn default() -> SigningKeysCache {
+        SigningKeysCache::new(SIGNING_KEYS_CACHE_TTL)
+    }
+}
+
+impl SigningKeysCache {
+    pub fn new(ttl: Duration) -> SigningKeysCache {
+        SigningKeysCache {
+            ttl,
+            entries_max: SIGNING_KEYS_CACHE_ENTRIES_MAX,
+            entries: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `agent`'s signing keys at `now`: kept ones if read within the TTL, else read now.
+    pub async fn get(&self, db: &Database, agent: AgentId, now: UnixMillis) -> Result<Option<LookedUp>, KeysError> {
+        let kept = self.entries().get(&agent).filter(|(read_at, _)| read_at.elapsed() < self.ttl).cloned();
+        match kept {
+            Some((_, keys)) => Ok(Some(LookedUp { keys: keys.at(now), fresh: false })),
+            None => self.read(db, agent, now).await,
+        }
+    }
+
+    /// `agent`'s signing keys at `now`, read now (and kept).
+    pub async fn read(&self, db: &Database, agent: AgentId, now: UnixMillis) -> Result<Option<LookedUp>, KeysError> {
+        let read_at = Instant::now();
+        let Some(keys) = stored_keys(db, agent).await? else {
+            self.forget(agent);
+            return Ok(None);
+        };
+        let looked_up = LookedUp { keys: keys.at(now), fresh: true };
+        self.keep(agent, read_at, keys);
+        Ok(Some(looked_up))
+    }
+
+    fn keep(&self, agent: AgentId, read_at: Instant, keys: StoredKeys) {
+        let mut entries = self.entries();
+        if entries.len() >= self.entries_max && !entries.contains_key(&agent) {
+            entries.clear();
+        }
+        entries.insert(agent, (read_at, keys));
+    }
+
+    /// Drops what is kept for `agent` (its keys changed or it was revoked).
+    pub fn forget(&self, agent: AgentId) {
+        self.entries().remove(&agent);
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries().is_empty()
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<AgentId, (Instant, StoredKeys)>> {
+        // A panic while holding the lock leaves a map that is still whole.
+        self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 // ---- rotation ----
@@ -1051,4 +1161,44 @@ fn epoch_to_db(epoch: u64) -> i64 {
 
 fn corrupt(what: &'static str) -> KeysError {
     KeysError::Query(query_error("decoding stored keys")(sqlx::Error::Decode(format!("{what} is malformed").into())))
+}
+
+#[cfg(test)]
+mod tests {
+    use molt_protocol::keys::SigningKey;
+    use rand::rngs::OsRng;
+
+    use super::*;
+
+    fn agent_keys() -> (AgentId, StoredKeys) {
+        let key = SigningKey::generate(&mut OsRng).public_key();
+        (AgentId::from_inception_key(&key), StoredKeys { current: key, previous: None, revoked: false })
+    }
+
+    #[test]
+    fn the_signing_keys_cache_holds_at_most_its_limit() {
+        let cache = SigningKeysCache { entries_max: 4, ..SigningKeysCache::default() };
+        let kept: Vec<(AgentId, StoredKeys)> = (0..4).map(|_| agent_keys()).collect();
+        for (agent, keys) in &kept {
+            cache.keep(*agent, Instant::now(), keys.clone());
+        }
+        assert_eq!(cache.len(), 4);
+        // Reading a kept agent again at the limit keeps everything.
+        cache.keep(kept[0].0, Instant::now(), kept[0].1.clone());
+        assert_eq!(cache.len(), 4);
+        // A new agent at the limit starts over.
+        let (agent, keys) = agent_keys();
+        cache.keep(agent, Instant::now(), keys);
+        assert_eq!(cache.len(), 1);
+        assert!(cache.entries().contains_key(&agent));
+    }
+
+    #[test]
+    fn kept_keys_say_whether_the_replaced_key_still_signs_at_each_moment() {
+        let (_, mut keys) = agent_keys();
+        let previous = SigningKey::generate(&mut OsRng).public_key();
+        keys.previous = Some((previous, UnixMillis(2_000)));
+        assert_eq!(keys.at(UnixMillis(1_999)).previous, Some(previous));
+        assert_eq!(keys.at(UnixMillis(2_000)).previous, None, "the overlap ends at its instant");
+    }
 }

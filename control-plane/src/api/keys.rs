@@ -265,7 +265,10 @@ pub async fn rotate_key(
         key_binding,
     };
     let now = state.clock.now();
-    let rotation = keys::rotate(&state.db, ca, agent, &caller.key, &rotation, now).await.map_err(keys_error)?;
+    let rotation = keys::rotate(&state.db, ca, agent, &caller.key, &rotation, now).await;
+    // Whatever the outcome, kept keys may no longer be the stored ones.
+    state.signing_keys.forget(agent);
+    let rotation = rotation.map_err(keys_error)?;
     Ok((
         StatusCode::CREATED,
         Json(RotationBody {
@@ -506,8 +509,10 @@ pub async fn complete_recovery(
     let found = keys::recovery(&state.db, agent, &recovery).await.map_err(keys_error)?;
     let now = state.clock.now();
     signed.verify(&found.new_key, &state.nonces, now).await?;
-    let (completed, issued) =
-        keys::complete_recovery(&state.db, ca, agent, &recovery, now).await.map_err(keys_error)?;
+    let completed = keys::complete_recovery(&state.db, ca, agent, &recovery, now).await;
+    // Whatever the outcome, kept keys may no longer be the stored ones.
+    state.signing_keys.forget(agent);
+    let (completed, issued) = completed.map_err(keys_error)?;
     Ok(Json(CompletedRecoveryBody {
         recovery: recovery_body(&completed),
         certificate: IssuedCertificateBody::new(&issued, LeafKind::Agent),

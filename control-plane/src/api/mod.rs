@@ -56,6 +56,8 @@ pub struct AppState {
     pub keys: crate::keys::KeyPolicy,
     /// Records agent request nonces (its writer task starts with the first request).
     pub nonces: Arc<crate::agent_auth::NonceRecorder>,
+    /// Agents' signing keys read recently (`keys::SIGNING_KEYS_CACHE_TTL`).
+    pub signing_keys: Arc<crate::keys::SigningKeysCache>,
     openapi: Arc<str>,
 }
 
@@ -76,6 +78,7 @@ impl AppState {
             search,
             keys: crate::keys::KeyPolicy::default(),
             nonces,
+            signing_keys: Arc::new(crate::keys::SigningKeysCache::default()),
             openapi: openapi.into(),
         }
     }
@@ -83,6 +86,13 @@ impl AppState {
     /// The state with a certificate authority.
     pub fn with_ca(mut self, ca: Arc<crate::ca::Authority>) -> Self {
         self.ca = Some(ca);
+        self
+    }
+
+    /// The state keeping agents' signing keys for `ttl` instead of
+    /// [`crate::keys::SIGNING_KEYS_CACHE_TTL`].
+    pub fn with_signing_keys_ttl(mut self, ttl: std::time::Duration) -> Self {
+        self.signing_keys = Arc::new(crate::keys::SigningKeysCache::new(ttl));
         self
     }
 

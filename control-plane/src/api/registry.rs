@@ -354,7 +354,9 @@ pub async fn revoke_agent(
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_agent_id", "the path does not name an agent id (agent-…)")
     })?;
     let now = state.clock.now();
-    registry::revoke(&state.db, id, now).await.map_err(write_error)?;
+    let revoked = registry::revoke(&state.db, id, now).await;
+    state.signing_keys.forget(id);
+    revoked.map_err(write_error)?;
     crate::keys::revoke_agent_certificates(&state.db, id, crate::ca::RevocationReason::CessationOfOperation, now)
         .await
         .map_err(|error| ApiError::internal(&error))?;

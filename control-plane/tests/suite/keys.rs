@@ -39,6 +39,7 @@ crate::on_both_backends!(
     concurrent_approvals_reach_the_threshold_once,
     bad_guardian_sets_and_recovery_requests_are_refused,
     revoking_an_agent_revokes_its_certificates,
+    key_changes_through_another_replica_reach_this_one,
 );
 
 const T0: UnixMillis = UnixMillis(1_700_000_000_000);
@@ -90,6 +91,17 @@ impl Harness {
 
     fn now(&self) -> UnixMillis {
         self.clock.now()
+    }
+
+    /// Another replica on the same database and clock, keeping agents' keys for `ttl`.
+    fn replica(&self, fixture: &Fixture, ttl: Duration) -> Router {
+        let state = AppState::new(fixture.db.clone(), self.clock.clone(), Arc::new(Metrics::new()));
+        api::router(state.with_signing_keys_ttl(ttl))
+    }
+
+    /// Sends the following requests to `app`; returns the replica served so far.
+    fn switch_to(&mut self, app: Router) -> Router {
+        std::mem::replace(&mut self.app, app)
     }
 
     fn advance(&self, by: Duration) {
@@ -693,4 +705,48 @@ async fn revoking_an_agent_revokes_its_certificates(fixture: &Fixture) {
         assert_eq!(reason.as_deref(), Some("cessation_of_operation"), "the overlap's schedule is overridden");
     }
     assert_eq!(live_serials(fixture, bob.id).await.len(), 1, "other agents keep theirs");
+}
+
+/// A replica keeps the keys it read for an agent for `SIGNING_KEYS_CACHE_TTL`: a rotation
+/// or revocation made through another replica takes effect there within that time, and a
+/// new key signs there at once.
+async fn key_changes_through_another_replica_reach_this_one(fixture: &Fixture) {
+    const TTL: Duration = Duration::from_millis(300);
+    let mut harness = Harness::new(fixture).await;
+    let alice = harness.certified_agent("alice").await;
+    let b = harness.replica(fixture, TTL);
+    let a = harness.switch_to(b);
+    // B keeps alice's first key.
+    assert_eq!(harness.heartbeat(&alice).await.0, StatusCode::OK);
+
+    // A rotation without overlap through A: the new key signs at B at once, and the
+    // old key is refused at A at once and at B once B's entry is older than the TTL.
+    let b = harness.switch_to(a);
+    let second = new_key();
+    let (status, rotation) = harness.rotate(&alice, &second, Some(0)).await;
+    assert_eq!(status, StatusCode::CREATED, "{rotation}");
+    assert_problem(&harness.heartbeat(&alice).await, StatusCode::UNAUTHORIZED, "invalid_signature");
+    let a = harness.switch_to(b);
+    tokio::time::sleep(TTL).await;
+    assert_problem(&harness.heartbeat(&alice).await, StatusCode::UNAUTHORIZED, "invalid_signature");
+    let alice_second = alice.with_key(&second);
+    assert_eq!(harness.heartbeat(&alice_second).await.0, StatusCode::OK);
+
+    // B keeps the second key; after another rotation through A the third signs at B at once.
+    let b = harness.switch_to(a);
+    let third = new_key();
+    let (status, rotation) = harness.rotate(&alice_second, &third, Some(0)).await;
+    assert_eq!(status, StatusCode::CREATED, "{rotation}");
+    let a = harness.switch_to(b);
+    let alice_third = alice.with_key(&third);
+    assert_eq!(harness.heartbeat(&alice_third).await.0, StatusCode::OK, "the new key at once");
+
+    // A revocation through A: refused there at once, and at B within the TTL.
+    let b = harness.switch_to(a);
+    let (status, body) = harness.admin(Method::POST, &format!("/v1/agents/{}/revoke", alice.id), Value::Null).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_problem(&harness.heartbeat(&alice_third).await, StatusCode::UNAUTHORIZED, "revoked_agent");
+    harness.switch_to(b);
+    tokio::time::sleep(TTL).await;
+    assert_problem(&harness.heartbeat(&alice_third).await, StatusCode::UNAUTHORIZED, "revoked_agent");
 }
