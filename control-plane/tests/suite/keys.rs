@@ -746,7 +746,7 @@ async fn key_changes_through_another_replica_reach_this_one(fixture: &Fixture) {
     let (status, body) = harness.admin(Method::POST, &format!("/v1/agents/{}/revoke", alice.id), Value::Null).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_problem(&harness.heartbeat(&alice_third).await, StatusCode::UNAUTHORIZED, "revoked_agent");
-    harness.switch_to(b);
+    drop(harness.switch_to(b));
     tokio::time::sleep(TTL).await;
     assert_problem(&harness.heartbeat(&alice_third).await, StatusCode::UNAUTHORIZED, "revoked_agent");
 }
