@@ -433,7 +433,10 @@ async fn bad_signed_requests_are_refused(fixture: &Fixture) {
     assert_problem(&replay, StatusCode::UNAUTHORIZED, "replayed_request");
     assert_eq!(harness.get(&uri).await.1["revision"], 2, "the replay changed nothing");
 
+    // Revoked behind the API's back, as through another replica: refused once the keys
+    // this replica keeps are older than their TTL.
     registry::revoke(&fixture.db, agent.id, T0).await.unwrap();
+    tokio::time::sleep(molt_control_plane::keys::SIGNING_KEYS_CACHE_TTL).await;
     assert_problem(
         &harness.signed(&agent, Method::POST, &format!("{uri}/heartbeat"), "").await,
         StatusCode::UNAUTHORIZED,
