@@ -159,11 +159,7 @@ impl StoredKeys {
     }
 }
 
-/// Reads the keys that may sign `agent`'s requests at `now`.
-pub async fn signing_keys(db: &Database, agent: AgentId, now: UnixMillis) -> Result<Option<SigningKeys>, KeysError> {
-    Ok(stored_keys(db, agent).await?.map(|keys| keys.at(now)))
-}
-
+/// Reads an agent's keys.
 async fn stored_keys(db: &Database, agent: AgentId) -> Result<Option<StoredKeys>, KeysError> {
     let read = query_error("reading an agent's keys");
     let row =
@@ -200,7 +196,15 @@ pub const SIGNING_KEYS_CACHE_ENTRIES_MAX: usize = 65_536;
 pub struct SigningKeysCache {
     ttl: Duration,
     entries_max: usize,
-    entries: std::sync::Mutex<HashMap<AgentId, (Instant, StoredKeys)>>,
+    kept: std::sync::Mutex<Kept>,
+}
+
+#[derive(Debug, Default)]
+struct Kept {
+    entries: HashMap<AgentId, (Instant, StoredKeys)>,
+    /// [`SigningKeysCache::forget`] calls so far: keys read while one ran are not kept,
+    /// as the read may predate the change it followed.
+    forgets: u64,
 }
 
 /// Signing keys and where they came from.
@@ -222,13 +226,13 @@ impl SigningKeysCache {
         SigningKeysCache {
             ttl,
             entries_max: SIGNING_KEYS_CACHE_ENTRIES_MAX,
-            entries: std::sync::Mutex::new(HashMap::new()),
+            kept: std::sync::Mutex::new(Kept::default()),
         }
     }
 
     /// `agent`'s signing keys at `now`: kept ones if read within the TTL, else read now.
     pub async fn get(&self, db: &Database, agent: AgentId, now: UnixMillis) -> Result<Option<LookedUp>, KeysError> {
-        let kept = self.entries().get(&agent).filter(|(read_at, _)| read_at.elapsed() < self.ttl).cloned();
+        let kept = self.kept().entries.get(&agent).filter(|(read_at, _)| read_at.elapsed() < self.ttl).cloned();
         match kept {
             Some((_, keys)) => Ok(Some(LookedUp { keys: keys.at(now), fresh: false })),
             None => self.read(db, agent, now).await,
@@ -237,40 +241,47 @@ impl SigningKeysCache {
 
     /// `agent`'s signing keys at `now`, read now (and kept).
     pub async fn read(&self, db: &Database, agent: AgentId, now: UnixMillis) -> Result<Option<LookedUp>, KeysError> {
-        let read_at = Instant::now();
+        let (read_at, forgets) = (Instant::now(), self.kept().forgets);
         let Some(keys) = stored_keys(db, agent).await? else {
-            self.forget(agent);
+            self.kept().entries.remove(&agent);
             return Ok(None);
         };
         let looked_up = LookedUp { keys: keys.at(now), fresh: true };
-        self.keep(agent, read_at, keys);
+        self.keep(agent, read_at, forgets, keys);
         Ok(Some(looked_up))
     }
 
-    fn keep(&self, agent: AgentId, read_at: Instant, keys: StoredKeys) {
-        let mut entries = self.entries();
-        if entries.len() >= self.entries_max && !entries.contains_key(&agent) {
-            entries.clear();
+    /// Keeps keys read at `read_at`, unless a `forget` ran since `forgets` was counted.
+    fn keep(&self, agent: AgentId, read_at: Instant, forgets: u64, keys: StoredKeys) {
+        let mut kept = self.kept();
+        if kept.forgets != forgets {
+            return;
         }
-        entries.insert(agent, (read_at, keys));
+        if kept.entries.len() >= self.entries_max && !kept.entries.contains_key(&agent) {
+            kept.entries.clear();
+        }
+        kept.entries.insert(agent, (read_at, keys));
     }
 
-    /// Drops what is kept for `agent` (its keys changed or it was revoked).
+    /// Drops what is kept for `agent` (its keys changed or it was revoked), and keeps
+    /// nothing read before this call.
     pub fn forget(&self, agent: AgentId) {
-        self.entries().remove(&agent);
+        let mut kept = self.kept();
+        kept.entries.remove(&agent);
+        kept.forgets += 1;
     }
 
     pub fn len(&self) -> usize {
-        self.entries().len()
+        self.kept().entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries().is_empty()
+        self.kept().entries.is_empty()
     }
 
-    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<AgentId, (Instant, StoredKeys)>> {
+    fn kept(&self) -> std::sync::MutexGuard<'_, Kept> {
         // A panic while holding the lock leaves a map that is still whole.
-        self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -1180,17 +1191,32 @@ mod tests {
         let cache = SigningKeysCache { entries_max: 4, ..SigningKeysCache::default() };
         let kept: Vec<(AgentId, StoredKeys)> = (0..4).map(|_| agent_keys()).collect();
         for (agent, keys) in &kept {
-            cache.keep(*agent, Instant::now(), keys.clone());
+            cache.keep(*agent, Instant::now(), 0, keys.clone());
         }
         assert_eq!(cache.len(), 4);
         // Reading a kept agent again at the limit keeps everything.
-        cache.keep(kept[0].0, Instant::now(), kept[0].1.clone());
+        cache.keep(kept[0].0, Instant::now(), 0, kept[0].1.clone());
         assert_eq!(cache.len(), 4);
         // A new agent at the limit starts over.
         let (agent, keys) = agent_keys();
-        cache.keep(agent, Instant::now(), keys);
+        cache.keep(agent, Instant::now(), 0, keys);
         assert_eq!(cache.len(), 1);
-        assert!(cache.entries().contains_key(&agent));
+        assert!(cache.kept().entries.contains_key(&agent));
+    }
+
+    #[test]
+    fn keys_read_before_a_forget_are_not_kept() {
+        let cache = SigningKeysCache::default();
+        let (agent, keys) = agent_keys();
+        // A read starts (counting forgets), the agent's key changes and is forgotten, and
+        // the read ends with the keys from before the change.
+        let forgets = cache.kept().forgets;
+        cache.forget(agent);
+        cache.keep(agent, Instant::now(), forgets, keys.clone());
+        assert!(cache.is_empty(), "the stale read is not kept");
+        let forgets = cache.kept().forgets;
+        cache.keep(agent, Instant::now(), forgets, keys);
+        assert_eq!(cache.len(), 1, "a read after the forget is");
     }
 
     #[test]
