@@ -2,7 +2,8 @@
 //! the same moment on an empty database: they migrate, create one bootstrap credential
 //! and one development root between them, and then serve as one service — a write
 //! through either is read through the other, a nonce spent at one is refused at the
-//! other, and a replica killed with SIGKILL leaves the other serving.
+//! other, an agent revoked through one is refused by the other within a second, and a
+//! replica killed with SIGKILL leaves the other serving.
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -11,6 +12,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use molt_control_plane::agent_auth::sign_request;
+use molt_control_plane::keys::SIGNING_KEYS_CACHE_TTL;
 use molt_protocol::keys::SigningKey;
 use molt_protocol::{AgentId, UnixMillis};
 use rand::RngCore as _;
@@ -205,6 +207,35 @@ fn two_replicas_serve_one_postgres_database() {
     assert_eq!((status, body["code"].as_str()), (401, Some("replayed_request")), "spent at the other replica: {body}");
     let (status, page) = a.call("GET", "/v1/agents?q=roamer", &[], "");
     assert_eq!((status, page["items"][0]["agent"]["id"].as_str()), (200, Some(id.to_string().as_str())), "{page}");
+
+    // An agent revoked through one replica is refused there at once, and at the other,
+    // which kept its keys from a request just before, within the keys' TTL.
+    let revoked = SigningKey::generate(&mut OsRng);
+    let revoked_id = AgentId::from_inception_key(&revoked.public_key());
+    let registration = json!({
+        "id": revoked_id.to_string(),
+        "public_key": hex::encode(revoked.public_key().as_bytes()),
+        "name": "Revoked Roamer",
+    })
+    .to_string();
+    assert_eq!(a.signed(&revoked, "POST", "/v1/agents", &registration, nonce()).0, 201);
+    let revoked_heartbeat = format!("/v1/agents/{revoked_id}/heartbeat");
+    assert_eq!(b.signed(&revoked, "POST", &revoked_heartbeat, "", nonce()).0, 200);
+    let (status, body) = a.call("POST", &format!("/v1/agents/{revoked_id}/revoke"), &admin, "");
+    assert_eq!(status, 200, "{body}");
+    let revoked_at = Instant::now();
+    let (status, body) = a.signed(&revoked, "POST", &revoked_heartbeat, "", nonce());
+    assert_eq!((status, body["code"].as_str()), (401, Some("revoked_agent")), "at once where revoked: {body}");
+    let refused_within = SIGNING_KEYS_CACHE_TTL + Duration::from_secs(2);
+    loop {
+        let (status, body) = b.signed(&revoked, "POST", &revoked_heartbeat, "", nonce());
+        if (status, body["code"].as_str()) == (401, Some("revoked_agent")) {
+            break;
+        }
+        assert_eq!(status, 200, "{body}");
+        assert!(revoked_at.elapsed() < refused_within, "still accepted at the other replica after {refused_within:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // One replica dies without warning; the other carries on.
     let [mut a, b] = replicas;
