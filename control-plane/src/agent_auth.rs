@@ -292,6 +292,7 @@ impl NonceRecorder {
 
 async fn run_nonce_writer(db: Database, mut receiver: mpsc::Receiver<NonceJob>) {
     let mut purged_at: Option<UnixMillis> = None;
+    let mut native = None;
     while let Some(jobs) = batch::collect(&mut receiver, NONCE_BATCH_MAX, |_| 1).await {
         let now = jobs.iter().map(|job| job.now).min().unwrap_or(UnixMillis(0));
         if purged_at.is_none_or(|at| now.since(at) >= NONCE_PURGE_INTERVAL) {
@@ -302,7 +303,7 @@ async fn run_nonce_writer(db: Database, mut receiver: mpsc::Receiver<NonceJob>) 
                 }
             }
         }
-        match insert_nonces(&db, &jobs, now).await {
+        match insert_nonces(&db, &mut native, &jobs, now).await {
             Ok(fresh) => {
                 for (job, fresh) in jobs.into_iter().zip(fresh) {
                     let _ = job.reply.send(Ok(fresh));
@@ -327,42 +328,71 @@ async fn purge_nonces(db: &Database, now: UnixMillis) -> Result<(), RegistryQuer
     Ok(())
 }
 
+/// Settings of the nonce writer's own connection on PostgreSQL. Its commits do not wait
+/// for their WAL flush: PostgreSQL flushes WAL in order, so the first durable commit after
+/// one (the ledger's, say) makes it durable too, and a request's nonce is never lost while
+/// a durable effect of the request stays.
+const NONCE_SESSION_POSTGRES: &str = "SET synchronous_commit = off; SET plan_cache_mode = force_generic_plan";
+
+/// The batch's nonces as one array per column: one statement, prepared once, whatever the
+/// batch's size, and one round trip (it commits on its own).
+const INSERT_NONCES_POSTGRES: &str = "INSERT INTO agent_request_nonces (agent_id, nonce, expires_at_ms) \
+     SELECT * FROM UNNEST($2::text[], $3::text[], $4::bigint[]) \
+     ON CONFLICT (agent_id, nonce) DO UPDATE SET expires_at_ms = excluded.expires_at_ms \
+     WHERE agent_request_nonces.expires_at_ms < $1 RETURNING agent_id, nonce";
+
 /// Inserts the batch's nonces in one statement; whether each job's nonce was fresh. A
-/// nonce twice in one batch is fresh the first time only.
-async fn insert_nonces(db: &Database, jobs: &[NonceJob], now: UnixMillis) -> Result<Vec<bool>, RegistryQueryError> {
+/// nonce twice in one batch is fresh the first time only. On PostgreSQL it runs on the
+/// writer's own connection (`native`, opened on first use).
+async fn insert_nonces(
+    db: &Database,
+    native: &mut Option<sqlx::PgPool>,
+    jobs: &[NonceJob],
+    now: UnixMillis,
+) -> Result<Vec<bool>, RegistryQueryError> {
     let mut firsts = HashSet::with_capacity(jobs.len());
     let first: Vec<bool> = jobs.iter().map(|job| firsts.insert((job.agent, job.nonce.as_str()))).collect();
-    let rows = first.iter().filter(|first| **first).count();
-    let values =
-        (0..rows).map(|row| format!("({})", registry::placeholders(row * 3 + 2, 3))).collect::<Vec<_>>().join(", ");
-    let sql = format!(
-        "INSERT INTO agent_request_nonces (agent_id, nonce, expires_at_ms) VALUES {values} \
-         ON CONFLICT (agent_id, nonce) DO UPDATE SET expires_at_ms = excluded.expires_at_ms \
-         WHERE agent_request_nonces.expires_at_ms < $1 RETURNING agent_id, nonce"
-    );
-    let mut statement = sqlx::query(&sql).bind(to_db(now));
-    for (job, _) in jobs.iter().zip(&first).filter(|(_, first)| **first) {
-        statement = statement.bind(job.agent.to_string()).bind(job.nonce.clone()).bind(to_db(job.expires_at));
-    }
+    let rows: Vec<&NonceJob> = jobs.iter().zip(&first).filter(|(_, first)| **first).map(|(job, _)| job).collect();
     let failed = registry::query_error("recording request nonces");
-    let recorded = if db.backend() == Backend::Postgres {
-        // The commit does not wait for its WAL flush. PostgreSQL flushes WAL in order,
-        // so the first durable commit after it (the ledger's, say) makes it durable too:
-        // a request's nonce is never lost while a durable effect of the request stays.
-        let mut tx = db.pool().begin().await.map_err(failed)?;
-        sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await.map_err(failed)?;
-        let recorded = statement.fetch_all(&mut *tx).await.map_err(failed)?;
-        tx.commit().await.map_err(failed)?;
-        recorded
+    let recorded: Vec<(String, String)> = if db.backend() == Backend::Postgres {
+        let pool = match native {
+            Some(pool) => pool,
+            None => native.insert(
+                db.native_postgres(1, NONCE_SESSION_POSTGRES)
+                    .await
+                    .map_err(registry::query_error("connecting for request nonces"))?,
+            ),
+        };
+        sqlx::query_as(INSERT_NONCES_POSTGRES)
+            .bind(to_db(now))
+            .bind(rows.iter().map(|job| job.agent.to_string()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|job| job.nonce.as_str()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|job| to_db(job.expires_at)).collect::<Vec<_>>())
+            .fetch_all(&*pool)
+            .await
+            .map_err(failed)?
     } else {
-        statement.fetch_all(db.pool()).await.map_err(failed)?
+        let values = (0..rows.len())
+            .map(|row| format!("({})", registry::placeholders(row * 3 + 2, 3)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "INSERT INTO agent_request_nonces (agent_id, nonce, expires_at_ms) VALUES {values} \
+             ON CONFLICT (agent_id, nonce) DO UPDATE SET expires_at_ms = excluded.expires_at_ms \
+             WHERE agent_request_nonces.expires_at_ms < $1 RETURNING agent_id, nonce"
+        );
+        let mut statement = sqlx::query(&sql).bind(to_db(now));
+        for job in &rows {
+            statement = statement.bind(job.agent.to_string()).bind(job.nonce.clone()).bind(to_db(job.expires_at));
+        }
+        let recorded = statement.fetch_all(db.pool()).await.map_err(failed)?;
+        let read = registry::query_error("reading recorded nonces");
+        recorded
+            .iter()
+            .map(|row| Ok((row.try_get("agent_id").map_err(read)?, row.try_get("nonce").map_err(read)?)))
+            .collect::<Result<_, RegistryQueryError>>()?
     };
-    let mut inserted = HashSet::with_capacity(recorded.len());
-    for row in &recorded {
-        let agent: String = row.try_get("agent_id").map_err(registry::query_error("reading recorded nonces"))?;
-        let nonce: String = row.try_get("nonce").map_err(registry::query_error("reading recorded nonces"))?;
-        inserted.insert((agent, nonce));
-    }
+    let inserted: HashSet<(String, String)> = recorded.into_iter().collect();
     Ok(jobs
         .iter()
         .zip(first)

@@ -202,6 +202,26 @@ impl Database {
         &self.pool
     }
 
+    /// A pool of `connections` native PostgreSQL connections, with this handle's connect
+    /// options, each running `session` (settings) when it opens; for the hot paths that
+    /// need array parameters or session settings `sqlx::Any` does not offer. It opens
+    /// connections as they are needed.
+    pub async fn native_postgres(&self, connections: u32, session: &'static str) -> Result<sqlx::PgPool, sqlx::Error> {
+        let any_options = self.pool.connect_options();
+        let options = sqlx::postgres::PgConnectOptions::try_from(&*any_options)?;
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(connections)
+            .acquire_timeout(self.pool.options().get_acquire_timeout())
+            .after_connect(move |connection, _| {
+                Box::pin(async move {
+                    sqlx::Executor::execute(&mut *connection, session).await?;
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await
+    }
+
     /// Starts a transaction: every change touching several rows goes through one.
     pub async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, QueryError> {
         self.pool.begin().await.map_err(query_error("starting a transaction"))

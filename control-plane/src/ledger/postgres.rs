@@ -40,7 +40,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use molt_protocol::UnixMillis;
-use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgArguments, PgConnection, PgPool};
 use sqlx::{Postgres, Row as _, Transaction};
 use tokio::sync::Mutex;
 
@@ -73,18 +73,7 @@ type Tx = Transaction<'static, Postgres>;
 
 /// Opens the batch pool with the options of `db`'s own pool.
 pub async fn connect(db: &Database) -> Result<PgPool, LedgerQueryError> {
-    let any_options = db.pool().connect_options();
-    let options = PgConnectOptions::try_from(&*any_options).map_err(query_error("connecting for ledger batches"))?;
-    PgPoolOptions::new()
-        .max_connections(BATCH_POOL_CONNECTIONS)
-        .acquire_timeout(db.pool().options().get_acquire_timeout())
-        .after_connect(|connection, _| {
-            Box::pin(async move {
-                sqlx::Executor::execute(&mut *connection, PLANNER_SETTINGS).await?;
-                Ok(())
-            })
-        })
-        .connect_with(options)
+    db.native_postgres(BATCH_POOL_CONNECTIONS, PLANNER_SETTINGS)
         .await
         .map_err(query_error("connecting for ledger batches"))
 }
