@@ -66,10 +66,14 @@ const SECONDS_MAX: u64 = 600;
 const TARGET_CALLS_PER_SECOND: f64 = 10_000.0;
 const TARGET_P99_MS: f64 = 10.0;
 /// What one call is, for the record.
-const CALL_NOTE: &str = "one call: POST /v1/ledger/transfers over HTTP/1.1 on loopback (keep-alive), a JSON body \
+const PAY_NOTE: &str = "one call: POST /v1/ledger/transfers over HTTP/1.1 on loopback (keep-alive), a JSON body \
                          signed with Ed25519 by the payer (fresh nonce and transfer id), verified by the server, \
                          its nonce stored, then the transfer applied by the ledger's group commit and committed \
                          durably before the answer";
+/// What one `--call refused` call is.
+const REFUSED_NOTE: &str = "one call: a payment of 0 credits, signed, sent and verified as a payment is, its nonce \
+                            stored; then refused by the handler (422 invalid_amount) before the ledger: the floor \
+                            under a payment on this machine (not itself a target)";
 
 const _: () = assert!(MINTED_PER_AGENT_MICROS <= i64::MAX as u64 / AGENTS_MAX as u64);
 
@@ -93,6 +97,18 @@ pub struct LedgerApiArgs {
     /// phase each, in that order, on the same control plane.
     #[arg(long, value_delimiter = ',', default_value = "64", value_name = "N[,N…]")]
     pub clients: Vec<usize>,
+    /// The call each caller repeats: `pay` (the ledger's single transfer, the target), or
+    /// `refused` (the same signed request for 0 credits, which the server verifies, records
+    /// and then refuses before the ledger: what a payment costs without the ledger).
+    #[arg(long, value_enum, default_value = "pay")]
+    pub call: Call,
+}
+
+/// The call a timed phase repeats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Call {
+    Pay,
+    Refused,
 }
 
 /// Where the control plane keeps its data.
@@ -168,8 +184,16 @@ fn run_backend(
     let mut books = read_books(bench, &admin, &agents)?;
     outcome.failures.extend(books.check_minted(&format!("{} after setup", backend.name()), agents.len()));
     for &clients in &args.clients {
-        let title =
-            format!("ledger-api: {}, {clients} callers, {} agents, {} s", backend.name(), args.agents, args.seconds);
+        let what = match args.call {
+            Call::Pay => "",
+            Call::Refused => ", refused payments (the floor)",
+        };
+        let title = format!(
+            "ledger-api: {}{what}, {clients} callers, {} agents, {} s",
+            backend.name(),
+            args.agents,
+            args.seconds
+        );
         if !bench.quiet_patience.is_zero() {
             let others = wait_for_quiet(server.pid, bench.quiet_patience)?;
             if others >= QUIET_CORES_MAX {
@@ -178,7 +202,7 @@ fn run_backend(
         }
         eprintln!("{title}: running…");
         let load_before = load_average();
-        let phase = bench.runtime.block_on(timed_phase(&api, &agents, clients, args.seconds, &server))?;
+        let phase = bench.runtime.block_on(timed_phase(&api, &agents, args.call, clients, args.seconds, &server))?;
         let load_after = load_average();
         let cpu = server.cpu_since(&phase.cpu_start, &phase.cpu_end);
         let resolved = bench.runtime.block_on(resolve_failures(&api, &agents, &phase.calls.failed));
@@ -190,7 +214,7 @@ fn run_backend(
         let failures: Vec<String> = checks.failures.iter().chain(&phase.failure_lines()).cloned().collect();
         outcome.failures.extend(failures.iter().map(|failure| format!("{title}: {failure}")));
         let loads = (load_before, load_after);
-        let section = section(title, &phase, &cpu, &checks, loads, bench.reference.verify_us);
+        let section = section(title, args.call, &phase, &cpu, &checks, loads, bench.reference.verify_us);
         section.print();
         outcome.sections.push(section);
         books = after?;
@@ -504,8 +528,47 @@ impl Caller {
         }
     }
 
+    /// One `call` by agent `caller`.
+    async fn call(&mut self, api: &ApiClient, agents: &[AgentCredentials], call: Call, caller: usize, timed: bool) {
+        match call {
+            Call::Pay => self.pay(api, agents, caller, timed).await,
+            Call::Refused => self.pay_nothing(api, agents, caller, timed).await,
+        }
+    }
+
+    fn record(&mut self, elapsed: Duration, timed: bool) {
+        self.acknowledged += 1;
+        if timed {
+            self.timed_acknowledged += 1;
+            self.latency_us.saturating_record(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX));
+        }
+    }
+
+    fn fail(&mut self, (kind, message): (String, String), timed: bool) {
+        let kind = if timed { kind } else { format!("{kind} (first call)") };
+        self.errors.entry(kind).or_insert((0, message)).0 += 1;
+    }
+
+    /// A payment of 0 credits, which the server must refuse with `invalid_amount`.
+    async fn pay_nothing(&mut self, api: &ApiClient, agents: &[AgentCredentials], payer: usize, timed: bool) {
+        let to = agents[(payer + 1) % agents.len()].agent_id;
+        let payment = Payment { key: TransferKey::random(), to, amount: Credits::ZERO, linked: false };
+        let started = Instant::now();
+        let answer = tokio::time::timeout(CALL_TIMEOUT, api.pay(&agents[payer], &payment)).await;
+        let elapsed = started.elapsed();
+        let failure = match answer {
+            Ok(Err(ApiError::Problem { problem, .. })) if problem.code == "invalid_amount" => {
+                return self.record(elapsed, timed);
+            }
+            Ok(Ok(transfer)) => ("wrong answer".to_owned(), format!("a payment of 0 was applied: {transfer:?}")),
+            Ok(Err(error)) => (error_kind(&error), error.to_string()),
+            Err(_) => timed_out(),
+        };
+        self.fail(failure, timed);
+    }
+
     /// One payment from `payer` to a random other agent, with a fresh transfer id.
-    async fn call(&mut self, api: &ApiClient, agents: &[AgentCredentials], payer: usize, timed: bool) {
+    async fn pay(&mut self, api: &ApiClient, agents: &[AgentCredentials], payer: usize, timed: bool) {
         let (payee, amount) = {
             let mut rng = rand::thread_rng();
             let other = rng.gen_range(0..agents.len() - 1);
@@ -521,26 +584,23 @@ impl Caller {
         let failure = match answer {
             Ok(Ok(transfer)) => match wrong_answer(&transfer, &agents[payer], &agents[payee], amount) {
                 None => {
-                    self.acknowledged += 1;
                     self.deltas[payer] -= amount as i64;
                     self.deltas[payee] += amount as i64;
                     self.seqs.push(transfer.seq);
-                    if timed {
-                        self.timed_acknowledged += 1;
-                        self.latency_us.saturating_record(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX));
-                    }
-                    return;
+                    return self.record(elapsed, timed);
                 }
                 Some(wrong) => ("wrong answer".to_owned(), wrong),
             },
             Ok(Err(error)) => (error_kind(&error), error.to_string()),
-            Err(_) => (format!("no answer within {} s", CALL_TIMEOUT.as_secs()), "timed out".to_owned()),
+            Err(_) => timed_out(),
         };
-        let (kind, message) = failure;
-        let kind = if timed { kind } else { format!("{kind} (first call)") };
-        self.errors.entry(kind).or_insert((0, message)).0 += 1;
+        self.fail(failure, timed);
         self.failed.push(Failed { payer, payee, key: payment.key });
     }
+}
+
+fn timed_out() -> (String, String) {
+    (format!("no answer within {} s", CALL_TIMEOUT.as_secs()), "timed out".to_owned())
 }
 
 /// What is wrong with an acknowledged payment's journal entry, if anything.
@@ -600,6 +660,7 @@ impl Phase {
 async fn timed_phase(
     api: &ApiClient,
     agents: &Arc<Vec<AgentCredentials>>,
+    call: Call,
     clients: usize,
     seconds: u64,
     server: &Server,
@@ -613,13 +674,13 @@ async fn timed_phase(
         tasks.spawn(async move {
             let payer = index % agents.len();
             let mut caller = Caller::new(agents.len());
-            caller.call(&api, &agents, payer, false).await;
+            caller.call(&api, &agents, call, payer, false).await;
             warmed_up.wait().await;
             let Ok(deadline) = start_signal.wait_for(Option::is_some).await.map(|deadline| *deadline) else {
                 return caller;
             };
             while deadline.is_some_and(|deadline| tokio::time::Instant::now() < deadline) {
-                caller.call(&api, &agents, payer, true).await;
+                caller.call(&api, &agents, call, payer, true).await;
             }
             caller
         });
@@ -802,12 +863,13 @@ fn check_phase(before: &Books, after: &Books, phase: &Phase, resolved: &Resolved
         format!("FAILED: {} problem(s)", after.audit.problem_count)
     };
     let added = after.audit.transfers.saturating_sub(before.audit.transfers);
-    let applied = phase.calls.acknowledged + resolved.applied;
+    let acknowledged = phase.calls.seqs.len() as u64;
+    let applied = acknowledged + resolved.applied;
     checks.journal = format!(
         "{} added; {} pays applied ({} acknowledged, {} failed yet applied)",
         thousands(added as f64),
         thousands(applied as f64),
-        thousands(phase.calls.acknowledged as f64),
+        thousands(acknowledged as f64),
         resolved.applied
     );
     if added != applied {
@@ -838,6 +900,7 @@ fn check_phase(before: &Books, after: &Books, phase: &Phase, resolved: &Resolved
 
 fn section(
     title: String,
+    call: Call,
     phase: &Phase,
     cpu: &CpuUse,
     checks: &Checks,
@@ -845,7 +908,10 @@ fn section(
     verify_us: f64,
 ) -> Section {
     let mut section = Section::new(title);
-    section.note(CALL_NOTE);
+    section.note(match call {
+        Call::Pay => PAY_NOTE,
+        Call::Refused => REFUSED_NOTE,
+    });
     section.note(format!(
         "{} callers (closed loop, one call at a time each); amounts 1–{AMOUNT_MICROS_MAX} micro-credits; fee 0; one \
          Ed25519 verify on this machine: {verify_us:.1} µs",
@@ -862,8 +928,20 @@ fn section(
     let (ms, p) = (|us: u64| us as f64 / 1000.0, |q: f64| phase.calls.latency_us.value_at_quantile(q));
     let any = phase.calls.timed_acknowledged > 0;
     let p99 = if any { ms(p(0.99)) } else { f64::NAN };
-    section.target("acknowledged calls/s", rate, thousands(rate), Target::AtLeast(TARGET_CALLS_PER_SECOND), "≥ 10,000");
-    section.target("p99 latency", p99, format!("{p99:.1} ms"), Target::AtMost(TARGET_P99_MS), "≤ 10 ms");
+    if call == Call::Pay {
+        section.target(
+            "acknowledged calls/s",
+            rate,
+            thousands(rate),
+            Target::AtLeast(TARGET_CALLS_PER_SECOND),
+            "≥ 10,000",
+        );
+        section.target("p99 latency", p99, format!("{p99:.1} ms"), Target::AtMost(TARGET_P99_MS), "≤ 10 ms");
+    } else {
+        // The floor under a payment, beside the payments' target.
+        section.info("acknowledged calls/s (payments' target ≥ 10,000)", thousands(rate));
+        section.info("p99 latency (payments' target ≤ 10 ms)", format!("{p99:.1} ms"));
+    }
     section.info(
         "p50 / p99.9 / max latency",
         format!("{:.1} / {:.1} / {:.1} ms", ms(p(0.5)), ms(p(0.999)), ms(phase.calls.latency_us.max())),
