@@ -232,6 +232,8 @@ pub const NONCE_BATCH_MAX: usize = 512;
 /// How often expired nonces are deleted, on the clock the requests are checked with.
 /// Expired rows are harmless meanwhile: a nonce whose row has expired is accepted again.
 pub const NONCE_PURGE_INTERVAL: Duration = Duration::from_secs(10);
+/// Connections of the nonce writer's own on PostgreSQL (besides the database pool).
+pub const NONCE_WRITER_CONNECTIONS: u32 = 1;
 
 /// Why a nonce could not be recorded.
 #[derive(Debug, thiserror::Error)]
@@ -358,7 +360,7 @@ async fn insert_nonces(
         let pool = match native {
             Some(pool) => pool,
             None => native.insert(
-                db.native_postgres(1, NONCE_SESSION_POSTGRES)
+                db.native_postgres(NONCE_WRITER_CONNECTIONS, NONCE_SESSION_POSTGRES)
                     .await
                     .map_err(registry::query_error("connecting for request nonces"))?,
             ),
