@@ -34,6 +34,16 @@ pub enum Command {
     Mature { id: TransferId },
 }
 
+impl Command {
+    /// The transfers the command may write (at least 1): what sizes a batch.
+    pub fn weight(&self) -> usize {
+        match self {
+            Command::Transfers(specs) => specs.len().max(1),
+            _ => 1,
+        }
+    }
+}
+
 /// Why a command other than plain transfers failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

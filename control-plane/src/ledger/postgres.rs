@@ -24,6 +24,13 @@
 //!    would. Then every write in one statement (data-modifying `WITH` clauses fed by
 //!    `UNNEST` of one array per column), and `COMMIT`.
 //!
+//! A smaller batch (under [`LARGE_BATCH_TRANSFERS`]) that was prepared, after a previous
+//! batch that committed, is written instead by one auto-committed statement
+//! ([`PERSIST_IF_BASIS`]): its first clause locks the head row only if it still is the
+//! basis, and every write is conditional on that row. If it matched nothing, nothing was
+//! written and the batch runs again under the lock as above. It saves the `BEGIN`, the
+//! lock's round trip and the `COMMIT` that a few-millisecond batch would spend.
+//!
 //! The next batch starts preparing once this one has decided, under the head lock, what it
 //! writes, so its reads see every earlier batch committed except this one, whose changes
 //! it takes from the overlay. The journal head alone would not prove that nothing else
@@ -204,17 +211,17 @@ struct Prepared {
 }
 
 /// Called (or dropped) when the next batch may be collected: once a batch of at least
-/// [`COLLECT_EARLY_COMMANDS`] commands has decided what it writes; for a smaller batch,
-/// when it has committed or failed.
+/// [`LARGE_BATCH_TRANSFERS`] transfers ([`Command::weight`]) has decided what it writes;
+/// for a smaller batch, when it has committed or failed.
 pub type OnDecided = Box<dyn FnOnce() + Send>;
 
-/// A batch this large lets the writers collect the next one as soon as it has decided,
+/// A batch of this many transfers lets the writers collect the next one as soon as it has decided,
 /// so the next one's reads and computation overlap its write. A smaller batch is written
 /// in a few milliseconds, and its callers are the ones that would fill the next batch:
 /// collecting earlier only split the queue into a large batch and a tiny one, which
 /// closed-loop callers then alternated between, a commit each (measured: 64 callers,
 /// 17k calls/s against 21k with one batch at a time).
-pub const COLLECT_EARLY_COMMANDS: usize = 1024;
+pub const LARGE_BATCH_TRANSFERS: usize = 1024;
 
 /// Runs `commands` in one transaction and commits; keeps the pipeline's state in step.
 /// `pause` runs once the batch is prepared and before it takes the head lock (tests write
@@ -228,6 +235,7 @@ pub async fn execute(
     on_decided: OnDecided,
 ) -> Result<Vec<Outcome>, LedgerQueryError> {
     let started = std::time::Instant::now();
+    let weight: usize = commands.iter().map(Command::weight).sum();
     let mut speculation = pipeline.prepare.lock().await;
     let prepared = match speculation.basis {
         Some(basis) => match prepare(pool, &mut speculation, basis, commands, now).await {
@@ -242,6 +250,30 @@ pub async fn execute(
     let prepared_us = started.elapsed().as_micros() as u64;
     pause.await;
     let mut last_write = pipeline.write.lock().await;
+    // A small batch is written as one statement (one round trip, no BEGIN, lock or COMMIT
+    // of its own); the next batch is collected once it has committed anyway.
+    let prepared = match prepared {
+        Some(prepared) if weight < LARGE_BATCH_TRANSFERS && last_write.committed => {
+            match write_if_basis(pool, pipeline, &mut speculation, &mut last_write, prepared).await {
+                Ok(Some(outcomes)) => {
+                    tracing::trace!(
+                        commands = commands.len(),
+                        prepared_us,
+                        committed_us = started.elapsed().as_micros() as u64,
+                        "ledger batch committed in one statement"
+                    );
+                    return Ok(outcomes);
+                }
+                // Something else was written since the basis: run it under the lock.
+                Ok(None) => None,
+                Err(error) => {
+                    speculation.reset();
+                    return Err(error);
+                }
+            }
+        }
+        prepared => prepared,
+    };
     let decided = decide(pool, &mut speculation, prepared, last_write.committed, commands, now).await;
     let (mut tx, Ran { outcomes, write, .. }, speculated) = match decided {
         Ok(decided) => decided,
@@ -254,7 +286,7 @@ pub async fn execute(
     // The next batch may prepare now, on what this one leaves.
     drop(speculation);
     // (A smaller batch drops `on_decided` when it returns.)
-    let on_decided = if commands.len() >= COLLECT_EARLY_COMMANDS {
+    let on_decided = if weight >= LARGE_BATCH_TRANSFERS {
         on_decided();
         None
     } else {
@@ -312,6 +344,42 @@ async fn decide(
     speculation.basis = Some(Basis { seq, hash, writes: stored.writes + 1, fee_bps: stored.fee_bps });
     speculation.in_flight = std::mem::take(&mut ran.in_flight);
     Ok((tx, ran, speculated))
+}
+
+/// Writes a prepared batch with [`PERSIST_IF_BASIS`] and, if it was written, records what
+/// the next batch prepares on; `None` if the stored head had moved (nothing written). On
+/// an error the batch may or may not have committed: `last_write` says it did not, so the
+/// next batch reads again under the lock.
+async fn write_if_basis(
+    pool: &PgPool,
+    pipeline: &Pipeline,
+    speculation: &mut Speculation,
+    last_write: &mut LastWrite,
+    prepared: Prepared,
+) -> Result<Option<Vec<Outcome>>, LedgerQueryError> {
+    let Prepared { basis, ran: Ran { outcomes, head, in_flight, write } } = prepared;
+    let write = Params { arguments: write, error: None }
+        .bind(to_db_position(basis.seq))
+        .bind(&basis.hash[..])
+        .bind(basis.writes)
+        .bind(i64::from(basis.fee_bps))
+        .finish()?;
+    last_write.committed = false;
+    let written = sqlx::query_with(PERSIST_IF_BASIS, write)
+        .fetch_optional(pool)
+        .await
+        .map_err(query_error("writing a ledger batch"))?;
+    // Written or not, what the previous batch left is committed.
+    last_write.committed = true;
+    if written.is_none() {
+        return Ok(None);
+    }
+    pipeline.written_as_prepared.fetch_add(1, Ordering::Relaxed);
+    speculation.cache.committed(&in_flight.accounts, head);
+    let (seq, hash) = head;
+    speculation.basis = Some(Basis { seq, hash, writes: basis.writes + 1, fee_bps: basis.fee_bps });
+    speculation.in_flight = in_flight;
+    Ok(Some(outcomes))
 }
 
 /// Runs the batch ahead of the head lock on the state the in-flight batch leaves.
@@ -505,38 +573,74 @@ async fn known_ids(
     Ok(known)
 }
 
-/// Every write of the batch in one statement: journal entries, refusals, account totals,
-/// escrows, unbondings and the head. Empty arrays write nothing.
-const PERSIST: &str = "WITH new_transfers AS (
+/// Every write of a batch in one statement: journal entries, refusals, account totals,
+/// escrows, unbondings and the head, each only where `$guard` holds (a `$head` clause
+/// may come first). Empty arrays write nothing.
+macro_rules! persist {
+    ($head:literal, $guard:literal, $returning:literal) => {
+        concat!(
+            "WITH ",
+            $head,
+            "new_transfers AS (
     INSERT INTO ledger_transfers (seq, id, debit_account, credit_account, amount, kind, pending_id, purpose, flags,
         created_at_ms, hash, debit_prev, credit_prev)
     SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[],
-        $8::text[], $9::bigint[], $10::bigint[], $11::bytea[], $12::bigint[], $13::bigint[])
+        $8::text[], $9::bigint[], $10::bigint[], $11::bytea[], $12::bigint[], $13::bigint[]) WHERE ",
+            $guard,
+            "
 ), new_rejections AS (
     INSERT INTO ledger_rejections (id, debit_account, credit_account, amount, kind, pending_id, purpose, flags, code,
         created_at_ms)
     SELECT * FROM UNNEST($14::text[], $15::text[], $16::text[], $17::bigint[], $18::text[], $19::text[],
-        $20::text[], $21::bigint[], $22::text[], $23::bigint[])
+        $20::text[], $21::bigint[], $22::text[], $23::bigint[]) WHERE ",
+            $guard,
+            "
 ), totals AS (
     UPDATE ledger_accounts AS a SET debits_pending = t.debits_pending, debits_posted = t.debits_posted,
         credits_pending = t.credits_pending, credits_posted = t.credits_posted, last_seq = t.last_seq
     FROM UNNEST($24::text[], $25::bigint[], $26::bigint[], $27::bigint[], $28::bigint[], $29::bigint[])
         AS t (id, debits_pending, debits_posted, credits_pending, credits_posted, last_seq)
-    WHERE a.id = t.id
+    WHERE a.id = t.id AND ",
+            $guard,
+            "
 ), escrows AS (
     INSERT INTO ledger_escrows (id, payer, payee, amount, state, on_expiry, expires_at_ms, released, created_at_ms,
         updated_at_ms)
     SELECT * FROM UNNEST($30::text[], $31::text[], $32::text[], $33::bigint[], $34::text[], $35::text[],
-        $36::bigint[], $37::bigint[], $38::bigint[], $39::bigint[])
+        $36::bigint[], $37::bigint[], $38::bigint[], $39::bigint[]) WHERE ",
+            $guard,
+            "
     ON CONFLICT (id) DO UPDATE SET state = excluded.state, released = excluded.released,
         updated_at_ms = excluded.updated_at_ms
 ), unbondings AS (
     INSERT INTO ledger_unbondings (id, owner, stake_kind, amount, matures_at_ms, state, created_at_ms)
     SELECT * FROM UNNEST($40::text[], $41::text[], $42::text[], $43::bigint[], $44::bigint[], $45::text[],
-        $46::bigint[])
+        $46::bigint[]) WHERE ",
+            $guard,
+            "
     ON CONFLICT (id) DO UPDATE SET state = excluded.state
 )
-UPDATE ledger_head SET seq = $47, hash = $48 WHERE id = 1";
+UPDATE ledger_head SET seq = $47, hash = $48 WHERE id = 1 AND ",
+            $guard,
+            $returning
+        )
+    };
+}
+
+/// The batch's writes, in the transaction that holds the head lock.
+const PERSIST: &str = persist!("", "TRUE", "");
+
+/// The batch's writes as one auto-committed statement, if the stored head is still the
+/// basis (`$49`–`$52`: seq, hash, writes, fee). Its first clause takes the head lock, as a
+/// batch's transaction does; if the head has moved it matches no row and nothing is
+/// written. Returns a row if it wrote.
+const PERSIST_IF_BASIS: &str = persist!(
+    "head AS (
+    SELECT 1 FROM ledger_head WHERE id = 1 AND seq = $49 AND hash = $50 AND writes = $51 AND fee_bps = $52 FOR UPDATE
+), ",
+    "EXISTS (SELECT 1 FROM head)",
+    " RETURNING seq"
+);
 
 /// The parameters of [`PERSIST`] for a batch, encoded already (built while the batch
 /// before is written, not under the head lock).

@@ -181,7 +181,7 @@ fn spawn_writers(store: Arc<BatchStore>, clock: Arc<dyn Clock>) -> mpsc::Sender<
 
 /// One writer: takes the queue, collects a batch, and keeps the queue until a large batch
 /// has decided what it writes, or a small one has committed
-/// ([`super::postgres::COLLECT_EARLY_COMMANDS`]); so the other writer collects the next
+/// ([`super::postgres::LARGE_BATCH_TRANSFERS`]); so the other writer collects the next
 /// batch from everything queued meanwhile, not the moment this one was collected.
 async fn run_writer(store: Arc<BatchStore>, clock: Arc<dyn Clock>, receiver: Arc<Mutex<mpsc::Receiver<Job>>>) {
     loop {
