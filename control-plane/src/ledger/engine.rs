@@ -291,3 +291,38 @@ pub fn accounts_of(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::types::Credits;
+
+    fn payment(n: u32) -> TransferSpec {
+        TransferSpec {
+            id: TransferId::from_stored(format!("admin:w{n}")),
+            debit: AccountId::treasury(),
+            credit: AccountId::issuance(),
+            amount: Credits::new(1).unwrap(),
+            kind: TransferKind::Posted,
+            pending_id: None,
+            purpose: Purpose::Payment,
+            flags: TransferFlags::default(),
+        }
+    }
+
+    /// A batch is sized by the transfers it may write: a command of 8192 transfers is a
+    /// large batch on its own, and every command counts at least once.
+    #[test]
+    fn a_command_weighs_its_transfers() {
+        assert_eq!(Command::Transfers((0..8192).map(payment).collect()).weight(), 8192);
+        assert_eq!(Command::Transfers(vec![payment(1)]).weight(), 1);
+        assert_eq!(Command::Transfers(Vec::new()).weight(), 1);
+        assert_eq!(Command::Mature { id: TransferId::from_stored("admin:u1".into()) }.weight(), 1);
+        let escrow = Command::Escrow {
+            id: TransferId::from_stored("admin:e1".into()),
+            requester: Requester::System,
+            event: EscrowEvent::Expire,
+        };
+        assert_eq!(escrow.weight(), 1);
+    }
+}
