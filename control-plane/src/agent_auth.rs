@@ -53,7 +53,7 @@ pub struct SignedRequest {
     timestamp: UnixMillis,
     nonce: String,
     signature: Signature,
-    canonical: String,
+    canonical: Arc<str>,
     pub body: Bytes,
 }
 
@@ -147,7 +147,7 @@ impl FromRequest<AppState> for SignedRequest {
                 ApiError::new(rejection.status(), "unreadable_body", "the request body could not be read")
             }
         })?;
-        let canonical = canonical_request(&method, &path_and_query, timestamp, &nonce, &body);
+        let canonical = canonical_request(&method, &path_and_query, timestamp, &nonce, &body).into();
         Ok(SignedRequest { agent, timestamp, nonce, signature, canonical, body })
     }
 }
@@ -157,6 +157,12 @@ impl SignedRequest {
     /// has to run).
     pub fn signed_by(&self, key: &PublicKey) -> bool {
         key.verify(self.canonical.as_bytes(), &self.signature).is_ok()
+    }
+
+    /// Whether `key` made the signature, checked in a batch with concurrent requests'
+    /// ([`crate::signatures`]); nothing recorded.
+    async fn signed_by_batched(&self, key: &PublicKey, state: &AppState) -> Result<bool, ApiError> {
+        state.signatures.verify(key, &self.canonical, &self.signature).await.map_err(|error| ApiError::internal(&error))
     }
 
     /// Checks the signature with `key` and records the nonce. Rejections: 401
@@ -206,9 +212,13 @@ impl FromRequest<AppState> for AuthenticatedAgent {
             if keys.revoked {
                 return Err(unauthorized("revoked_agent", "the agent has been revoked"));
             }
-            let signer = match keys.previous {
-                Some(previous) if signed.signed_by(&previous) => Some((previous, true)),
-                _ => signed.signed_by(&keys.current).then_some((keys.current, false)),
+            let by_previous = match keys.previous {
+                Some(previous) => signed.signed_by_batched(&previous, state).await?.then_some((previous, true)),
+                None => None,
+            };
+            let signer = match by_previous {
+                Some(signer) => Some(signer),
+                None => signed.signed_by_batched(&keys.current, state).await?.then_some((keys.current, false)),
             };
             match signer {
                 Some((key, by_previous_key)) => {

@@ -40,6 +40,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod model;
 pub mod registry;
+pub mod signatures;
 
 use std::sync::Arc;
 

@@ -58,6 +58,8 @@ pub struct AppState {
     pub nonces: Arc<crate::agent_auth::NonceRecorder>,
     /// Agents' signing keys read recently (`keys::SIGNING_KEYS_CACHE_TTL`).
     pub signing_keys: Arc<crate::keys::SigningKeysCache>,
+    /// Verifies concurrent agent requests' signatures in batches.
+    pub signatures: Arc<crate::signatures::SignatureVerifier>,
     openapi: Arc<str>,
 }
 
@@ -79,6 +81,7 @@ impl AppState {
             keys: crate::keys::KeyPolicy::default(),
             nonces,
             signing_keys: Arc::new(crate::keys::SigningKeysCache::default()),
+            signatures: Arc::new(crate::signatures::SignatureVerifier::new()),
             openapi: openapi.into(),
         }
     }
