@@ -65,6 +65,11 @@ impl Token {
             return Err(GenerateKeyError::InvalidLabel { label: label.to_owned() });
         }
         let failed = |failure: Pkcs11Failure| GenerateKeyError::Pkcs11 { label: label.to_owned(), failure };
+        // The label check, the generation and the read of the new public key all hold the
+        // object-store lock: SoftHSM2 also fails a generation at random while another
+        // thread of the process looks objects up, and two generations racing for one
+        // label must not both pass the check.
+        let writes = self.object_writes();
         if !self.objects_labelled(label).map_err(failed)?.is_empty() {
             return Err(GenerateKeyError::LabelExists { label: label.to_owned() });
         }
@@ -86,12 +91,10 @@ impl Token {
             Attribute::Label(label.as_bytes().to_vec()),
             Attribute::Id(id.clone()),
         ];
-        let writes = self.object_writes();
         let mut session = self.session().map_err(failed)?;
         let generated = session.run("C_GenerateKeyPair", |s| {
             s.generate_key_pair(&Mechanism::EccEdwardsKeyPairGen, &public_template, &private_template)
         });
-        drop(writes);
         let (public, private) = match generated {
             Ok(pair) => pair,
             Err(failure) if failure.is(cryptoki::error::RvError::MechanismInvalid) => {
@@ -100,7 +103,10 @@ impl Token {
             Err(failure) => return Err(failed(failure)),
         };
         drop(session);
-        let public_key = match self.read_public_key(public) {
+        let read = self.read_public_key(public);
+        // (Destroying takes the lock itself.)
+        drop(writes);
+        let public_key = match read {
             Ok(key) => key,
             Err(detail) => {
                 let _ = self.destroy_objects(&[private, public]);

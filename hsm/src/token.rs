@@ -62,13 +62,14 @@ struct TokenInner {
     object_writes: ObjectWrites,
 }
 
-/// Serialises the calls that create or destroy token objects within one module.
+/// Serialises the calls that create or destroy token objects within one module, with the
+/// lookups and reads a key generation makes.
 ///
 /// SoftHSM2 fails concurrent object creation in one process at random
 /// (`CKR_TEMPLATE_INCONSISTENT` or `CKR_GENERAL_ERROR` from `C_GenerateKeyPair`: its file
-/// object store races). Key creation is rare (CA and edge keys, at ceremonies and
-/// renewals), so one lock per loaded module costs nothing that matters; signing and
-/// lookups do not take it.
+/// object store races), also when the other thread is only looking objects up. Key
+/// creation is rare (CA and edge keys, at ceremonies and renewals), so one lock per loaded
+/// module costs nothing that matters; signing and other lookups do not take it.
 type ObjectWrites = Arc<Mutex<()>>;
 
 struct LoadedModule {
