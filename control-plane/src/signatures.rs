@@ -3,7 +3,7 @@
 //! A signed request hands its key, signed bytes and signature to one verifier task
 //! ([`SignatureVerifier::verify`]). The task takes what is queued ([`crate::batch::collect`],
 //! at most [`VERIFY_BATCH_MAX`]) and checks it with one batch verification
-//! ([`molt_protocol::keys::verify_batch`]), which costs a fraction of a verify per
+//! ([`molt_protocol::keys::verify_each`]), which costs a fraction of a verify per
 //! signature; only when the batch fails does it check each strictly, to find the bad ones.
 //! A request alone in the queue is checked strictly, as before.
 //!
@@ -14,7 +14,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use molt_protocol::keys::{PublicKey, Signature, verify_batch};
+use molt_protocol::keys::{PublicKey, Signature, verify_each};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::batch;
@@ -79,15 +79,10 @@ async fn run_verifier(mut receiver: mpsc::Receiver<Job>) {
 
 /// Each job's verdict: all true if the batch verifies, else each checked strictly.
 fn check(jobs: &[Job]) -> Vec<bool> {
-    if jobs.len() > 1 {
-        let messages: Vec<&[u8]> = jobs.iter().map(|job| job.message.as_bytes()).collect();
-        let signatures: Vec<Signature> = jobs.iter().map(|job| job.signature).collect();
-        let keys: Vec<PublicKey> = jobs.iter().map(|job| job.key).collect();
-        if verify_batch(&messages, &signatures, &keys) {
-            return vec![true; jobs.len()];
-        }
-    }
-    jobs.iter().map(|job| job.key.verify(job.message.as_bytes(), &job.signature).is_ok()).collect()
+    let messages: Vec<&[u8]> = jobs.iter().map(|job| job.message.as_bytes()).collect();
+    let signatures: Vec<Signature> = jobs.iter().map(|job| job.signature).collect();
+    let keys: Vec<PublicKey> = jobs.iter().map(|job| job.key).collect();
+    verify_each(&messages, &signatures, &keys)
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use crate::metrics as names;
 use molt_protocol::envelope::EnvelopeView;
 use molt_protocol::frame::{Disposition, Frame, FrameReader, RejectCode};
-use molt_protocol::keys::{PublicKey, Signature, verify_batch};
+use molt_protocol::keys::{PublicKey, Signature, verify_each};
 use molt_protocol::receipt::Receipt;
 use molt_protocol::replay::{ReplayError, ReplayWindow, check_time};
 use molt_protocol::{AgentId, MessageId, UnixMillis};
@@ -622,18 +622,8 @@ async fn answer_malformed(answers: &mpsc::Sender<Outbound>, detail: String) -> b
 /// Verifies all candidates' signatures with one batch when possible.
 fn verify_candidates(key: &PublicKey, candidates: &[Candidate]) -> Vec<bool> {
     let messages: Vec<&[u8]> = candidates.iter().map(|c| &c.bytes[..c.signed_len]).collect();
-    if candidates.len() > 1 {
-        let signatures: Vec<Signature> = candidates.iter().map(|c| c.signature).collect();
-        let keys = vec![*key; candidates.len()];
-        if verify_batch(&messages, &signatures, &keys) {
-            return vec![true; candidates.len()];
-        }
-    }
-    messages
-        .iter()
-        .zip(candidates)
-        .map(|(message, candidate)| key.verify(message, &candidate.signature).is_ok())
-        .collect()
+    let signatures: Vec<Signature> = candidates.iter().map(|c| c.signature).collect();
+    verify_each(&messages, &signatures, &vec![*key; candidates.len()])
 }
 
 /// Polls a future once: its value if it is ready now, else `None`. A stream read that is

@@ -184,6 +184,24 @@ pub fn verify_batch(messages: &[&[u8]], signatures: &[Signature], keys: &[Public
     ed25519_dalek::verify_batch(messages, &signatures, &keys).is_ok()
 }
 
+/// Each signature's verdict: all valid if they verify as one batch, else each checked
+/// strictly ([`PublicKey::verify`]) to find the bad ones. A single signature is checked
+/// strictly. `false` for every item if the lengths differ.
+pub fn verify_each(messages: &[&[u8]], signatures: &[Signature], keys: &[PublicKey]) -> Vec<bool> {
+    if messages.len() != signatures.len() || messages.len() != keys.len() {
+        return vec![false; messages.len()];
+    }
+    if messages.len() > 1 && verify_batch(messages, signatures, keys) {
+        return vec![true; messages.len()];
+    }
+    messages
+        .iter()
+        .zip(signatures)
+        .zip(keys)
+        .map(|((message, signature), key)| key.verify(message, signature).is_ok())
+        .collect()
+}
+
 /// An X25519 private key for end-to-end decryption; zeroed on drop. Kept in software.
 #[derive(Clone)]
 pub struct EncryptionSecret(Zeroizing<[u8; 32]>);
@@ -382,6 +400,12 @@ mod tests {
         signatures[5].0[10] ^= 0x40;
         assert!(!verify_batch(&refs, &signatures, &publics));
         assert!(!verify_batch(&refs[..2], &signatures, &publics));
+        let mut expected = vec![true; 8];
+        expected[5] = false;
+        assert_eq!(verify_each(&refs, &signatures, &publics), expected);
+        assert_eq!(verify_each(&refs[5..6], &signatures[5..6], &publics[5..6]), [false]);
+        assert_eq!(verify_each(&refs[..2], &signatures[..2], &publics[..2]), [true, true]);
+        assert_eq!(verify_each(&refs[..2], &signatures, &publics), [false, false]);
     }
 
     #[test]
