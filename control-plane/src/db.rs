@@ -21,6 +21,7 @@ use std::time::Duration;
 use molt_protocol::time::UnixMillis;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::migrate::Migrator;
+use sqlx::pool::PoolConnectionMetadata;
 use sqlx::{AnyPool, Row as _};
 
 use crate::auth::{AdminToken, BOOTSTRAP_KEY_NAME, Scopes};
@@ -67,6 +68,26 @@ pub const SQLITE_MMAP_BYTES: u64 = 4 << 30;
 /// Page cache of each SQLite connection, in KiB: writes go through it, and index
 /// inserts into a large file miss a small one on almost every row.
 pub const SQLITE_CACHE_KIB: u64 = 64 * 1024;
+/// A pooled connection idle for at least this long is checked (a round trip) before it is
+/// handed out, so that one the server closed meanwhile (a restart, an idle timeout) is
+/// replaced instead of failing a query. One in steady use skips the check: it answered a
+/// moment ago, and checking on every acquire cost a round trip per query (sqlx's default).
+pub const CHECK_CONNECTIONS_IDLE_FOR: Duration = Duration::from_secs(1);
+
+/// The pools' `before_acquire`: see [`CHECK_CONNECTIONS_IDLE_FOR`]. An error closes the
+/// connection and the pool hands out another.
+fn check_if_idle<C: sqlx::Connection>(
+    connection: &mut C,
+    metadata: PoolConnectionMetadata,
+) -> std::pin::Pin<Box<dyn Future<Output = Result<bool, sqlx::Error>> + Send + '_>> {
+    Box::pin(async move {
+        if metadata.idle_for >= CHECK_CONNECTIONS_IDLE_FOR {
+            connection.ping().await?;
+        }
+        Ok(true)
+    })
+}
+
 const SQLITE_PRAGMAS: &str = "PRAGMA mmap_size = 4294967296; PRAGMA cache_size = -65536";
 const _: () = assert!(SQLITE_MMAP_BYTES == 4_294_967_296 && SQLITE_CACHE_KIB == 65_536);
 
@@ -161,6 +182,8 @@ impl Database {
         let pool = AnyPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)
+            .test_before_acquire(false)
+            .before_acquire(check_if_idle)
             .after_connect(move |connection, _| {
                 Box::pin(async move {
                     let setting = match backend {
@@ -212,6 +235,8 @@ impl Database {
         sqlx::postgres::PgPoolOptions::new()
             .max_connections(connections)
             .acquire_timeout(self.pool.options().get_acquire_timeout())
+            .test_before_acquire(false)
+            .before_acquire(check_if_idle)
             .after_connect(move |connection, _| {
                 Box::pin(async move {
                     sqlx::Executor::execute(&mut *connection, session).await?;

@@ -208,6 +208,21 @@ impl Ran {
 struct Prepared {
     basis: Basis,
     ran: Ran,
+    /// Transfer ids the batch was run as new without looking them up
+    /// ([`Ids::CheckWhenWritten`]); empty if they were looked up.
+    unchecked: Vec<TransferId>,
+}
+
+/// How a prepared batch learns which of its transfer ids the ledger already knows (the
+/// in-flight batch's ids it knows either way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ids {
+    /// Read them before running the batch.
+    LookUp,
+    /// Run the batch as if none were known; [`PERSIST_IF_BASIS`] writes it only if none
+    /// is. Saves a round trip on every small batch, whose ids are almost always new (a
+    /// retry is the exception, and runs again under the lock).
+    CheckWhenWritten,
 }
 
 /// Called (or dropped) when the next batch may be collected: once a batch of at least
@@ -237,8 +252,9 @@ pub async fn execute(
     let started = std::time::Instant::now();
     let weight: usize = commands.iter().map(Command::weight).sum();
     let mut speculation = pipeline.prepare.lock().await;
+    let ids = if weight < LARGE_BATCH_TRANSFERS { Ids::CheckWhenWritten } else { Ids::LookUp };
     let prepared = match speculation.basis {
-        Some(basis) => match prepare(pool, &mut speculation, basis, commands, now).await {
+        Some(basis) => match prepare(pool, &mut speculation, basis, ids, commands, now).await {
             Ok(prepared) => Some(prepared),
             Err(error) => {
                 speculation.reset();
@@ -329,7 +345,9 @@ async fn decide(
     let mut tx = pool.begin().await.map_err(query_error("starting a ledger transaction"))?;
     let stored = lock_head(&mut tx).await?;
     let (mut ran, speculated) = match prepared {
-        Some(prepared) if previous_committed && prepared.basis == stored => (prepared.ran, true),
+        Some(prepared) if previous_committed && prepared.basis == stored && prepared.unchecked.is_empty() => {
+            (prepared.ran, true)
+        }
         _ => {
             // The cache may hold totals another writer has changed since, or that a
             // batch which failed would have left.
@@ -347,7 +365,8 @@ async fn decide(
 }
 
 /// Writes a prepared batch with [`PERSIST_IF_BASIS`] and, if it was written, records what
-/// the next batch prepares on; `None` if the stored head had moved (nothing written). On
+/// the next batch prepares on; `None` if the stored head had moved or an unchecked id was
+/// known (nothing written). On
 /// an error the batch may or may not have committed: `last_write` says it did not, so the
 /// next batch reads again under the lock.
 async fn write_if_basis(
@@ -357,12 +376,13 @@ async fn write_if_basis(
     last_write: &mut LastWrite,
     prepared: Prepared,
 ) -> Result<Option<Vec<Outcome>>, LedgerQueryError> {
-    let Prepared { basis, ran: Ran { outcomes, head, in_flight, write } } = prepared;
+    let Prepared { basis, ran: Ran { outcomes, head, in_flight, write }, unchecked } = prepared;
     let write = Params { arguments: write, error: None }
         .bind(to_db_position(basis.seq))
         .bind(&basis.hash[..])
         .bind(basis.writes)
         .bind(i64::from(basis.fee_bps))
+        .bind(texts(&unchecked))
         .finish()?;
     last_write.committed = false;
     let written = sqlx::query_with(PERSIST_IF_BASIS, write)
@@ -387,15 +407,17 @@ async fn prepare(
     pool: &PgPool,
     speculation: &mut Speculation,
     basis: Basis,
+    ids: Ids,
     commands: &[Command],
     now: UnixMillis,
 ) -> Result<Prepared, LedgerQueryError> {
     let mut connection = pool.acquire().await.map_err(query_error("connecting for a ledger batch"))?;
     let Speculation { cache, in_flight, .. } = speculation;
-    let (outcomes, effects) = read_and_run(&mut connection, cache, in_flight, basis, commands, now).await?;
+    let (outcomes, effects, unchecked) =
+        read_and_run(&mut connection, cache, in_flight, basis, ids, commands, now).await?;
     // The cache takes the batch's totals only once the batch is decided: a batch
     // dropped before (its caller gone) must leave nothing of itself behind.
-    Ok(Prepared { basis, ran: Ran::new(outcomes, effects)? })
+    Ok(Prepared { basis, ran: Ran::new(outcomes, effects)?, unchecked })
 }
 
 /// Reads what the batch needs under the head lock and runs it: the batch as it would run
@@ -408,19 +430,22 @@ async fn run_locked(
     now: UnixMillis,
 ) -> Result<(Vec<Outcome>, ViewEffects), LedgerQueryError> {
     cache.validate((stored.seq, stored.hash));
-    read_and_run(tx, cache, &InFlight::default(), stored, commands, now).await
+    let (outcomes, effects, _) = read_and_run(tx, cache, &InFlight::default(), stored, Ids::LookUp, commands, now).await?;
+    Ok((outcomes, effects))
 }
 
 /// Reads what the batch needs and `cache` and `in_flight` do not hold, and runs it on
-/// `basis`. Read accounts join the cache; the batch's own totals do not.
+/// `basis`. Read accounts join the cache; the batch's own totals do not. Returns the
+/// transfer ids it took as new without reading them (none with [`Ids::LookUp`]).
 async fn read_and_run(
     connection: &mut PgConnection,
     cache: &mut AccountCache,
     in_flight: &InFlight,
     basis: Basis,
+    ids: Ids,
     commands: &[Command],
     now: UnixMillis,
-) -> Result<(Vec<Outcome>, ViewEffects), LedgerQueryError> {
+) -> Result<(Vec<Outcome>, ViewEffects, Vec<TransferId>), LedgerQueryError> {
     let (escrow_ids, unbonding_ids) = referenced_records(commands);
     let (found, escrow_ids) = overlay(&in_flight.escrows, escrow_ids);
     let mut escrows: Vec<Escrow> = found.into_iter().map(|(_, escrow)| escrow).collect();
@@ -442,11 +467,17 @@ async fn read_and_run(
     for account in accounts(connection, &missing).await? {
         cache.insert(account);
     }
-    let ids: Vec<TransferId> = commands.iter().flat_map(spec_ids).collect();
-    let (mut known, ids) = in_flight.known(ids);
-    known.extend(known_ids(connection, &ids).await?);
+    let (mut known, unread) = in_flight.known(commands.iter().flat_map(spec_ids).collect());
+    let unchecked = match ids {
+        Ids::LookUp => {
+            known.extend(known_ids(connection, &unread).await?);
+            Vec::new()
+        }
+        Ids::CheckWhenWritten => unread,
+    };
     let loaded = Loaded { fee_bps: basis.fee_bps, escrows, unbondings, known };
-    Ok(run_batch((basis.seq, basis.hash), cache, &account_ids, loaded, commands, now))
+    let (outcomes, effects) = run_batch((basis.seq, basis.hash), cache, &account_ids, loaded, commands, now);
+    Ok((outcomes, effects, unchecked))
 }
 
 /// Splits `ids` into the records the in-flight batch writes (cloned) and the ids to read.
@@ -631,12 +662,20 @@ UPDATE ledger_head SET seq = $47, hash = $48 WHERE id = 1 AND ",
 const PERSIST: &str = persist!("", "TRUE", "");
 
 /// The batch's writes as one auto-committed statement, if the stored head is still the
-/// basis (`$49`–`$52`: seq, hash, writes, fee). Its first clause takes the head lock, as a
-/// batch's transaction does; if the head has moved it matches no row and nothing is
-/// written. Returns a row if it wrote.
+/// basis (`$49`–`$52`: seq, hash, writes, fee) and the ledger knows none of the transfer
+/// ids the batch took as new without reading them (`$53`, [`Ids::CheckWhenWritten`]). Its
+/// first clause takes the head lock, as a batch's transaction does; if the head has moved
+/// or an id is known it matches no row and nothing is written. Returns a row if it wrote.
+///
+/// The ids are read in the statement's snapshot, taken before it waits for the lock. That
+/// suffices: the head row unmoved means nothing was written since the basis, and the
+/// basis is this process's previous batch, committed before the statement began.
 const PERSIST_IF_BASIS: &str = persist!(
     "head AS (
-    SELECT 1 FROM ledger_head WHERE id = 1 AND seq = $49 AND hash = $50 AND writes = $51 AND fee_bps = $52 FOR UPDATE
+    SELECT 1 FROM ledger_head WHERE id = 1 AND seq = $49 AND hash = $50 AND writes = $51 AND fee_bps = $52
+        AND NOT EXISTS (SELECT 1 FROM UNNEST($53::text[]) AS q (id) JOIN ledger_transfers AS t ON t.id = q.id)
+        AND NOT EXISTS (SELECT 1 FROM UNNEST($53::text[]) AS q (id) JOIN ledger_rejections AS r ON r.id = q.id)
+    FOR UPDATE
 ), ",
     "EXISTS (SELECT 1 FROM head)",
     " RETURNING seq"
