@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::api::AppState;
 use crate::api::problem::ApiError;
 use crate::batch;
-use crate::db::{Backend, Database};
+use crate::db::{Backend, Database, HeldConnection};
 use crate::keys::LookedUp;
 use crate::registry::{self, RegistryQueryError, to_db};
 
@@ -304,7 +304,7 @@ impl NonceRecorder {
 
 async fn run_nonce_writer(db: Database, mut receiver: mpsc::Receiver<NonceJob>) {
     let mut purged_at: Option<UnixMillis> = None;
-    let mut native = None;
+    let mut native = NativeWriter::default();
     while let Some(jobs) = batch::collect(&mut receiver, NONCE_BATCH_MAX, |_| 1).await {
         let now = jobs.iter().map(|job| job.now).min().unwrap_or(UnixMillis(0));
         if purged_at.is_none_or(|at| now.since(at) >= NONCE_PURGE_INTERVAL) {
@@ -353,12 +353,20 @@ const INSERT_NONCES_POSTGRES: &str = "INSERT INTO agent_request_nonces (agent_id
      ON CONFLICT (agent_id, nonce) DO UPDATE SET expires_at_ms = excluded.expires_at_ms \
      WHERE agent_request_nonces.expires_at_ms < $1 RETURNING agent_id, nonce";
 
+/// The nonce writer's own connection on PostgreSQL, kept from one batch to the next;
+/// its pool is opened on first use.
+#[derive(Debug, Default)]
+struct NativeWriter {
+    pool: Option<sqlx::PgPool>,
+    connection: HeldConnection,
+}
+
 /// Inserts the batch's nonces in one statement; whether each job's nonce was fresh. A
 /// nonce twice in one batch is fresh the first time only. On PostgreSQL it runs on the
-/// writer's own connection (`native`, opened on first use).
+/// writer's own connection (`native`), given up after a failure.
 async fn insert_nonces(
     db: &Database,
-    native: &mut Option<sqlx::PgPool>,
+    native: &mut NativeWriter,
     jobs: &[NonceJob],
     now: UnixMillis,
 ) -> Result<Vec<bool>, RegistryQueryError> {
@@ -367,22 +375,26 @@ async fn insert_nonces(
     let rows: Vec<&NonceJob> = jobs.iter().zip(&first).filter(|(_, first)| **first).map(|(job, _)| job).collect();
     let failed = registry::query_error("recording request nonces");
     let recorded: Vec<(String, String)> = if db.backend() == Backend::Postgres {
-        let pool = match native {
+        let connecting = registry::query_error("connecting for request nonces");
+        let pool = match &mut native.pool {
             Some(pool) => pool,
-            None => native.insert(
-                db.native_postgres(NONCE_WRITER_CONNECTIONS, NONCE_SESSION_POSTGRES)
-                    .await
-                    .map_err(registry::query_error("connecting for request nonces"))?,
+            None => native.pool.insert(
+                db.native_postgres(NONCE_WRITER_CONNECTIONS, NONCE_SESSION_POSTGRES).await.map_err(connecting)?,
             ),
         };
-        sqlx::query_as(INSERT_NONCES_POSTGRES)
+        let connection =
+            native.connection.get(pool).await.map_err(registry::query_error("connecting for request nonces"))?;
+        let recorded = sqlx::query_as(INSERT_NONCES_POSTGRES)
             .bind(to_db(now))
             .bind(rows.iter().map(|job| job.agent.to_string()).collect::<Vec<_>>())
             .bind(rows.iter().map(|job| job.nonce.as_str()).collect::<Vec<_>>())
             .bind(rows.iter().map(|job| to_db(job.expires_at)).collect::<Vec<_>>())
-            .fetch_all(&*pool)
-            .await
-            .map_err(failed)?
+            .fetch_all(connection)
+            .await;
+        if recorded.is_err() {
+            native.connection.give_up();
+        }
+        recorded.map_err(failed)?
     } else {
         let values = (0..rows.len())
             .map(|row| format!("({})", registry::placeholders(row * 3 + 2, 3)))

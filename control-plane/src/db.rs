@@ -16,12 +16,12 @@
 //! read followed by a write. Times are passed in (`now`), never read here.
 
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use molt_protocol::time::UnixMillis;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::migrate::Migrator;
-use sqlx::pool::PoolConnectionMetadata;
+use sqlx::pool::{PoolConnection, PoolConnectionMetadata};
 use sqlx::{AnyPool, Row as _};
 
 use crate::auth::{AdminToken, BOOTSTRAP_KEY_NAME, Scopes};
@@ -168,6 +168,49 @@ pub enum RevokeAdminKeyError {
 pub struct Page<C> {
     pub after: Option<C>,
     pub limit: u32,
+}
+
+/// A native PostgreSQL connection kept by its one user between statements: a writer
+/// task, a pipeline stage. sqlx checks a connection with a round trip each time one
+/// returns to its pool; a kept connection never returns, so it is checked only as a
+/// pooled one is, once idle for [`CHECK_CONNECTIONS_IDLE_FOR`]. After a failure the user
+/// gives it up ([`HeldConnection::give_up`]): the pool checks it as it returns, closes it
+/// if it is broken, and the next use takes another.
+#[derive(Debug, Default)]
+pub struct HeldConnection {
+    connection: Option<PoolConnection<sqlx::Postgres>>,
+    used_at: Option<Instant>,
+}
+
+impl HeldConnection {
+    /// The kept connection, or one from `pool` if none is kept or the kept one, idle for
+    /// a while, does not answer.
+    pub async fn get(&mut self, pool: &sqlx::PgPool) -> Result<&mut sqlx::PgConnection, sqlx::Error> {
+        let connection = self.take(pool).await?;
+        Ok(&mut **self.connection.insert(connection))
+    }
+
+    /// As [`HeldConnection::get`], handing the connection over (for a transaction, which
+    /// borrows it); [`HeldConnection::keep`] takes it back once the work succeeded.
+    pub async fn take(&mut self, pool: &sqlx::PgPool) -> Result<PoolConnection<sqlx::Postgres>, sqlx::Error> {
+        let idle = self.used_at.is_none_or(|at| at.elapsed() >= CHECK_CONNECTIONS_IDLE_FOR);
+        self.used_at = Some(Instant::now());
+        if let Some(mut connection) = self.connection.take()
+            && (!idle || sqlx::Connection::ping(&mut *connection).await.is_ok())
+        {
+            return Ok(connection);
+        }
+        pool.acquire().await
+    }
+
+    pub fn keep(&mut self, connection: PoolConnection<sqlx::Postgres>) {
+        self.connection = Some(connection);
+    }
+
+    /// Gives up the kept connection after a failure.
+    pub fn give_up(&mut self) {
+        self.connection = None;
+    }
 }
 
 impl Database {

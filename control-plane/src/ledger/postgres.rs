@@ -4,7 +4,8 @@
 //!
 //! [`crate::db::Database`] speaks `sqlx::Any`, which has no array types; ledger batches
 //! run instead on a small pool of native connections ([`connect`]) opened with the same
-//! connection options.
+//! connection options. Each stage below keeps its own connection from one batch to the
+//! next ([`crate::db::HeldConnection`]), so a batch pays no pool round trips.
 //!
 //! **Pipeline.** A batch of one process goes through two stages, each held by one batch
 //! at a time ([`Pipeline`]):
@@ -31,6 +32,13 @@
 //! written and the batch runs again under the lock as above. It saves the `BEGIN`, the
 //! lock's round trip and the `COMMIT` that a few-millisecond batch would spend.
 //!
+//! Such a batch does not read which of its transfer ids are known, either
+//! ([`Ids::CheckWhenWritten`]): it runs as if none were (ids of the in-flight batch
+//! aside, which the overlay knows), and [`PERSIST_IF_BASIS`] writes it only if the
+//! journal and the refusals hold none of them. A retry, which finds its id there, makes
+//! the batch run again under the lock, where every id is read. New ids, nearly all of
+//! them, save the prepare stage its one round trip.
+//!
 //! The next batch starts preparing once this one has decided, under the head lock, what it
 //! writes, so its reads see every earlier batch committed except this one, whose changes
 //! it takes from the overlay. The journal head alone would not prove that nothing else
@@ -39,16 +47,16 @@
 //! every update whoever makes it, migration 0016), and every ledger batch updates it once.
 //! A basis names `seq`, `hash`, `writes` and `fee_bps`.
 //!
-//! With a warm cache a prepared batch of plain transfers is two round trips of reads
-//! (known ids, on another connection while the previous batch writes) and four under
-//! the lock.
+//! With a warm cache a small batch of plain transfers with new ids is one round trip:
+//! its statement. A large one is one round trip of reads (known ids, on the prepare
+//! stage's connection while the previous batch writes) and four under the lock.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use molt_protocol::UnixMillis;
 use sqlx::postgres::{PgArguments, PgConnection, PgPool};
-use sqlx::{Postgres, Row as _, Transaction};
+use sqlx::{Connection as _, Postgres, Row as _, Transaction};
 use tokio::sync::Mutex;
 
 use super::books::{Known, TransferError};
@@ -62,10 +70,11 @@ use super::store::{
     transfer_from_row, unbonding_columns, unbonding_from_row,
 };
 use super::types::{Account, Rejection, Transfer, TransferId};
-use crate::db::Database;
+use crate::db::{Database, HeldConnection};
 
-/// Native connections for ledger batches: one writing, one preparing the next batch, the
-/// rest for `execute_now` callers waiting for their turn.
+/// Native connections for ledger batches: the write stage and the prepare stage each keep
+/// one ([`crate::db::HeldConnection`]); the other two stand in for one given up after a
+/// failure while the pool checks and closes it.
 pub const BATCH_POOL_CONNECTIONS: u32 = 4;
 
 /// Every lookup and update here finds a batch's rows by key: nested loops over the
@@ -76,7 +85,7 @@ pub const BATCH_POOL_CONNECTIONS: u32 = 4;
 /// choose that; with them it takes an index whenever one serves, however small the table.
 const PLANNER_SETTINGS: &str = "SET enable_seqscan = off; SET enable_hashjoin = off; SET enable_mergejoin = off";
 
-type Tx = Transaction<'static, Postgres>;
+type Tx<'c> = Transaction<'c, Postgres>;
 
 /// Opens the batch pool with the options of `db`'s own pool.
 pub async fn connect(db: &Database) -> Result<PgPool, LedgerQueryError> {
@@ -126,6 +135,8 @@ struct Speculation {
     /// batch runs under the lock.
     basis: Option<Basis>,
     in_flight: InFlight,
+    /// The prepare stage's connection, kept between batches.
+    connection: HeldConnection,
 }
 
 impl Speculation {
@@ -134,6 +145,12 @@ impl Speculation {
         self.cache.invalidate();
         self.basis = None;
         self.in_flight = InFlight::default();
+    }
+
+    /// After a failure: forgets everything, and gives up the connection.
+    fn fail(&mut self) {
+        self.reset();
+        self.connection.give_up();
     }
 }
 
@@ -183,10 +200,12 @@ impl InFlight {
     }
 }
 
-/// Whether the batch before this one committed.
+/// The write stage: whether the batch before this one committed, and the stage's
+/// connection, kept between batches.
 #[derive(Debug, Default)]
 struct LastWrite {
     committed: bool,
+    connection: HeldConnection,
 }
 
 /// A batch run: what to answer, what to write, and what the next batch prepares on.
@@ -257,7 +276,7 @@ pub async fn execute(
         Some(basis) => match prepare(pool, &mut speculation, basis, ids, commands, now).await {
             Ok(prepared) => Some(prepared),
             Err(error) => {
-                speculation.reset();
+                speculation.fail();
                 return Err(error);
             }
         },
@@ -266,11 +285,12 @@ pub async fn execute(
     let prepared_us = started.elapsed().as_micros() as u64;
     pause.await;
     let mut last_write = pipeline.write.lock().await;
+    let last_write = &mut *last_write;
     // A small batch is written as one statement (one round trip, no BEGIN, lock or COMMIT
     // of its own); the next batch is collected once it has committed anyway.
     let prepared = match prepared {
         Some(prepared) if weight < LARGE_BATCH_TRANSFERS && last_write.committed => {
-            match write_if_basis(pool, pipeline, &mut speculation, &mut last_write, prepared).await {
+            match write_if_basis(pool, pipeline, &mut speculation, last_write, prepared).await {
                 Ok(Some(outcomes)) => {
                     tracing::trace!(
                         commands = commands.len(),
@@ -283,22 +303,25 @@ pub async fn execute(
                 // Something else was written since the basis: run it under the lock.
                 Ok(None) => None,
                 Err(error) => {
-                    speculation.reset();
+                    speculation.fail();
                     return Err(error);
                 }
             }
         }
         prepared => prepared,
     };
-    let decided = decide(pool, &mut speculation, prepared, last_write.committed, commands, now).await;
-    let (mut tx, Ran { outcomes, write, .. }, speculated) = match decided {
-        Ok(decided) => decided,
-        Err(error) => {
-            speculation.reset();
-            last_write.committed = false;
-            return Err(error);
-        }
-    };
+    // The connection is put back only once the batch has committed.
+    let mut connection =
+        last_write.connection.take(pool).await.map_err(query_error("connecting for a ledger batch"))?;
+    let (mut tx, Ran { outcomes, write, .. }, speculated) =
+        match decide(&mut connection, &mut speculation, prepared, last_write.committed, commands, now).await {
+            Ok(decided) => decided,
+            Err(error) => {
+                speculation.fail();
+                last_write.committed = false;
+                return Err(error);
+            }
+        };
     // The next batch may prepare now, on what this one leaves.
     drop(speculation);
     // (A smaller batch drops `on_decided` when it returns.)
@@ -317,7 +340,7 @@ pub async fn execute(
     let written_us = started.elapsed().as_micros() as u64;
     tx.commit().await.map_err(query_error("committing a ledger batch"))?;
     last_write.committed = true;
-    drop(last_write);
+    last_write.connection.keep(connection);
     drop(on_decided);
     tracing::trace!(
         commands = commands.len(),
@@ -334,15 +357,15 @@ pub async fn execute(
 /// Takes the head lock and settles what the batch writes: the prepared effects if their
 /// basis is the stored state and the previous batch committed, else the batch run again
 /// under the lock. Records in `speculation` what the next batch prepares on.
-async fn decide(
-    pool: &PgPool,
+async fn decide<'c>(
+    connection: &'c mut PgConnection,
     speculation: &mut Speculation,
     prepared: Option<Prepared>,
     previous_committed: bool,
     commands: &[Command],
     now: UnixMillis,
-) -> Result<(Tx, Ran, bool), LedgerQueryError> {
-    let mut tx = pool.begin().await.map_err(query_error("starting a ledger transaction"))?;
+) -> Result<(Tx<'c>, Ran, bool), LedgerQueryError> {
+    let mut tx = connection.begin().await.map_err(query_error("starting a ledger transaction"))?;
     let stored = lock_head(&mut tx).await?;
     let (mut ran, speculated) = match prepared {
         Some(prepared) if previous_committed && prepared.basis == stored && prepared.unchecked.is_empty() => {
@@ -385,10 +408,12 @@ async fn write_if_basis(
         .bind(texts(&unchecked))
         .finish()?;
     last_write.committed = false;
-    let written = sqlx::query_with(PERSIST_IF_BASIS, write)
-        .fetch_optional(pool)
-        .await
-        .map_err(query_error("writing a ledger batch"))?;
+    let connection = last_write.connection.get(pool).await.map_err(query_error("connecting for a ledger batch"))?;
+    let written = sqlx::query_with(PERSIST_IF_BASIS, write).fetch_optional(connection).await;
+    if written.is_err() {
+        last_write.connection.give_up();
+    }
+    let written = written.map_err(query_error("writing a ledger batch"))?;
     // Written or not, what the previous batch left is committed.
     last_write.committed = true;
     if written.is_none() {
@@ -411,10 +436,9 @@ async fn prepare(
     commands: &[Command],
     now: UnixMillis,
 ) -> Result<Prepared, LedgerQueryError> {
-    let mut connection = pool.acquire().await.map_err(query_error("connecting for a ledger batch"))?;
-    let Speculation { cache, in_flight, .. } = speculation;
-    let (outcomes, effects, unchecked) =
-        read_and_run(&mut connection, cache, in_flight, basis, ids, commands, now).await?;
+    let Speculation { cache, in_flight, connection, .. } = speculation;
+    let connection = connection.get(pool).await.map_err(query_error("connecting for a ledger batch"))?;
+    let (outcomes, effects, unchecked) = read_and_run(connection, cache, in_flight, basis, ids, commands, now).await?;
     // The cache takes the batch's totals only once the batch is decided: a batch
     // dropped before (its caller gone) must leave nothing of itself behind.
     Ok(Prepared { basis, ran: Ran::new(outcomes, effects)?, unchecked })
@@ -423,14 +447,15 @@ async fn prepare(
 /// Reads what the batch needs under the head lock and runs it: the batch as it would run
 /// without the pipeline. `cache` is empty or holds totals as of `stored`.
 async fn run_locked(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     cache: &mut AccountCache,
     stored: Basis,
     commands: &[Command],
     now: UnixMillis,
 ) -> Result<(Vec<Outcome>, ViewEffects), LedgerQueryError> {
     cache.validate((stored.seq, stored.hash));
-    let (outcomes, effects, _) = read_and_run(tx, cache, &InFlight::default(), stored, Ids::LookUp, commands, now).await?;
+    let (outcomes, effects, _) =
+        read_and_run(tx, cache, &InFlight::default(), stored, Ids::LookUp, commands, now).await?;
     Ok((outcomes, effects))
 }
 
@@ -495,7 +520,7 @@ fn overlay<V: Clone>(
     (found, missing)
 }
 
-async fn lock_head(tx: &mut Tx) -> Result<Basis, LedgerQueryError> {
+async fn lock_head(tx: &mut Tx<'_>) -> Result<Basis, LedgerQueryError> {
     let operation = "locking the journal head";
     let row = sqlx::query("SELECT seq, hash, writes, fee_bps FROM ledger_head WHERE id = 1 FOR UPDATE")
         .fetch_one(&mut **tx)

@@ -15,7 +15,7 @@ use molt_control_plane::agent_auth::{self, NONCE_BYTES};
 use molt_control_plane::api::{self, AppState};
 use molt_control_plane::auth::AdminToken;
 use molt_control_plane::clock::{Clock as _, ManualClock};
-use molt_control_plane::db::{Backend, Database};
+use molt_control_plane::db::{Backend, CHECK_CONNECTIONS_IDLE_FOR, Database};
 use molt_control_plane::ledger::engine::{Command, Outcome, Requester};
 use molt_control_plane::ledger::escrow::{EscrowEvent, EscrowState, OnExpiry};
 use molt_control_plane::ledger::store;
@@ -159,6 +159,94 @@ async fn a_batch_prepared_before_another_replica_wrote_runs_again_under_the_lock
     // Quiet again: prepared batches are written as prepared, and the books balance.
     assert_eq!(run_transfers(&here, vec![pay("q2", &b, &c, 1, false)]).await, [None]);
     assert_eq!(here.pipeline().decisions(), (3, 4));
+    let report = store::audit(&fixture.db).await.unwrap();
+    assert!(report.ok, "{report:?}");
+}
+
+/// A small prepared batch takes its transfer ids as new without reading them; the
+/// statement that writes it checks that the ledger knows none of them. Retries of ids
+/// applied or refused batches ago (no longer in flight) must make that statement write
+/// nothing, and the batch then runs again under the lock: each retry gets its first
+/// answer (a refusal even where the payment would now pass), a reused id with other
+/// fields is refused, and nothing is applied twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_of_an_earlier_id_is_caught_by_the_statement_that_writes_it() {
+    let fixture = Fixture::postgres().await;
+    let here = store::BatchStore::new(fixture.db.clone());
+    let [a, b] = [TestAgent::new().id, TestAgent::new().id].map(AccountId::wallet);
+    store::ensure_accounts(&fixture.db, &[a.clone(), b.clone()], T0).await.unwrap();
+    let pay = |id: &str, amount: u64| spec(Namespace::Admin, id, a.clone(), b.clone(), amount, Purpose::Payment, false);
+    let mint = |id: &str, amount: u64| {
+        spec(Namespace::Admin, id, AccountId::issuance(), a.clone(), amount, Purpose::Mint, false)
+    };
+    let balance = |id: AccountId| {
+        let db = fixture.db.clone();
+        async move { store::account(&db, &id).await.unwrap().unwrap().balance() }
+    };
+    assert_eq!(run_transfers(&here, vec![mint("m1", 100)]).await, [None]);
+    assert_eq!(run_transfers(&here, vec![pay("paid", 10)]).await, [None]);
+    assert_eq!(run_transfers(&here, vec![pay("big", 500)]).await, [Some("insufficient_funds")]);
+    // Now a could pay "big"; and "paid" and "big" are two batches back.
+    assert_eq!(run_transfers(&here, vec![mint("m2", 1_000)]).await, [None]);
+    assert_eq!(run_transfers(&here, vec![pay("between", 1)]).await, [None]);
+    assert_eq!(here.pipeline().decisions(), (4, 1));
+    let journal = fixture.count("ledger_transfers").await;
+
+    let retried = run_transfers(&here, vec![pay("new1", 1), pay("paid", 10), pay("big", 500)]).await;
+    assert_eq!(retried, [None, None, Some("insufficient_funds")]);
+    assert_eq!(here.pipeline().decisions(), (4, 2), "the statement wrote a batch with known ids");
+    let reused = run_transfers(&here, vec![pay("new2", 1), pay("paid", 11)]).await;
+    assert_eq!(reused, [None, Some("id_reused")]);
+    assert_eq!(here.pipeline().decisions(), (4, 3));
+    // Only the two new payments were applied.
+    assert_eq!(fixture.count("ledger_transfers").await, journal + 2);
+    assert_eq!((balance(a.clone()).await, balance(b.clone()).await), (1_100 - 13, 13));
+
+    // New ids again: written as prepared.
+    assert_eq!(run_transfers(&here, vec![pay("new3", 1)]).await, [None]);
+    assert_eq!(here.pipeline().decisions(), (5, 3));
+    let report = store::audit(&fixture.db).await.unwrap();
+    assert!(report.ok, "{report:?}");
+}
+
+/// The pipeline's stages keep their connections between batches. When the server closes
+/// them: after a second of quiet the next batch finds that out before using them and
+/// succeeds; right after a batch, the batches in flight fail (at most one per stage),
+/// write nothing, and the next one takes new connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ledger_takes_new_connections_after_the_server_closed_its_own() {
+    let fixture = Fixture::postgres().await;
+    let name: String =
+        sqlx::query_scalar("SELECT current_database()::text").fetch_one(fixture.db.pool()).await.unwrap();
+    let here = store::BatchStore::new(fixture.db.clone());
+    let [a, b] = [TestAgent::new().id, TestAgent::new().id].map(AccountId::wallet);
+    store::ensure_accounts(&fixture.db, &[a.clone(), b.clone()], T0).await.unwrap();
+    let pay = |id: &str| spec(Namespace::Admin, id, a.clone(), b.clone(), 1, Purpose::Payment, false);
+    let mint = spec(Namespace::Admin, "mint", AccountId::issuance(), a.clone(), 100, Purpose::Mint, false);
+    assert_eq!(run_transfers(&here, vec![mint]).await, [None]);
+    assert_eq!(run_transfers(&here, vec![pay("p1")]).await, [None]);
+
+    crate::fixture::terminate_connections(&name).await;
+    tokio::time::sleep(CHECK_CONNECTIONS_IDLE_FOR + Duration::from_millis(100)).await;
+    assert_eq!(run_transfers(&here, vec![pay("p2")]).await, [None]);
+
+    crate::fixture::terminate_connections(&name).await;
+    let mut failed = Vec::new();
+    for attempt in 0.. {
+        let id = format!("q{attempt}");
+        match here.execute(&[Command::Transfers(vec![pay(&id)])], T0).await {
+            Ok(outcomes) => {
+                assert_eq!(codes(&outcomes[0]), [None]);
+                break;
+            }
+            Err(_) if attempt < 2 => failed.push(id),
+            Err(error) => panic!("the ledger still fails after {attempt} attempts: {error}"),
+        }
+    }
+    for id in &failed {
+        assert_eq!(fixture.count(&format!("ledger_transfers WHERE id LIKE '%{id}'")).await, 0, "{id}");
+    }
+    assert_eq!(fixture.count("ledger_transfers").await, 4);
     let report = store::audit(&fixture.db).await.unwrap();
     assert!(report.ok, "{report:?}");
 }

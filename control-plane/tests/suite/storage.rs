@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use molt_control_plane::auth::{BOOTSTRAP_KEY_NAME, Scope, Scopes};
-use molt_control_plane::db::{CreateOrgError, Page, RevokeAdminKeyError};
+use molt_control_plane::db::{CHECK_CONNECTIONS_IDLE_FOR, CreateOrgError, Page, RevokeAdminKeyError};
 use molt_control_plane::ids::{AdminKeyId, OrgId};
 use molt_control_plane::model::{AdminKeyName, OrgName};
 use molt_protocol::time::UnixMillis;
@@ -22,6 +22,33 @@ crate::on_both_backends!(
 );
 
 const T0: UnixMillis = UnixMillis(1_700_000_000_000);
+
+/// A pooled connection is checked before it is handed out only once it has been idle for
+/// `CHECK_CONNECTIONS_IDLE_FOR`. Here the server closes every connection of the database:
+/// a moment after their last use the pool hands one out unchecked and its statement
+/// fails; after the idle time the pool checks them, replaces them, and statements
+/// succeed. For the shared pool and for a native pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_connections_are_checked_once_idle() {
+    let fixture = Fixture::postgres().await;
+    let name: String =
+        sqlx::query_scalar("SELECT current_database()::text").fetch_one(fixture.db.pool()).await.unwrap();
+    let native = fixture.db.native_postgres(1, "SET application_name = 'native'").await.unwrap();
+    let shared = || async { sqlx::query("SELECT 1").execute(fixture.db.pool()).await.map(|_| ()) };
+    let own = || async { sqlx::query("SELECT 1").execute(&native).await.map(|_| ()) };
+    shared().await.unwrap();
+    own().await.unwrap();
+    // The pools check a connection as it comes back, in the background: let that end.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    crate::fixture::terminate_connections(&name).await;
+    assert!(shared().await.is_err(), "a connection used a moment ago was checked");
+    assert!(own().await.is_err(), "a native connection used a moment ago was checked");
+
+    tokio::time::sleep(CHECK_CONNECTIONS_IDLE_FOR + Duration::from_millis(100)).await;
+    shared().await.unwrap();
+    own().await.unwrap();
+}
 
 async fn migrations_apply_once_and_again(fixture: &Fixture) {
     let org = fixture.db.create_org(&OrgName::new("acme").unwrap(), T0).await.unwrap();
