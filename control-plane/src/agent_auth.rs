@@ -382,8 +382,7 @@ async fn insert_nonces(
                 db.native_postgres(NONCE_WRITER_CONNECTIONS, NONCE_SESSION_POSTGRES).await.map_err(connecting)?,
             ),
         };
-        let connection =
-            native.connection.get(pool).await.map_err(registry::query_error("connecting for request nonces"))?;
+        let connection = native.connection.get(pool).await.map_err(connecting)?;
         let recorded = sqlx::query_as(INSERT_NONCES_POSTGRES)
             .bind(to_db(now))
             .bind(rows.iter().map(|job| job.agent.to_string()).collect::<Vec<_>>())

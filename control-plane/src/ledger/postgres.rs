@@ -302,8 +302,9 @@ pub async fn execute(
                 }
                 // Something else was written since the basis: run it under the lock.
                 Ok(None) => None,
+                // (`write_if_basis` gave up the write stage's connection.)
                 Err(error) => {
-                    speculation.fail();
+                    speculation.reset();
                     return Err(error);
                 }
             }
@@ -316,8 +317,9 @@ pub async fn execute(
     let (mut tx, Ran { outcomes, write, .. }, speculated) =
         match decide(&mut connection, &mut speculation, prepared, last_write.committed, commands, now).await {
             Ok(decided) => decided,
+            // (The write stage's connection is dropped with `connection`.)
             Err(error) => {
-                speculation.fail();
+                speculation.reset();
                 last_write.committed = false;
                 return Err(error);
             }
@@ -389,9 +391,9 @@ async fn decide<'c>(
 
 /// Writes a prepared batch with [`PERSIST_IF_BASIS`] and, if it was written, records what
 /// the next batch prepares on; `None` if the stored head had moved or an unchecked id was
-/// known (nothing written). On
-/// an error the batch may or may not have committed: `last_write` says it did not, so the
-/// next batch reads again under the lock.
+/// known (nothing written). On an error the batch may or may not have committed:
+/// `last_write` says it did not, so the next batch reads again under the lock, and gives
+/// up its connection.
 async fn write_if_basis(
     pool: &PgPool,
     pipeline: &Pipeline,
