@@ -53,6 +53,32 @@ impl Fixture {
         Database::connect(&self.options).await.expect("open a second handle")
     }
 
+    /// Closes, from the server's side, every connection to the PostgreSQL test database.
+    pub async fn terminate_connections(&self) {
+        let name = self.postgres_database.as_deref().expect("a PostgreSQL fixture");
+        let mut killer = sqlx::PgConnection::connect(&maintenance_url()).await.unwrap();
+        let terminated: Vec<bool> =
+            sqlx::query_scalar("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+                .bind(name)
+                .fetch_all(&mut killer)
+                .await
+                .unwrap();
+        assert!(!terminated.is_empty() && terminated.iter().all(|t| *t), "{terminated:?}");
+        // The backends are gone once no connection to the database is listed.
+        for _ in 0..100 {
+            let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM pg_stat_activity WHERE datname = $1")
+                .bind(name)
+                .fetch_one(&mut killer)
+                .await
+                .unwrap();
+            if left == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the server did not close the connections");
+    }
+
     pub async fn count(&self, table: &str) -> i64 {
         use sqlx::Row as _;
         let row = sqlx::query(&format!("SELECT COUNT(*) AS n FROM {table}"))
@@ -169,7 +195,7 @@ fn options(url: String) -> DatabaseOptions {
     DatabaseOptions { url, max_connections: 4, acquire_timeout: Duration::from_secs(10) }
 }
 
-pub fn maintenance_url() -> String {
+fn maintenance_url() -> String {
     std::env::var(POSTGRES_URL_VARIABLE).unwrap_or_else(|_| DEFAULT_POSTGRES_URL.to_owned())
 }
 
@@ -181,29 +207,4 @@ fn database_url(maintenance: &str, name: &str) -> String {
         Some(query) => format!("{server}/{name}?{query}"),
         None => format!("{server}/{name}"),
     }
-}
-
-/// Closes, from the server's side, every connection to database `name`.
-pub async fn terminate_connections(name: &str) {
-    let mut killer = sqlx::PgConnection::connect(&crate::fixture::maintenance_url()).await.unwrap();
-    let terminated: Vec<bool> =
-        sqlx::query_scalar("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
-            .bind(name)
-            .fetch_all(&mut killer)
-            .await
-            .unwrap();
-    assert!(!terminated.is_empty() && terminated.iter().all(|t| *t), "{terminated:?}");
-    // The backends are gone once no connection to the database is listed.
-    for _ in 0..100 {
-        let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM pg_stat_activity WHERE datname = $1")
-            .bind(name)
-            .fetch_one(&mut killer)
-            .await
-            .unwrap();
-        if left == 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("the server did not close the connections");
 }

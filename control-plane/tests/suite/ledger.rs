@@ -214,8 +214,6 @@ async fn a_retry_of_an_earlier_id_is_caught_by_the_statement_that_writes_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ledger_takes_new_connections_after_the_server_closed_its_own() {
     let fixture = Fixture::postgres().await;
-    let name: String =
-        sqlx::query_scalar("SELECT current_database()::text").fetch_one(fixture.db.pool()).await.unwrap();
     let here = store::BatchStore::new(fixture.db.clone());
     let [a, b] = [TestAgent::new().id, TestAgent::new().id].map(AccountId::wallet);
     store::ensure_accounts(&fixture.db, &[a.clone(), b.clone()], T0).await.unwrap();
@@ -224,11 +222,11 @@ async fn the_ledger_takes_new_connections_after_the_server_closed_its_own() {
     assert_eq!(run_transfers(&here, vec![mint]).await, [None]);
     assert_eq!(run_transfers(&here, vec![pay("p1")]).await, [None]);
 
-    crate::fixture::terminate_connections(&name).await;
+    fixture.terminate_connections().await;
     tokio::time::sleep(CHECK_CONNECTIONS_IDLE_FOR + Duration::from_millis(100)).await;
     assert_eq!(run_transfers(&here, vec![pay("p2")]).await, [None]);
 
-    crate::fixture::terminate_connections(&name).await;
+    fixture.terminate_connections().await;
     let mut failed = Vec::new();
     for attempt in 0.. {
         let id = format!("q{attempt}");

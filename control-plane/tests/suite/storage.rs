@@ -31,8 +31,6 @@ const T0: UnixMillis = UnixMillis(1_700_000_000_000);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pooled_connections_are_checked_once_idle() {
     let fixture = Fixture::postgres().await;
-    let name: String =
-        sqlx::query_scalar("SELECT current_database()::text").fetch_one(fixture.db.pool()).await.unwrap();
     let native = fixture.db.native_postgres(1, "SET application_name = 'native'").await.unwrap();
     let shared = || async { sqlx::query("SELECT 1").execute(fixture.db.pool()).await.map(|_| ()) };
     let own = || async { sqlx::query("SELECT 1").execute(&native).await.map(|_| ()) };
@@ -41,7 +39,7 @@ async fn pooled_connections_are_checked_once_idle() {
     // The pools check a connection as it comes back, in the background: let that end.
     tokio::time::sleep(Duration::from_millis(50)).await;
 
-    crate::fixture::terminate_connections(&name).await;
+    fixture.terminate_connections().await;
     assert!(shared().await.is_err(), "a connection used a moment ago was checked");
     assert!(own().await.is_err(), "a native connection used a moment ago was checked");
 
