@@ -171,9 +171,7 @@ async fn a_batch_prepared_before_another_replica_wrote_runs_again_under_the_lock
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_of_an_earlier_id_is_caught_by_the_statement_that_writes_it() {
     let fixture = Fixture::postgres().await;
-    let here = store::BatchStore::new(fixture.db.clone());
-    let [a, b] = [TestAgent::new().id, TestAgent::new().id].map(AccountId::wallet);
-    store::ensure_accounts(&fixture.db, &[a.clone(), b.clone()], T0).await.unwrap();
+    let (here, a, b) = store_with_two_wallets(&fixture).await;
     let pay = |id: &str, amount: u64| spec(Namespace::Admin, id, a.clone(), b.clone(), amount, Purpose::Payment, false);
     let mint = |id: &str, amount: u64| {
         spec(Namespace::Admin, id, AccountId::issuance(), a.clone(), amount, Purpose::Mint, false)
@@ -214,9 +212,7 @@ async fn a_retry_of_an_earlier_id_is_caught_by_the_statement_that_writes_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ledger_takes_new_connections_after_the_server_closed_its_own() {
     let fixture = Fixture::postgres().await;
-    let here = store::BatchStore::new(fixture.db.clone());
-    let [a, b] = [TestAgent::new().id, TestAgent::new().id].map(AccountId::wallet);
-    store::ensure_accounts(&fixture.db, &[a.clone(), b.clone()], T0).await.unwrap();
+    let (here, a, b) = store_with_two_wallets(&fixture).await;
     let pay = |id: &str| spec(Namespace::Admin, id, a.clone(), b.clone(), 1, Purpose::Payment, false);
     let mint = spec(Namespace::Admin, "mint", AccountId::issuance(), a.clone(), 100, Purpose::Mint, false);
     assert_eq!(run_transfers(&here, vec![mint]).await, [None]);
@@ -244,6 +240,13 @@ async fn the_ledger_takes_new_connections_after_the_server_closed_its_own() {
     }
     assert_eq!(fixture.count("ledger_transfers").await, 4);
     assert_audit_passes(&fixture.db).await;
+}
+
+/// A batch store on the fixture's database, and two fresh, empty wallets.
+async fn store_with_two_wallets(fixture: &Fixture) -> (store::BatchStore, AccountId, AccountId) {
+    let [a, b] = [TestAgent::new().id, TestAgent::new().id].map(AccountId::wallet);
+    store::ensure_accounts(&fixture.db, &[a.clone(), b.clone()], T0).await.unwrap();
+    (store::BatchStore::new(fixture.db.clone()), a, b)
 }
 
 /// The ledger's audit (balances against the journal, the hash chain) passes.
