@@ -18,7 +18,7 @@
 //!
 //! Pure: no I/O and no clock, like the rest of the books.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 
 use super::types::{Account, AccountId};
 
@@ -72,7 +72,13 @@ impl AccountCache {
             self.accounts.clear();
         }
         for account in accounts {
-            self.accounts.insert(account.id.clone(), account.clone());
+            match self.accounts.get_mut(&account.id) {
+                // Most are known already: their totals change, their ids stay.
+                Some(cached) => cached.set_totals(account.totals()),
+                None => {
+                    self.accounts.insert(account.id.clone(), account.clone());
+                }
+            }
         }
         self.head = Some(head);
     }

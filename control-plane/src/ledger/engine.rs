@@ -271,8 +271,12 @@ pub fn accounts_of(
     into: &mut BTreeSet<AccountId>,
 ) {
     let mut spec_accounts = |spec: &TransferSpec| {
-        into.insert(spec.debit.clone());
-        into.insert(spec.credit.clone());
+        for id in [&spec.debit, &spec.credit] {
+            // Most accounts of a large batch recur: clone only the first time.
+            if !into.contains(id) {
+                into.insert(id.clone());
+            }
+        }
     };
     match command {
         Command::Transfers(specs) => specs.iter().for_each(&mut spec_accounts),

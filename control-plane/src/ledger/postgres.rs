@@ -51,7 +51,7 @@
 //! its statement. A large one is one round trip of reads (known ids, on the prepare
 //! stage's connection while the previous batch writes) and four under the lock.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use molt_protocol::UnixMillis;

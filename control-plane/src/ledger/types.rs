@@ -307,6 +307,52 @@ impl Account {
 
     /// Posted credits − posted debits (negative only for the issuance account).
     pub fn balance(&self) -> i128 {
+        self.totals().balance()
+    }
+
+    /// What can still be debited: the balance less pending debits.
+    pub fn available(&self) -> i128 {
+        self.totals().available()
+    }
+
+    /// Everything but the id.
+    pub fn totals(&self) -> Totals {
+        Totals {
+            flags: self.flags,
+            debits_pending: self.debits_pending,
+            debits_posted: self.debits_posted,
+            credits_pending: self.credits_pending,
+            credits_posted: self.credits_posted,
+            last_seq: self.last_seq,
+        }
+    }
+
+    pub fn set_totals(&mut self, totals: Totals) {
+        let Totals { flags, debits_pending, debits_posted, credits_pending, credits_posted, last_seq } = totals;
+        self.flags = flags;
+        self.debits_pending = debits_pending;
+        self.debits_posted = debits_posted;
+        self.credits_pending = credits_pending;
+        self.credits_posted = credits_posted;
+        self.last_seq = last_seq;
+    }
+}
+
+/// An account without its id: what a transfer is checked and applied on, copied without
+/// an allocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Totals {
+    pub flags: AccountFlags,
+    pub debits_pending: Credits,
+    pub debits_posted: Credits,
+    pub credits_pending: Credits,
+    pub credits_posted: Credits,
+    pub last_seq: u64,
+}
+
+impl Totals {
+    /// Posted credits less posted debits.
+    pub fn balance(&self) -> i128 {
         i128::from(self.credits_posted.micros()) - i128::from(self.debits_posted.micros())
     }
 
