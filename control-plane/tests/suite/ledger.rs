@@ -205,6 +205,75 @@ async fn a_retry_of_an_earlier_id_is_caught_by_the_statement_that_writes_it() {
     assert_audit_passes(&fixture.db).await;
 }
 
+/// A large batch's journal entries go in by `COPY`, in a binary encoding the ledger writes
+/// itself. They must read back exactly as journaled, which the audit checks: it recomputes
+/// every entry's hash from the stored columns (a pending id, present or absent, included)
+/// and follows every account's links. Both ways a large batch is written are covered: run
+/// under the lock (the first batch) and written as prepared. A retry of a whole large
+/// batch gets its first answers and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_batch_journaled_by_copy_reads_back_exactly() {
+    let fixture = Fixture::postgres().await;
+    let (here, a, b) = store_with_two_wallets(&fixture).await;
+    let transfers = molt_control_plane::ledger::postgres::LARGE_BATCH_TRANSFERS + 10;
+    let pay = |id: String, from: &AccountId, to: &AccountId, amount: u64| {
+        spec(Namespace::Admin, &id, from.clone(), to.clone(), amount, Purpose::Payment, false)
+    };
+    let mut first =
+        vec![spec(Namespace::Admin, "mint", AccountId::issuance(), a.clone(), 1_000_000, Purpose::Mint, false)];
+    first.extend((0..transfers).map(|n| pay(format!("ab{n}"), &a, &b, 2)));
+    first.push(pay("too-much".into(), &a, &b, 10_000_000));
+    let outcomes = run_transfers(&here, first).await;
+    assert!(outcomes[..outcomes.len() - 1].iter().all(Option::is_none), "{outcomes:?}");
+    assert_eq!(outcomes.last(), Some(&Some("insufficient_funds")));
+    assert_eq!(here.pipeline().decisions(), (0, 1));
+
+    let mut second: Vec<TransferSpec> = (0..transfers).map(|n| pay(format!("ba{n}"), &b, &a, 1)).collect();
+    let mut hold = pay("hold".into(), &a, &b, 50);
+    hold.kind = TransferKind::Pending;
+    second.push(hold);
+    let mut post = pay("post".into(), &a, &b, 30);
+    post.kind = TransferKind::PostPending;
+    post.pending_id = Some(TransferId::new(Namespace::Admin, &ClientId::new("hold").unwrap()));
+    second.push(post);
+    let commands = [Command::Transfers(second)];
+    let outcomes = here.execute(&commands, T0).await.unwrap();
+    let refused: Vec<_> = codes(&outcomes[0]).into_iter().flatten().collect();
+    assert!(refused.is_empty(), "{refused:?}");
+    assert_eq!(here.pipeline().decisions(), (1, 1), "the second batch was not written as prepared");
+    let journal = fixture.count("ledger_transfers").await;
+    assert_eq!(journal, 1 + transfers as i64 + 1 + transfers as i64 + 1);
+    assert_eq!(fixture.count("ledger_transfers WHERE pending_id IS NOT NULL").await, 1);
+    assert_eq!(fixture.count("ledger_rejections").await, 1);
+
+    let retried = here.execute(&commands, T0).await.unwrap();
+    let entries = |outcomes: &[Outcome]| match &outcomes[0] {
+        Outcome::Transfers(results) => results
+            .iter()
+            .map(|result| match result {
+                Ok(Applied::Created(transfer)) => ("created", transfer.clone()),
+                Ok(Applied::Existed(transfer)) => ("existed", transfer.clone()),
+                Err(error) => panic!("{error}"),
+            })
+            .collect::<Vec<_>>(),
+        other => panic!("{other:?}"),
+    };
+    let (first, again) = (entries(&outcomes), entries(&retried));
+    assert_eq!(first.len(), again.len());
+    for ((created, entry), (existed, same)) in first.iter().zip(&again) {
+        assert_eq!((*created, *existed), ("created", "existed"));
+        assert_eq!(entry, same);
+    }
+    assert_eq!(fixture.count("ledger_transfers").await, journal);
+    let balance = |id: AccountId| {
+        let db = fixture.db.clone();
+        async move { store::account(&db, &id).await.unwrap().unwrap().balance() }
+    };
+    let moved = 2 * transfers as i128 - transfers as i128 + 30;
+    assert_eq!((balance(a.clone()).await, balance(b.clone()).await), (1_000_000 - moved, moved));
+    assert_audit_passes(&fixture.db).await;
+}
+
 /// The pipeline's stages keep their connections between batches. When the server closes
 /// them: after a second of quiet the next batch finds that out before using them and
 /// succeeds; right after a batch, the batches in flight fail (at most one per stage),
