@@ -49,9 +49,7 @@
 //!
 //! With a warm cache a small batch of plain transfers with new ids is one round trip:
 //! its statement. A large one is one round trip of reads (known ids, on the prepare
-//! stage's connection while the previous batch writes) and six under the lock: `BEGIN`,
-//! the head, its journal entries by `COPY` ([`COPY_JOURNAL`], two), the rest of its
-//! writes, `COMMIT`.
+//! stage's connection while the previous batch writes) and four under the lock.
 
 use foldhash::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -216,17 +214,12 @@ struct Ran {
     head: (u64, [u8; 32]),
     in_flight: InFlight,
     write: WriteStatement,
-    /// A large batch's journal entries, for [`COPY_JOURNAL`] (its `write` then holds none).
-    journal: Option<Vec<u8>>,
 }
 
 impl Ran {
-    /// Encodes what the batch writes: a large batch's journal entries go by `COPY`, the
-    /// rest by [`PERSIST`] (or [`PERSIST_IF_BASIS`]).
-    fn new(outcomes: Vec<Outcome>, effects: ViewEffects, large: bool) -> Result<Ran, LedgerQueryError> {
-        let journal = large.then(|| journal_copy(&effects.books.transfers));
-        let write = write_statement(&effects, journal.is_none())?;
-        Ok(Ran { outcomes, head: effects.books.head, in_flight: InFlight::new(effects), write, journal })
+    fn new(outcomes: Vec<Outcome>, effects: ViewEffects) -> Result<Ran, LedgerQueryError> {
+        let write = write_statement(&effects)?;
+        Ok(Ran { outcomes, head: effects.books.head, in_flight: InFlight::new(effects), write })
     }
 }
 
@@ -276,10 +269,11 @@ pub async fn execute(
     on_decided: OnDecided,
 ) -> Result<Vec<Outcome>, LedgerQueryError> {
     let started = std::time::Instant::now();
-    let large = commands.iter().map(Command::weight).sum::<usize>() >= LARGE_BATCH_TRANSFERS;
+    let weight: usize = commands.iter().map(Command::weight).sum();
     let mut speculation = pipeline.prepare.lock().await;
+    let ids = if weight < LARGE_BATCH_TRANSFERS { Ids::CheckWhenWritten } else { Ids::LookUp };
     let prepared = match speculation.basis {
-        Some(basis) => match prepare(pool, &mut speculation, basis, large, commands, now).await {
+        Some(basis) => match prepare(pool, &mut speculation, basis, ids, commands, now).await {
             Ok(prepared) => Some(prepared),
             Err(error) => {
                 speculation.fail();
@@ -295,7 +289,7 @@ pub async fn execute(
     // A small batch is written as one statement (one round trip, no BEGIN, lock or COMMIT
     // of its own); the next batch is collected once it has committed anyway.
     let prepared = match prepared {
-        Some(prepared) if !large && last_write.committed => {
+        Some(prepared) if weight < LARGE_BATCH_TRANSFERS && last_write.committed => {
             match write_if_basis(pool, pipeline, &mut speculation, last_write, prepared).await {
                 Ok(Some(outcomes)) => {
                     tracing::trace!(
@@ -320,8 +314,8 @@ pub async fn execute(
     // The connection is put back only once the batch has committed.
     let mut connection =
         last_write.connection.take(pool).await.map_err(query_error("connecting for a ledger batch"))?;
-    let (mut tx, Ran { outcomes, write, journal, .. }, speculated) =
-        match decide(&mut connection, &mut speculation, prepared, last_write.committed, large, commands, now).await {
+    let (mut tx, Ran { outcomes, write, .. }, speculated) =
+        match decide(&mut connection, &mut speculation, prepared, last_write.committed, commands, now).await {
             Ok(decided) => decided,
             // (The write stage's connection is dropped with `connection`.)
             Err(error) => {
@@ -333,7 +327,7 @@ pub async fn execute(
     // The next batch may prepare now, on what this one leaves.
     drop(speculation);
     // (A smaller batch drops `on_decided` when it returns.)
-    let on_decided = if large {
+    let on_decided = if weight >= LARGE_BATCH_TRANSFERS {
         on_decided();
         None
     } else {
@@ -343,9 +337,6 @@ pub async fn execute(
     counter.fetch_add(1, Ordering::Relaxed);
     let decided_us = started.elapsed().as_micros() as u64;
     last_write.committed = false;
-    if let Some(journal) = journal {
-        copy_journal(&mut tx, journal).await?;
-    }
     sqlx::query_with(PERSIST, write).execute(&mut *tx).await.map_err(query_error("writing a ledger batch"))?;
 
     let written_us = started.elapsed().as_micros() as u64;
@@ -373,7 +364,6 @@ async fn decide<'c>(
     speculation: &mut Speculation,
     prepared: Option<Prepared>,
     previous_committed: bool,
-    large: bool,
     commands: &[Command],
     now: UnixMillis,
 ) -> Result<(Tx<'c>, Ran, bool), LedgerQueryError> {
@@ -388,7 +378,7 @@ async fn decide<'c>(
             // batch which failed would have left.
             speculation.reset();
             let (outcomes, effects) = run_locked(&mut tx, &mut speculation.cache, stored, commands, now).await?;
-            (Ran::new(outcomes, effects, large)?, false)
+            (Ran::new(outcomes, effects)?, false)
         }
     };
     // Decided, and nothing below waits: the next batch prepares on what this one leaves.
@@ -411,7 +401,7 @@ async fn write_if_basis(
     last_write: &mut LastWrite,
     prepared: Prepared,
 ) -> Result<Option<Vec<Outcome>>, LedgerQueryError> {
-    let Prepared { basis, ran: Ran { outcomes, head, in_flight, write, .. }, unchecked } = prepared;
+    let Prepared { basis, ran: Ran { outcomes, head, in_flight, write }, unchecked } = prepared;
     let write = Params { arguments: write, error: None }
         .bind(to_db_position(basis.seq))
         .bind(&basis.hash[..])
@@ -439,23 +429,21 @@ async fn write_if_basis(
     Ok(Some(outcomes))
 }
 
-/// Runs the batch ahead of the head lock on the state the in-flight batch leaves. A small
-/// batch takes its ids as new ([`Ids::CheckWhenWritten`]), a large one reads them.
+/// Runs the batch ahead of the head lock on the state the in-flight batch leaves.
 async fn prepare(
     pool: &PgPool,
     speculation: &mut Speculation,
     basis: Basis,
-    large: bool,
+    ids: Ids,
     commands: &[Command],
     now: UnixMillis,
 ) -> Result<Prepared, LedgerQueryError> {
-    let ids = if large { Ids::LookUp } else { Ids::CheckWhenWritten };
     let Speculation { cache, in_flight, connection, .. } = speculation;
     let connection = connection.get(pool).await.map_err(query_error("connecting for a ledger batch"))?;
     let (outcomes, effects, unchecked) = read_and_run(connection, cache, in_flight, basis, ids, commands, now).await?;
     // The cache takes the batch's totals only once the batch is decided: a batch
     // dropped before (its caller gone) must leave nothing of itself behind.
-    Ok(Prepared { basis, ran: Ran::new(outcomes, effects, large)?, unchecked })
+    Ok(Prepared { basis, ran: Ran::new(outcomes, effects)?, unchecked })
 }
 
 /// Reads what the batch needs under the head lock and runs it: the batch as it would run
@@ -752,17 +740,14 @@ impl Params {
     }
 }
 
-/// [`PERSIST`]'s parameters; without the journal entries (empty arrays) unless
-/// `with_journal`.
-fn write_statement(effects: &ViewEffects, with_journal: bool) -> Result<WriteStatement, LedgerQueryError> {
+fn write_statement(effects: &ViewEffects) -> Result<WriteStatement, LedgerQueryError> {
     let books = &effects.books;
-    let journal: &[Transfer] = if with_journal { &books.transfers } else { &[] };
-    let transfers: Vec<_> = journal.iter().map(|t| &t.spec).collect();
+    let transfers: Vec<_> = books.transfers.iter().map(|t| &t.spec).collect();
     let rejections: Vec<_> = books.rejections.iter().map(|r| &r.spec).collect();
     let query = Params::new();
     // Journal entries.
     let query = query
-        .bind(journal.iter().map(|t| to_db_position(t.seq)).collect::<Vec<_>>())
+        .bind(books.transfers.iter().map(|t| i64::try_from(t.seq).unwrap_or(i64::MAX)).collect::<Vec<_>>())
         .bind(column(&transfers, |s| s.id.as_str()))
         .bind(column(&transfers, |s| s.debit.as_str()))
         .bind(column(&transfers, |s| s.credit.as_str()))
@@ -771,10 +756,10 @@ fn write_statement(effects: &ViewEffects, with_journal: bool) -> Result<WriteSta
         .bind(column(&transfers, |s| s.pending_id.as_ref().map(|id| id.as_str())))
         .bind(column(&transfers, |s| s.purpose.as_str()))
         .bind(column(&transfers, |s| s.flags.0 as i64))
-        .bind(journal.iter().map(|t| to_db(t.created_at)).collect::<Vec<_>>())
-        .bind(journal.iter().map(|t| &t.hash[..]).collect::<Vec<_>>())
-        .bind(journal.iter().map(|t| to_db_position(t.debit_prev)).collect::<Vec<_>>())
-        .bind(journal.iter().map(|t| to_db_position(t.credit_prev)).collect::<Vec<_>>());
+        .bind(books.transfers.iter().map(|t| to_db(t.created_at)).collect::<Vec<_>>())
+        .bind(books.transfers.iter().map(|t| &t.hash[..]).collect::<Vec<_>>())
+        .bind(books.transfers.iter().map(|t| to_db_position(t.debit_prev)).collect::<Vec<_>>())
+        .bind(books.transfers.iter().map(|t| to_db_position(t.credit_prev)).collect::<Vec<_>>());
     // Refusals.
     let query = query
         .bind(column(&rejections, |s| s.id.as_str()))
@@ -825,62 +810,6 @@ fn write_statement(effects: &ViewEffects, with_journal: bool) -> Result<WriteSta
         .bind(i64::try_from(seq).map_err(|_| decode_error("writing the journal head", "seq"))?)
         .bind(hash.to_vec());
     query.finish()
-}
-
-/// Loads a large batch's journal entries ([`journal_copy`]) in the batch's transaction.
-async fn copy_journal(tx: &mut Tx<'_>, journal: Vec<u8>) -> Result<(), LedgerQueryError> {
-    let operation = "writing journal entries";
-    let mut copy = tx.copy_in_raw(COPY_JOURNAL).await.map_err(query_error(operation))?;
-    copy.send(journal).await.map_err(query_error(operation))?;
-    copy.finish().await.map_err(query_error(operation))?;
-    Ok(())
-}
-
-/// Journal entries go into the journal by `COPY` in a large batch: PostgreSQL then
-/// inserts them a page at a time rather than a row at a time. 8192 entries took 19 ms
-/// that way against 30 ms through `INSERT … SELECT FROM UNNEST` (`psql`, this machine),
-/// on a write stage of about 70 ms that bounds the pipeline.
-const COPY_JOURNAL: &str = "COPY ledger_transfers (seq, id, debit_account, credit_account, amount, kind, pending_id, \
-    purpose, flags, created_at_ms, hash, debit_prev, credit_prev) FROM STDIN (FORMAT binary)";
-
-/// `transfers` in `COPY`'s binary format, columns as [`COPY_JOURNAL`] names them.
-fn journal_copy(transfers: &[Transfer]) -> Vec<u8> {
-    const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
-    const COLUMNS: i16 = 13;
-    fn field(out: &mut Vec<u8>, value: &[u8]) {
-        // Invariant: every value is far shorter than 2 GiB (ids are bounded).
-        out.extend_from_slice(&(value.len() as i32).to_be_bytes());
-        out.extend_from_slice(value);
-    }
-    fn bigint(out: &mut Vec<u8>, value: i64) {
-        field(out, &value.to_be_bytes());
-    }
-    let mut out = Vec::with_capacity(SIGNATURE.len() + 10 + transfers.len() * 320);
-    out.extend_from_slice(SIGNATURE);
-    out.extend_from_slice(&0i32.to_be_bytes()); // flags: no OIDs
-    out.extend_from_slice(&0i32.to_be_bytes()); // no header extension
-    for t in transfers {
-        let s = &t.spec;
-        out.extend_from_slice(&COLUMNS.to_be_bytes());
-        bigint(&mut out, to_db_position(t.seq));
-        field(&mut out, s.id.as_str().as_bytes());
-        field(&mut out, s.debit.as_str().as_bytes());
-        field(&mut out, s.credit.as_str().as_bytes());
-        bigint(&mut out, s.amount.to_db());
-        field(&mut out, s.kind.as_str().as_bytes());
-        match &s.pending_id {
-            Some(id) => field(&mut out, id.as_str().as_bytes()),
-            None => out.extend_from_slice(&(-1i32).to_be_bytes()),
-        }
-        field(&mut out, s.purpose.as_str().as_bytes());
-        bigint(&mut out, s.flags.0 as i64);
-        bigint(&mut out, to_db(t.created_at));
-        field(&mut out, &t.hash);
-        bigint(&mut out, to_db_position(t.debit_prev));
-        bigint(&mut out, to_db_position(t.credit_prev));
-    }
-    out.extend_from_slice(&(-1i16).to_be_bytes()); // trailer
-    out
 }
 
 /// One array parameter: `value` of every row.

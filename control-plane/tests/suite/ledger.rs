@@ -205,14 +205,14 @@ async fn a_retry_of_an_earlier_id_is_caught_by_the_statement_that_writes_it() {
     assert_audit_passes(&fixture.db).await;
 }
 
-/// A large batch's journal entries go in by `COPY`, in a binary encoding the ledger writes
-/// itself. They must read back exactly as journaled, which the audit checks: it recomputes
-/// every entry's hash from the stored columns (a pending id, present or absent, included)
-/// and follows every account's links. Both ways a large batch is written are covered: run
-/// under the lock (the first batch) and written as prepared. A retry of a whole large
-/// batch gets its first answers and writes nothing.
+/// A large batch (at least `LARGE_BATCH_TRANSFERS`) takes the path under the lock, both
+/// when it runs there (the first batch) and when it was prepared. Its journal entries must
+/// read back exactly as journaled, which the audit checks: it recomputes every entry's
+/// hash from the stored columns (a pending id, present or absent, included) and follows
+/// every account's links. A retry of a whole large batch gets its first answers and
+/// writes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_large_batch_journaled_by_copy_reads_back_exactly() {
+async fn a_large_batch_reads_back_exactly_and_its_retry_gets_the_first_answers() {
     let fixture = Fixture::postgres().await;
     let (here, a, b) = store_with_two_wallets(&fixture).await;
     let transfers = molt_control_plane::ledger::postgres::LARGE_BATCH_TRANSFERS + 10;
