@@ -408,7 +408,10 @@ async fn insert_nonces(
         for job in &rows {
             statement = statement.bind(job.agent.to_string()).bind(job.nonce.clone()).bind(to_db(job.expires_at));
         }
-        let recorded = statement.fetch_all(db.pool()).await.map_err(failed)?;
+        let recorded = {
+            let _turn = db.sqlite_write_turn().await;
+            statement.fetch_all(db.pool()).await.map_err(failed)?
+        };
         let read = registry::query_error("reading recorded nonces");
         recorded
             .iter()

@@ -16,6 +16,7 @@
 //! read followed by a write. Times are passed in (`now`), never read here.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use molt_protocol::time::UnixMillis;
@@ -118,6 +119,8 @@ impl fmt::Debug for DatabaseOptions {
 pub struct Database {
     pool: AnyPool,
     backend: Backend,
+    /// On SQLite, the turn of this process's hot writers ([`Database::sqlite_write_turn`]).
+    sqlite_writes: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Why [`Database::connect`] failed.
@@ -256,7 +259,7 @@ impl Database {
             Backend::Postgres => &POSTGRES_MIGRATIONS,
         };
         migrator.run(&pool).await.map_err(ConnectError::Migrate)?;
-        Ok(Database { pool, backend })
+        Ok(Database { pool, backend, sqlite_writes: Arc::default() })
     }
 
     pub fn backend(&self) -> Backend {
@@ -266,6 +269,19 @@ impl Database {
     /// The pool, for queries this module does not offer yet.
     pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// On SQLite, waits for this process's hot writers (the ledger's batches, the request
+    /// nonces) to finish their transactions, and holds the others off until the guard is
+    /// dropped; `None` on PostgreSQL. SQLite has one write lock, and a writer that finds
+    /// it taken waits in SQLite's busy handler, which sleeps 1, 2, 5, 10… ms between
+    /// tries: with two writers committing in turn, those sleeps were the tail of every
+    /// call. Queued here, the next writer starts the moment the last one commits.
+    pub async fn sqlite_write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match self.backend {
+            Backend::Sqlite => Some(self.sqlite_writes.lock().await),
+            Backend::Postgres => None,
+        }
     }
 
     /// A pool of `connections` native PostgreSQL connections, with this handle's connect

@@ -240,6 +240,7 @@ async fn execute_sqlite(
     now: UnixMillis,
 ) -> Result<Vec<engine::Outcome>, LedgerQueryError> {
     let (escrow_ids, unbonding_ids) = referenced_records(commands);
+    let _turn = db.sqlite_write_turn().await;
     let mut tx = db.pool().begin().await.map_err(query_error("starting a ledger transaction"))?;
     sqlx::query("UPDATE ledger_head SET seq = seq WHERE id = 1")
         .execute(&mut *tx)
