@@ -332,6 +332,7 @@ async fn run_nonce_writer(db: Database, mut receiver: mpsc::Receiver<NonceJob>) 
 }
 
 async fn purge_nonces(db: &Database, now: UnixMillis) -> Result<(), RegistryQueryError> {
+    let _turn = db.sqlite_write_turn().await;
     sqlx::query("DELETE FROM agent_request_nonces WHERE expires_at_ms < $1")
         .bind(to_db(now))
         .execute(db.pool())
@@ -354,16 +355,34 @@ const INSERT_NONCES_POSTGRES: &str = "INSERT INTO agent_request_nonces (agent_id
      WHERE agent_request_nonces.expires_at_ms < $1 RETURNING agent_id, nonce";
 
 /// The nonce writer's own connection on PostgreSQL, kept from one batch to the next;
-/// its pool is opened on first use.
+/// its pool is opened on first use. On SQLite, its own connection, taken out of the pool on
+/// first use ([`NONCE_SESSION_SQLITE`]).
 #[derive(Debug, Default)]
 struct NativeWriter {
     pool: Option<sqlx::PgPool>,
     connection: HeldConnection,
+    sqlite: Option<sqlx::AnyConnection>,
+}
+
+/// Settings of the nonce writer's own connection on SQLite: its commits do not sync the
+/// write-ahead log, as on PostgreSQL. SQLite appends every commit to one log file, in
+/// order, and the next commit that syncs it (the ledger's, whose connections sync every
+/// commit) makes the nonces before it durable too; a checkpoint syncs the log before it
+/// copies it back. So, as on PostgreSQL, a request's nonce is never lost while a durable
+/// effect of the request stays.
+const NONCE_SESSION_SQLITE: &str = "PRAGMA synchronous = NORMAL";
+
+/// The nonce writer's connection on SQLite: one from the pool, detached from it so that its
+/// setting never reaches another writer.
+async fn nonce_connection_sqlite(db: &Database) -> Result<sqlx::AnyConnection, sqlx::Error> {
+    let mut connection = db.pool().acquire().await?.detach();
+    sqlx::Executor::execute(&mut connection, NONCE_SESSION_SQLITE).await?;
+    Ok(connection)
 }
 
 /// Inserts the batch's nonces in one statement; whether each job's nonce was fresh. A
-/// nonce twice in one batch is fresh the first time only. On PostgreSQL it runs on the
-/// writer's own connection (`native`), given up after a failure.
+/// nonce twice in one batch is fresh the first time only. It runs on the writer's own
+/// connection (`native`), given up after a failure.
 async fn insert_nonces(
     db: &Database,
     native: &mut NativeWriter,
@@ -408,10 +427,19 @@ async fn insert_nonces(
         for job in &rows {
             statement = statement.bind(job.agent.to_string()).bind(job.nonce.clone()).bind(to_db(job.expires_at));
         }
+        let connecting = registry::query_error("connecting for request nonces");
+        let connection = match &mut native.sqlite {
+            Some(connection) => connection,
+            None => native.sqlite.insert(nonce_connection_sqlite(db).await.map_err(connecting)?),
+        };
         let recorded = {
             let _turn = db.sqlite_write_turn().await;
-            statement.fetch_all(db.pool()).await.map_err(failed)?
+            statement.fetch_all(&mut *connection).await
         };
+        if recorded.is_err() {
+            native.sqlite = None;
+        }
+        let recorded = recorded.map_err(failed)?;
         let read = registry::query_error("reading recorded nonces");
         recorded
             .iter()

@@ -274,6 +274,28 @@ async fn a_large_batch_reads_back_exactly_and_its_retry_gets_the_first_answers()
     assert_audit_passes(&fixture.db).await;
 }
 
+/// On SQLite a ledger batch waits for its turn among the process's hot writers
+/// (`Database::sqlite_write_turn`) rather than in SQLite's busy handler: while the turn is
+/// held it does not start, and it runs as soon as the turn is free. On PostgreSQL there is
+/// no turn to take.
+#[tokio::test]
+async fn sqlite_ledger_batches_wait_for_their_turn() {
+    let fixture = Fixture::sqlite().await;
+    let (here, a, _) = store_with_two_wallets(&fixture).await;
+    let mint = spec(Namespace::Admin, "mint", AccountId::issuance(), a.clone(), 100, Purpose::Mint, false);
+    let turn = fixture.db.sqlite_write_turn().await;
+    assert!(turn.is_some());
+    let commands = [Command::Transfers(vec![mint])];
+    let batch = here.execute(&commands, T0);
+    tokio::pin!(batch);
+    assert!(tokio::time::timeout(Duration::from_millis(200), &mut batch).await.is_err(), "it did not wait");
+    assert_eq!(fixture.count("ledger_transfers").await, 0);
+    drop(turn);
+    assert_eq!(codes(&batch.await.unwrap()[0]), [None]);
+    assert_eq!(fixture.count("ledger_transfers").await, 1);
+    assert!(Fixture::postgres().await.db.sqlite_write_turn().await.is_none());
+}
+
 /// The pipeline's stages keep their connections between batches. When the server closes
 /// them: after a second of quiet the next batch finds that out before using them and
 /// succeeds; right after a batch, the batches in flight fail (at most one per stage),

@@ -482,6 +482,27 @@ async fn nonces_are_shared_by_replicas_and_purged(fixture: &Fixture) {
     assert_eq!(fixture.count("agent_request_nonces").await, 2, "expired nonces are purged");
 }
 
+/// On SQLite the nonce writer commits without syncing, on a connection of its own. That
+/// setting must stay on that connection: every connection the pool hands out afterwards,
+/// the ledger's among them, still syncs each commit (`synchronous` 2, FULL).
+#[tokio::test]
+async fn on_sqlite_only_the_nonce_writer_commits_without_a_sync() {
+    let fixture = Fixture::sqlite().await;
+    let recorder = Arc::new(NonceRecorder::new(fixture.db.clone()));
+    let expiry = T0.saturating_add(agent_auth::TIMESTAMP_SKEW_MAX);
+    let nonces: Vec<_> = (0..64).map(|_| (TestAgent::new().id, hex::encode(fresh_nonce()))).collect();
+    assert!(record_at_once(&recorder, nonces, expiry).await.into_iter().all(|fresh| fresh));
+    let pool = fixture.db.pool();
+    let mut held = Vec::new();
+    for _ in 0..pool.options().get_max_connections() {
+        let mut connection = pool.acquire().await.unwrap();
+        let row = sqlx::query("PRAGMA synchronous").fetch_one(&mut *connection).await.unwrap();
+        assert_eq!(sqlx::Row::get::<i64, _>(&row, 0), 2, "a pooled connection commits without a sync");
+        held.push(connection);
+    }
+    assert!(recorder.record(TestAgent::new().id, &hex::encode(fresh_nonce()), expiry, T0).await.unwrap());
+}
+
 /// Records every (agent, nonce) at once from its own task, at `T0`.
 async fn record_at_once(
     recorder: &Arc<NonceRecorder>,
