@@ -116,11 +116,14 @@ async fn a_batch_prepared_before_another_replica_wrote_runs_again_under_the_lock
         .unwrap();
     assert_eq!(codes(&outcomes[0]), [Some("insufficient_funds")]);
     assert_eq!(here.pipeline().decisions(), (1, 2));
-    let balance = |id: AccountId| {
-        let db = fixture.db.clone();
-        async move { store::account(&db, &id).await.unwrap().unwrap().balance() }
-    };
-    assert_eq!((balance(a.clone()).await, balance(b.clone()).await, balance(c.clone()).await), (39, 1, 60));
+    assert_eq!(
+        (
+            stored_balance(&fixture.db, &a).await,
+            stored_balance(&fixture.db, &b).await,
+            stored_balance(&fixture.db, &c).await
+        ),
+        (39, 1, 60)
+    );
 
     // The other replica refuses a chain, "r1" with it; this batch, prepared before, holds
     // the same "r1" in a chain that would pass. "r1" keeps its first answer.
@@ -138,23 +141,26 @@ async fn a_batch_prepared_before_another_replica_wrote_runs_again_under_the_lock
     assert_eq!(fixture.count("ledger_transfers WHERE id LIKE '%r1' OR id LIKE '%r2'").await, 0);
 
     // The fee changes between prepare and lock: the payment pays the new fee.
-    let treasury_before = balance(AccountId::treasury()).await;
+    let treasury_before = stored_balance(&fixture.db, &AccountId::treasury()).await;
     let commands = [Command::Transfers(vec![pay("f1", &a, &b, 20, false)])];
     let outcomes =
         here.execute_pausing(&commands, T0, async { store::set_fee_bps(&there_db, 500).await.unwrap() }).await.unwrap();
     assert_eq!(codes(&outcomes[0]), [None]);
     assert_eq!(here.pipeline().decisions(), (1, 4));
-    assert_eq!(balance(AccountId::treasury()).await - treasury_before, 1);
+    assert_eq!(stored_balance(&fixture.db, &AccountId::treasury()).await - treasury_before, 1);
 
     // A batch dropped between prepare and lock (its caller gone) leaves nothing behind:
     // the next one, prepared on the same basis, is written as prepared with true totals.
-    let (a_before, b_before) = (balance(a.clone()).await, balance(b.clone()).await);
+    let (a_before, b_before) = (stored_balance(&fixture.db, &a).await, stored_balance(&fixture.db, &b).await);
     let commands = [Command::Transfers(vec![pay("gone", &a, &b, 5, false)])];
     let dropped = here.execute_pausing(&commands, T0, std::future::pending());
     assert!(tokio::time::timeout(Duration::from_millis(200), dropped).await.is_err());
     assert_eq!(run_transfers(&here, vec![pay("q1", &a, &b, 1, false)]).await, [None]);
     assert_eq!(here.pipeline().decisions(), (2, 4));
-    assert_eq!((balance(a.clone()).await, balance(b.clone()).await), (a_before - 1, b_before + 1));
+    assert_eq!(
+        (stored_balance(&fixture.db, &a).await, stored_balance(&fixture.db, &b).await),
+        (a_before - 1, b_before + 1)
+    );
 
     // Quiet again: prepared batches are written as prepared, and the books balance.
     assert_eq!(run_transfers(&here, vec![pay("q2", &b, &c, 1, false)]).await, [None]);
@@ -176,10 +182,6 @@ async fn a_retry_of_an_earlier_id_is_caught_by_the_statement_that_writes_it() {
     let mint = |id: &str, amount: u64| {
         spec(Namespace::Admin, id, AccountId::issuance(), a.clone(), amount, Purpose::Mint, false)
     };
-    let balance = |id: AccountId| {
-        let db = fixture.db.clone();
-        async move { store::account(&db, &id).await.unwrap().unwrap().balance() }
-    };
     assert_eq!(run_transfers(&here, vec![mint("m1", 100)]).await, [None]);
     assert_eq!(run_transfers(&here, vec![pay("paid", 10)]).await, [None]);
     assert_eq!(run_transfers(&here, vec![pay("big", 500)]).await, [Some("insufficient_funds")]);
@@ -197,7 +199,7 @@ async fn a_retry_of_an_earlier_id_is_caught_by_the_statement_that_writes_it() {
     assert_eq!(here.pipeline().decisions(), (4, 3));
     // Only the two new payments were applied.
     assert_eq!(fixture.count("ledger_transfers").await, journal + 2);
-    assert_eq!((balance(a.clone()).await, balance(b.clone()).await), (1_100 - 13, 13));
+    assert_eq!((stored_balance(&fixture.db, &a).await, stored_balance(&fixture.db, &b).await), (1_100 - 13, 13));
 
     // New ids again: written as prepared.
     assert_eq!(run_transfers(&here, vec![pay("new3", 1)]).await, [None]);
@@ -265,12 +267,11 @@ async fn a_large_batch_reads_back_exactly_and_its_retry_gets_the_first_answers()
         assert_eq!(entry, same);
     }
     assert_eq!(fixture.count("ledger_transfers").await, journal);
-    let balance = |id: AccountId| {
-        let db = fixture.db.clone();
-        async move { store::account(&db, &id).await.unwrap().unwrap().balance() }
-    };
     let moved = 2 * transfers as i128 - transfers as i128 + 30;
-    assert_eq!((balance(a.clone()).await, balance(b.clone()).await), (1_000_000 - moved, moved));
+    assert_eq!(
+        (stored_balance(&fixture.db, &a).await, stored_balance(&fixture.db, &b).await),
+        (1_000_000 - moved, moved)
+    );
     assert_audit_passes(&fixture.db).await;
 }
 
@@ -344,6 +345,11 @@ async fn store_with_two_wallets(fixture: &Fixture) -> (store::BatchStore, Accoun
 async fn assert_audit_passes(db: &Database) {
     let report = store::audit(db).await.unwrap();
     assert!(report.ok, "{report:?}");
+}
+
+/// An account's balance as stored.
+async fn stored_balance(db: &Database, id: &AccountId) -> i128 {
+    store::account(db, id).await.unwrap().unwrap().balance()
 }
 
 /// Runs one batch of transfers on `store`; the error codes, `None` for applied.
