@@ -89,8 +89,18 @@ fn check_if_idle<C: sqlx::Connection>(
     })
 }
 
-const SQLITE_PRAGMAS: &str = "PRAGMA mmap_size = 4294967296; PRAGMA cache_size = -65536";
-const _: () = assert!(SQLITE_MMAP_BYTES == 4_294_967_296 && SQLITE_CACHE_KIB == 65_536);
+/// SQLite: how often a background task copies the write-ahead log back into the database
+/// file (a passive checkpoint: it neither waits for nor blocks a writer or a reader).
+pub const SQLITE_CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
+/// SQLite: pages the write-ahead log may reach before a committing connection checkpoints
+/// it itself, inside its commit (SQLite's automatic checkpoint, whose default is 1,000). The
+/// background task keeps the log far below this; it remains as a backstop.
+pub const SQLITE_AUTOCHECKPOINT_PAGES: u32 = 10_000;
+
+const SQLITE_PRAGMAS: &str =
+    "PRAGMA mmap_size = 4294967296; PRAGMA cache_size = -65536; PRAGMA wal_autocheckpoint = 10000";
+const _: () =
+    assert!(SQLITE_MMAP_BYTES == 4_294_967_296 && SQLITE_CACHE_KIB == 65_536 && SQLITE_AUTOCHECKPOINT_PAGES == 10_000);
 
 /// How to reach the database.
 #[derive(Clone, PartialEq, Eq)]
@@ -121,6 +131,47 @@ pub struct Database {
     backend: Backend,
     /// On SQLite, the turn of this process's hot writers ([`Database::sqlite_write_turn`]).
     sqlite_writes: Arc<tokio::sync::Mutex<()>>,
+    /// On SQLite, stops the checkpoint task when the last handle is dropped.
+    _checkpoints: Option<Arc<AbortOnDrop>>,
+}
+
+/// Aborts a background task when dropped.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Checkpoints the write-ahead log every [`SQLITE_CHECKPOINT_INTERVAL`] on a connection of
+/// its own, so that the writers' commits never do (see [`SQLITE_AUTOCHECKPOINT_PAGES`]).
+/// Ends when the pool is closed.
+async fn run_sqlite_checkpoints(pool: AnyPool) {
+    let mut connection: Option<sqlx::AnyConnection> = None;
+    let mut ticks = tokio::time::interval(SQLITE_CHECKPOINT_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        if pool.is_closed() {
+            return;
+        }
+        let checkpointed = async {
+            let connection = match &mut connection {
+                Some(connection) => connection,
+                None => connection.insert(pool.acquire().await?.detach()),
+            };
+            sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut *connection).await
+        }
+        .await;
+        if let Err(error) = checkpointed {
+            connection = None;
+            if !pool.is_closed() {
+                tracing::warn!(%error, "checkpointing the SQLite write-ahead log failed; trying again");
+            }
+        }
+    }
 }
 
 /// Why [`Database::connect`] failed.
@@ -259,7 +310,9 @@ impl Database {
             Backend::Postgres => &POSTGRES_MIGRATIONS,
         };
         migrator.run(&pool).await.map_err(ConnectError::Migrate)?;
-        Ok(Database { pool, backend, sqlite_writes: Arc::default() })
+        let checkpoints = (backend == Backend::Sqlite)
+            .then(|| Arc::new(AbortOnDrop(tokio::spawn(run_sqlite_checkpoints(pool.clone())).abort_handle())));
+        Ok(Database { pool, backend, sqlite_writes: Arc::default(), _checkpoints: checkpoints })
     }
 
     pub fn backend(&self) -> Backend {

@@ -2,7 +2,7 @@
 //! it), and the `molt` command line run against it: what the CLI end-to-end tests
 //! (`cli_admin`, `cli_ledger`) and `molt-bench ledger-api` share.
 
-use std::io::{BufRead as _, BufReader, Read as _};
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -137,6 +137,10 @@ impl ControlPlane {
     }
 }
 
+/// Names a file that receives a copy of every spawned control plane's log, e.g. with
+/// `MOLT_CP_LOG_LEVEL=molt_control_plane::ledger=trace` to trace the batches of a bench.
+pub const COPY_STDERR_ENV: &str = "MOLT_TEST_CP_STDERR";
+
 fn spawn(
     dir: &Path,
     database: &str,
@@ -160,9 +164,15 @@ fn spawn(
     let mut process = Guard(command.spawn().context("while starting molt-control-plane")?);
     let stderr = process.0.stderr.take().context("stderr")?;
     let (lines_tx, lines) = mpsc::sync_channel(START_LINES_MAX);
-    // Drains stderr for the life of the process, so it never blocks on a full pipe.
+    // Drains stderr for the life of the process, so it never blocks on a full pipe; with
+    // `COPY_STDERR_ENV` set, also appends it to that file (for traces of a bench run).
+    let mut copy = std::env::var_os(COPY_STDERR_ENV)
+        .and_then(|path| std::fs::OpenOptions::new().create(true).append(true).open(path).ok());
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(file) = copy.as_mut() {
+                let _ = writeln!(file, "{line}");
+            }
             let _ = lines_tx.try_send(line);
         }
     });

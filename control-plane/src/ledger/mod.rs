@@ -32,6 +32,7 @@ pub mod escrow;
 pub mod journal;
 pub mod postgres;
 pub mod service;
+pub mod sqlite;
 pub mod stake;
 pub mod store;
 pub mod types;

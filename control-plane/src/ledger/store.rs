@@ -38,8 +38,8 @@ use super::journal::{AuditReport, Auditor};
 use super::postgres::OnDecided;
 use super::stake::{Unbonding, UnbondingState};
 use super::types::{
-    Account, AccountFlags, AccountId, Credits, Purpose, Rejection, StakeKind, Transfer, TransferFlags, TransferId,
-    TransferKind, TransferSpec,
+    Account, AccountFlags, AccountId, Credits, Purpose, StakeKind, Transfer, TransferFlags, TransferId, TransferKind,
+    TransferSpec,
 };
 use crate::db::{Backend, Database};
 
@@ -89,8 +89,8 @@ pub struct BatchStore {
     db: Database,
     postgres: OnceCell<PgPool>,
     pipeline: super::postgres::Pipeline,
-    /// SQLite's writer's cache (PostgreSQL's is in the pipeline).
-    cache: Mutex<AccountCache>,
+    /// SQLite's writer: its cache and connection (PostgreSQL's are in the pipeline).
+    sqlite: Mutex<super::sqlite::Writer>,
 }
 
 impl BatchStore {
@@ -99,7 +99,7 @@ impl BatchStore {
             db,
             postgres: OnceCell::new(),
             pipeline: super::postgres::Pipeline::new(),
-            cache: Mutex::new(AccountCache::new()),
+            sqlite: Mutex::default(),
         }
     }
 
@@ -161,12 +161,7 @@ impl BatchStore {
             }
             Backend::Sqlite => {
                 on_decided();
-                let mut cache = self.cache.lock().await;
-                let result = execute_sqlite(&self.db, &mut cache, commands, now).await;
-                if result.is_err() {
-                    cache.invalidate();
-                }
-                result
+                self.sqlite.lock().await.execute(&self.db, commands, now).await
             }
         }
     }
@@ -229,40 +224,6 @@ pub(crate) fn run_batch(
     }
     let outcomes = view.run(commands);
     (outcomes, view.into_effects())
-}
-
-/// The SQLite batch: the first statement takes the database's write lock (a transaction
-/// that read first could fail to upgrade), then the reads, then the writes.
-async fn execute_sqlite(
-    db: &Database,
-    cache: &mut AccountCache,
-    commands: &[Command],
-    now: UnixMillis,
-) -> Result<Vec<engine::Outcome>, LedgerQueryError> {
-    let (escrow_ids, unbonding_ids) = referenced_records(commands);
-    let _turn = db.sqlite_write_turn().await;
-    let mut tx = db.pool().begin().await.map_err(query_error("starting a ledger transaction"))?;
-    sqlx::query("UPDATE ledger_head SET seq = seq WHERE id = 1")
-        .execute(&mut *tx)
-        .await
-        .map_err(query_error("taking the write lock"))?;
-    let (seq, hash, fee_bps) = head(&mut tx).await?;
-    cache.validate((seq, hash));
-    let escrows = escrows(&mut tx, &escrow_ids).await?;
-    let unbondings = unbondings(&mut tx, &unbonding_ids).await?;
-    let account_ids = account_ids_of(commands, &escrows, &unbondings);
-    let missing: BTreeSet<AccountId> = account_ids.iter().filter(|id| !cache.contains(id)).cloned().collect();
-    for account in accounts_in(&mut tx, &missing).await? {
-        cache.insert(account);
-    }
-    let ids: Vec<TransferId> = commands.iter().flat_map(spec_ids).collect();
-    let known = known_ids_on(&mut tx, &ids).await?;
-    let loaded = Loaded { fee_bps, escrows, unbondings, known };
-    let (outcomes, effects) = run_batch((seq, hash), cache, &account_ids, loaded, commands, now);
-    persist(&mut tx, &effects).await?;
-    tx.commit().await.map_err(query_error("committing a ledger batch"))?;
-    cache.committed(&effects.books.accounts, effects.books.head);
-    Ok(outcomes)
 }
 
 /// Creates the accounts if missing (their own transaction per statement, before any
@@ -632,175 +593,6 @@ async fn escrows(connection: &mut sqlx::AnyConnection, ids: &[TransferId]) -> Re
     Ok(escrows)
 }
 
-async fn unbondings(
-    connection: &mut sqlx::AnyConnection,
-    ids: &[TransferId],
-) -> Result<Vec<Unbonding>, LedgerQueryError> {
-    let mut unbondings = Vec::new();
-    for chunk in fixed_chunks(ids) {
-        let sql = format!(
-            "SELECT {} FROM ledger_unbondings WHERE id IN ({})",
-            unbonding_columns!(),
-            placeholders(anonymous(connection), 1, chunk.len())
-        );
-        let mut query = sqlx::query(&sql);
-        for id in chunk {
-            query = query.bind(id.as_str().to_owned());
-        }
-        for row in query.fetch_all(&mut *connection).await.map_err(query_error("reading unbondings"))? {
-            unbondings.push(unbonding_from_row(&row)?);
-        }
-    }
-    Ok(unbondings)
-}
-
-async fn persist(tx: &mut Tx, effects: &ViewEffects) -> Result<(), LedgerQueryError> {
-    for chunk in fixed_chunks(&effects.books.transfers) {
-        insert_transfers(tx, chunk).await?;
-    }
-    for chunk in fixed_chunks(&effects.books.rejections) {
-        insert_rejections(tx, chunk).await?;
-    }
-    for chunk in fixed_chunks(&effects.books.accounts) {
-        update_accounts(tx, chunk).await?;
-    }
-    for escrow in &effects.escrows {
-        upsert_escrow(tx, escrow).await?;
-    }
-    for unbonding in &effects.unbondings {
-        upsert_unbonding(tx, unbonding).await?;
-    }
-    let (seq, hash) = effects.books.head;
-    sqlx::query("UPDATE ledger_head SET seq = $1, hash = $2 WHERE id = 1")
-        .bind(i64::try_from(seq).map_err(|_| decode_error("writing the journal head", "seq"))?)
-        .bind(hash.to_vec())
-        .execute(&mut **tx)
-        .await
-        .map_err(query_error("writing the journal head"))?;
-    Ok(())
-}
-
-async fn insert_transfers(tx: &mut Tx, chunk: &[Transfer]) -> Result<(), LedgerQueryError> {
-    let sql = format!(
-        "INSERT INTO ledger_transfers ({}) VALUES {}",
-        transfer_columns!(),
-        rows_placeholders(anonymous(tx), chunk.len(), 13)
-    );
-    let mut query = sqlx::query(&sql);
-    for transfer in chunk {
-        let spec = &transfer.spec;
-        query = query
-            .bind(i64::try_from(transfer.seq).unwrap_or(i64::MAX))
-            .bind(spec.id.as_str().to_owned())
-            .bind(spec.debit.as_str().to_owned())
-            .bind(spec.credit.as_str().to_owned())
-            .bind(spec.amount.to_db())
-            .bind(spec.kind.as_str())
-            .bind(spec.pending_id.as_ref().map(|id| id.as_str().to_owned()))
-            .bind(spec.purpose.as_str())
-            .bind(spec.flags.0 as i64)
-            .bind(to_db(transfer.created_at))
-            .bind(transfer.hash.to_vec())
-            .bind(to_db_position(transfer.debit_prev))
-            .bind(to_db_position(transfer.credit_prev));
-    }
-    query.execute(&mut **tx).await.map_err(query_error("writing transfers"))?;
-    Ok(())
-}
-
-async fn insert_rejections(tx: &mut Tx, chunk: &[Rejection]) -> Result<(), LedgerQueryError> {
-    let sql = format!(
-        "INSERT INTO ledger_rejections (id, debit_account, credit_account, amount, kind, pending_id, purpose, flags, \
-         code, created_at_ms) VALUES {}",
-        rows_placeholders(anonymous(tx), chunk.len(), 10)
-    );
-    let mut query = sqlx::query(&sql);
-    for rejection in chunk {
-        let spec = &rejection.spec;
-        query = query
-            .bind(spec.id.as_str().to_owned())
-            .bind(spec.debit.as_str().to_owned())
-            .bind(spec.credit.as_str().to_owned())
-            .bind(spec.amount.to_db())
-            .bind(spec.kind.as_str())
-            .bind(spec.pending_id.as_ref().map(|id| id.as_str().to_owned()))
-            .bind(spec.purpose.as_str())
-            .bind(spec.flags.0 as i64)
-            .bind(rejection.error.code())
-            .bind(to_db(rejection.created_at));
-    }
-    query.execute(&mut **tx).await.map_err(query_error("writing rejections"))?;
-    Ok(())
-}
-
-/// Writes final totals; the rows exist and are locked, so an upsert that always updates.
-async fn update_accounts(tx: &mut Tx, chunk: &[Account]) -> Result<(), LedgerQueryError> {
-    let sql = format!(
-        "INSERT INTO ledger_accounts (id, kind, flags, debits_pending, debits_posted, credits_pending, credits_posted, \
-         last_seq, created_at_ms) VALUES {} ON CONFLICT (id) DO UPDATE SET debits_pending = excluded.debits_pending, \
-         debits_posted = excluded.debits_posted, credits_pending = excluded.credits_pending, \
-         credits_posted = excluded.credits_posted, last_seq = excluded.last_seq",
-        rows_placeholders(anonymous(tx), chunk.len(), 9)
-    );
-    let mut query = sqlx::query(&sql);
-    for account in chunk {
-        query = query
-            .bind(account.id.as_str().to_owned())
-            .bind(account.id.kind_and_owner().0.as_str())
-            .bind(account.flags.0 as i64)
-            .bind(account.debits_pending.to_db())
-            .bind(account.debits_posted.to_db())
-            .bind(account.credits_pending.to_db())
-            .bind(account.credits_posted.to_db())
-            .bind(to_db_position(account.last_seq))
-            .bind(0i64);
-    }
-    query.execute(&mut **tx).await.map_err(query_error("writing account totals"))?;
-    Ok(())
-}
-
-async fn upsert_escrow(tx: &mut Tx, escrow: &Escrow) -> Result<(), LedgerQueryError> {
-    sqlx::query(&format!(
-        "INSERT INTO ledger_escrows ({ESCROW_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-         ON CONFLICT (id) DO UPDATE SET state = excluded.state, released = excluded.released, \
-         updated_at_ms = excluded.updated_at_ms"
-    ))
-    .bind(escrow.id.as_str().to_owned())
-    .bind(escrow.payer.as_str().to_owned())
-    .bind(escrow.payee.as_str().to_owned())
-    .bind(escrow.amount.to_db())
-    .bind(escrow.state.as_str())
-    .bind(escrow.on_expiry.as_str())
-    .bind(to_db(escrow.expires_at))
-    .bind(escrow.released.to_db())
-    .bind(to_db(escrow.created_at))
-    .bind(to_db(escrow.updated_at))
-    .execute(&mut **tx)
-    .await
-    .map_err(query_error("writing an escrow"))?;
-    Ok(())
-}
-
-async fn upsert_unbonding(tx: &mut Tx, unbonding: &Unbonding) -> Result<(), LedgerQueryError> {
-    sqlx::query(concat!(
-        "INSERT INTO ledger_unbondings (",
-        unbonding_columns!(),
-        ") VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO UPDATE SET state = excluded.state"
-    ))
-    .bind(unbonding.id.as_str().to_owned())
-    .bind(unbonding.owner.to_string())
-    .bind(unbonding.kind.as_str())
-    .bind(unbonding.amount.to_db())
-    .bind(to_db(unbonding.matures_at))
-    .bind(unbonding.state.as_str())
-    .bind(to_db(unbonding.created_at))
-    .execute(&mut **tx)
-    .await
-    .map_err(query_error("writing an unbonding"))?;
-    Ok(())
-}
-
-/// `$first, $first+1, …` (`count` of them).
 /// Row counts of generated statements: every chunk has one of these sizes, so a few
 /// distinct statements cover any batch and stay in each connection's statement cache
 /// (a new size would cost a prepare round trip every time).
@@ -818,7 +610,7 @@ fn fixed_chunks<T>(mut items: &[T]) -> Vec<&[T]> {
     chunks
 }
 
-/// With `anonymous` (SQLite), `?` marks: SQLite looks numbered parameter names up
+/// `$first, $first+1, …` (`count` of them); with `anonymous` (SQLite), `?` marks: SQLite looks numbered parameter names up
 /// linearly, which makes statements with thousands of `$N` quadratic to bind.
 fn placeholders(anonymous: bool, first: usize, count: usize) -> String {
     if anonymous {

@@ -237,8 +237,10 @@ struct Server {
 
 impl Server {
     fn start(dir: &Path, database: Option<ScratchDatabase>, interrupt: &Interrupt) -> anyhow::Result<Server> {
-        // Warnings only: an info line per request would be part of the measurement.
-        let mut environment = vec![("MOLT_CP_LOG_LEVEL", "warn".to_owned())];
+        // Warnings only unless the caller sets a level (to trace a run, with
+        // `MOLT_TEST_CP_STDERR`): an info line per request would be part of the measurement.
+        let level = std::env::var("MOLT_CP_LOG_LEVEL").unwrap_or_else(|_| "warn".to_owned());
+        let mut environment = vec![("MOLT_CP_LOG_LEVEL", level)];
         let control_plane = match &database {
             None => ControlPlane::start_with_env(dir, &borrowed(&environment)),
             Some(database) => {

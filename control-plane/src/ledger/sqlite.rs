@@ -1,0 +1,475 @@
+//! The SQLite batch: few round trips to the connection's thread.
+//!
+//! sqlx runs each SQLite connection on a thread of its own, and every statement is a
+//! message to that thread and a wake-up back. A batch therefore sends whole scripts:
+//!
+//! 1. `BEGIN IMMEDIATE`, which takes the database's one write lock before anything is
+//!    read (a transaction that read first could fail to upgrade its lock);
+//! 2. one read script: the journal head, the escrows and unbondings the commands name,
+//!    and which of their transfer ids are already applied or refused;
+//! 3. the account totals the [`AccountCache`] does not hold (usually none);
+//! 4. one write script: the new journal entries, the refusals, the final account
+//!    totals, the escrows and unbondings, and the new head;
+//! 5. `COMMIT`.
+//!
+//! A script is several statements in one query string with `?` parameters, which sqlx
+//! binds in order across its statements. Each row of the read script starts with a
+//! `part` column that names the statement it came from. Scripts are prepared for each
+//! batch (not cached): their text depends on the batch's sizes, and so many texts would
+//! only push the connection's other statements out of its cache.
+
+use std::time::Instant;
+
+use molt_protocol::UnixMillis;
+use sqlx::AnyConnection;
+use sqlx::any::{AnyArguments, AnyRow};
+use sqlx::{Any, Arguments as _, Encode, Row as _, Type};
+
+use super::books::{Known, TransferError};
+use super::cache::AccountCache;
+use super::engine::{self, Command, ViewEffects};
+use super::escrow::Escrow;
+use super::stake::Unbonding;
+use super::store::{
+    ESCROW_COLUMNS, LedgerQueryError, Loaded, ROWS_PER_STATEMENT, account_columns, account_from_row, account_ids_of,
+    decode_error, escrow_from_row, query_error, referenced_records, run_batch, spec_from_row, spec_ids, to_db,
+    to_db_position, transfer_columns, transfer_from_row, unbonding_columns, unbonding_from_row,
+};
+use super::types::{AccountId, TransferId};
+use crate::db::Database;
+
+/// What a row of the read script is.
+const PART_HEAD: i64 = 0;
+const PART_ESCROW: i64 = 1;
+const PART_UNBONDING: i64 = 2;
+const PART_TRANSFER: i64 = 3;
+const PART_REJECTION: i64 = 4;
+
+/// The SQLite writer's state from one batch to the next: its account cache and its own
+/// connection, taken out of the pool on first use.
+#[derive(Debug, Default)]
+pub struct Writer {
+    cache: AccountCache,
+    connection: Option<AnyConnection>,
+}
+
+impl Writer {
+    /// Runs `commands` in one transaction and commits (see the module's text). After a
+    /// failure the cache is emptied and the connection closed, which rolls back whatever
+    /// the batch had begun; so is a connection whose batch was cancelled.
+    pub async fn execute(
+        &mut self,
+        db: &Database,
+        commands: &[Command],
+        now: UnixMillis,
+    ) -> Result<Vec<engine::Outcome>, LedgerQueryError> {
+        let (escrow_ids, unbonding_ids) = referenced_records(commands);
+        let ids: Vec<TransferId> = commands.iter().flat_map(spec_ids).collect();
+        let _turn = db.sqlite_write_turn().await;
+        let mut connection = match self.connection.take() {
+            Some(connection) => connection,
+            None => db.pool().acquire().await.map_err(query_error("connecting the ledger writer"))?.detach(),
+        };
+        let result =
+            execute_on(&mut connection, &mut self.cache, commands, now, &escrow_ids, &unbonding_ids, &ids).await;
+        match result {
+            Ok(_) => self.connection = Some(connection),
+            Err(_) => self.cache.invalidate(),
+        }
+        result
+    }
+}
+
+async fn execute_on(
+    connection: &mut AnyConnection,
+    cache: &mut AccountCache,
+    commands: &[Command],
+    now: UnixMillis,
+    escrow_ids: &[TransferId],
+    unbonding_ids: &[TransferId],
+    ids: &[TransferId],
+) -> Result<Vec<engine::Outcome>, LedgerQueryError> {
+    let started = Instant::now();
+    let mut read = read_script(escrow_ids, unbonding_ids, ids)?;
+    let full = std::mem::take(&mut read.full);
+    let mut rows = read.run(connection, "reading a ledger batch").await?;
+    rows.extend(Script::run_full(full, connection, "reading a ledger batch").await?);
+    let (head, fee_bps, mut loaded) = loaded_from(&rows)?;
+    cache.validate(head);
+    let account_ids = account_ids_of(commands, &loaded.escrows, &loaded.unbondings);
+    let missing: Vec<&AccountId> = account_ids.iter().filter(|id| !cache.contains(id)).collect();
+    if !missing.is_empty() {
+        for account in read_accounts(connection, &missing).await? {
+            cache.insert(account);
+        }
+    }
+    loaded.fee_bps = fee_bps;
+    let read_done = started.elapsed();
+
+    let (outcomes, effects) = run_batch(head, cache, &account_ids, loaded, commands, now);
+    let decided = started.elapsed();
+    let mut write = write_script(&effects)?;
+    Script::run_full(std::mem::take(&mut write.full), connection, "writing a ledger batch").await?;
+    write.run(connection, "writing a ledger batch").await?;
+    cache.committed(&effects.books.accounts, effects.books.head);
+    tracing::trace!(
+        commands = commands.len(),
+        transfers = effects.books.transfers.len(),
+        missing_accounts = missing.len(),
+        read_us = read_done.as_micros() as u64,
+        decided_us = decided.as_micros() as u64,
+        committed_us = started.elapsed().as_micros() as u64,
+        "sqlite ledger batch"
+    );
+    Ok(outcomes)
+}
+
+/// Statements with `?` parameters, and the values for them in order; statements of a
+/// full [`ROWS_PER_STATEMENT`] rows go to `full` instead, one each (see the module's text).
+struct Script {
+    sql: String,
+    args: AnyArguments<'static>,
+    full: Vec<Script>,
+    /// Whether values go to the last of `full`.
+    in_full: bool,
+}
+
+impl Script {
+    fn new() -> Script {
+        Script { sql: String::new(), args: AnyArguments::default(), full: Vec::new(), in_full: false }
+    }
+
+    /// Appends a statement without parameters.
+    fn push(&mut self, statement: &str) {
+        self.in_full = false;
+        self.sql.push_str(statement);
+        self.sql.push_str(";\n");
+    }
+
+    /// The script that takes a statement of `rows` rows.
+    fn target(&mut self, rows: usize) -> &mut Script {
+        self.in_full = rows == ROWS_PER_STATEMENT;
+        if self.in_full {
+            self.full.push(Script::new());
+            return self.full.last_mut().unwrap_or_else(|| unreachable!("just pushed"));
+        }
+        self
+    }
+
+    /// Appends `head` followed by `rows` groups of `width` parameters, `(?, ?), (?, ?)`.
+    fn rows(&mut self, head: &str, rows: usize, width: usize, tail: &str) {
+        let script = self.target(rows);
+        script.sql.push_str(head);
+        for row in 0..rows {
+            script.sql.push_str(if row == 0 { " (" } else { ", (" });
+            script.marks(width);
+            script.sql.push(')');
+        }
+        script.sql.push_str(tail);
+        script.sql.push_str(";\n");
+    }
+
+    /// Appends `SELECT {part} AS part, {columns} FROM {table} WHERE id IN (?, …)` for
+    /// every chunk of `ids`, binding them.
+    fn select_in(&mut self, part: i64, columns: &str, table: &str, ids: &[TransferId]) -> Result<(), LedgerQueryError> {
+        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+            let script = self.target(chunk.len());
+            script.sql.push_str(&format!("SELECT {part} AS part, {columns} FROM {table} WHERE id IN ("));
+            script.marks(chunk.len());
+            script.sql.push_str(");\n");
+            for id in chunk {
+                self.bind(id.as_str().to_owned())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn marks(&mut self, count: usize) {
+        for n in 0..count {
+            self.sql.push_str(if n == 0 { "?" } else { ", ?" });
+        }
+    }
+
+    fn bind<T: Encode<'static, Any> + Type<Any> + 'static>(&mut self, value: T) -> Result<(), LedgerQueryError> {
+        let args = match self.full.last_mut() {
+            Some(full) if self.in_full => &mut full.args,
+            _ => &mut self.args,
+        };
+        args.add(value).map_err(|source| query_error("binding a ledger batch")(sqlx::Error::Encode(source)))
+    }
+
+    /// Runs the statements of `full`, each prepared once per connection; their rows.
+    async fn run_full(
+        full: Vec<Script>,
+        connection: &mut AnyConnection,
+        operation: &'static str,
+    ) -> Result<Vec<AnyRow>, LedgerQueryError> {
+        let mut rows = Vec::new();
+        for script in full {
+            rows.extend(
+                sqlx::query_with(&script.sql, script.args)
+                    .fetch_all(&mut *connection)
+                    .await
+                    .map_err(query_error(operation))?,
+            );
+        }
+        Ok(rows)
+    }
+
+    /// Runs the script's own statements, prepared for this once; their rows.
+    async fn run(
+        self,
+        connection: &mut AnyConnection,
+        operation: &'static str,
+    ) -> Result<Vec<AnyRow>, LedgerQueryError> {
+        sqlx::query_with(&self.sql, self.args)
+            .persistent(false)
+            .fetch_all(&mut *connection)
+            .await
+            .map_err(query_error(operation))
+    }
+}
+
+fn read_script(
+    escrow_ids: &[TransferId],
+    unbonding_ids: &[TransferId],
+    ids: &[TransferId],
+) -> Result<Script, LedgerQueryError> {
+    let mut script = Script::new();
+    script.push("BEGIN IMMEDIATE");
+    script.push(&format!("SELECT {PART_HEAD} AS part, seq, hash, fee_bps FROM ledger_head WHERE id = 1"));
+    script.select_in(PART_ESCROW, ESCROW_COLUMNS, "ledger_escrows", escrow_ids)?;
+    script.select_in(PART_UNBONDING, unbonding_columns!(), "ledger_unbondings", unbonding_ids)?;
+    script.select_in(PART_TRANSFER, transfer_columns!(), "ledger_transfers", ids)?;
+    script.select_in(
+        PART_REJECTION,
+        "id, debit_account, credit_account, amount, kind, pending_id, purpose, flags, code",
+        "ledger_rejections",
+        ids,
+    )?;
+    Ok(script)
+}
+
+/// The head, the fee and what the read script found.
+fn loaded_from(rows: &[sqlx::any::AnyRow]) -> Result<((u64, [u8; 32]), u32, Loaded), LedgerQueryError> {
+    let operation = "reading a ledger batch";
+    let read = query_error(operation);
+    let mut head = None;
+    let mut loaded = Loaded { fee_bps: 0, escrows: Vec::new(), unbondings: Vec::new(), known: Vec::new() };
+    for row in rows {
+        match row.try_get::<i64, _>("part").map_err(read)? {
+            PART_HEAD => {
+                let seq: i64 = row.try_get("seq").map_err(read)?;
+                let hash: Vec<u8> = row.try_get("hash").map_err(read)?;
+                let fee: i64 = row.try_get("fee_bps").map_err(read)?;
+                head = Some((
+                    (
+                        u64::try_from(seq).map_err(|_| decode_error(operation, "seq"))?,
+                        hash.try_into().map_err(|_| decode_error(operation, "hash"))?,
+                    ),
+                    u32::try_from(fee).map_err(|_| decode_error(operation, "fee"))?,
+                ));
+            }
+            PART_ESCROW => loaded.escrows.push(escrow_from_row(row)?),
+            PART_UNBONDING => loaded.unbondings.push(unbonding_from_row(row)?),
+            PART_TRANSFER => {
+                let transfer = transfer_from_row(row)?;
+                loaded.known.push((transfer.spec.id.clone(), Known::Applied(transfer)));
+            }
+            PART_REJECTION => {
+                let spec = spec_from_row(row, "reading rejections")?;
+                let code: String = row.try_get("code").map_err(read)?;
+                let error = TransferError::from_code(&code).ok_or_else(|| decode_error(operation, "code"))?;
+                loaded.known.push((spec.id.clone(), Known::Rejected(spec, error)));
+            }
+            _ => return Err(decode_error(operation, "part")),
+        }
+    }
+    let (head, fee_bps) = head.ok_or_else(|| decode_error(operation, "journal head (missing)"))?;
+    Ok((head, fee_bps, loaded))
+}
+
+async fn read_accounts(
+    connection: &mut AnyConnection,
+    ids: &[&AccountId],
+) -> Result<Vec<super::types::Account>, LedgerQueryError> {
+    let mut accounts = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let mut script = Script::new();
+        script.sql.push_str(concat!("SELECT ", account_columns!(), " FROM ledger_accounts WHERE id IN ("));
+        script.marks(chunk.len());
+        script.sql.push(')');
+        for id in chunk {
+            script.bind(id.as_str().to_owned())?;
+        }
+        let rows = sqlx::query_with(&script.sql, script.args)
+            .persistent(false)
+            .fetch_all(&mut *connection)
+            .await
+            .map_err(query_error("reading accounts"))?;
+        for row in &rows {
+            accounts.push(account_from_row(row)?);
+        }
+    }
+    Ok(accounts)
+}
+
+fn write_script(effects: &ViewEffects) -> Result<Script, LedgerQueryError> {
+    let mut script = Script::new();
+    for chunk in effects.books.transfers.chunks(ROWS_PER_STATEMENT) {
+        script.rows(concat!("INSERT INTO ledger_transfers (", transfer_columns!(), ") VALUES"), chunk.len(), 13, "");
+        for transfer in chunk {
+            let spec = &transfer.spec;
+            script.bind(to_db_position(transfer.seq))?;
+            script.bind(spec.id.as_str().to_owned())?;
+            script.bind(spec.debit.as_str().to_owned())?;
+            script.bind(spec.credit.as_str().to_owned())?;
+            script.bind(spec.amount.to_db())?;
+            script.bind(spec.kind.as_str())?;
+            script.bind(spec.pending_id.as_ref().map(|id| id.as_str().to_owned()))?;
+            script.bind(spec.purpose.as_str())?;
+            script.bind(spec.flags.0 as i64)?;
+            script.bind(to_db(transfer.created_at))?;
+            script.bind(transfer.hash.to_vec())?;
+            script.bind(to_db_position(transfer.debit_prev))?;
+            script.bind(to_db_position(transfer.credit_prev))?;
+        }
+    }
+    for chunk in effects.books.rejections.chunks(ROWS_PER_STATEMENT) {
+        script.rows(
+            "INSERT INTO ledger_rejections (id, debit_account, credit_account, amount, kind, pending_id, purpose, \
+             flags, code, created_at_ms) VALUES",
+            chunk.len(),
+            10,
+            "",
+        );
+        for rejection in chunk {
+            let spec = &rejection.spec;
+            script.bind(spec.id.as_str().to_owned())?;
+            script.bind(spec.debit.as_str().to_owned())?;
+            script.bind(spec.credit.as_str().to_owned())?;
+            script.bind(spec.amount.to_db())?;
+            script.bind(spec.kind.as_str())?;
+            script.bind(spec.pending_id.as_ref().map(|id| id.as_str().to_owned()))?;
+            script.bind(spec.purpose.as_str())?;
+            script.bind(spec.flags.0 as i64)?;
+            script.bind(rejection.error.code())?;
+            script.bind(to_db(rejection.created_at))?;
+        }
+    }
+    // The rows exist and the batch holds the write lock: an upsert that always updates.
+    for chunk in effects.books.accounts.chunks(ROWS_PER_STATEMENT) {
+        script.rows(
+            "INSERT INTO ledger_accounts (id, kind, flags, debits_pending, debits_posted, credits_pending, \
+             credits_posted, last_seq, created_at_ms) VALUES",
+            chunk.len(),
+            9,
+            " ON CONFLICT (id) DO UPDATE SET debits_pending = excluded.debits_pending, \
+             debits_posted = excluded.debits_posted, credits_pending = excluded.credits_pending, \
+             credits_posted = excluded.credits_posted, last_seq = excluded.last_seq",
+        );
+        for account in chunk {
+            script.bind(account.id.as_str().to_owned())?;
+            script.bind(account.id.kind_and_owner().0.as_str())?;
+            script.bind(account.flags.0 as i64)?;
+            script.bind(account.debits_pending.to_db())?;
+            script.bind(account.debits_posted.to_db())?;
+            script.bind(account.credits_pending.to_db())?;
+            script.bind(account.credits_posted.to_db())?;
+            script.bind(to_db_position(account.last_seq))?;
+            script.bind(0i64)?;
+        }
+    }
+    for chunk in effects.escrows.chunks(ROWS_PER_STATEMENT) {
+        write_escrows(&mut script, chunk)?;
+    }
+    for chunk in effects.unbondings.chunks(ROWS_PER_STATEMENT) {
+        write_unbondings(&mut script, chunk)?;
+    }
+    let (seq, hash) = effects.books.head;
+    script.push("UPDATE ledger_head SET seq = ?, hash = ? WHERE id = 1");
+    script.bind(i64::try_from(seq).map_err(|_| decode_error("writing the journal head", "seq"))?)?;
+    script.bind(hash.to_vec())?;
+    script.push("COMMIT");
+    Ok(script)
+}
+
+fn write_escrows(script: &mut Script, chunk: &[Escrow]) -> Result<(), LedgerQueryError> {
+    script.rows(
+        &format!("INSERT INTO ledger_escrows ({ESCROW_COLUMNS}) VALUES"),
+        chunk.len(),
+        10,
+        " ON CONFLICT (id) DO UPDATE SET state = excluded.state, released = excluded.released, \
+         updated_at_ms = excluded.updated_at_ms",
+    );
+    for escrow in chunk {
+        script.bind(escrow.id.as_str().to_owned())?;
+        script.bind(escrow.payer.as_str().to_owned())?;
+        script.bind(escrow.payee.as_str().to_owned())?;
+        script.bind(escrow.amount.to_db())?;
+        script.bind(escrow.state.as_str())?;
+        script.bind(escrow.on_expiry.as_str())?;
+        script.bind(to_db(escrow.expires_at))?;
+        script.bind(escrow.released.to_db())?;
+        script.bind(to_db(escrow.created_at))?;
+        script.bind(to_db(escrow.updated_at))?;
+    }
+    Ok(())
+}
+
+fn write_unbondings(script: &mut Script, chunk: &[Unbonding]) -> Result<(), LedgerQueryError> {
+    script.rows(
+        concat!("INSERT INTO ledger_unbondings (", unbonding_columns!(), ") VALUES"),
+        chunk.len(),
+        7,
+        " ON CONFLICT (id) DO UPDATE SET state = excluded.state",
+    );
+    for unbonding in chunk {
+        script.bind(unbonding.id.as_str().to_owned())?;
+        script.bind(unbonding.owner.to_string())?;
+        script.bind(unbonding.kind.as_str())?;
+        script.bind(unbonding.amount.to_db())?;
+        script.bind(to_db(unbonding.matures_at))?;
+        script.bind(unbonding.state.as_str())?;
+        script.bind(to_db(unbonding.created_at))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(n: usize) -> Vec<TransferId> {
+        (0..n).map(|i| TransferId::from_stored(format!("t{i}"))).collect()
+    }
+
+    #[test]
+    fn a_read_script_has_one_statement_per_part_and_chunk_and_binds_every_id() {
+        let script = read_script(&ids(2), &[], &ids(ROWS_PER_STATEMENT + 1)).unwrap();
+        let statements: Vec<&str> = script.sql.split(";\n").filter(|s| !s.is_empty()).collect();
+        // begin, head, one escrow statement, the last chunk each of transfers and rejections
+        assert_eq!(statements.len(), 5, "{}", script.sql);
+        assert_eq!(script.sql.matches('?').count(), 2 + 2);
+        assert_eq!(script.args.len(), 2 + 2);
+        // the full chunks: one statement each, of the same text every time
+        assert_eq!(script.full.len(), 2);
+        for full in &script.full {
+            assert_eq!(full.sql.matches(";\n").count(), 1);
+            assert_eq!(full.sql.matches('?').count(), ROWS_PER_STATEMENT);
+            assert_eq!(full.args.len(), ROWS_PER_STATEMENT);
+        }
+        let again = read_script(&[], &[], &ids(ROWS_PER_STATEMENT)).unwrap();
+        assert_eq!(
+            again.full.iter().map(|s| &s.sql).collect::<Vec<_>>(),
+            script.full.iter().map(|s| &s.sql).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn an_empty_batch_reads_only_the_head() {
+        let script = read_script(&[], &[], &[]).unwrap();
+        assert_eq!(script.sql.matches(";\n").count(), 2);
+        assert!(script.sql.contains("ledger_head"));
+    }
+}
