@@ -20,7 +20,8 @@
 //! transfers. These are pure: time comes in as an argument. [`journal`] computes the
 //! hash chain and audits. [`store`] loads what a batch needs and persists its effects,
 //! in one transaction per batch that takes the journal head lock first (on PostgreSQL
-//! through native array statements and a two-stage pipeline, [`postgres`]); [`cache`]
+//! through native array statements and a two-stage pipeline, [`postgres`]; on SQLite in
+//! two scripts of several statements, [`sqlite`]); [`cache`]
 //! keeps account totals between a writer's batches while the journal head shows no other
 //! writer has moved them. [`service::Ledger`] feeds commands to group-commit writer
 //! tasks and runs the expiry work under a lease.

@@ -10,6 +10,9 @@
 //! ([`super::postgres`]). On SQLite the batches of a process run one at a time (they
 //! queue on the database's write lock anyway), so [`WRITER_TASKS_SQLITE`] is one: a
 //! second writer would only take a small batch early and make the next one wait for it.
+//! It runs on a thread of its own ([`SQLITE_WRITER_THREAD`]): each of its statements is a
+//! hand-off to the connection's thread and back, and on the shared runtime every wake-up
+//! would queue behind the request tasks.
 //!
 //! **Retries.** A batch that fails with a serialization failure, a deadlock or a busy
 //! database is run again from the start in a new transaction, up to

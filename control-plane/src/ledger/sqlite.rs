@@ -26,7 +26,7 @@ use sqlx::any::{AnyArguments, AnyRow};
 use sqlx::{Any, Arguments as _, Encode, Row as _, Type};
 
 use super::books::{Known, TransferError};
-use super::cache::AccountCache;
+use super::cache::{AccountCache, Head};
 use super::engine::{self, Command, ViewEffects};
 use super::escrow::Escrow;
 use super::stake::Unbonding;
@@ -94,7 +94,7 @@ async fn execute_on(
     let full = std::mem::take(&mut read.full);
     let mut rows = read.run(connection, "reading a ledger batch").await?;
     rows.extend(Script::run_full(full, connection, "reading a ledger batch").await?);
-    let (head, fee_bps, mut loaded) = loaded_from(&rows)?;
+    let (head, loaded) = loaded_from(&rows)?;
     cache.validate(head);
     let account_ids = account_ids_of(commands, &loaded.escrows, &loaded.unbondings);
     let missing: Vec<&AccountId> = account_ids.iter().filter(|id| !cache.contains(id)).collect();
@@ -103,7 +103,6 @@ async fn execute_on(
             cache.insert(account);
         }
     }
-    loaded.fee_bps = fee_bps;
     let read_done = started.elapsed();
 
     let (outcomes, effects) = run_batch(head, cache, &account_ids, loaded, commands, now);
@@ -250,8 +249,8 @@ fn read_script(
     Ok(script)
 }
 
-/// The head, the fee and what the read script found.
-fn loaded_from(rows: &[sqlx::any::AnyRow]) -> Result<((u64, [u8; 32]), u32, Loaded), LedgerQueryError> {
+/// The head and what the read script found (the fee with it).
+fn loaded_from(rows: &[AnyRow]) -> Result<(Head, Loaded), LedgerQueryError> {
     let operation = "reading a ledger batch";
     let read = query_error(operation);
     let mut head = None;
@@ -286,7 +285,8 @@ fn loaded_from(rows: &[sqlx::any::AnyRow]) -> Result<((u64, [u8; 32]), u32, Load
         }
     }
     let (head, fee_bps) = head.ok_or_else(|| decode_error(operation, "journal head (missing)"))?;
-    Ok((head, fee_bps, loaded))
+    loaded.fee_bps = fee_bps;
+    Ok((head, loaded))
 }
 
 async fn read_accounts(

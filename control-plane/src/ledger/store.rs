@@ -2,9 +2,9 @@
 //! transaction; plus the reads the API and the audit use.
 //!
 //! **Locking.** A batch's first locking statement takes the journal head: `SELECT … FOR
-//! UPDATE` of the head row on PostgreSQL, an `UPDATE` of it on SQLite (which takes the
-//! database's single write lock at once; a transaction that read first could fail to
-//! upgrade). Every ledger writer in every process takes the head before it writes an
+//! UPDATE` of the head row on PostgreSQL; on SQLite its `BEGIN IMMEDIATE` takes the
+//! database's single write lock at once (a transaction that read first could fail to
+//! upgrade; see [`super::sqlite`]). Every ledger writer in every process takes the head before it writes an
 //! account total, so writers are serialised by that one lock and cannot deadlock; the
 //! account updates lock their rows as they write them. The head lock also
 //! gives the journal its one order. Serialization and deadlock failures, and SQLite's

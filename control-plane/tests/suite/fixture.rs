@@ -49,6 +49,11 @@ impl Fixture {
     }
 
     /// Another handle on the same database, as a second process would have.
+    /// The SQLite fixture's database file.
+    pub fn sqlite_path(&self) -> std::path::PathBuf {
+        self._dir.as_ref().expect("a SQLite fixture").path().join("control-plane.db")
+    }
+
     pub async fn second_handle(&self) -> Database {
         Database::connect(&self.options).await.expect("open a second handle")
     }

@@ -297,6 +297,61 @@ async fn sqlite_ledger_batches_wait_for_their_turn() {
     assert!(Fixture::postgres().await.db.sqlite_write_turn().await.is_none());
 }
 
+/// A SQLite batch is two scripts of several statements each, the second ending in its
+/// `COMMIT`. A statement that fails late in it (here the head update, after the journal
+/// entries and account totals were written) fails the batch, and nothing of it stays:
+/// the writer drops its connection, which rolls the transaction back. The next batch
+/// runs on a new connection, with the same id, and the books audit.
+#[tokio::test]
+async fn a_sqlite_batch_that_fails_late_leaves_nothing_and_the_next_runs() {
+    let fixture = Fixture::sqlite().await;
+    let (here, a, b) = store_with_two_wallets(&fixture).await;
+    let mint = spec(Namespace::Admin, "mint", AccountId::issuance(), a.clone(), 100, Purpose::Mint, false);
+    assert_eq!(run_transfers(&here, vec![mint]).await, [None]);
+    sqlx::query(
+        "CREATE TRIGGER refuse_head BEFORE UPDATE ON ledger_head BEGIN SELECT RAISE(ABORT, 'refused by test'); END",
+    )
+    .execute(fixture.db.pool())
+    .await
+    .unwrap();
+    let pay = || spec(Namespace::Admin, "p1", a.clone(), b.clone(), 7, Purpose::Payment, false);
+    let failed = here.execute(&[Command::Transfers(vec![pay()])], T0).await;
+    assert!(failed.is_err(), "{failed:?}");
+    assert_eq!(fixture.count("ledger_transfers").await, 1);
+    assert_eq!((stored_balance(&fixture.db, &a).await, stored_balance(&fixture.db, &b).await), (100, 0));
+
+    sqlx::query("DROP TRIGGER refuse_head").execute(fixture.db.pool()).await.unwrap();
+    assert_eq!(run_transfers(&here, vec![pay()]).await, [None]);
+    assert_eq!(fixture.count("ledger_transfers").await, 2);
+    assert_eq!((stored_balance(&fixture.db, &a).await, stored_balance(&fixture.db, &b).await), (93, 7));
+    assert_audit_passes(&fixture.db).await;
+}
+
+/// A SQLite batch cancelled while it waits for the write lock (held here by another
+/// handle, as another process would) leaves no transaction open on the writer's
+/// connection: the next batch runs once the lock is free.
+#[tokio::test]
+async fn a_cancelled_sqlite_batch_leaves_no_transaction_behind() {
+    let fixture = Fixture::sqlite().await;
+    let (here, a, b) = store_with_two_wallets(&fixture).await;
+    let mint = spec(Namespace::Admin, "mint", AccountId::issuance(), a.clone(), 100, Purpose::Mint, false);
+    assert_eq!(run_transfers(&here, vec![mint]).await, [None]);
+
+    let other = fixture.second_handle().await;
+    let mut holder = other.pool().begin().await.unwrap();
+    sqlx::query("UPDATE ledger_head SET seq = seq WHERE id = 1").execute(&mut *holder).await.unwrap();
+    let pay = |id: &str| spec(Namespace::Admin, id, a.clone(), b.clone(), 1, Purpose::Payment, false);
+    let commands = [Command::Transfers(vec![pay("cancelled")])];
+    let waited = tokio::time::timeout(Duration::from_millis(300), here.execute(&commands, T0)).await;
+    assert!(waited.is_err(), "the batch did not wait for the lock: {waited:?}");
+    holder.rollback().await.unwrap();
+
+    assert_eq!(run_transfers(&here, vec![pay("next")]).await, [None]);
+    assert_eq!(fixture.count("ledger_transfers").await, 2);
+    assert_eq!(fixture.count("ledger_transfers WHERE id LIKE '%cancelled'").await, 0);
+    assert_audit_passes(&fixture.db).await;
+}
+
 /// The pipeline's stages keep their connections between batches. When the server closes
 /// them: after a second of quiet the next batch finds that out before using them and
 /// succeeds; right after a batch, the batches in flight fail (at most one per stage),

@@ -3,7 +3,10 @@
 use std::time::Duration;
 
 use molt_control_plane::auth::{BOOTSTRAP_KEY_NAME, Scope, Scopes};
-use molt_control_plane::db::{CHECK_CONNECTIONS_IDLE_FOR, CreateOrgError, Page, RevokeAdminKeyError};
+use molt_control_plane::db::{
+    CHECK_CONNECTIONS_IDLE_FOR, CreateOrgError, Page, RevokeAdminKeyError, SQLITE_AUTOCHECKPOINT_PAGES,
+    SQLITE_CHECKPOINT_INTERVAL,
+};
 use molt_control_plane::ids::{AdminKeyId, OrgId};
 use molt_control_plane::model::{AdminKeyName, OrgName};
 use molt_protocol::time::UnixMillis;
@@ -46,6 +49,32 @@ async fn pooled_connections_are_checked_once_idle() {
     tokio::time::sleep(CHECK_CONNECTIONS_IDLE_FOR + Duration::from_millis(100)).await;
     shared().await.unwrap();
     own().await.unwrap();
+}
+
+/// On SQLite the write-ahead log is copied back into the database file in the background
+/// (`SQLITE_CHECKPOINT_INTERVAL`), long before the committing writers' own backstop
+/// (`SQLITE_AUTOCHECKPOINT_PAGES`) would: about 500 pages written here stay below the
+/// backstop, yet reach the database file within a few intervals. Without the task they
+/// would stay in the log and the file would not grow.
+#[tokio::test]
+async fn sqlite_checkpoints_run_in_the_background() {
+    let fixture = Fixture::sqlite().await;
+    let path = fixture.sqlite_path();
+    let pragma = sqlx::query("PRAGMA wal_autocheckpoint").fetch_one(fixture.db.pool()).await.unwrap();
+    let pages: i64 = sqlx::Row::try_get(&pragma, 0).unwrap();
+    assert_eq!(pages, i64::from(SQLITE_AUTOCHECKPOINT_PAGES));
+
+    sqlx::query("CREATE TABLE scratch (body BLOB)").execute(fixture.db.pool()).await.unwrap();
+    let before = std::fs::metadata(&path).unwrap().len();
+    for _ in 0..500 {
+        sqlx::query("INSERT INTO scratch (body) VALUES (randomblob(4000))").execute(fixture.db.pool()).await.unwrap();
+    }
+    const { assert!(500 < SQLITE_AUTOCHECKPOINT_PAGES) };
+    let deadline = std::time::Instant::now() + SQLITE_CHECKPOINT_INTERVAL * 50;
+    while std::fs::metadata(&path).unwrap().len() < before + 500 * 4000 {
+        assert!(std::time::Instant::now() < deadline, "the log was not checkpointed into {}", path.display());
+        tokio::time::sleep(SQLITE_CHECKPOINT_INTERVAL).await;
+    }
 }
 
 async fn migrations_apply_once_and_again(fixture: &Fixture) {
