@@ -10,9 +10,6 @@
 //! ([`super::postgres`]). On SQLite the batches of a process run one at a time (they
 //! queue on the database's write lock anyway), so [`WRITER_TASKS_SQLITE`] is one: a
 //! second writer would only take a small batch early and make the next one wait for it.
-//! It runs on a thread of its own ([`SQLITE_WRITER_THREAD`]): each of its statements is a
-//! hand-off to the connection's thread and back, and on the shared runtime every wake-up
-//! would queue behind the request tasks.
 //!
 //! **Retries.** A batch that fails with a serialization failure, a deadlock or a busy
 //! database is run again from the start in a new transaction, up to
@@ -47,8 +44,6 @@ pub const BATCH_COMMANDS_MAX: usize = 8192;
 pub const WRITER_TASKS_POSTGRES: usize = 2;
 /// Writer tasks per process on SQLite (batches run one at a time; module docs).
 pub const WRITER_TASKS_SQLITE: usize = 1;
-/// The thread the SQLite writer runs on (module docs).
-pub const SQLITE_WRITER_THREAD: &str = "molt-ledger-sqlite";
 /// Attempts at a batch that keeps failing with retryable errors.
 pub const RETRY_ATTEMPTS_MAX: u32 = 10;
 /// How often the expiry worker looks for due escrows and unbondings.
@@ -173,26 +168,13 @@ impl Drop for ExpiryWorker {
 fn spawn_writers(store: Arc<BatchStore>, clock: Arc<dyn Clock>) -> mpsc::Sender<Job> {
     let (sender, receiver) = mpsc::channel(LEDGER_QUEUE_DEPTH);
     let receiver = Arc::new(Mutex::new(receiver));
-    // The writers end when every sender (the Ledger) is gone and the queue is empty.
-    match store.db().backend() {
-        Backend::Postgres => {
-            for _ in 0..WRITER_TASKS_POSTGRES {
-                tokio::spawn(run_writer(Arc::clone(&store), Arc::clone(&clock), Arc::clone(&receiver)));
-            }
-        }
-        Backend::Sqlite => {
-            const _: () = assert!(WRITER_TASKS_SQLITE == 1);
-            let writer = run_writer(store, clock, receiver);
-            let spawned = std::thread::Builder::new().name(SQLITE_WRITER_THREAD.into()).spawn(move || {
-                match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                    Ok(runtime) => runtime.block_on(writer),
-                    Err(error) => tracing::error!(%error, "cannot start the ledger writer's runtime"),
-                }
-            });
-            if let Err(error) = spawned {
-                tracing::error!(%error, "cannot start the ledger writer's thread");
-            }
-        }
+    let writers = match store.db().backend() {
+        Backend::Postgres => WRITER_TASKS_POSTGRES,
+        Backend::Sqlite => WRITER_TASKS_SQLITE,
+    };
+    for _ in 0..writers {
+        // The tasks end when every sender (the Ledger) is gone and the queue is empty.
+        tokio::spawn(run_writer(Arc::clone(&store), Arc::clone(&clock), Arc::clone(&receiver)));
     }
     sender
 }

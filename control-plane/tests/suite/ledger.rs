@@ -297,6 +297,42 @@ async fn sqlite_ledger_batches_wait_for_their_turn() {
     assert!(Fixture::postgres().await.db.sqlite_write_turn().await.is_none());
 }
 
+/// On SQLite, statements of a full `ROWS_PER_STATEMENT` rows run on their own, the rest
+/// in the batch's scripts. A batch of two full chunks and a remainder writes every entry,
+/// a retry of it finds every id (read through both kinds of statement) and gets the
+/// first answers, writes nothing, and the books audit.
+#[tokio::test]
+async fn a_large_sqlite_batch_is_written_and_read_back_whole() {
+    let fixture = Fixture::sqlite().await;
+    let (here, a, b) = store_with_two_wallets(&fixture).await;
+    let transfers = 2 * store::ROWS_PER_STATEMENT + 7;
+    let mut specs =
+        vec![spec(Namespace::Admin, "mint", AccountId::issuance(), a.clone(), 1_000_000, Purpose::Mint, false)];
+    specs.extend(
+        (0..transfers)
+            .map(|n| spec(Namespace::Admin, &format!("ab{n}"), a.clone(), b.clone(), 3, Purpose::Payment, false)),
+    );
+    specs.push(spec(Namespace::Admin, "too-much", a.clone(), b.clone(), 10_000_000, Purpose::Payment, false));
+    let commands = [Command::Transfers(specs)];
+    let first = here.execute(&commands, T0).await.unwrap();
+    let codes_first = codes(&first[0]);
+    assert!(codes_first[..codes_first.len() - 1].iter().all(Option::is_none), "{codes_first:?}");
+    assert_eq!(codes_first.last(), Some(&Some("insufficient_funds")));
+    assert_eq!(fixture.count("ledger_transfers").await, 1 + transfers as i64);
+    assert_eq!(fixture.count("ledger_rejections").await, 1);
+
+    let again = here.execute(&commands, T0).await.unwrap();
+    assert_eq!(codes(&again[0]), codes_first);
+    let existed = match &again[0] {
+        Outcome::Transfers(results) => results.iter().filter(|r| matches!(r, Ok(Applied::Existed(_)))).count(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(existed, 1 + transfers);
+    assert_eq!(fixture.count("ledger_transfers").await, 1 + transfers as i64);
+    assert_eq!(stored_balance(&fixture.db, &b).await, 3 * transfers as i128);
+    assert_audit_passes(&fixture.db).await;
+}
+
 /// A SQLite batch is two scripts of several statements each, the second ending in its
 /// `COMMIT`. A statement that fails late in it (here the head update, after the journal
 /// entries and account totals were written) fails the batch, and nothing of it stays:
