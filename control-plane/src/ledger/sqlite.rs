@@ -35,7 +35,7 @@ use super::store::{
     decode_error, escrow_from_row, query_error, referenced_records, run_batch, spec_from_row, spec_ids, to_db,
     to_db_position, transfer_columns, transfer_from_row, unbonding_columns, unbonding_from_row,
 };
-use super::types::{AccountId, TransferId};
+use super::types::{AccountId, TransferId, TransferSpec};
 use crate::db::Database;
 
 /// What a row of the read script is.
@@ -197,6 +197,18 @@ impl Script {
         args.add(value).map_err(|source| query_error("binding a ledger batch")(sqlx::Error::Encode(source)))
     }
 
+    /// Binds a transfer's spec as its columns `id` to `flags` are stored, in that order.
+    fn bind_spec(&mut self, spec: &TransferSpec) -> Result<(), LedgerQueryError> {
+        self.bind(spec.id.as_str().to_owned())?;
+        self.bind(spec.debit.as_str().to_owned())?;
+        self.bind(spec.credit.as_str().to_owned())?;
+        self.bind(spec.amount.to_db())?;
+        self.bind(spec.kind.as_str())?;
+        self.bind(spec.pending_id.as_ref().map(|id| id.as_str().to_owned()))?;
+        self.bind(spec.purpose.as_str())?;
+        self.bind(spec.flags.0 as i64)
+    }
+
     /// Runs the statements of `full`, each prepared once per connection; their rows.
     async fn run_full(
         full: Vec<Script>,
@@ -319,16 +331,8 @@ fn write_script(effects: &ViewEffects) -> Result<Script, LedgerQueryError> {
     for chunk in effects.books.transfers.chunks(ROWS_PER_STATEMENT) {
         script.rows(concat!("INSERT INTO ledger_transfers (", transfer_columns!(), ") VALUES"), chunk.len(), 13, "");
         for transfer in chunk {
-            let spec = &transfer.spec;
             script.bind(to_db_position(transfer.seq))?;
-            script.bind(spec.id.as_str().to_owned())?;
-            script.bind(spec.debit.as_str().to_owned())?;
-            script.bind(spec.credit.as_str().to_owned())?;
-            script.bind(spec.amount.to_db())?;
-            script.bind(spec.kind.as_str())?;
-            script.bind(spec.pending_id.as_ref().map(|id| id.as_str().to_owned()))?;
-            script.bind(spec.purpose.as_str())?;
-            script.bind(spec.flags.0 as i64)?;
+            script.bind_spec(&transfer.spec)?;
             script.bind(to_db(transfer.created_at))?;
             script.bind(transfer.hash.to_vec())?;
             script.bind(to_db_position(transfer.debit_prev))?;
@@ -344,15 +348,7 @@ fn write_script(effects: &ViewEffects) -> Result<Script, LedgerQueryError> {
             "",
         );
         for rejection in chunk {
-            let spec = &rejection.spec;
-            script.bind(spec.id.as_str().to_owned())?;
-            script.bind(spec.debit.as_str().to_owned())?;
-            script.bind(spec.credit.as_str().to_owned())?;
-            script.bind(spec.amount.to_db())?;
-            script.bind(spec.kind.as_str())?;
-            script.bind(spec.pending_id.as_ref().map(|id| id.as_str().to_owned()))?;
-            script.bind(spec.purpose.as_str())?;
-            script.bind(spec.flags.0 as i64)?;
+            script.bind_spec(&rejection.spec)?;
             script.bind(rejection.error.code())?;
             script.bind(to_db(rejection.created_at))?;
         }

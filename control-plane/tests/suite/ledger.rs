@@ -340,10 +340,7 @@ async fn a_large_sqlite_batch_is_written_and_read_back_whole() {
 /// runs on a new connection, with the same id, and the books audit.
 #[tokio::test]
 async fn a_sqlite_batch_that_fails_late_leaves_nothing_and_the_next_runs() {
-    let fixture = Fixture::sqlite().await;
-    let (here, a, b) = store_with_two_wallets(&fixture).await;
-    let mint = spec(Namespace::Admin, "mint", AccountId::issuance(), a.clone(), 100, Purpose::Mint, false);
-    assert_eq!(run_transfers(&here, vec![mint]).await, [None]);
+    let (fixture, here, a, b) = sqlite_store_with_minted(100).await;
     sqlx::query(
         "CREATE TRIGGER refuse_head BEFORE UPDATE ON ledger_head BEGIN SELECT RAISE(ABORT, 'refused by test'); END",
     )
@@ -368,10 +365,7 @@ async fn a_sqlite_batch_that_fails_late_leaves_nothing_and_the_next_runs() {
 /// connection: the next batch runs once the lock is free.
 #[tokio::test]
 async fn a_cancelled_sqlite_batch_leaves_no_transaction_behind() {
-    let fixture = Fixture::sqlite().await;
-    let (here, a, b) = store_with_two_wallets(&fixture).await;
-    let mint = spec(Namespace::Admin, "mint", AccountId::issuance(), a.clone(), 100, Purpose::Mint, false);
-    assert_eq!(run_transfers(&here, vec![mint]).await, [None]);
+    let (fixture, here, a, b) = sqlite_store_with_minted(100).await;
 
     let other = fixture.second_handle().await;
     let mut holder = other.pool().begin().await.unwrap();
@@ -430,6 +424,15 @@ async fn store_with_two_wallets(fixture: &Fixture) -> (store::BatchStore, Accoun
     let [a, b] = [TestAgent::new().id, TestAgent::new().id].map(AccountId::wallet);
     store::ensure_accounts(&fixture.db, &[a.clone(), b.clone()], T0).await.unwrap();
     (store::BatchStore::new(fixture.db.clone()), a, b)
+}
+
+/// A SQLite fixture, its store and two wallets, `amount` minted into the first.
+async fn sqlite_store_with_minted(amount: u64) -> (Fixture, store::BatchStore, AccountId, AccountId) {
+    let fixture = Fixture::sqlite().await;
+    let (here, a, b) = store_with_two_wallets(&fixture).await;
+    let mint = spec(Namespace::Admin, "mint", AccountId::issuance(), a.clone(), amount, Purpose::Mint, false);
+    assert_eq!(run_transfers(&here, vec![mint]).await, [None]);
+    (fixture, here, a, b)
 }
 
 /// The ledger's audit (balances against the journal, the hash chain) passes.
