@@ -1,22 +1,24 @@
 //! The SQLite batch: few round trips to the connection's thread.
 //!
 //! sqlx runs each SQLite connection on a thread of its own, and every statement is a
-//! message to that thread and a wake-up back. A batch therefore sends whole scripts:
+//! message to that thread and a wake-up back. A batch therefore sends whole scripts, on
+//! the writer's own connection:
 //!
-//! 1. `BEGIN IMMEDIATE`, which takes the database's one write lock before anything is
-//!    read (a transaction that read first could fail to upgrade its lock);
-//! 2. one read script: the journal head, the escrows and unbondings the commands name,
-//!    and which of their transfer ids are already applied or refused;
-//! 3. the account totals the [`AccountCache`] does not hold (usually none);
-//! 4. one write script: the new journal entries, the refusals, the final account
-//!    totals, the escrows and unbondings, and the new head;
-//! 5. `COMMIT`.
+//! 1. the read script: `BEGIN IMMEDIATE`, which takes the database's one write lock
+//!    before anything is read (a transaction that read first could fail to upgrade its
+//!    lock), then the journal head, the escrows and unbondings the commands name, and
+//!    which of their transfer ids are already applied or refused;
+//! 2. the account totals the [`AccountCache`] does not hold, only if there are any;
+//! 3. the write script: the new journal entries, the refusals, the final account totals,
+//!    the escrows and unbondings, the new head, and `COMMIT`.
 //!
 //! A script is several statements in one query string with `?` parameters, which sqlx
 //! binds in order across its statements. Each row of the read script starts with a
 //! `part` column that names the statement it came from. Scripts are prepared for each
 //! batch (not cached): their text depends on the batch's sizes, and so many texts would
-//! only push the connection's other statements out of its cache.
+//! only push the connection's other statements out of its cache. A statement of a full
+//! [`ROWS_PER_STATEMENT`] rows runs on its own instead (after the read script, before the
+//! write script), with a text that never changes, and stays prepared.
 
 use std::time::Instant;
 
