@@ -20,6 +20,7 @@
 //! [`ROWS_PER_STATEMENT`] rows runs on its own instead (after the read script, before the
 //! write script), with a text that never changes, and stays prepared.
 
+use std::collections::BTreeSet;
 use std::time::Instant;
 
 use molt_protocol::UnixMillis;
@@ -33,9 +34,9 @@ use super::engine::{self, Command, ViewEffects};
 use super::escrow::Escrow;
 use super::stake::Unbonding;
 use super::store::{
-    ESCROW_COLUMNS, LedgerQueryError, Loaded, ROWS_PER_STATEMENT, account_columns, account_from_row, account_ids_of,
-    decode_error, escrow_from_row, query_error, referenced_records, run_batch, spec_from_row, spec_ids, to_db,
-    to_db_position, transfer_columns, transfer_from_row, unbonding_columns, unbonding_from_row,
+    ESCROW_COLUMNS, LedgerQueryError, Loaded, ROWS_PER_STATEMENT, account_ids_of, accounts_in, decode_error,
+    escrow_from_row, query_error, referenced_records, run_batch, spec_from_row, spec_ids, to_db, to_db_position,
+    transfer_columns, transfer_from_row, unbonding_columns, unbonding_from_row,
 };
 use super::types::{AccountId, TransferId, TransferSpec};
 use crate::db::Database;
@@ -99,9 +100,9 @@ async fn execute_on(
     let (head, loaded) = loaded_from(&rows)?;
     cache.validate(head);
     let account_ids = account_ids_of(commands, &loaded.escrows, &loaded.unbondings);
-    let missing: Vec<&AccountId> = account_ids.iter().filter(|id| !cache.contains(id)).collect();
+    let missing: BTreeSet<AccountId> = account_ids.iter().filter(|id| !cache.contains(id)).cloned().collect();
     if !missing.is_empty() {
-        for account in read_accounts(connection, &missing).await? {
+        for account in accounts_in(connection, &missing).await? {
             cache.insert(account);
         }
     }
@@ -301,31 +302,6 @@ fn loaded_from(rows: &[AnyRow]) -> Result<(Head, Loaded), LedgerQueryError> {
     let (head, fee_bps) = head.ok_or_else(|| decode_error(operation, "journal head (missing)"))?;
     loaded.fee_bps = fee_bps;
     Ok((head, loaded))
-}
-
-async fn read_accounts(
-    connection: &mut AnyConnection,
-    ids: &[&AccountId],
-) -> Result<Vec<super::types::Account>, LedgerQueryError> {
-    let mut accounts = Vec::with_capacity(ids.len());
-    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-        let mut script = Script::new();
-        script.sql.push_str(concat!("SELECT ", account_columns!(), " FROM ledger_accounts WHERE id IN ("));
-        script.marks(chunk.len());
-        script.sql.push(')');
-        for id in chunk {
-            script.bind(id.as_str().to_owned())?;
-        }
-        let rows = sqlx::query_with(&script.sql, script.args)
-            .persistent(false)
-            .fetch_all(&mut *connection)
-            .await
-            .map_err(query_error("reading accounts"))?;
-        for row in &rows {
-            accounts.push(account_from_row(row)?);
-        }
-    }
-    Ok(accounts)
 }
 
 fn write_script(effects: &ViewEffects) -> Result<Script, LedgerQueryError> {

@@ -4,8 +4,9 @@
 //! **Locking.** A batch's first locking statement takes the journal head: `SELECT … FOR
 //! UPDATE` of the head row on PostgreSQL; on SQLite its `BEGIN IMMEDIATE` takes the
 //! database's single write lock at once (a transaction that read first could fail to
-//! upgrade; see [`super::sqlite`]). Every ledger writer in every process takes the head before it writes an
-//! account total, so writers are serialised by that one lock and cannot deadlock; the
+//! upgrade; see [`super::sqlite`]). Every ledger writer in every process takes the head
+//! before it writes an account total, so writers are serialised by that one lock and
+//! cannot deadlock; the
 //! account updates lock their rows as they write them. The head lock also
 //! gives the journal its one order. Serialization and deadlock failures, and SQLite's
 //! busy errors, are retried by [`super::service::Ledger`] a bounded number of times with
@@ -518,7 +519,7 @@ async fn head(tx: &mut Tx) -> Result<(u64, [u8; 32], u32), LedgerQueryError> {
     ))
 }
 
-async fn accounts_in(
+pub(crate) async fn accounts_in(
     connection: &mut sqlx::AnyConnection,
     ids: &BTreeSet<AccountId>,
 ) -> Result<Vec<Account>, LedgerQueryError> {
