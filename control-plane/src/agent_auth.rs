@@ -15,6 +15,12 @@
 //! (`agent_request_nonces`, primary key (agent, nonce)), so replicas agree. A
 //! [`NonceRecorder`] writes them with group commit and deletes expired ones every
 //! [`NONCE_PURGE_INTERVAL`].
+//!
+//! The ledger's agent commands take an [`AgentCall`] instead of an
+//! [`AuthenticatedAgent`]: its signature is verified, but its nonce is recorded by
+//! [`crate::ledger::Ledger::execute_signed`]. On SQLite that happens in the very
+//! transaction that applies the command (a replay finds the nonce there and runs nothing),
+//! which spares a payment a commit of its own and a turn at SQLite's one write lock.
 
 use std::collections::HashSet;
 use std::sync::{Arc, OnceLock};
@@ -88,6 +94,53 @@ impl AuthenticatedAgent {
 pub struct Verified {
     pub agent: AgentId,
     pub body: Bytes,
+}
+
+/// A verified request's nonce, to be recorded: by [`NonceRecorder::record`] or in the
+/// ledger's transaction ([`crate::ledger::Ledger::execute_signed`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestNonce {
+    pub agent: AgentId,
+    /// [`NONCE_BYTES`] bytes as lower-case hex.
+    pub nonce: String,
+    /// When the request's timestamp leaves the window: the row may go after that.
+    pub expires_at: UnixMillis,
+}
+
+/// Proof that a request was signed by the registered, unrevoked agent `agent`, whose
+/// nonce is still to be recorded: [`AgentCall::refuse`] records it alone, and the ledger
+/// records it with the command the request makes
+/// ([`crate::ledger::Ledger::execute_signed`]). Rejections as [`AuthenticatedAgent`]'s,
+/// except `replayed_request`, which comes from either of those.
+#[derive(Debug)]
+pub struct AgentCall {
+    pub agent: AgentId,
+    pub body: Bytes,
+    nonce: RequestNonce,
+}
+
+impl AgentCall {
+    /// The nonce, for the ledger to record; consumes the call.
+    pub fn into_nonce(self) -> RequestNonce {
+        self.nonce
+    }
+
+    /// Records the nonce alone and returns `refusal`, for a request refused before it
+    /// reached the ledger: a replay of it is refused as replayed, as for every signed
+    /// request. A replayed nonce, or a failure to record it, takes the place of `refusal`.
+    pub async fn refuse(self, nonces: &NonceRecorder, now: UnixMillis, refusal: ApiError) -> ApiError {
+        match nonces.record_nonce(&self.nonce, now).await {
+            Ok(true) => refusal,
+            Ok(false) => replayed(self.agent),
+            Err(error) => ApiError::internal(&error),
+        }
+    }
+}
+
+/// 401 `replayed_request`, logged.
+pub fn replayed(agent: AgentId) -> ApiError {
+    tracing::info!(%agent, "replayed agent request");
+    unauthorized("replayed_request", "this Molt-Nonce was already used")
 }
 
 fn unauthorized(code: &'static str, detail: impl Into<String>) -> ApiError {
@@ -177,20 +230,58 @@ impl SignedRequest {
     /// Records the nonce of a request whose signature verified. Rejection: 401
     /// `replayed_request`.
     async fn accept(self, nonces: &NonceRecorder, now: UnixMillis) -> Result<Verified, ApiError> {
-        let fresh = nonces
-            .record(self.agent, &self.nonce, self.timestamp.saturating_add(TIMESTAMP_SKEW_MAX), now)
-            .await
-            .map_err(|error| ApiError::internal(&error))?;
+        let fresh =
+            nonces.record_nonce(&self.request_nonce(), now).await.map_err(|error| ApiError::internal(&error))?;
         if !fresh {
-            tracing::info!(agent = %self.agent, "replayed agent request");
-            return Err(unauthorized("replayed_request", "this Molt-Nonce was already used"));
+            return Err(replayed(self.agent));
         }
         Ok(Verified { agent: self.agent, body: self.body })
+    }
+
+    fn request_nonce(&self) -> RequestNonce {
+        RequestNonce {
+            agent: self.agent,
+            nonce: self.nonce.clone(),
+            expires_at: self.timestamp.saturating_add(TIMESTAMP_SKEW_MAX),
+        }
     }
 
     fn invalid_signature(&self) -> ApiError {
         tracing::info!(agent = %self.agent, "agent request with a bad signature");
         unauthorized("invalid_signature", "Molt-Signature does not verify with the agent's key")
+    }
+}
+
+/// A signed request of a registered agent, its signature verified with the agent's key
+/// (nothing recorded): the request, the key, and whether it is the replaced one.
+async fn authenticate(request: Request, state: &AppState) -> Result<(SignedRequest, PublicKey, bool), ApiError> {
+    let signed = SignedRequest::from_request(request, state).await?;
+    let now = state.clock.now();
+    let internal = |error: crate::keys::KeysError| ApiError::internal(&error);
+    let mut looked_up = state.signing_keys.get(&state.db, signed.agent, now).await.map_err(internal)?;
+    loop {
+        let Some(LookedUp { keys, fresh }) = looked_up else {
+            return Err(unauthorized("unknown_agent", "the agent is not registered"));
+        };
+        if keys.revoked {
+            return Err(unauthorized("revoked_agent", "the agent has been revoked"));
+        }
+        let by_previous = match keys.previous {
+            Some(previous) => signed.signed_by_batched(&previous, state).await?.then_some((previous, true)),
+            None => None,
+        };
+        let signer = match by_previous {
+            Some(signer) => Some(signer),
+            None => signed.signed_by_batched(&keys.current, state).await?.then_some((keys.current, false)),
+        };
+        match signer {
+            Some((key, by_previous_key)) => return Ok((signed, key, by_previous_key)),
+            // Kept keys may predate a key change made through another replica.
+            None if !fresh => {
+                looked_up = state.signing_keys.read(&state.db, signed.agent, now).await.map_err(internal)?;
+            }
+            None => return Err(signed.invalid_signature()),
+        }
     }
 }
 
@@ -201,37 +292,21 @@ impl FromRequest<AppState> for AuthenticatedAgent {
     /// too. Rejections: those of [`SignedRequest`], 401 `unknown_agent`, `revoked_agent`,
     /// `invalid_signature`, `replayed_request`.
     async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
-        let signed = SignedRequest::from_request(request, state).await?;
-        let now = state.clock.now();
-        let internal = |error: crate::keys::KeysError| ApiError::internal(&error);
-        let mut looked_up = state.signing_keys.get(&state.db, signed.agent, now).await.map_err(internal)?;
-        loop {
-            let Some(LookedUp { keys, fresh }) = looked_up else {
-                return Err(unauthorized("unknown_agent", "the agent is not registered"));
-            };
-            if keys.revoked {
-                return Err(unauthorized("revoked_agent", "the agent has been revoked"));
-            }
-            let by_previous = match keys.previous {
-                Some(previous) => signed.signed_by_batched(&previous, state).await?.then_some((previous, true)),
-                None => None,
-            };
-            let signer = match by_previous {
-                Some(signer) => Some(signer),
-                None => signed.signed_by_batched(&keys.current, state).await?.then_some((keys.current, false)),
-            };
-            match signer {
-                Some((key, by_previous_key)) => {
-                    let verified = signed.accept(&state.nonces, now).await?;
-                    return Ok(AuthenticatedAgent { agent: verified.agent, body: verified.body, by_previous_key, key });
-                }
-                // Kept keys may predate a key change made through another replica.
-                None if !fresh => {
-                    looked_up = state.signing_keys.read(&state.db, signed.agent, now).await.map_err(internal)?;
-                }
-                None => return Err(signed.invalid_signature()),
-            }
-        }
+        let (signed, key, by_previous_key) = authenticate(request, state).await?;
+        let verified = signed.accept(&state.nonces, state.clock.now()).await?;
+        Ok(AuthenticatedAgent { agent: verified.agent, body: verified.body, by_previous_key, key })
+    }
+}
+
+impl FromRequest<AppState> for AgentCall {
+    type Rejection = ApiError;
+
+    /// As [`AuthenticatedAgent`]'s, without recording the nonce. Rejections: those of
+    /// [`SignedRequest`], 401 `unknown_agent`, `revoked_agent`, `invalid_signature`.
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
+        let (signed, _, _) = authenticate(request, state).await?;
+        let nonce = signed.request_nonce();
+        Ok(AgentCall { agent: signed.agent, body: signed.body, nonce })
     }
 }
 
@@ -290,13 +365,18 @@ impl NonceRecorder {
         expires_at: UnixMillis,
         now: UnixMillis,
     ) -> Result<bool, NonceError> {
+        self.record_nonce(&RequestNonce { agent, nonce: nonce.to_owned(), expires_at }, now).await
+    }
+
+    /// [`NonceRecorder::record`] of a [`RequestNonce`].
+    pub async fn record_nonce(&self, nonce: &RequestNonce, now: UnixMillis) -> Result<bool, NonceError> {
         let queue = self.queue.get_or_init(|| {
             let (sender, receiver) = mpsc::channel(NONCE_QUEUE_DEPTH);
             tokio::spawn(run_nonce_writer(self.db.clone(), receiver));
             sender
         });
         let (reply, answer) = oneshot::channel();
-        let job = NonceJob { agent, nonce: nonce.to_owned(), expires_at, now, reply };
+        let job = NonceJob { agent: nonce.agent, nonce: nonce.nonce.clone(), expires_at: nonce.expires_at, now, reply };
         queue.send(job).await.map_err(|_| NonceError::Stopped)?;
         answer.await.map_err(|_| NonceError::Stopped)?.map_err(NonceError::Query)
     }

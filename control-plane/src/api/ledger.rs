@@ -14,12 +14,13 @@ use utoipa::{IntoParams, ToSchema};
 use super::AppState;
 use super::extract::{ApiJson, ApiQuery, Authorized, RequiredScope};
 use super::problem::{ApiError, Problem};
-use crate::agent_auth::AuthenticatedAgent;
+use crate::agent_auth::{AgentCall, AuthenticatedAgent, replayed};
 use crate::auth::Scope;
 use crate::ledger::books::Known;
 use crate::ledger::engine::{Command, CommandError, Outcome, Requester};
 use crate::ledger::escrow::{Escrow, EscrowError, EscrowEvent, EscrowState, OnExpiry};
 use crate::ledger::journal::AuditReport;
+use crate::ledger::service::LedgerError;
 use crate::ledger::stake::{self, MatureError, Unbonding, UnbondingState};
 use crate::ledger::store;
 use crate::ledger::types::{
@@ -335,11 +336,13 @@ pub async fn wallet_history(
     ))]
 pub async fn create_transfer(
     State(state): State<AppState>,
-    caller: AuthenticatedAgent,
+    call: AgentCall,
 ) -> Result<(StatusCode, Json<TransferBody>), ApiError> {
-    let request: TransferRequest = parse_json(&caller.body)?;
-    let spec = payment_spec(caller.agent, &request)?;
-    let outcome = run_one(&state, Command::Transfers(vec![spec])).await?;
+    let outcome = run_call(&state, call, |agent, body| {
+        let request: TransferRequest = parse_json(body)?;
+        Ok(Command::Transfers(vec![payment_spec(agent, &request)?]))
+    })
+    .await?;
     let applied = first_transfer(outcome)?;
     Ok((StatusCode::CREATED, Json(transfer_body(applied.transfer()))))
 }
@@ -354,15 +357,20 @@ pub async fn create_transfer(
     ))]
 pub async fn create_transfer_batch(
     State(state): State<AppState>,
-    caller: AuthenticatedAgent,
+    call: AgentCall,
 ) -> Result<Json<BatchBody>, ApiError> {
-    let request: BatchRequest = parse_json(&caller.body)?;
-    if request.transfers.is_empty() || request.transfers.len() > BATCH_TRANSFERS_MAX {
-        return Err(unprocessable("invalid_batch", format!("a batch has 1 to {BATCH_TRANSFERS_MAX} transfers")));
-    }
-    let specs = request.transfers.iter().map(|item| payment_spec(caller.agent, item)).collect::<Result<Vec<_>, _>>()?;
-    let ids: Vec<String> = specs.iter().map(|spec| spec.id.to_string()).collect();
-    let Outcome::Transfers(results) = run_one(&state, Command::Transfers(specs)).await? else {
+    let mut ids: Vec<String> = Vec::new();
+    let outcome = run_call(&state, call, |agent, body| {
+        let request: BatchRequest = parse_json(body)?;
+        if request.transfers.is_empty() || request.transfers.len() > BATCH_TRANSFERS_MAX {
+            return Err(unprocessable("invalid_batch", format!("a batch has 1 to {BATCH_TRANSFERS_MAX} transfers")));
+        }
+        let specs = request.transfers.iter().map(|item| payment_spec(agent, item)).collect::<Result<Vec<_>, _>>()?;
+        ids = specs.iter().map(|spec| spec.id.to_string()).collect();
+        Ok(Command::Transfers(specs))
+    })
+    .await?;
+    let Outcome::Transfers(results) = outcome else {
         return Err(unexpected_outcome());
     };
     let results = ids
@@ -417,29 +425,31 @@ pub async fn get_transfer(
     ))]
 pub async fn create_escrow(
     State(state): State<AppState>,
-    caller: AuthenticatedAgent,
+    call: AgentCall,
 ) -> Result<(StatusCode, Json<EscrowBody>), ApiError> {
-    let request: CreateEscrowRequest = parse_json(&caller.body)?;
-    let id = TransferId::new(Namespace::Agent(caller.agent), &client_id(&request.id)?);
-    let payee = agent_id(&request.payee, "payee")?;
-    let amount = amount(&request.amount)?;
     let now = state.clock.now();
-    if request.expires_at_ms <= now.0 || request.expires_at_ms - now.0 > ESCROW_LIFETIME_MAX_MS {
-        return Err(unprocessable("invalid_expiry", "expires_at_ms must be in the future, within a year"));
-    }
-    let spec = TransferSpec {
-        id,
-        debit: AccountId::wallet(caller.agent),
-        credit: AccountId::wallet(payee),
-        amount,
-        kind: TransferKind::Pending,
-        pending_id: None,
-        purpose: Purpose::Escrow,
-        flags: TransferFlags::default(),
-    };
-    let command =
-        Command::CreateEscrow { spec, on_expiry: request.on_expiry, expires_at: UnixMillis(request.expires_at_ms) };
-    let escrow = escrow_outcome(run_one(&state, command).await?)?;
+    let outcome = run_call(&state, call, |agent, body| {
+        let request: CreateEscrowRequest = parse_json(body)?;
+        let id = TransferId::new(Namespace::Agent(agent), &client_id(&request.id)?);
+        let payee = agent_id(&request.payee, "payee")?;
+        let amount = amount(&request.amount)?;
+        if request.expires_at_ms <= now.0 || request.expires_at_ms - now.0 > ESCROW_LIFETIME_MAX_MS {
+            return Err(unprocessable("invalid_expiry", "expires_at_ms must be in the future, within a year"));
+        }
+        let spec = TransferSpec {
+            id,
+            debit: AccountId::wallet(agent),
+            credit: AccountId::wallet(payee),
+            amount,
+            kind: TransferKind::Pending,
+            pending_id: None,
+            purpose: Purpose::Escrow,
+            flags: TransferFlags::default(),
+        };
+        Ok(Command::CreateEscrow { spec, on_expiry: request.on_expiry, expires_at: UnixMillis(request.expires_at_ms) })
+    })
+    .await?;
+    let escrow = escrow_outcome(outcome)?;
     Ok((StatusCode::CREATED, Json(escrow_body(&escrow))))
 }
 
@@ -477,12 +487,14 @@ pub async fn get_escrow(
 pub async fn release_escrow(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    caller: AuthenticatedAgent,
+    call: AgentCall,
 ) -> Result<Json<EscrowBody>, ApiError> {
-    let request: ReleaseRequest =
-        if caller.body.is_empty() { ReleaseRequest::default() } else { parse_json(&caller.body)? };
-    let amount = request.amount.as_ref().map(amount).transpose()?;
-    escrow_event(&state, &id, Requester::Agent(caller.agent), EscrowEvent::Release { amount }).await
+    agent_escrow_event(&state, &id, call, |body| {
+        let request: ReleaseRequest = if body.is_empty() { ReleaseRequest::default() } else { parse_json(body)? };
+        let amount = request.amount.as_ref().map(amount).transpose()?;
+        Ok(EscrowEvent::Release { amount })
+    })
+    .await
 }
 
 /// The payee returns everything to the payer.
@@ -496,9 +508,9 @@ pub async fn release_escrow(
 pub async fn refund_escrow(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    caller: AuthenticatedAgent,
+    call: AgentCall,
 ) -> Result<Json<EscrowBody>, ApiError> {
-    escrow_event(&state, &id, Requester::Agent(caller.agent), EscrowEvent::Refund).await
+    agent_escrow_event(&state, &id, call, |_| Ok(EscrowEvent::Refund)).await
 }
 
 /// Either party disputes: expiry is frozen until an admin's ruling.
@@ -511,9 +523,9 @@ pub async fn refund_escrow(
 pub async fn dispute_escrow(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    caller: AuthenticatedAgent,
+    call: AgentCall,
 ) -> Result<Json<EscrowBody>, ApiError> {
-    escrow_event(&state, &id, Requester::Agent(caller.agent), EscrowEvent::Dispute).await
+    agent_escrow_event(&state, &id, call, |_| Ok(EscrowEvent::Dispute)).await
 }
 
 /// Locks credits from the signer's wallet as stake of a kind.
@@ -542,13 +554,17 @@ pub async fn lock_stake(
     ))]
 pub async fn unlock_stake(
     State(state): State<AppState>,
-    caller: AuthenticatedAgent,
+    call: AgentCall,
 ) -> Result<(StatusCode, Json<UnbondingBody>), ApiError> {
-    let request: StakeRequest = parse_json(&caller.body)?;
-    let spec = stake_spec(caller.agent, &request, false)?;
-    let matures_at = state.clock.now().saturating_add(stake::unbonding_period(request.kind));
-    let command = Command::Unlock { spec, owner: caller.agent, kind: request.kind, matures_at };
-    let Outcome::Unbonding(result) = run_one(&state, command).await? else { return Err(unexpected_outcome()) };
+    let now = state.clock.now();
+    let outcome = run_call(&state, call, |agent, body| {
+        let request: StakeRequest = parse_json(body)?;
+        let spec = stake_spec(agent, &request, false)?;
+        let matures_at = now.saturating_add(stake::unbonding_period(request.kind));
+        Ok(Command::Unlock { spec, owner: agent, kind: request.kind, matures_at })
+    })
+    .await?;
+    let Outcome::Unbonding(result) = outcome else { return Err(unexpected_outcome()) };
     let unbonding = result.map_err(command_problem)?;
     Ok((StatusCode::CREATED, Json(unbonding_body(&unbonding))))
 }
@@ -773,6 +789,40 @@ async fn escrow_event(
     let id = escrow_id(id)?;
     let escrow = escrow_outcome(run_one(state, Command::Escrow { id, requester, event }).await?)?;
     Ok(Json(escrow_body(&escrow)))
+}
+
+/// An agent's event on an escrow; `event` makes it of the request's body.
+async fn agent_escrow_event(
+    state: &AppState,
+    id: &str,
+    call: AgentCall,
+    event: impl FnOnce(&[u8]) -> Result<EscrowEvent, ApiError>,
+) -> Result<Json<EscrowBody>, ApiError> {
+    let outcome = run_call(state, call, |agent, body| {
+        Ok(Command::Escrow { id: escrow_id(id)?, requester: Requester::Agent(agent), event: event(body)? })
+    })
+    .await?;
+    Ok(Json(escrow_body(&escrow_outcome(outcome)?)))
+}
+
+/// Runs the command `build` makes of an agent's signed call (from the signer and the
+/// body), recording the call's nonce with it ([`crate::ledger::Ledger::execute_signed`]).
+/// A call `build` refuses has its nonce recorded alone ([`AgentCall::refuse`]), so a
+/// replay of any signed call is refused as one.
+async fn run_call(
+    state: &AppState,
+    call: AgentCall,
+    build: impl FnOnce(AgentId, &[u8]) -> Result<Command, ApiError>,
+) -> Result<Outcome, ApiError> {
+    let agent = call.agent;
+    let command = match build(agent, &call.body) {
+        Ok(command) => command,
+        Err(refusal) => return Err(call.refuse(&state.nonces, state.clock.now(), refusal).await),
+    };
+    state.ledger.execute_signed(call.into_nonce(), command, &state.nonces).await.map_err(|error| match error.as_ref() {
+        LedgerError::Replayed => replayed(agent),
+        other => ApiError::internal(other),
+    })
 }
 
 async fn run_one(state: &AppState, command: Command) -> Result<Outcome, ApiError> {

@@ -64,6 +64,9 @@ pub enum Outcome {
     Transfers(Vec<Result<Applied, TransferError>>),
     Escrow(Result<Escrow, CommandError>),
     Unbonding(Result<Unbonding, CommandError>),
+    /// The signed request that carried the command had been made before: its nonce was
+    /// already recorded, so the command did not run ([`super::store::BatchStore::execute_signed_then`]).
+    Replayed,
 }
 
 /// The books plus the escrows and unbondings a batch touches.

@@ -17,6 +17,13 @@
 //! of several jobs failing otherwise is split and each job run alone, so one job cannot
 //! fail another.
 //!
+//! **Signed requests.** [`Ledger::execute_signed`] runs an agent's command together with
+//! its request's nonce. On SQLite the nonce goes into the batch: the batch's transaction
+//! reads which of its nonces are recorded, runs nothing for those (a replay), and records
+//! the others with the batch's writes. So a signed payment is one commit, not two, and
+//! takes one turn at the database's write lock. On PostgreSQL the
+//! [`crate::agent_auth::NonceRecorder`] records the nonce first, as for any signed request.
+//!
 //! **Expiry.** [`Ledger::spawn_expiry_worker`] runs [`Ledger::run_expiry_once`] every
 //! [`EXPIRY_INTERVAL`] while this replica holds the `ledger-expiry` lease: expired escrows
 //! are voided or released as each says, and matured unbondings return to the wallet.
@@ -32,6 +39,7 @@ use super::engine::{Command, Outcome, Requester};
 use super::escrow::EscrowEvent;
 use super::postgres::OnDecided;
 use super::store::{self, BatchStore, LedgerQueryError};
+use crate::agent_auth::{NonceError, NonceRecorder, RequestNonce};
 use crate::batch;
 use crate::clock::Clock;
 use crate::db::{Backend, Database};
@@ -63,6 +71,11 @@ pub enum LedgerError {
     Query(#[from] LedgerQueryError),
     #[error("ledger unavailable: the writer stopped")]
     Stopped,
+    #[error("ledger unavailable: the request's nonce could not be recorded")]
+    Nonce(#[from] NonceError),
+    /// The signed request was made before (its nonce is recorded); nothing ran.
+    #[error("the request was replayed")]
+    Replayed,
 }
 
 type Reply = oneshot::Sender<Result<Vec<Outcome>, Arc<LedgerError>>>;
@@ -70,6 +83,8 @@ type Reply = oneshot::Sender<Result<Vec<Outcome>, Arc<LedgerError>>>;
 #[derive(Debug)]
 struct Job {
     commands: Vec<Command>,
+    /// The nonce of the signed request that made the job's one command (SQLite only).
+    nonce: Option<RequestNonce>,
     reply: Reply,
 }
 
@@ -98,15 +113,49 @@ impl Ledger {
 
     /// Runs commands through the group-commit writers; one outcome per command.
     pub async fn execute(&self, commands: Vec<Command>) -> Result<Vec<Outcome>, Arc<LedgerError>> {
+        self.enqueue(commands, None).await
+    }
+
+    /// Runs the command of an agent's signed request and records the request's nonce
+    /// (module docs): [`LedgerError::Replayed`] if it was recorded already, and then the
+    /// command did not run. `nonces` records it on PostgreSQL.
+    pub async fn execute_signed(
+        &self,
+        nonce: RequestNonce,
+        command: Command,
+        nonces: &NonceRecorder,
+    ) -> Result<Outcome, Arc<LedgerError>> {
+        let outcomes = match self.db.backend() {
+            Backend::Sqlite => self.enqueue(vec![command], Some(nonce)).await?,
+            Backend::Postgres => {
+                let fresh = nonces.record_nonce(&nonce, self.clock.now()).await.map_err(|e| Arc::new(e.into()))?;
+                if !fresh {
+                    return Err(Arc::new(LedgerError::Replayed));
+                }
+                self.enqueue(vec![command], None).await?
+            }
+        };
+        match outcomes.into_iter().next() {
+            Some(Outcome::Replayed) => Err(Arc::new(LedgerError::Replayed)),
+            Some(outcome) => Ok(outcome),
+            None => Err(Arc::new(LedgerError::Stopped)),
+        }
+    }
+
+    async fn enqueue(
+        &self,
+        commands: Vec<Command>,
+        nonce: Option<RequestNonce>,
+    ) -> Result<Vec<Outcome>, Arc<LedgerError>> {
         let queue = self.queue.get_or_init(|| spawn_writers(Arc::clone(&self.store), Arc::clone(&self.clock)));
         let (reply, answer) = oneshot::channel();
-        queue.send(Job { commands, reply }).await.map_err(|_| Arc::new(LedgerError::Stopped))?;
+        queue.send(Job { commands, nonce, reply }).await.map_err(|_| Arc::new(LedgerError::Stopped))?;
         answer.await.map_err(|_| Arc::new(LedgerError::Stopped))?
     }
 
     /// Runs commands in the caller's task, in one transaction, with retries.
     pub async fn execute_now(&self, commands: &[Command]) -> Result<Vec<Outcome>, LedgerError> {
-        execute_with_retries(&self.store, self.clock.as_ref(), commands, None).await
+        execute_with_retries(&self.store, self.clock.as_ref(), commands, &[], None).await
     }
 
     /// One expiry pass: resolves expired escrows and releases matured unbondings.
@@ -194,8 +243,15 @@ async fn run_writer(store: Arc<BatchStore>, clock: Arc<dyn Clock>, receiver: Arc
 }
 
 async fn run_jobs(store: &BatchStore, clock: &dyn Clock, jobs: Vec<Job>, on_decided: OnDecided) {
-    let commands: Vec<Command> = jobs.iter().flat_map(|job| job.commands.iter().cloned()).collect();
-    match execute_with_retries(store, clock, &commands, Some(on_decided)).await {
+    let mut commands: Vec<Command> = Vec::with_capacity(jobs.iter().map(|job| job.commands.len()).sum());
+    let mut nonces = Vec::new();
+    for job in &jobs {
+        if let Some(nonce) = &job.nonce {
+            nonces.push((commands.len(), nonce.clone()));
+        }
+        commands.extend(job.commands.iter().cloned());
+    }
+    match execute_with_retries(store, clock, &commands, &nonces, Some(on_decided)).await {
         Ok(mut outcomes) => {
             for job in jobs.into_iter().rev() {
                 let rest = outcomes.split_off(outcomes.len() - job.commands.len());
@@ -210,7 +266,8 @@ async fn run_jobs(store: &BatchStore, clock: &dyn Clock, jobs: Vec<Job>, on_deci
         Err(error) => {
             tracing::warn!(%error, jobs = jobs.len(), "ledger batch failed; running its jobs one by one");
             for job in jobs {
-                let result = execute_with_retries(store, clock, &job.commands, None).await.map_err(Arc::new);
+                let nonces: Vec<(usize, RequestNonce)> = job.nonce.iter().map(|nonce| (0, nonce.clone())).collect();
+                let result = execute_with_retries(store, clock, &job.commands, &nonces, None).await.map_err(Arc::new);
                 let _ = job.reply.send(result);
             }
         }
@@ -221,13 +278,14 @@ async fn execute_with_retries(
     store: &BatchStore,
     clock: &dyn Clock,
     commands: &[Command],
+    nonces: &[(usize, RequestNonce)],
     mut on_decided: Option<OnDecided>,
 ) -> Result<Vec<Outcome>, LedgerError> {
     let mut attempt = 0;
     loop {
         // The first attempt calls it (or drops it, failing early); retries need not.
         let on_decided = on_decided.take().unwrap_or_else(|| Box::new(|| {}));
-        match store.execute_then(commands, clock.now(), on_decided).await {
+        match store.execute_signed_then(commands, nonces, clock.now(), on_decided).await {
             Ok(outcomes) => return Ok(outcomes),
             Err(error) if error.is_retryable() && attempt + 1 < RETRY_ATTEMPTS_MAX => {
                 attempt += 1;

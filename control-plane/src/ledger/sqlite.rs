@@ -7,10 +7,15 @@
 //! 1. the read script: `BEGIN IMMEDIATE`, which takes the database's one write lock
 //!    before anything is read (a transaction that read first could fail to upgrade its
 //!    lock), then the journal head, the escrows and unbondings the commands name, and
-//!    which of their transfer ids are already applied or refused;
+//!    which of their transfer ids are already applied or refused, and which of the
+//!    signed requests' nonces are recorded and unexpired;
 //! 2. the account totals the [`AccountCache`] does not hold, only if there are any;
 //! 3. the write script: the new journal entries, the refusals, the final account totals,
-//!    the escrows and unbondings, the new head, and `COMMIT`.
+//!    the escrows and unbondings, the new head, the fresh nonces (and, every
+//!    [`NONCE_PURGE_INTERVAL`], the deletion of expired ones), and `COMMIT`.
+//!
+//! A command whose request's nonce the read script found, or which repeats a nonce
+//! earlier in the batch, does not run: its outcome is [`engine::Outcome::Replayed`].
 //!
 //! A script is several statements in one query string with `?` parameters, which sqlx
 //! binds in order across its statements. Each row of the read script starts with a
@@ -20,7 +25,7 @@
 //! [`ROWS_PER_STATEMENT`] rows runs on its own instead (after the read script, before the
 //! write script), with a text that never changes, and stays prepared.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::time::Instant;
 
 use molt_protocol::UnixMillis;
@@ -39,6 +44,7 @@ use super::store::{
     transfer_columns, transfer_from_row, unbonding_columns, unbonding_from_row,
 };
 use super::types::{AccountId, TransferId, TransferSpec};
+use crate::agent_auth::{NONCE_PURGE_INTERVAL, RequestNonce};
 use crate::db::Database;
 
 /// What a row of the read script is.
@@ -47,59 +53,91 @@ const PART_ESCROW: i64 = 1;
 const PART_UNBONDING: i64 = 2;
 const PART_TRANSFER: i64 = 3;
 const PART_REJECTION: i64 = 4;
+const PART_NONCE: i64 = 5;
 
-/// The SQLite writer's state from one batch to the next: its account cache and its own
-/// connection, taken out of the pool on first use.
+/// Nonces the read script found recorded, as (agent, nonce).
+type RecordedNonces = HashSet<(String, String)>;
+
+/// The SQLite writer's state from one batch to the next: its account cache, its own
+/// connection, taken out of the pool on first use, and when it last deleted expired
+/// nonces.
 #[derive(Debug, Default)]
 pub struct Writer {
     cache: AccountCache,
     connection: Option<AnyConnection>,
+    nonces_purged_at: Option<UnixMillis>,
 }
 
 impl Writer {
     /// Runs `commands` in one transaction and commits (see the module's text). After a
     /// failure the cache is emptied and the connection closed, which rolls back whatever
     /// the batch had begun; so is a connection whose batch was cancelled.
+    /// `nonces` pairs a command's index with its signed request's nonce
+    /// ([`super::store::BatchStore::execute_signed_then`]).
     pub async fn execute(
         &mut self,
         db: &Database,
         commands: &[Command],
+        nonces: &[(usize, RequestNonce)],
         now: UnixMillis,
     ) -> Result<Vec<engine::Outcome>, LedgerQueryError> {
         let (escrow_ids, unbonding_ids) = referenced_records(commands);
         let ids: Vec<TransferId> = commands.iter().flat_map(spec_ids).collect();
+        let purge = !nonces.is_empty() && self.nonces_purged_at.is_none_or(|at| now.since(at) >= NONCE_PURGE_INTERVAL);
         let _turn = db.sqlite_write_turn().await;
         let mut connection = match self.connection.take() {
             Some(connection) => connection,
             None => db.pool().acquire().await.map_err(query_error("connecting the ledger writer"))?.detach(),
         };
-        let result =
-            execute_on(&mut connection, &mut self.cache, commands, now, &escrow_ids, &unbonding_ids, &ids).await;
+        let batch =
+            Batch { commands, nonces, now, purge, escrow_ids: &escrow_ids, unbonding_ids: &unbonding_ids, ids: &ids };
+        let result = execute_on(&mut connection, &mut self.cache, batch).await;
         match result {
-            Ok(_) => self.connection = Some(connection),
+            Ok(_) => {
+                self.connection = Some(connection);
+                if purge {
+                    self.nonces_purged_at = Some(now);
+                }
+            }
             Err(_) => self.cache.invalidate(),
         }
         result
     }
 }
 
+/// What one batch is given and reads.
+struct Batch<'a> {
+    commands: &'a [Command],
+    nonces: &'a [(usize, RequestNonce)],
+    now: UnixMillis,
+    /// Whether to delete expired nonces.
+    purge: bool,
+    escrow_ids: &'a [TransferId],
+    unbonding_ids: &'a [TransferId],
+    ids: &'a [TransferId],
+}
+
 async fn execute_on(
     connection: &mut AnyConnection,
     cache: &mut AccountCache,
-    commands: &[Command],
-    now: UnixMillis,
-    escrow_ids: &[TransferId],
-    unbonding_ids: &[TransferId],
-    ids: &[TransferId],
+    batch: Batch<'_>,
 ) -> Result<Vec<engine::Outcome>, LedgerQueryError> {
+    let Batch { commands, nonces, now, purge, escrow_ids, unbonding_ids, ids } = batch;
     let started = Instant::now();
-    let mut read = read_script(escrow_ids, unbonding_ids, ids)?;
+    let mut read = read_script(escrow_ids, unbonding_ids, ids, nonces, now)?;
     let full = std::mem::take(&mut read.full);
     let mut rows = read.run(connection, "reading a ledger batch").await?;
     rows.extend(Script::run_full(full, connection, "reading a ledger batch").await?);
-    let (head, loaded) = loaded_from(&rows)?;
+    let (head, loaded, recorded) = loaded_from(&rows)?;
+    let (replayed, fresh) = replayed_commands(nonces, &recorded);
+    // Only the commands that run; a copy only when some are replays.
+    let running: std::borrow::Cow<'_, [Command]> = if replayed.is_empty() {
+        commands.into()
+    } else {
+        commands.iter().enumerate().filter(|(index, _)| !replayed.contains(index)).map(|(_, c)| c.clone()).collect()
+    };
     cache.validate(head);
-    let account_ids = account_ids_of(commands, &loaded.escrows, &loaded.unbondings);
+    let account_ids = account_ids_of(&running, &loaded.escrows, &loaded.unbondings);
     let missing: BTreeSet<AccountId> = account_ids.iter().filter(|id| !cache.contains(id)).cloned().collect();
     if !missing.is_empty() {
         for account in accounts_in(connection, &missing).await? {
@@ -108,15 +146,21 @@ async fn execute_on(
     }
     let read_done = started.elapsed();
 
-    let (outcomes, effects) = run_batch(head, cache, &account_ids, loaded, commands, now);
+    let (ran, effects) = run_batch(head, cache, &account_ids, loaded, &running, now);
+    let mut ran = ran.into_iter();
+    let outcomes: Vec<engine::Outcome> = (0..commands.len())
+        .map(|index| if replayed.contains(&index) { Some(engine::Outcome::Replayed) } else { ran.next() })
+        .collect::<Option<_>>()
+        .ok_or_else(|| decode_error("running a ledger batch", "outcome (missing)"))?;
     let decided = started.elapsed();
-    let mut write = write_script(&effects)?;
+    let mut write = write_script(&effects, &fresh, purge.then_some(now))?;
     Script::run_full(std::mem::take(&mut write.full), connection, "writing a ledger batch").await?;
     write.run(connection, "writing a ledger batch").await?;
     cache.committed(&effects.books.accounts, effects.books.head);
     tracing::trace!(
         commands = commands.len(),
         transfers = effects.books.transfers.len(),
+        replayed = replayed.len(),
         missing_accounts = missing.len(),
         read_us = read_done.as_micros() as u64,
         decided_us = decided.as_micros() as u64,
@@ -244,10 +288,32 @@ impl Script {
     }
 }
 
+/// The commands (by index) whose nonce is recorded or repeats one earlier in the batch,
+/// and the nonces to record.
+fn replayed_commands<'a>(
+    nonces: &'a [(usize, RequestNonce)],
+    recorded: &RecordedNonces,
+) -> (HashSet<usize>, Vec<&'a RequestNonce>) {
+    let mut replayed = HashSet::new();
+    let mut fresh = Vec::with_capacity(nonces.len());
+    let mut seen = HashSet::with_capacity(nonces.len());
+    for (index, nonce) in nonces {
+        let key = (nonce.agent.to_string(), nonce.nonce.clone());
+        if recorded.contains(&key) || !seen.insert(key) {
+            replayed.insert(*index);
+        } else {
+            fresh.push(nonce);
+        }
+    }
+    (replayed, fresh)
+}
+
 fn read_script(
     escrow_ids: &[TransferId],
     unbonding_ids: &[TransferId],
     ids: &[TransferId],
+    nonces: &[(usize, RequestNonce)],
+    now: UnixMillis,
 ) -> Result<Script, LedgerQueryError> {
     let mut script = Script::new();
     script.push("BEGIN IMMEDIATE");
@@ -261,15 +327,32 @@ fn read_script(
         "ledger_rejections",
         ids,
     )?;
+    // A join, not `(agent_id, nonce) IN (VALUES …)`, which SQLite answers with a scan.
+    for chunk in nonces.chunks(ROWS_PER_STATEMENT) {
+        script.rows(
+            &format!("SELECT {PART_NONCE} AS part, n.agent_id, n.nonce FROM (VALUES"),
+            chunk.len(),
+            2,
+            ") AS v JOIN agent_request_nonces AS n ON n.agent_id = v.column1 AND n.nonce = v.column2 \
+             WHERE n.expires_at_ms >= ?",
+        );
+        for (_, nonce) in chunk {
+            script.bind(nonce.agent.to_string())?;
+            script.bind(nonce.nonce.clone())?;
+        }
+        script.bind(to_db(now))?;
+    }
     Ok(script)
 }
 
-/// The head and what the read script found (the fee with it).
-fn loaded_from(rows: &[AnyRow]) -> Result<(Head, Loaded), LedgerQueryError> {
+/// The head and what the read script found (the fee with it), and the recorded nonces as
+/// (agent, nonce).
+fn loaded_from(rows: &[AnyRow]) -> Result<(Head, Loaded, RecordedNonces), LedgerQueryError> {
     let operation = "reading a ledger batch";
     let read = query_error(operation);
     let mut head = None;
     let mut loaded = Loaded { fee_bps: 0, escrows: Vec::new(), unbondings: Vec::new(), known: Vec::new() };
+    let mut recorded = HashSet::new();
     for row in rows {
         match row.try_get::<i64, _>("part").map_err(read)? {
             PART_HEAD => {
@@ -296,16 +379,43 @@ fn loaded_from(rows: &[AnyRow]) -> Result<(Head, Loaded), LedgerQueryError> {
                 let error = TransferError::from_code(&code).ok_or_else(|| decode_error(operation, "code"))?;
                 loaded.known.push((spec.id.clone(), Known::Rejected(spec, error)));
             }
+            PART_NONCE => {
+                recorded.insert((row.try_get("agent_id").map_err(read)?, row.try_get("nonce").map_err(read)?));
+            }
             _ => return Err(decode_error(operation, "part")),
         }
     }
     let (head, fee_bps) = head.ok_or_else(|| decode_error(operation, "journal head (missing)"))?;
     loaded.fee_bps = fee_bps;
-    Ok((head, loaded))
+    Ok((head, loaded, recorded))
 }
 
-fn write_script(effects: &ViewEffects) -> Result<Script, LedgerQueryError> {
+/// Every write of the batch and `COMMIT`: `nonces` are recorded, and with `purge_before`
+/// the nonces that expired before it are deleted first.
+fn write_script(
+    effects: &ViewEffects,
+    nonces: &[&RequestNonce],
+    purge_before: Option<UnixMillis>,
+) -> Result<Script, LedgerQueryError> {
     let mut script = Script::new();
+    if let Some(now) = purge_before {
+        script.push("DELETE FROM agent_request_nonces WHERE expires_at_ms < ?");
+        script.bind(to_db(now))?;
+    }
+    // The read found none of them recorded and unexpired, under the write lock.
+    for chunk in nonces.chunks(ROWS_PER_STATEMENT) {
+        script.rows(
+            "INSERT INTO agent_request_nonces (agent_id, nonce, expires_at_ms) VALUES",
+            chunk.len(),
+            3,
+            " ON CONFLICT (agent_id, nonce) DO UPDATE SET expires_at_ms = excluded.expires_at_ms",
+        );
+        for nonce in chunk {
+            script.bind(nonce.agent.to_string())?;
+            script.bind(nonce.nonce.clone())?;
+            script.bind(to_db(nonce.expires_at))?;
+        }
+    }
     for chunk in effects.books.transfers.chunks(ROWS_PER_STATEMENT) {
         script.rows(concat!("INSERT INTO ledger_transfers (", transfer_columns!(), ") VALUES"), chunk.len(), 13, "");
         for transfer in chunk {
@@ -420,7 +530,7 @@ mod tests {
 
     #[test]
     fn a_read_script_has_one_statement_per_part_and_chunk_and_binds_every_id() {
-        let script = read_script(&ids(2), &[], &ids(ROWS_PER_STATEMENT + 1)).unwrap();
+        let script = read_script(&ids(2), &[], &ids(ROWS_PER_STATEMENT + 1), &[], UnixMillis(0)).unwrap();
         let statements: Vec<&str> = script.sql.split(";\n").filter(|s| !s.is_empty()).collect();
         // begin, head, one escrow statement, the last chunk each of transfers and rejections
         assert_eq!(statements.len(), 5, "{}", script.sql);
@@ -433,7 +543,7 @@ mod tests {
             assert_eq!(full.sql.matches('?').count(), ROWS_PER_STATEMENT);
             assert_eq!(full.args.len(), ROWS_PER_STATEMENT);
         }
-        let again = read_script(&[], &[], &ids(ROWS_PER_STATEMENT)).unwrap();
+        let again = read_script(&[], &[], &ids(ROWS_PER_STATEMENT), &[], UnixMillis(0)).unwrap();
         assert_eq!(
             again.full.iter().map(|s| &s.sql).collect::<Vec<_>>(),
             script.full.iter().map(|s| &s.sql).collect::<Vec<_>>()
@@ -442,7 +552,7 @@ mod tests {
 
     #[test]
     fn an_empty_batch_reads_only_the_head() {
-        let script = read_script(&[], &[], &[]).unwrap();
+        let script = read_script(&[], &[], &[], &[], UnixMillis(0)).unwrap();
         assert_eq!(script.sql.matches(";\n").count(), 2);
         assert!(script.sql.contains("ledger_head"));
     }

@@ -42,6 +42,7 @@ use super::types::{
     Account, AccountFlags, AccountId, Credits, Purpose, StakeKind, Transfer, TransferFlags, TransferId, TransferKind,
     TransferSpec,
 };
+use crate::agent_auth::RequestNonce;
 use crate::db::{Backend, Database};
 
 /// Rows per multi-row statement (every backend accepts this many bound values).
@@ -122,7 +123,7 @@ impl BatchStore {
         commands: &[Command],
         now: UnixMillis,
     ) -> Result<Vec<engine::Outcome>, LedgerQueryError> {
-        self.run(commands, now, async {}, Box::new(|| {})).await
+        self.run(commands, &[], now, async {}, Box::new(|| {})).await
     }
 
     /// [`BatchStore::execute`], calling `on_decided` once the batch has settled what it
@@ -133,7 +134,23 @@ impl BatchStore {
         now: UnixMillis,
         on_decided: OnDecided,
     ) -> Result<Vec<engine::Outcome>, LedgerQueryError> {
-        self.run(commands, now, async {}, on_decided).await
+        self.run(commands, &[], now, async {}, on_decided).await
+    }
+
+    /// [`BatchStore::execute_then`] where some commands come from signed requests:
+    /// `nonces` pairs a command's index with its request's nonce. The transaction records
+    /// each nonce not yet recorded (or expired) and runs its command; a command whose nonce
+    /// is recorded, or appears earlier in the batch, does not run and gets
+    /// [`engine::Outcome::Replayed`]. SQLite only (on PostgreSQL nonces are recorded
+    /// before, [`super::service::Ledger::execute_signed`]): there `nonces` must be empty.
+    pub async fn execute_signed_then(
+        &self,
+        commands: &[Command],
+        nonces: &[(usize, RequestNonce)],
+        now: UnixMillis,
+        on_decided: OnDecided,
+    ) -> Result<Vec<engine::Outcome>, LedgerQueryError> {
+        self.run(commands, nonces, now, async {}, on_decided).await
     }
 
     /// [`BatchStore::execute`]; on PostgreSQL, runs `pause` between preparing the batch
@@ -145,24 +162,28 @@ impl BatchStore {
         now: UnixMillis,
         pause: impl std::future::Future<Output = ()>,
     ) -> Result<Vec<engine::Outcome>, LedgerQueryError> {
-        self.run(commands, now, pause, Box::new(|| {})).await
+        self.run(commands, &[], now, pause, Box::new(|| {})).await
     }
 
     async fn run(
         &self,
         commands: &[Command],
+        nonces: &[(usize, RequestNonce)],
         now: UnixMillis,
         pause: impl std::future::Future<Output = ()>,
         on_decided: OnDecided,
     ) -> Result<Vec<engine::Outcome>, LedgerQueryError> {
         match self.db.backend() {
+            Backend::Postgres if !nonces.is_empty() => Err(query_error("running signed commands")(
+                sqlx::Error::Configuration("request nonces are recorded with ledger batches on SQLite only".into()),
+            )),
             Backend::Postgres => {
                 let pool = self.postgres.get_or_try_init(|| super::postgres::connect(&self.db)).await?;
                 super::postgres::execute(pool, &self.pipeline, commands, now, pause, on_decided).await
             }
             Backend::Sqlite => {
                 on_decided();
-                self.sqlite.lock().await.execute(&self.db, commands, now).await
+                self.sqlite.lock().await.execute(&self.db, commands, nonces, now).await
             }
         }
     }

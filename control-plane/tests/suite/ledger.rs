@@ -1101,6 +1101,7 @@ fn codes(outcome: &Outcome) -> Vec<Option<&'static str>> {
             _ => "other",
         })],
         Outcome::Unbonding(result) => vec![result.as_ref().err().map(|_| "unbonding")],
+        Outcome::Replayed => vec![Some("replayed")],
     }
 }
 
