@@ -520,6 +520,17 @@ impl Harness {
         body: &str,
         nonce: [u8; NONCE_BYTES],
     ) -> (StatusCode, Value) {
+        self.call(self.signed_request(agent, method, uri, body, nonce)).await
+    }
+
+    fn signed_request(
+        &self,
+        agent: &TestAgent,
+        method: Method,
+        uri: &str,
+        body: &str,
+        nonce: [u8; NONCE_BYTES],
+    ) -> Request<Body> {
         let headers = agent_auth::sign_request(
             &agent.key,
             agent.id,
@@ -533,7 +544,7 @@ impl Harness {
         for (name, value) in headers {
             request = request.header(name, value);
         }
-        self.call(request.body(Body::from(body.to_owned())).unwrap()).await
+        request.body(Body::from(body.to_owned())).unwrap()
     }
 
     async fn admin(&self, method: Method, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
@@ -769,6 +780,109 @@ async fn unsigned_and_replayed_requests_are_refused(fixture: &Fixture) {
     let (status, problem) = h.signed(&TestAgent::new(), Method::POST, "/v1/ledger/wallet", "").await;
     assert_eq!((status, problem["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("unknown_agent")));
     assert_eq!(h.balance(&bob.wallet()).await, 1);
+
+    // The signer reusing its nonce for another payment: refused, nothing written.
+    let other = json!({"id": "q", "to": bob.id.to_string(), "amount": 2}).to_string();
+    let (status, problem) = h.signed_with_nonce(&alice, Method::POST, "/v1/ledger/transfers", &other, fixed).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("replayed_request")));
+    let (status, _) = h.signed(&alice, Method::GET, "/v1/ledger/transfers/q", "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // The same signed payment sent eight times at once is applied once.
+    let body = json!({"id": "r", "to": bob.id.to_string(), "amount": 3}).to_string();
+    let spent = nonce();
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let request = h.signed_request(&alice, Method::POST, "/v1/ledger/transfers", &body, spent);
+        calls.spawn(h.app.clone().oneshot(request));
+    }
+    let mut statuses: Vec<StatusCode> = calls.join_all().await.into_iter().map(|r| r.unwrap().status()).collect();
+    statuses.sort();
+    assert_eq!(statuses, [[StatusCode::CREATED].as_slice(), &[StatusCode::UNAUTHORIZED; 7]].concat());
+    assert_eq!(h.balance(&bob.wallet()).await, 1 + 3);
+    // A payment refused before the ledger still spends its nonce.
+    let zero = json!({"id": "z", "to": bob.id.to_string(), "amount": 0}).to_string();
+    let spent = nonce();
+    let (status, problem) = h.signed_with_nonce(&alice, Method::POST, "/v1/ledger/transfers", &zero, spent).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_amount")));
+    let (status, problem) = h.signed_with_nonce(&alice, Method::POST, "/v1/ledger/transfers", &zero, spent).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("replayed_request")));
+    // Nonces spent by other routes and by the ledger are one set.
+    let spent = nonce();
+    assert_eq!(h.signed_with_nonce(&alice, Method::GET, "/v1/ledger/wallet", "", spent).await.0, StatusCode::OK);
+    let body = json!({"id": "s", "to": bob.id.to_string(), "amount": 4}).to_string();
+    let (status, problem) = h.signed_with_nonce(&alice, Method::POST, "/v1/ledger/transfers", &body, spent).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("replayed_request")));
+    let spent = nonce();
+    assert_eq!(
+        h.signed_with_nonce(&alice, Method::POST, "/v1/ledger/transfers", &body, spent).await.0,
+        StatusCode::CREATED
+    );
+    let (status, problem) = h.signed_with_nonce(&alice, Method::GET, "/v1/ledger/wallet", "", spent).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("replayed_request")));
+    // An escrow event replayed: refused, the escrow untouched.
+    let escrow = json!({"id": "e", "payee": bob.id.to_string(), "amount": 5, "expires_at_ms": T0.0 + 60_000});
+    assert_eq!(h.signed(&alice, Method::POST, "/v1/ledger/escrows", &escrow.to_string()).await.0, StatusCode::CREATED);
+    let dispute = format!("/v1/ledger/escrows/{}:e/dispute", alice.id);
+    let spent = nonce();
+    assert_eq!(h.signed_with_nonce(&bob, Method::POST, &dispute, "", spent).await.0, StatusCode::OK);
+    let (status, problem) = h.signed_with_nonce(&bob, Method::POST, &dispute, "", spent).await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("replayed_request")));
+    assert_eq!(h.balance(&bob.wallet()).await, 1 + 3 + 4);
+    h.assert_audit_ok().await;
+}
+
+/// On SQLite a signed request's nonce is checked and recorded in the ledger batch that
+/// runs its command: a recorded nonce, or one repeated in the batch, runs nothing; the
+/// others are recorded with the batch, and expired ones are deleted.
+#[tokio::test]
+async fn a_sqlite_batch_records_its_nonces_and_skips_replays() {
+    let (fixture, here, a, b) = sqlite_store_with_minted(100).await;
+    let agent = AgentId::from_inception_key(&SigningKey::generate(&mut OsRng).public_key());
+    let request = |nonce: &str| agent_auth::RequestNonce {
+        agent,
+        nonce: nonce.to_owned(),
+        expires_at: T0.saturating_add(agent_auth::TIMESTAMP_SKEW_MAX),
+    };
+    for (nonce, expires_at) in [("recorded", T0.0 + 1), ("expired", T0.0 - 1), ("stale", T0.0 - 1)] {
+        sqlx::query("INSERT INTO agent_request_nonces (agent_id, nonce, expires_at_ms) VALUES ($1, $2, $3)")
+            .bind(agent.to_string())
+            .bind(nonce)
+            .bind(expires_at as i64)
+            .execute(fixture.db.pool())
+            .await
+            .unwrap();
+    }
+    let pay = |id: &str| {
+        Command::Transfers(vec![spec(Namespace::Admin, id, a.clone(), b.clone(), 1, Purpose::Payment, false)])
+    };
+    let commands = [pay("p1"), pay("p2"), pay("p3"), pay("p4"), pay("unsigned")];
+    let nonces = [(0, request("recorded")), (1, request("fresh")), (2, request("fresh")), (3, request("expired"))];
+    let outcomes = here.execute_signed_then(&commands, &nonces, T0, Box::new(|| {})).await.unwrap();
+    let replayed: Vec<bool> = outcomes.iter().map(|outcome| *outcome == Outcome::Replayed).collect();
+    assert_eq!(replayed, [true, false, true, false, false], "{outcomes:?}");
+    assert_eq!(stored_balance(&fixture.db, &b).await, 3);
+    let stored: Vec<(String, i64)> =
+        sqlx::query_as("SELECT nonce, expires_at_ms FROM agent_request_nonces ORDER BY nonce")
+            .fetch_all(fixture.db.pool())
+            .await
+            .unwrap();
+    let expires = T0.saturating_add(agent_auth::TIMESTAMP_SKEW_MAX).0 as i64;
+    // `stale` expired and went with the first signed batch; `expired` was spent again.
+    assert_eq!(stored, [("expired".into(), expires), ("fresh".into(), expires), ("recorded".into(), T0.0 as i64 + 1)]);
+    assert_audit_passes(&fixture.db).await;
+}
+
+/// PostgreSQL records nonces before the ledger: a batch given any is refused whole.
+#[tokio::test]
+async fn postgres_batches_refuse_nonces() {
+    let fixture = Fixture::postgres().await;
+    let (here, a, b) = store_with_two_wallets(&fixture).await;
+    let agent = AgentId::from_inception_key(&SigningKey::generate(&mut OsRng).public_key());
+    let nonce = agent_auth::RequestNonce { agent, nonce: "n".into(), expires_at: T0 };
+    let pay = Command::Transfers(vec![spec(Namespace::Admin, "p", a, b, 1, Purpose::Payment, false)]);
+    let refused = here.execute_signed_then(&[pay], &[(0, nonce)], T0, Box::new(|| {})).await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(fixture.count("ledger_transfers").await, 0);
 }
 
 async fn linked_batches_are_all_or_none(fixture: &Fixture) {
