@@ -58,14 +58,29 @@ const PART_NONCE: i64 = 5;
 /// Nonces the read script found recorded, as (agent, nonce).
 type RecordedNonces = HashSet<(String, String)>;
 
+/// Transfers (and nonces) a batch may have at most to be written on its basis, without
+/// reading first: its statements then stay short of [`ROWS_PER_STATEMENT`] rows.
+pub const ON_BASIS_TRANSFERS_MAX: usize = 200;
+
+/// The table the basis check writes to, on the writer's connection only: its one
+/// constraint fails the check's statement, and with it the script, if the basis moved.
+const BASIS_TABLE: &str =
+    "CREATE TEMP TABLE IF NOT EXISTS ledger_basis (holds INTEGER, CONSTRAINT basis_holds CHECK (holds IS 1))";
+
+/// What the writer's last commit left stored: the journal head and the fee.
+type Basis = (Head, u32);
+
 /// The SQLite writer's state from one batch to the next: its account cache, its own
-/// connection, taken out of the pool on first use, and when it last deleted expired
-/// nonces.
+/// connection, taken out of the pool on first use, the basis its last batch left, and
+/// when it last deleted expired nonces.
 #[derive(Debug, Default)]
 pub struct Writer {
     cache: AccountCache,
     connection: Option<AnyConnection>,
+    basis: Option<Basis>,
     nonces_purged_at: Option<UnixMillis>,
+    /// Batches written on their basis, for tests and traces.
+    on_basis: u64,
 }
 
 impl Writer {
@@ -87,22 +102,50 @@ impl Writer {
         let _turn = db.sqlite_write_turn().await;
         let mut connection = match self.connection.take() {
             Some(connection) => connection,
-            None => db.pool().acquire().await.map_err(query_error("connecting the ledger writer"))?.detach(),
+            None => writer_connection(db).await.map_err(query_error("connecting the ledger writer"))?,
         };
         let batch =
             Batch { commands, nonces, now, purge, escrow_ids: &escrow_ids, unbonding_ids: &unbonding_ids, ids: &ids };
-        let result = execute_on(&mut connection, &mut self.cache, batch).await;
+        let basis = self.basis.take().filter(|_| batch.may_go_on_basis());
+        let result = match basis {
+            Some(basis) => match execute_on_basis(&mut connection, &mut self.cache, &batch, basis).await {
+                Ok(Some(done)) => {
+                    self.on_basis += 1;
+                    Ok(done)
+                }
+                Ok(None) => execute_on(&mut connection, &mut self.cache, &batch).await,
+                Err(error) => Err(error),
+            },
+            None => execute_on(&mut connection, &mut self.cache, &batch).await,
+        };
         match result {
-            Ok(_) => {
+            Ok((outcomes, basis)) => {
                 self.connection = Some(connection);
+                self.basis = Some(basis);
                 if purge {
                     self.nonces_purged_at = Some(now);
                 }
+                Ok(outcomes)
             }
-            Err(_) => self.cache.invalidate(),
+            Err(error) => {
+                self.cache.invalidate();
+                Err(error)
+            }
         }
-        result
     }
+
+    /// How many batches were written on their basis, without reading first.
+    pub fn batches_on_basis(&self) -> u64 {
+        self.on_basis
+    }
+}
+
+/// The writer's own connection: one from the pool, detached from it, with the basis
+/// check's table.
+async fn writer_connection(db: &Database) -> Result<AnyConnection, sqlx::Error> {
+    let mut connection = db.pool().acquire().await?.detach();
+    sqlx::Executor::execute(&mut connection, BASIS_TABLE).await?;
+    Ok(connection)
 }
 
 /// What one batch is given and reads.
@@ -117,25 +160,149 @@ struct Batch<'a> {
     ids: &'a [TransferId],
 }
 
+impl Batch<'_> {
+    /// Plain transfers, few enough: what [`execute_on_basis`] may write.
+    fn may_go_on_basis(&self) -> bool {
+        self.escrow_ids.is_empty()
+            && self.unbonding_ids.is_empty()
+            && self.ids.len() <= ON_BASIS_TRANSFERS_MAX
+            && self.nonces.len() <= ON_BASIS_TRANSFERS_MAX
+    }
+
+    /// The commands that run: all but the replayed ones (a copy only if there are any).
+    fn running(&self, replayed: &HashSet<usize>) -> std::borrow::Cow<'_, [Command]> {
+        if replayed.is_empty() {
+            return self.commands.into();
+        }
+        self.commands.iter().enumerate().filter(|(index, _)| !replayed.contains(index)).map(|(_, c)| c.clone()).collect()
+    }
+}
+
+/// Each command's outcome: [`engine::Outcome::Replayed`] for the replayed ones, in
+/// order, then those of the commands that ran.
+fn merged_outcomes(
+    commands: usize,
+    replayed: &HashSet<usize>,
+    ran: Vec<engine::Outcome>,
+) -> Result<Vec<engine::Outcome>, LedgerQueryError> {
+    let mut ran = ran.into_iter();
+    (0..commands)
+        .map(|index| if replayed.contains(&index) { Some(engine::Outcome::Replayed) } else { ran.next() })
+        .collect::<Option<_>>()
+        .ok_or_else(|| decode_error("running a ledger batch", "outcome (missing)"))
+}
+
+/// Writes a batch of plain transfers without reading first, in one script: `BEGIN
+/// IMMEDIATE`, a check that the basis the writer's last commit left still holds (the
+/// head and fee unchanged, none of the transfer ids known, none of the nonces recorded
+/// and unexpired), then the writes computed on it and `COMMIT`. Nothing else reads
+/// the journal between two batches of one process, so the check holds unless another
+/// process wrote, or a request is a retry or a replay. `None` when it does not: the
+/// check's statement failed, and the transaction is rolled back; every account must be
+/// in the cache, or it is `None` at once.
+async fn execute_on_basis(
+    connection: &mut AnyConnection,
+    cache: &mut AccountCache,
+    batch: &Batch<'_>,
+    (head, fee_bps): Basis,
+) -> Result<Option<(Vec<engine::Outcome>, Basis)>, LedgerQueryError> {
+    let started = Instant::now();
+    let (replayed, fresh) = replayed_commands(batch.nonces, &RecordedNonces::new());
+    let running = batch.running(&replayed);
+    let account_ids = account_ids_of(&running, &[], &[]);
+    if !account_ids.iter().all(|id| cache.contains(id)) {
+        return Ok(None);
+    }
+    let loaded = Loaded { fee_bps, escrows: Vec::new(), unbondings: Vec::new(), known: Vec::new() };
+    let (ran, effects) = run_batch(head, cache, &account_ids, loaded, &running, batch.now);
+    let outcomes = merged_outcomes(batch.commands.len(), &replayed, ran)?;
+    let mut script = basis_check(head, fee_bps, batch.ids, batch.nonces, batch.now)?;
+    write_into(&mut script, &effects, &fresh, batch.purge.then_some(batch.now))?;
+    if !script.full.is_empty() {
+        return Ok(None);
+    }
+    if let Err(error) = script.run(connection, "writing a ledger batch on its basis").await {
+        if !error.is_basis_moved() {
+            return Err(error);
+        }
+        sqlx::Executor::execute(&mut *connection, "ROLLBACK").await.map_err(query_error("rolling back a batch"))?;
+        tracing::debug!("ledger basis moved; reading the batch's records first");
+        return Ok(None);
+    }
+    cache.committed(&effects.books.accounts, effects.books.head);
+    tracing::trace!(
+        commands = batch.commands.len(),
+        transfers = effects.books.transfers.len(),
+        committed_us = started.elapsed().as_micros() as u64,
+        "sqlite ledger batch on its basis"
+    );
+    Ok(Some((outcomes, (effects.books.head, fee_bps))))
+}
+
+/// `BEGIN IMMEDIATE` and the basis check (see [`execute_on_basis`]).
+fn basis_check(
+    head: Head,
+    fee_bps: u32,
+    ids: &[TransferId],
+    nonces: &[(usize, RequestNonce)],
+    now: UnixMillis,
+) -> Result<Script, LedgerQueryError> {
+    let mut script = Script::new();
+    script.push("BEGIN IMMEDIATE");
+    let mut check = String::from(
+        "INSERT INTO temp.ledger_basis (holds) SELECT \
+         (SELECT seq = ? AND hash = ? AND fee_bps = ? FROM ledger_head WHERE id = 1)",
+    );
+    let marks = |count: usize| (0..count).map(|_| "?").collect::<Vec<_>>().join(", ");
+    if !ids.is_empty() {
+        let list = marks(ids.len());
+        check.push_str(&format!(
+            " AND NOT EXISTS (SELECT 1 FROM ledger_transfers WHERE id IN ({list})) \
+             AND NOT EXISTS (SELECT 1 FROM ledger_rejections WHERE id IN ({list}))"
+        ));
+    }
+    if !nonces.is_empty() {
+        let pairs = (0..nonces.len()).map(|_| "(?, ?)").collect::<Vec<_>>().join(", ");
+        check.push_str(&format!(
+            " AND NOT EXISTS (SELECT 1 FROM (VALUES {pairs}) AS v JOIN agent_request_nonces AS n \
+             ON n.agent_id = v.column1 AND n.nonce = v.column2 WHERE n.expires_at_ms >= ?)"
+        ));
+    }
+    script.push(&check);
+    script.bind(i64::try_from(head.0).map_err(|_| decode_error("checking a batch's basis", "seq"))?)?;
+    script.bind(head.1.to_vec())?;
+    script.bind(i64::from(fee_bps))?;
+    for _ in 0..2 {
+        for id in ids {
+            script.bind(id.as_str().to_owned())?;
+        }
+    }
+    for (_, nonce) in nonces {
+        script.bind(nonce.agent.to_string())?;
+        script.bind(nonce.nonce.clone())?;
+    }
+    if !nonces.is_empty() {
+        script.bind(to_db(now))?;
+    }
+    script.push("DELETE FROM temp.ledger_basis");
+    Ok(script)
+}
+
 async fn execute_on(
     connection: &mut AnyConnection,
     cache: &mut AccountCache,
-    batch: Batch<'_>,
-) -> Result<Vec<engine::Outcome>, LedgerQueryError> {
-    let Batch { commands, nonces, now, purge, escrow_ids, unbonding_ids, ids } = batch;
+    batch: &Batch<'_>,
+) -> Result<(Vec<engine::Outcome>, Basis), LedgerQueryError> {
+    let Batch { commands, nonces, now, purge, escrow_ids, unbonding_ids, ids } = *batch;
     let started = Instant::now();
     let mut read = read_script(escrow_ids, unbonding_ids, ids, nonces, now)?;
     let full = std::mem::take(&mut read.full);
     let mut rows = read.run(connection, "reading a ledger batch").await?;
     rows.extend(Script::run_full(full, connection, "reading a ledger batch").await?);
     let (head, loaded, recorded) = loaded_from(&rows)?;
+    let fee_bps = loaded.fee_bps;
     let (replayed, fresh) = replayed_commands(nonces, &recorded);
-    // Only the commands that run; a copy only when some are replays.
-    let running: std::borrow::Cow<'_, [Command]> = if replayed.is_empty() {
-        commands.into()
-    } else {
-        commands.iter().enumerate().filter(|(index, _)| !replayed.contains(index)).map(|(_, c)| c.clone()).collect()
-    };
+    let running = batch.running(&replayed);
     cache.validate(head);
     let account_ids = account_ids_of(&running, &loaded.escrows, &loaded.unbondings);
     let missing: BTreeSet<AccountId> = account_ids.iter().filter(|id| !cache.contains(id)).cloned().collect();
@@ -147,13 +314,10 @@ async fn execute_on(
     let read_done = started.elapsed();
 
     let (ran, effects) = run_batch(head, cache, &account_ids, loaded, &running, now);
-    let mut ran = ran.into_iter();
-    let outcomes: Vec<engine::Outcome> = (0..commands.len())
-        .map(|index| if replayed.contains(&index) { Some(engine::Outcome::Replayed) } else { ran.next() })
-        .collect::<Option<_>>()
-        .ok_or_else(|| decode_error("running a ledger batch", "outcome (missing)"))?;
+    let outcomes = merged_outcomes(commands.len(), &replayed, ran)?;
     let decided = started.elapsed();
-    let mut write = write_script(&effects, &fresh, purge.then_some(now))?;
+    let mut write = Script::new();
+    write_into(&mut write, &effects, &fresh, purge.then_some(now))?;
     Script::run_full(std::mem::take(&mut write.full), connection, "writing a ledger batch").await?;
     write.run(connection, "writing a ledger batch").await?;
     cache.committed(&effects.books.accounts, effects.books.head);
@@ -167,7 +331,7 @@ async fn execute_on(
         committed_us = started.elapsed().as_micros() as u64,
         "sqlite ledger batch"
     );
-    Ok(outcomes)
+    Ok((outcomes, (effects.books.head, fee_bps)))
 }
 
 /// Statements with `?` parameters, and the values for them in order; statements of a
@@ -390,14 +554,14 @@ fn loaded_from(rows: &[AnyRow]) -> Result<(Head, Loaded, RecordedNonces), Ledger
     Ok((head, loaded, recorded))
 }
 
-/// Every write of the batch and `COMMIT`: `nonces` are recorded, and with `purge_before`
-/// the nonces that expired before it are deleted first.
-fn write_script(
+/// Appends every write of the batch and `COMMIT`: `nonces` are recorded, and with
+/// `purge_before` the nonces that expired before it are deleted first.
+fn write_into(
+    script: &mut Script,
     effects: &ViewEffects,
     nonces: &[&RequestNonce],
     purge_before: Option<UnixMillis>,
-) -> Result<Script, LedgerQueryError> {
-    let mut script = Script::new();
+) -> Result<(), LedgerQueryError> {
     if let Some(now) = purge_before {
         script.push("DELETE FROM agent_request_nonces WHERE expires_at_ms < ?");
         script.bind(to_db(now))?;
@@ -465,17 +629,17 @@ fn write_script(
         }
     }
     for chunk in effects.escrows.chunks(ROWS_PER_STATEMENT) {
-        write_escrows(&mut script, chunk)?;
+        write_escrows(script, chunk)?;
     }
     for chunk in effects.unbondings.chunks(ROWS_PER_STATEMENT) {
-        write_unbondings(&mut script, chunk)?;
+        write_unbondings(script, chunk)?;
     }
     let (seq, hash) = effects.books.head;
     script.push("UPDATE ledger_head SET seq = ?, hash = ? WHERE id = 1");
     script.bind(i64::try_from(seq).map_err(|_| decode_error("writing the journal head", "seq"))?)?;
     script.bind(hash.to_vec())?;
     script.push("COMMIT");
-    Ok(script)
+    Ok(())
 }
 
 fn write_escrows(script: &mut Script, chunk: &[Escrow]) -> Result<(), LedgerQueryError> {

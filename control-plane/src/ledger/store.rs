@@ -60,6 +60,12 @@ pub struct LedgerQueryError {
 }
 
 impl LedgerQueryError {
+    /// The SQLite writer's basis check failed ([`super::sqlite`]): its constraint
+    /// `basis_holds` refused the row.
+    pub fn is_basis_moved(&self) -> bool {
+        matches!(&self.source, sqlx::Error::Database(error) if error.message().contains("basis_holds"))
+    }
+
     /// A serialization failure, a deadlock or a busy database: worth running again.
     pub fn is_retryable(&self) -> bool {
         let sqlx::Error::Database(error) = &self.source else { return false };
@@ -107,6 +113,12 @@ impl BatchStore {
 
     pub fn db(&self) -> &Database {
         &self.db
+    }
+
+    /// How many SQLite batches were written on their basis, without reading first
+    /// ([`super::sqlite`]); 0 on PostgreSQL.
+    pub async fn sqlite_batches_on_basis(&self) -> u64 {
+        self.sqlite.lock().await.batches_on_basis()
     }
 
     /// The PostgreSQL pipeline (unused on SQLite).
