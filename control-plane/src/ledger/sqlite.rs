@@ -174,7 +174,12 @@ impl Batch<'_> {
         if replayed.is_empty() {
             return self.commands.into();
         }
-        self.commands.iter().enumerate().filter(|(index, _)| !replayed.contains(index)).map(|(_, c)| c.clone()).collect()
+        self.commands
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| !replayed.contains(index))
+            .map(|(_, c)| c.clone())
+            .collect()
     }
 }
 

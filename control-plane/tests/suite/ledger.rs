@@ -872,6 +872,45 @@ async fn a_sqlite_batch_records_its_nonces_and_skips_replays() {
     assert_audit_passes(&fixture.db).await;
 }
 
+/// A SQLite batch of plain transfers is written on the basis the writer's last commit
+/// left, without reading first. When the basis moved (another process paid from a cached
+/// wallet, the fee changed, an id is a retry), the check refuses it, nothing of the
+/// attempt stays, and the batch reads and runs as usual: no overdraft from a stale
+/// cache, the new fee charged, the retry answered as before.
+#[tokio::test]
+async fn a_sqlite_batch_on_its_basis_runs_again_when_the_basis_moved() {
+    let (fixture, here, a, b) = sqlite_store_with_minted(1000).await;
+    let pay = |id: &str, amount| spec(Namespace::Admin, id, a.clone(), b.clone(), amount, Purpose::Payment, false);
+    assert_eq!(run_transfers(&here, vec![pay("p1", 1)]).await, [None]);
+    let first = here.sqlite_batches_on_basis().await;
+    assert_eq!(run_transfers(&here, vec![pay("p2", 1)]).await, [None]);
+    assert_eq!(here.sqlite_batches_on_basis().await, first + 1, "the second batch was written on its basis");
+
+    // Another process pays 900 from the wallet this writer has cached at 998.
+    let other = store::BatchStore::new(fixture.second_handle().await);
+    assert_eq!(run_transfers(&other, vec![pay("o1", 900)]).await, [None]);
+    assert_eq!(run_transfers(&here, vec![pay("p3", 500)]).await, [Some("insufficient_funds")]);
+    assert_eq!(here.sqlite_batches_on_basis().await, first + 1, "the moved basis was noticed");
+    assert_eq!(stored_balance(&fixture.db, &a).await, 98);
+
+    // An admin changes the fee; the next payment pays it.
+    store::set_fee_bps(&fixture.db, 1000).await.unwrap();
+    assert_eq!(run_transfers(&here, vec![pay("p4", 50)]).await, [None]);
+    assert_eq!(stored_balance(&fixture.db, &AccountId::treasury()).await, 5);
+    assert_eq!(stored_balance(&fixture.db, &b).await, 2 + 900 + 45);
+
+    // A retry of an applied id gets its first answer and writes nothing.
+    let on_basis = here.sqlite_batches_on_basis().await;
+    assert_eq!(run_transfers(&here, vec![pay("p5", 1)]).await, [None]);
+    assert_eq!(here.sqlite_batches_on_basis().await, on_basis + 1);
+    let entries = fixture.count("ledger_transfers").await;
+    assert_eq!(run_transfers(&here, vec![pay("p5", 1)]).await, [None]);
+    assert_eq!(here.sqlite_batches_on_basis().await, on_basis + 1, "a known id is not written on the basis");
+    assert_eq!(fixture.count("ledger_transfers").await, entries);
+    assert_eq!(stored_balance(&fixture.db, &a).await, 98 - 50 - 1);
+    assert_audit_passes(&fixture.db).await;
+}
+
 /// PostgreSQL records nonces before the ledger: a batch given any is refused whole.
 #[tokio::test]
 async fn postgres_batches_refuse_nonces() {
