@@ -17,6 +17,17 @@
 //! A command whose request's nonce the read script found, or which repeats a nonce
 //! earlier in the batch, does not run: its outcome is [`engine::Outcome::Replayed`].
 //!
+//! **On its basis.** Most batches need no read at all. After a commit the writer knows
+//! what it left stored: the journal head, the fee, and (in its cache) every account
+//! total it touched. A batch of plain transfers, at most [`ON_BASIS_TRANSFERS_MAX`],
+//! whose accounts are all cached, is computed on that basis and sent as one script:
+//! `BEGIN IMMEDIATE`, a check that the basis still holds (head and fee unchanged, none
+//! of its transfer ids known, none of its nonces recorded), the writes, `COMMIT`. The
+//! check is an insert into a temporary table whose constraint refuses a false row, which
+//! stops the script before any write; the writer then rolls back and runs the batch the
+//! long way above. It fails when another process has written, an admin changed the fee,
+//! or a request is a retry or a replay ([`execute_on_basis`]).
+//!
 //! A script is several statements in one query string with `?` parameters, which sqlx
 //! binds in order across its statements. Each row of the read script starts with a
 //! `part` column that names the statement it came from. Scripts are prepared for each
