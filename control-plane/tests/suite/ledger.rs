@@ -908,6 +908,19 @@ async fn a_sqlite_batch_on_its_basis_runs_again_when_the_basis_moved() {
     assert_eq!(here.sqlite_batches_on_basis().await, on_basis + 1, "a known id is not written on the basis");
     assert_eq!(fixture.count("ledger_transfers").await, entries);
     assert_eq!(stored_balance(&fixture.db, &a).await, 98 - 50 - 1);
+
+    // Up to ON_BASIS_TRANSFERS_MAX transfers go on the basis; one more reads first.
+    store::set_fee_bps(&fixture.db, 0).await.unwrap();
+    let max = molt_control_plane::ledger::sqlite::ON_BASIS_TRANSFERS_MAX;
+    let mint = spec(Namespace::Admin, "m2", AccountId::issuance(), a.clone(), 1000, Purpose::Mint, false);
+    assert_eq!(run_transfers(&here, vec![mint]).await, [None]);
+    let many = |prefix: &str, n: usize| (0..n).map(|i| pay(&format!("{prefix}{i}"), 1)).collect::<Vec<_>>();
+    assert!(run_transfers(&here, many("warm", 1)).await.iter().all(Option::is_none));
+    let on_basis = here.sqlite_batches_on_basis().await;
+    assert!(run_transfers(&here, many("full", max)).await.iter().all(Option::is_none));
+    assert_eq!(here.sqlite_batches_on_basis().await, on_basis + 1);
+    assert!(run_transfers(&here, many("over", max + 1)).await.iter().all(Option::is_none));
+    assert_eq!(here.sqlite_batches_on_basis().await, on_basis + 1, "a batch over the limit reads first");
     assert_audit_passes(&fixture.db).await;
 }
 
