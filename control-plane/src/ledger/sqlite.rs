@@ -211,9 +211,9 @@ fn merged_outcomes(
 /// Writes a batch of plain transfers without reading first, in one script: `BEGIN
 /// IMMEDIATE`, a check that the basis the writer's last commit left still holds (the
 /// head and fee unchanged, none of the transfer ids known, none of the nonces recorded
-/// and unexpired), then the writes computed on it and `COMMIT`. Nothing else reads
-/// the journal between two batches of one process, so the check holds unless another
-/// process wrote, or a request is a retry or a replay. `None` when it does not: the
+/// and unexpired), then the writes computed on it and `COMMIT`. Every ledger write of a
+/// process goes through its one writer, so the check holds unless another process wrote,
+/// an admin set the fee, or a request is a retry or a replay. `None` when it does not: the
 /// check's statement failed, and the transaction is rolled back; every account must be
 /// in the cache, or it is `None` at once.
 async fn execute_on_basis(
