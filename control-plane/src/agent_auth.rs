@@ -343,9 +343,7 @@ pub struct NonceRecorder {
 
 #[derive(Debug)]
 struct NonceJob {
-    agent: AgentId,
-    nonce: String,
-    expires_at: UnixMillis,
+    request: RequestNonce,
     now: UnixMillis,
     reply: oneshot::Sender<Result<bool, Arc<RegistryQueryError>>>,
 }
@@ -376,7 +374,7 @@ impl NonceRecorder {
             sender
         });
         let (reply, answer) = oneshot::channel();
-        let job = NonceJob { agent: nonce.agent, nonce: nonce.nonce.clone(), expires_at: nonce.expires_at, now, reply };
+        let job = NonceJob { request: nonce.clone(), now, reply };
         queue.send(job).await.map_err(|_| NonceError::Stopped)?;
         answer.await.map_err(|_| NonceError::Stopped)?.map_err(NonceError::Query)
     }
@@ -470,7 +468,8 @@ async fn insert_nonces(
     now: UnixMillis,
 ) -> Result<Vec<bool>, RegistryQueryError> {
     let mut firsts = HashSet::with_capacity(jobs.len());
-    let first: Vec<bool> = jobs.iter().map(|job| firsts.insert((job.agent, job.nonce.as_str()))).collect();
+    let first: Vec<bool> =
+        jobs.iter().map(|job| firsts.insert((job.request.agent, job.request.nonce.as_str()))).collect();
     let rows: Vec<&NonceJob> = jobs.iter().zip(&first).filter(|(_, first)| **first).map(|(job, _)| job).collect();
     let failed = registry::query_error("recording request nonces");
     let recorded: Vec<(String, String)> = if db.backend() == Backend::Postgres {
@@ -484,9 +483,9 @@ async fn insert_nonces(
         let connection = native.connection.get(pool).await.map_err(connecting)?;
         let recorded = sqlx::query_as(INSERT_NONCES_POSTGRES)
             .bind(to_db(now))
-            .bind(rows.iter().map(|job| job.agent.to_string()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|job| job.nonce.as_str()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|job| to_db(job.expires_at)).collect::<Vec<_>>())
+            .bind(rows.iter().map(|job| job.request.agent.to_string()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|job| job.request.nonce.as_str()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|job| to_db(job.request.expires_at)).collect::<Vec<_>>())
             .fetch_all(connection)
             .await;
         if recorded.is_err() {
@@ -505,7 +504,8 @@ async fn insert_nonces(
         );
         let mut statement = sqlx::query(&sql).bind(to_db(now));
         for job in &rows {
-            statement = statement.bind(job.agent.to_string()).bind(job.nonce.clone()).bind(to_db(job.expires_at));
+            let RequestNonce { agent, nonce, expires_at } = &job.request;
+            statement = statement.bind(agent.to_string()).bind(nonce.clone()).bind(to_db(*expires_at));
         }
         let connecting = registry::query_error("connecting for request nonces");
         let connection = match &mut native.sqlite {
@@ -530,6 +530,6 @@ async fn insert_nonces(
     Ok(jobs
         .iter()
         .zip(first)
-        .map(|(job, first)| first && inserted.contains(&(job.agent.to_string(), job.nonce.clone())))
+        .map(|(job, first)| first && inserted.contains(&(job.request.agent.to_string(), job.request.nonce.clone())))
         .collect())
 }

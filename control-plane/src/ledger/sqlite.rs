@@ -69,6 +69,12 @@ const PART_NONCE: i64 = 5;
 /// Nonces the read script found recorded, as (agent, nonce).
 type RecordedNonces = HashSet<(String, String)>;
 
+/// Ends `… FROM (VALUES (?, ?), …`: the nonces of that list recorded and unexpired at the
+/// last parameter. A join, not `(agent_id, nonce) IN (VALUES …)`, which SQLite answers
+/// with a scan. Parameters: [`bind_nonce_lookup`].
+const NONCE_LOOKUP: &str = ") AS v JOIN agent_request_nonces AS n ON n.agent_id = v.column1 \
+     AND n.nonce = v.column2 WHERE n.expires_at_ms >= ?";
+
 /// Transfers (and nonces) a batch may have at most to be written on its basis, without
 /// reading first: its statements then stay short of [`ROWS_PER_STATEMENT`] rows.
 pub const ON_BASIS_TRANSFERS_MAX: usize = 200;
@@ -255,6 +261,19 @@ async fn execute_on_basis(
     Ok(Some((outcomes, (effects.books.head, fee_bps))))
 }
 
+/// Binds a [`NONCE_LOOKUP`]'s parameters: each nonce's agent and value, then `now`.
+fn bind_nonce_lookup(
+    script: &mut Script,
+    nonces: &[(usize, RequestNonce)],
+    now: UnixMillis,
+) -> Result<(), LedgerQueryError> {
+    for (_, nonce) in nonces {
+        script.bind(nonce.agent.to_string())?;
+        script.bind(nonce.nonce.clone())?;
+    }
+    script.bind(to_db(now))
+}
+
 /// `BEGIN IMMEDIATE` and the basis check (see [`execute_on_basis`]).
 fn basis_check(
     head: Head,
@@ -279,10 +298,7 @@ fn basis_check(
     }
     if !nonces.is_empty() {
         let pairs = (0..nonces.len()).map(|_| "(?, ?)").collect::<Vec<_>>().join(", ");
-        check.push_str(&format!(
-            " AND NOT EXISTS (SELECT 1 FROM (VALUES {pairs}) AS v JOIN agent_request_nonces AS n \
-             ON n.agent_id = v.column1 AND n.nonce = v.column2 WHERE n.expires_at_ms >= ?)"
-        ));
+        check.push_str(&format!(" AND NOT EXISTS (SELECT 1 FROM (VALUES {pairs}{NONCE_LOOKUP})"));
     }
     script.push(&check);
     script.bind(i64::try_from(head.0).map_err(|_| decode_error("checking a batch's basis", "seq"))?)?;
@@ -293,12 +309,8 @@ fn basis_check(
             script.bind(id.as_str().to_owned())?;
         }
     }
-    for (_, nonce) in nonces {
-        script.bind(nonce.agent.to_string())?;
-        script.bind(nonce.nonce.clone())?;
-    }
     if !nonces.is_empty() {
-        script.bind(to_db(now))?;
+        bind_nonce_lookup(&mut script, nonces, now)?;
     }
     script.push("DELETE FROM temp.ledger_basis");
     Ok(script)
@@ -507,20 +519,10 @@ fn read_script(
         "ledger_rejections",
         ids,
     )?;
-    // A join, not `(agent_id, nonce) IN (VALUES …)`, which SQLite answers with a scan.
     for chunk in nonces.chunks(ROWS_PER_STATEMENT) {
-        script.rows(
-            &format!("SELECT {PART_NONCE} AS part, n.agent_id, n.nonce FROM (VALUES"),
-            chunk.len(),
-            2,
-            ") AS v JOIN agent_request_nonces AS n ON n.agent_id = v.column1 AND n.nonce = v.column2 \
-             WHERE n.expires_at_ms >= ?",
-        );
-        for (_, nonce) in chunk {
-            script.bind(nonce.agent.to_string())?;
-            script.bind(nonce.nonce.clone())?;
-        }
-        script.bind(to_db(now))?;
+        let head = format!("SELECT {PART_NONCE} AS part, n.agent_id, n.nonce FROM (VALUES");
+        script.rows(&head, chunk.len(), 2, NONCE_LOOKUP);
+        bind_nonce_lookup(&mut script, chunk, now)?;
     }
     Ok(script)
 }
