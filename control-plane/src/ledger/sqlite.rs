@@ -819,6 +819,30 @@ mod tests {
         );
     }
 
+    fn nonces(n: usize) -> Vec<(usize, RequestNonce)> {
+        let key = molt_protocol::keys::SigningKey::generate(&mut rand::rngs::OsRng);
+        let agent = molt_protocol::AgentId::from_inception_key(&key.public_key());
+        (0..n).map(|i| (i, RequestNonce { agent, nonce: format!("n{i}"), expires_at: UnixMillis(1) })).collect()
+    }
+
+    #[test]
+    fn statements_are_padded_to_a_few_sizes_and_every_mark_is_bound() {
+        let sizes = [1, 2, 3, 5, 9, 17, 25, 200, 385, 499, ROWS_PER_STATEMENT];
+        assert_eq!(sizes.map(padded_rows), [1, 2, 4, 8, 16, 24, 32, 256, 500, 500, 500]);
+        let head = (7, [1; 32]);
+        for (n, same, other) in [(17, 24, 25), (3, 4, 5), (97, 128, 129)] {
+            let read = |n| read_script(&ids(n), &[], &ids(n), &nonces(n), UnixMillis(0)).unwrap();
+            let check = |n| basis_check(head, 0, &ids(n), &nonces(n), UnixMillis(0)).unwrap();
+            for script in [read(n), check(n)] {
+                assert_eq!(script.sql.matches('?').count(), script.args.len(), "{}", script.sql);
+            }
+            assert_eq!(read(n).sql, read(same).sql);
+            assert_ne!(read(n).sql, read(other).sql);
+            assert_eq!(check(n).sql, check(same).sql);
+            assert_ne!(check(n).sql, check(other).sql);
+        }
+    }
+
     #[test]
     fn an_empty_batch_reads_only_the_head() {
         let script = read_script(&[], &[], &[], &[], UnixMillis(0)).unwrap();

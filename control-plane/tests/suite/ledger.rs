@@ -360,6 +360,55 @@ async fn a_sqlite_batch_that_fails_late_leaves_nothing_and_the_next_runs() {
     assert_audit_passes(&fixture.db).await;
 }
 
+/// A SQLite batch's inserts end the transaction on a failed constraint (`OR ROLLBACK`),
+/// in the middle of the script: here a journal entry's position is taken by a row another
+/// handle wrote behind the ledger's back. The rest of the script must not run on its own
+/// (no account total, head or nonce written without the entries), and once the row is
+/// gone the next batch, with the same id and a new nonce, runs.
+#[tokio::test]
+async fn a_sqlite_insert_that_fails_its_constraint_ends_the_batch_and_writes_nothing() {
+    let (fixture, here, a, b) = sqlite_store_with_minted(100).await;
+    let pay =
+        || Command::Transfers(vec![spec(Namespace::Admin, "p1", a.clone(), b.clone(), 7, Purpose::Payment, false)]);
+    assert!(
+        run_transfers(&here, vec![spec(Namespace::Admin, "p0", a.clone(), b.clone(), 1, Purpose::Payment, false)])
+            .await
+            .iter()
+            .all(Option::is_none)
+    );
+    let head: (i64, Vec<u8>) =
+        sqlx::query_as("SELECT seq, hash FROM ledger_head WHERE id = 1").fetch_one(fixture.db.pool()).await.unwrap();
+    sqlx::query(
+        "INSERT INTO ledger_transfers (seq, id, debit_account, credit_account, amount, kind, purpose, flags, \
+         created_at_ms, hash) VALUES ($1, 'squatter', 'x', 'y', 1, 'posted', 'payment', 0, 0, zeroblob(32))",
+    )
+    .bind(head.0 + 1)
+    .execute(fixture.db.pool())
+    .await
+    .unwrap();
+    let agent = AgentId::from_inception_key(&SigningKey::generate(&mut OsRng).public_key());
+    let nonce = |value: &str| agent_auth::RequestNonce {
+        agent,
+        nonce: value.to_owned(),
+        expires_at: T0.saturating_add(agent_auth::TIMESTAMP_SKEW_MAX),
+    };
+    let failed = here.execute_signed_then(&[pay()], &[(0, nonce("first"))], T0, Box::new(|| {})).await;
+    assert!(failed.is_err(), "{failed:?}");
+    let after: (i64, Vec<u8>) =
+        sqlx::query_as("SELECT seq, hash FROM ledger_head WHERE id = 1").fetch_one(fixture.db.pool()).await.unwrap();
+    assert_eq!(after, head, "the head moved without its entries");
+    assert_eq!((stored_balance(&fixture.db, &a).await, stored_balance(&fixture.db, &b).await), (99, 1));
+    assert_eq!(fixture.count("agent_request_nonces").await, 0);
+    assert_eq!(fixture.count("ledger_transfers WHERE id LIKE '%p1'").await, 0);
+
+    sqlx::query("DELETE FROM ledger_transfers WHERE id = 'squatter'").execute(fixture.db.pool()).await.unwrap();
+    let outcomes = here.execute_signed_then(&[pay()], &[(0, nonce("second"))], T0, Box::new(|| {})).await.unwrap();
+    assert_eq!(codes(&outcomes[0]), [None]);
+    assert_eq!((stored_balance(&fixture.db, &a).await, stored_balance(&fixture.db, &b).await), (92, 8));
+    assert_eq!(fixture.count("agent_request_nonces").await, 1);
+    assert_audit_passes(&fixture.db).await;
+}
+
 /// A SQLite batch cancelled while it waits for the write lock (held here by another
 /// handle, as another process would) leaves no transaction open on the writer's
 /// connection: the next batch runs once the lock is free.
@@ -869,6 +918,23 @@ async fn a_sqlite_batch_records_its_nonces_and_skips_replays() {
     let expires = T0.saturating_add(agent_auth::TIMESTAMP_SKEW_MAX).0 as i64;
     // `stale` expired and went with the first signed batch; `expired` was spent again.
     assert_eq!(stored, [("expired".into(), expires), ("fresh".into(), expires), ("recorded".into(), T0.0 as i64 + 1)]);
+
+    // Between purges, an expired record of a nonce is replaced by the new one.
+    sqlx::query("INSERT INTO agent_request_nonces (agent_id, nonce, expires_at_ms) VALUES ($1, 'lapsed', $2)")
+        .bind(agent.to_string())
+        .bind(T0.0 as i64)
+        .execute(fixture.db.pool())
+        .await
+        .unwrap();
+    let later = UnixMillis(T0.0 + 1);
+    let outcomes =
+        here.execute_signed_then(&[pay("p5")], &[(0, request("lapsed"))], later, Box::new(|| {})).await.unwrap();
+    assert_eq!(codes(&outcomes[0]), [None]);
+    let lapsed: i64 = sqlx::query_scalar("SELECT expires_at_ms FROM agent_request_nonces WHERE nonce = 'lapsed'")
+        .fetch_one(fixture.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(lapsed, expires);
     assert_audit_passes(&fixture.db).await;
 }
 
