@@ -50,8 +50,8 @@ pub const LEDGER_QUEUE_DEPTH: usize = 4096;
 pub const BATCH_COMMANDS_MAX: usize = 8192;
 /// Writer tasks per process on PostgreSQL: one writing, one preparing (module docs).
 pub const WRITER_TASKS_POSTGRES: usize = 2;
-/// Writer tasks per process on SQLite (batches run one at a time; module docs).
-pub const WRITER_TASKS_SQLITE: usize = 1;
+/// Writer tasks per process on SQLite: one writing, one syncing its commit (module docs).
+pub const WRITER_TASKS_SQLITE: usize = 2;
 /// Attempts at a batch that keeps failing with retryable errors.
 pub const RETRY_ATTEMPTS_MAX: u32 = 10;
 /// How often the expiry worker looks for due escrows and unbondings.
@@ -258,9 +258,11 @@ async fn run_jobs(store: &BatchStore, clock: &dyn Clock, jobs: Vec<Job>, on_deci
                 let _ = job.reply.send(Ok(rest));
             }
         }
-        Err(error) if jobs.len() == 1 => {
-            if let Some(job) = jobs.into_iter().next() {
-                let _ = job.reply.send(Err(Arc::new(error)));
+        // A batch committed but not synced must not run again: its jobs share the error.
+        Err(error) if jobs.len() == 1 || matches!(&error, LedgerError::Query(e) if e.is_unsynced_commit()) => {
+            let error = Arc::new(error);
+            for job in jobs {
+                let _ = job.reply.send(Err(Arc::clone(&error)));
             }
         }
         Err(error) => {

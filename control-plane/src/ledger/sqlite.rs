@@ -49,6 +49,8 @@
 //! update would need the journal again.
 
 use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use molt_protocol::UnixMillis;
@@ -133,6 +135,75 @@ fn bind_ids(script: &mut Script, ids: &[TransferId]) -> Result<(), LedgerQueryEr
 /// What the writer's last commit left stored: the journal head and the fee.
 type Basis = (Head, u32);
 
+/// The operation a failed sync of the log reports ([`LedgerQueryError::is_unsynced_commit`]).
+pub const LOG_SYNC_OPERATION: &str = "syncing the ledger's log";
+
+/// Makes the writer's commits durable after the fact (see the module's text): its
+/// connection commits without syncing the log (`synchronous = NORMAL`), and a batch is
+/// answered once a sync of the log that began after its commit has ended. One sync runs
+/// at a time and covers every commit before it began, so commits made meanwhile share the
+/// next one.
+#[derive(Debug)]
+pub struct LogSync {
+    /// The write-ahead log, open for as long as the writer's connection is (SQLite keeps
+    /// the file while a connection is open).
+    log: std::fs::File,
+    committed: AtomicU64,
+    synced: AtomicU64,
+    turn: tokio::sync::Mutex<()>,
+    syncs: AtomicU64,
+}
+
+/// A commit to wait for: [`LogSync::durable`].
+pub type Commit = (Arc<LogSync>, u64);
+
+impl LogSync {
+    fn new(log: std::fs::File) -> LogSync {
+        LogSync {
+            log,
+            committed: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
+            turn: tokio::sync::Mutex::new(()),
+            syncs: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts a commit whose writes have returned; its number, for [`LogSync::durable`].
+    fn committed(&self) -> u64 {
+        self.committed.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Waits until commit `number` is synced, syncing the log if no sync under way covers it.
+    pub async fn durable(self: &Arc<Self>, number: u64) -> Result<(), LedgerQueryError> {
+        if self.synced.load(Ordering::Acquire) >= number {
+            return Ok(());
+        }
+        let _turn = self.turn.lock().await;
+        if self.synced.load(Ordering::Acquire) >= number {
+            return Ok(());
+        }
+        let through = self.committed.load(Ordering::Acquire);
+        let sync = Arc::clone(self);
+        let synced = tokio::task::spawn_blocking(move || sync.log.sync_data())
+            .await
+            .unwrap_or_else(|join| Err(std::io::Error::other(join)));
+        synced.map_err(|error| query_error(LOG_SYNC_OPERATION)(sqlx::Error::Io(error)))?;
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        self.synced.fetch_max(through, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Syncs of the log so far, and the last commit they covered, for tests.
+    pub fn synced(&self) -> (u64, u64) {
+        (self.syncs.load(Ordering::Relaxed), self.synced.load(Ordering::Acquire))
+    }
+
+    /// Commits so far.
+    pub fn commits(&self) -> u64 {
+        self.committed.load(Ordering::Acquire)
+    }
+}
+
 /// The SQLite writer's state from one batch to the next: its account cache, its own
 /// connection, taken out of the pool on first use, the basis its last batch left, and
 /// when it last deleted expired nonces.
@@ -140,6 +211,9 @@ type Basis = (Head, u32);
 pub struct Writer {
     cache: AccountCache,
     connection: Option<AnyConnection>,
+    /// The log's sync, with the connection; `None` where the connection syncs its own
+    /// commits (no write-ahead log, or no file).
+    log: Option<Arc<LogSync>>,
     basis: Option<Basis>,
     nonces_purged_at: Option<UnixMillis>,
     /// Batches written on their basis, for tests and traces.
@@ -151,21 +225,27 @@ impl Writer {
     /// failure the cache is emptied and the connection closed, which rolls back whatever
     /// the batch had begun; so is a connection whose batch was cancelled.
     /// `nonces` pairs a command's index with its signed request's nonce
-    /// ([`super::store::BatchStore::execute_signed_then`]).
+    /// ([`super::store::BatchStore::execute_signed_then`]). The batch is committed but
+    /// durable only once the returned [`Commit`], if any, is ([`LogSync::durable`]).
     pub async fn execute(
         &mut self,
         db: &Database,
         commands: &[Command],
         nonces: &[(usize, RequestNonce)],
         now: UnixMillis,
-    ) -> Result<Vec<engine::Outcome>, LedgerQueryError> {
+    ) -> Result<(Vec<engine::Outcome>, Option<Commit>), LedgerQueryError> {
         let (escrow_ids, unbonding_ids) = referenced_records(commands);
         let ids: Vec<TransferId> = commands.iter().flat_map(spec_ids).collect();
         let purge = !nonces.is_empty() && self.nonces_purged_at.is_none_or(|at| now.since(at) >= NONCE_PURGE_INTERVAL);
         let _turn = db.sqlite_write_turn().await;
         let mut connection = match self.connection.take() {
             Some(connection) => connection,
-            None => writer_connection(db).await.map_err(query_error("connecting the ledger writer"))?,
+            None => {
+                let (connection, log) =
+                    writer_connection(db).await.map_err(query_error("connecting the ledger writer"))?;
+                self.log = log.map(Arc::new);
+                connection
+            }
         };
         let batch =
             Batch { commands, nonces, now, purge, escrow_ids: &escrow_ids, unbonding_ids: &unbonding_ids, ids: &ids };
@@ -188,13 +268,19 @@ impl Writer {
                 if purge {
                     self.nonces_purged_at = Some(now);
                 }
-                Ok(outcomes)
+                let commit = self.log.as_ref().map(|log| (Arc::clone(log), log.committed()));
+                Ok((outcomes, commit))
             }
             Err(error) => {
                 self.cache.invalidate();
                 Err(error)
             }
         }
+    }
+
+    /// The log's sync, if the connection has one.
+    pub fn log_sync(&self) -> Option<Arc<LogSync>> {
+        self.log.clone()
     }
 
     /// How many batches were written on their basis, without reading first.
@@ -205,10 +291,29 @@ impl Writer {
 
 /// The writer's own connection: one from the pool, detached from it, with the basis
 /// check's table.
-async fn writer_connection(db: &Database) -> Result<AnyConnection, sqlx::Error> {
+async fn writer_connection(db: &Database) -> Result<(AnyConnection, Option<LogSync>), sqlx::Error> {
     let mut connection = db.pool().acquire().await?.detach();
     sqlx::Executor::execute(&mut connection, BASIS_TABLE).await?;
-    Ok(connection)
+    // A read opens the log, if there is one.
+    sqlx::Executor::execute(&mut connection, "SELECT count(*) FROM sqlite_schema").await?;
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&mut connection).await?;
+    let file: String = sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
+        .fetch_one(&mut connection)
+        .await?;
+    if mode != "wal" || file.is_empty() {
+        return Ok((connection, None));
+    }
+    let path = format!("{file}-wal");
+    match std::fs::File::open(&path) {
+        Ok(log) => {
+            sqlx::Executor::execute(&mut connection, "PRAGMA synchronous = NORMAL").await?;
+            Ok((connection, Some(LogSync::new(log))))
+        }
+        Err(error) => {
+            tracing::warn!(%error, path, "cannot open the ledger's log to sync it; every commit syncs it instead");
+            Ok((connection, None))
+        }
+    }
 }
 
 /// What one batch is given and reads.

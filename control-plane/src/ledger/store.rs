@@ -24,6 +24,7 @@
 //! cost one row update.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use molt_protocol::{AgentId, UnixMillis};
 use sqlx::any::AnyRow;
@@ -64,6 +65,12 @@ impl LedgerQueryError {
     /// `basis_holds` refused the row.
     pub fn is_basis_moved(&self) -> bool {
         matches!(&self.source, sqlx::Error::Database(error) if error.message().contains("basis_holds"))
+    }
+
+    /// The SQLite writer committed but could not sync its log ([`super::sqlite::LogSync`]):
+    /// the batch may be stored, it is not known to be durable, and must not run again.
+    pub fn is_unsynced_commit(&self) -> bool {
+        self.operation == super::sqlite::LOG_SYNC_OPERATION
     }
 
     /// A serialization failure, a deadlock or a busy database: worth running again.
@@ -119,6 +126,12 @@ impl BatchStore {
     /// ([`super::sqlite`]); 0 on PostgreSQL.
     pub async fn sqlite_batches_on_basis(&self) -> u64 {
         self.sqlite.lock().await.batches_on_basis()
+    }
+
+    /// The SQLite writer's log sync, once it has a connection to a write-ahead log
+    /// ([`super::sqlite::LogSync`]).
+    pub async fn sqlite_log_sync(&self) -> Option<Arc<super::sqlite::LogSync>> {
+        self.sqlite.lock().await.log_sync()
     }
 
     /// The PostgreSQL pipeline (unused on SQLite).
@@ -194,8 +207,15 @@ impl BatchStore {
                 super::postgres::execute(pool, &self.pipeline, commands, now, pause, on_decided).await
             }
             Backend::Sqlite => {
+                let mut writer = self.sqlite.lock().await;
+                let (outcomes, commit) = writer.execute(&self.db, commands, nonces, now).await?;
+                drop(writer);
+                // The next batch runs while this one's commit is synced.
                 on_decided();
-                self.sqlite.lock().await.execute(&self.db, commands, nonces, now).await
+                if let Some((log, number)) = commit {
+                    log.durable(number).await?;
+                }
+                Ok(outcomes)
             }
         }
     }

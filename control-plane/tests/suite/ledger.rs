@@ -360,6 +360,39 @@ async fn a_sqlite_batch_that_fails_late_leaves_nothing_and_the_next_runs() {
     assert_audit_passes(&fixture.db).await;
 }
 
+/// The SQLite writer commits without syncing its log, and a batch returns (so is
+/// answered) only once a sync that began after its commit has ended: after every call,
+/// every commit so far is covered by a sync. Batches committed while a sync runs share
+/// the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_batch_returns_once_its_commit_is_synced() {
+    let (_fixture, here, a, b) = sqlite_store_with_minted(1000).await;
+    let log = here.sqlite_log_sync().await.expect("a file database in WAL mode has a log to sync");
+    for i in 0..5 {
+        let pay = spec(Namespace::Admin, &format!("p{i}"), a.clone(), b.clone(), 1, Purpose::Payment, false);
+        assert_eq!(run_transfers(&here, vec![pay]).await, [None]);
+        let (_, synced_through) = log.synced();
+        assert_eq!(synced_through, log.commits(), "batch {i} returned before its commit was synced");
+    }
+
+    let here = Arc::new(here);
+    let calls: Vec<_> = (0..64)
+        .map(|i| {
+            let (here, a, b) = (Arc::clone(&here), a.clone(), b.clone());
+            tokio::spawn(async move {
+                let pay = spec(Namespace::Admin, &format!("c{i}"), a, b, 1, Purpose::Payment, false);
+                run_transfers(&here, vec![pay]).await
+            })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap(), [None]);
+    }
+    let (syncs, synced_through) = log.synced();
+    assert_eq!(synced_through, log.commits());
+    assert!(syncs <= log.commits(), "{syncs} syncs for {} commits", log.commits());
+}
+
 /// A SQLite batch's inserts end the transaction on a failed constraint (`OR ROLLBACK`),
 /// in the middle of the script: here a journal entry's position is taken by a row another
 /// handle wrote behind the ledger's back. The rest of the script must not run on its own
