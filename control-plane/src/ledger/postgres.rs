@@ -246,7 +246,8 @@ enum Ids {
 
 /// Called (or dropped) when the next batch may be collected: once a batch of at least
 /// [`LARGE_BATCH_TRANSFERS`] transfers ([`Command::weight`]) has decided what it writes;
-/// for a smaller batch, when it has committed or failed.
+/// for a smaller batch, when it has committed or failed. On SQLite, when the batch has
+/// committed (before its commit is synced) or failed.
 pub type OnDecided = Box<dyn FnOnce() + Send>;
 
 /// A batch of this many transfers lets the writers collect the next one as soon as it has decided,

@@ -8,8 +8,10 @@
 //! PostgreSQL [`WRITER_TASKS_POSTGRES`] writers share the queue: while one batch is
 //! written the other writer collects and prepares the next
 //! ([`super::postgres`]). On SQLite the batches of a process run one at a time (they
-//! queue on the database's write lock anyway), so [`WRITER_TASKS_SQLITE`] is one: a
-//! second writer would only take a small batch early and make the next one wait for it.
+//! queue on the database's write lock anyway), but a batch's commit is synced after the
+//! lock is released ([`super::sqlite`]), so [`WRITER_TASKS_SQLITE`] is two: one writes
+//! while the other waits for its sync. A writer keeps the queue until its batch has
+//! committed, so the next batch is everything queued meanwhile.
 //!
 //! **Retries.** A batch that fails with a serialization failure, a deadlock or a busy
 //! database is run again from the start in a new transaction, up to
@@ -230,8 +232,9 @@ fn spawn_writers(store: Arc<BatchStore>, clock: Arc<dyn Clock>) -> mpsc::Sender<
 
 /// One writer: takes the queue, collects a batch, and keeps the queue until a large batch
 /// has decided what it writes, or a small one has committed
-/// ([`super::postgres::LARGE_BATCH_TRANSFERS`]); so the other writer collects the next
-/// batch from everything queued meanwhile, not the moment this one was collected.
+/// ([`super::postgres::LARGE_BATCH_TRANSFERS`]; on SQLite, until any batch has committed,
+/// before its sync); so the other writer collects the next batch from everything queued
+/// meanwhile, not the moment this one was collected.
 async fn run_writer(store: Arc<BatchStore>, clock: Arc<dyn Clock>, receiver: Arc<Mutex<mpsc::Receiver<Job>>>) {
     loop {
         let mut queue = Arc::clone(&receiver).lock_owned().await;
