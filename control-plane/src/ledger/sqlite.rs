@@ -958,6 +958,27 @@ mod tests {
         }
     }
 
+    /// A sync that fails is reported as an unsynced commit (never retried, never split
+    /// into its jobs), and covers nothing. A pipe cannot be synced: `fdatasync` refuses it.
+    #[tokio::test]
+    async fn a_failed_sync_reports_an_unsynced_commit_and_covers_nothing() {
+        let (reader, _writer) = std::io::pipe().unwrap();
+        let log = Arc::new(LogSync::new(std::fs::File::from(std::os::fd::OwnedFd::from(reader))));
+        let number = log.committed();
+        let error = log.durable(number).await.unwrap_err();
+        assert!(error.is_unsynced_commit(), "{error:?}");
+        assert!(!error.is_retryable());
+        assert_eq!(log.synced(), (0, 0));
+
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let log = Arc::new(LogSync::new(file.reopen().unwrap()));
+        let (first, second) = (log.committed(), log.committed());
+        log.durable(first).await.unwrap();
+        assert_eq!(log.synced(), (1, second), "one sync covers every commit before it began");
+        log.durable(second).await.unwrap();
+        assert_eq!(log.synced(), (1, second));
+    }
+
     #[test]
     fn an_empty_batch_reads_only_the_head() {
         let script = read_script(&[], &[], &[], &[], UnixMillis(0)).unwrap();
