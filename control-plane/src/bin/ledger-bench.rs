@@ -220,11 +220,14 @@ async fn batched(
         .collect();
     let total: usize = batches.iter().map(Vec::len).sum();
     let started = Instant::now();
-    // Two batches in flight on PostgreSQL, as two writers would have; SQLite has one
-    // writer.
+    // As many batches in flight as the service has writers: on PostgreSQL one writes
+    // while the other prepares, on SQLite one writes while the other's commit syncs.
     let mut tasks = tokio::task::JoinSet::new();
     let queue = Arc::new(std::sync::Mutex::new(batches));
-    let in_flight = if ledger.db().backend() == molt_control_plane::db::Backend::Sqlite { 1 } else { 2 };
+    let in_flight = match ledger.db().backend() {
+        molt_control_plane::db::Backend::Sqlite => molt_control_plane::ledger::service::WRITER_TASKS_SQLITE,
+        molt_control_plane::db::Backend::Postgres => molt_control_plane::ledger::service::WRITER_TASKS_POSTGRES,
+    };
     for _ in 0..in_flight {
         let (ledger, queue) = (Arc::clone(ledger), Arc::clone(&queue));
         tasks.spawn(async move {
