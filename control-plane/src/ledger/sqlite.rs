@@ -93,11 +93,17 @@ const PART_NONCE: i64 = 5;
 /// Nonces the read script found recorded, as (agent, nonce).
 type RecordedNonces = HashSet<(String, String)>;
 
-/// Ends `… FROM (VALUES (?, ?), …`: the nonces of that list recorded and unexpired at the
-/// last parameter. A join, not `(agent_id, nonce) IN (VALUES …)`, which SQLite answers
-/// with a scan. Parameters: [`bind_nonce_lookup`].
-const NONCE_LOOKUP: &str = ") AS v JOIN agent_request_nonces AS n ON n.agent_id = v.column1 \
-     AND n.nonce = v.column2 WHERE n.expires_at_ms >= ?";
+/// Ends `… FROM (VALUES (?, ?), …` with the join of that list of (agent, nonce) to the
+/// recorded nonces, as `n`. A join, not `(agent_id, nonce) IN (VALUES …)`, which SQLite
+/// answers with a scan. Its rows: [`bind_nonce_pairs`].
+macro_rules! nonce_join {
+    () => {
+        ") AS v JOIN agent_request_nonces AS n ON n.agent_id = v.column1 AND n.nonce = v.column2"
+    };
+}
+
+/// [`nonce_join`]: the nonces of the list recorded and unexpired at the last parameter.
+const NONCE_LOOKUP: &str = concat!(nonce_join!(), " WHERE n.expires_at_ms >= ?");
 
 /// Transfers (and nonces) a batch may have at most to be written on its basis, without
 /// reading first: its statements then stay short of [`ROWS_PER_STATEMENT`] rows.
@@ -120,10 +126,9 @@ fn padded_rows(rows: usize) -> usize {
 }
 
 /// Appends `rows` groups of `width` parameters padded to [`padded_rows`]: ` (?, ?), (?, ?)`,
-/// or ` ?, ?` for a width of one. Returns the padded count.
-fn padded_list(sql: &mut String, rows: usize, width: usize) -> usize {
-    let padded = padded_rows(rows);
-    for row in 0..padded {
+/// or ` ?, ?` for a width of one.
+fn padded_list(sql: &mut String, rows: usize, width: usize) {
+    for row in 0..padded_rows(rows) {
         sql.push_str(if row == 0 { " " } else { ", " });
         if width > 1 {
             sql.push('(');
@@ -135,7 +140,6 @@ fn padded_list(sql: &mut String, rows: usize, width: usize) -> usize {
             sql.push(')');
         }
     }
-    padded
 }
 
 fn bind_ids(script: &mut Script, ids: &[TransferId]) -> Result<(), LedgerQueryError> {
@@ -450,18 +454,16 @@ fn basis_check(
         "INSERT INTO temp.ledger_basis (holds) SELECT \
          (SELECT seq = ? AND hash = ? AND fee_bps = ? FROM ledger_head WHERE id = 1)",
     );
-    let mut padding = 0;
     if !ids.is_empty() {
         for table in ["ledger_transfers", "ledger_rejections"] {
             check.push_str(&format!(" AND NOT EXISTS (SELECT 1 FROM {table} WHERE id IN ("));
-            padding = padded_list(&mut check, ids.len(), 1) - ids.len();
+            padded_list(&mut check, ids.len(), 1);
             check.push_str("))");
         }
     }
-    let mut nonce_padding = 0;
     if !nonces.is_empty() {
         check.push_str(" AND NOT EXISTS (SELECT 1 FROM (VALUES");
-        nonce_padding = (padded_list(&mut check, nonces.len(), 2) - nonces.len()) * 2;
+        padded_list(&mut check, nonces.len(), 2);
         check.push_str(NONCE_LOOKUP);
         check.push(')');
     }
@@ -472,12 +474,12 @@ fn basis_check(
     if !ids.is_empty() {
         for _ in 0..2 {
             bind_ids(&mut script, ids)?;
-            script.bind_nulls(padding)?;
+            script.bind_nulls(padded_rows(ids.len()) - ids.len())?;
         }
     }
     if !nonces.is_empty() {
         bind_nonce_pairs(&mut script, nonces.iter().map(|(_, nonce)| nonce))?;
-        script.bind_nulls(nonce_padding)?;
+        script.bind_nulls((padded_rows(nonces.len()) - nonces.len()) * 2)?;
         script.bind(to_db(now))?;
     }
     script.push("DELETE FROM temp.ledger_basis");
@@ -774,7 +776,7 @@ fn write_into(
             "DELETE FROM agent_request_nonces WHERE rowid IN (SELECT n.rowid FROM (VALUES",
             chunk.len(),
             2,
-            ") AS v JOIN agent_request_nonces AS n ON n.agent_id = v.column1 AND n.nonce = v.column2)",
+            concat!(nonce_join!(), ")"),
             |script| bind_nonce_pairs(script, chunk.iter().copied()),
         )?;
         script.insert_rows(
