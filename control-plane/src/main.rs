@@ -10,6 +10,12 @@ use clap::Parser;
 use molt_control_plane::clock::SystemClock;
 use molt_control_plane::config::{self, LogFormat, Overrides};
 
+/// mimalloc instead of glibc's allocator, for Rust and (its `override` feature) for SQLite's
+/// C code: the SQLite threads allocate the row values the runtime's threads free, which
+/// glibc's arenas turned into lock contention (ARCHITECTURE.md, "Allocator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The Molt control plane: admin API, orgs and (soon) the registry and CA.
 #[derive(Debug, Parser)]
 #[command(

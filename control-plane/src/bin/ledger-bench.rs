@@ -31,6 +31,10 @@ use molt_protocol::AgentId;
 use rand::{Rng as _, SeedableRng as _};
 use sqlx::Connection as _;
 
+/// The control plane's allocator (its `main.rs`), so the library's figures are the service's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(about = "Benchmarks the credits ledger on PostgreSQL and SQLite")]
 struct Args {

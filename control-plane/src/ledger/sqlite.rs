@@ -32,7 +32,7 @@
 //! (`synchronous = NORMAL`); [`LogSync`] then syncs the log file itself (`fdatasync`),
 //! after the write lock is released, and the batch is answered only once a sync that
 //! began after its commit has ended. Meanwhile the other SQLite writer task runs the next
-//! batch, whose commit the next sync covers. A commit is as durable when answered as with
+//! batch, and syncs its commit without waiting for this sync to end. A commit is as durable when answered as with
 //! SQLite's own sync (the log is written in order, and a checkpoint syncs it before
 //! copying it into the database), but the sync no longer holds the lock: it was a third
 //! of the time a batch held it. A sync that fails fails the batch with an error that is
@@ -152,11 +152,17 @@ type Basis = (Head, u32);
 /// The operation a failed sync of the log reports ([`LedgerQueryError::is_unsynced_commit`]).
 pub const LOG_SYNC_OPERATION: &str = "syncing the ledger's log";
 
+/// Syncs of the ledger's log that may run at once: one for each writer's batch, so a
+/// commit made while the other writer's sync runs need not wait for that sync to end
+/// before its own begins.
+pub const LOG_SYNCS_IN_FLIGHT_MAX: usize = 2;
+
 /// Makes the writer's commits durable after the fact (see the module's text): its
 /// connection commits without syncing the log (`synchronous = NORMAL`), and a batch is
-/// answered once a sync of the log that began after its commit has ended. One sync runs
-/// at a time and covers every commit before it began, so commits made meanwhile share the
-/// next one.
+/// answered once a sync of the log that began after its commit has ended. A sync covers
+/// every commit before it began, so a batch whose commit an ended sync covers needs none
+/// of its own; up to [`LOG_SYNCS_IN_FLIGHT_MAX`] run at once, and commits made while that
+/// many run share the next one.
 #[derive(Debug)]
 pub struct LogSync {
     /// The write-ahead log, open for as long as the writer's connection is (SQLite keeps
@@ -164,7 +170,7 @@ pub struct LogSync {
     log: std::fs::File,
     committed: AtomicU64,
     synced: AtomicU64,
-    turn: tokio::sync::Mutex<()>,
+    in_flight: tokio::sync::Semaphore,
     syncs: AtomicU64,
 }
 
@@ -177,7 +183,7 @@ impl LogSync {
             log,
             committed: AtomicU64::new(0),
             synced: AtomicU64::new(0),
-            turn: tokio::sync::Mutex::new(()),
+            in_flight: tokio::sync::Semaphore::new(LOG_SYNCS_IN_FLIGHT_MAX),
             syncs: AtomicU64::new(0),
         }
     }
@@ -192,7 +198,8 @@ impl LogSync {
         if self.synced.load(Ordering::Acquire) >= number {
             return Ok(());
         }
-        let _turn = self.turn.lock().await;
+        // Invariant: the semaphore is never closed.
+        let _sync = self.in_flight.acquire().await.expect("the log's sync semaphore is never closed");
         if self.synced.load(Ordering::Acquire) >= number {
             return Ok(());
         }
@@ -908,6 +915,8 @@ fn write_unbondings(script: &mut Script, chunk: &[Unbonding]) -> Result<(), Ledg
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn ids(n: usize) -> Vec<TransferId> {
@@ -979,6 +988,35 @@ mod tests {
         assert_eq!(log.synced(), (1, second), "one sync covers every commit before it began");
         log.durable(second).await.unwrap();
         assert_eq!(log.synced(), (1, second));
+    }
+
+    /// A commit need not wait for a sync already under way to end (it begins its own),
+    /// but no more than [`LOG_SYNCS_IN_FLIGHT_MAX`] syncs run at once.
+    #[tokio::test]
+    async fn a_sync_under_way_does_not_hold_back_the_next_but_syncs_in_flight_are_bounded() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let log = Arc::new(LogSync::new(file.reopen().unwrap()));
+        // Syncs under way, all but one of the permits.
+        let under_way = log.in_flight.acquire_many(LOG_SYNCS_IN_FLIGHT_MAX as u32 - 1).await.unwrap();
+        let first = log.committed();
+        let wait = Duration::from_secs(10);
+        tokio::time::timeout(wait, log.durable(first)).await.expect("a free slot syncs at once").unwrap();
+        assert_eq!(log.synced(), (1, first));
+
+        // Every slot taken: the next commit waits until one is free, then syncs.
+        let last = log.in_flight.acquire().await.unwrap();
+        let second = log.committed();
+        let durable = tokio::spawn({
+            let log = Arc::clone(&log);
+            async move { log.durable(second).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!durable.is_finished(), "a sync began beyond the bound");
+        assert_eq!(log.synced(), (1, first));
+        drop(last);
+        tokio::time::timeout(wait, durable).await.expect("a freed slot syncs").unwrap().unwrap();
+        assert_eq!(log.synced(), (2, second));
+        drop(under_way);
     }
 
     #[test]
