@@ -93,9 +93,14 @@ fn check_if_idle<C: sqlx::Connection>(
 /// file (a passive checkpoint: it neither waits for nor blocks a writer or a reader).
 pub const SQLITE_CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
 /// SQLite: pages the write-ahead log may reach before a committing connection checkpoints
-/// it itself, inside its commit (SQLite's automatic checkpoint, whose default is 1,000). The
-/// background task keeps the log far below this; it remains as a backstop.
+/// it itself, inside its commit (SQLite's automatic checkpoint, whose default is 1,000).
+/// The ledger's writer, which commits most, does not ([`Database::sqlite_write_turn`]'s
+/// holders leave the log to the background task); the others keep it as a backstop.
 pub const SQLITE_AUTOCHECKPOINT_PAGES: u32 = 10_000;
+
+/// SQLite: pages past which the background checkpoint catches the log up with the writers
+/// held off ([`run_sqlite_checkpoints`]), so that the next write starts the log over.
+pub const SQLITE_LOG_RESTART_PAGES: i64 = 10_000;
 
 const SQLITE_PRAGMAS: &str =
     "PRAGMA mmap_size = 4294967296; PRAGMA cache_size = -65536; PRAGMA wal_autocheckpoint = 10000";
@@ -148,7 +153,14 @@ impl Drop for AbortOnDrop {
 /// Checkpoints the write-ahead log every [`SQLITE_CHECKPOINT_INTERVAL`] on a connection of
 /// its own, so that the writers' commits never do (see [`SQLITE_AUTOCHECKPOINT_PAGES`]).
 /// Ends when the pool is closed.
-async fn run_sqlite_checkpoints(pool: AnyPool) {
+///
+/// A passive checkpoint copies what was committed before it began, but SQLite starts the
+/// log over only when a write begins with the whole log copied, which a writer committing
+/// every millisecond or two never finds. So once the log holds [`SQLITE_LOG_RESTART_PAGES`]
+/// the task takes the hot writers' turn (`writes`) for one more checkpoint, of what was
+/// committed since the last (a few milliseconds' worth); the next write then starts the
+/// log over. Without it the log would grow for as long as the writes go on.
+async fn run_sqlite_checkpoints(pool: AnyPool, writes: Arc<tokio::sync::Mutex<()>>) {
     let mut connection: Option<sqlx::AnyConnection> = None;
     let mut ticks = tokio::time::interval(SQLITE_CHECKPOINT_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -162,7 +174,12 @@ async fn run_sqlite_checkpoints(pool: AnyPool) {
                 Some(connection) => connection,
                 None => connection.insert(pool.acquire().await?.detach()),
             };
-            sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut *connection).await
+            let (_, log, _) = checkpoint(connection).await?;
+            if log >= SQLITE_LOG_RESTART_PAGES {
+                let _turn = writes.lock().await;
+                checkpoint(connection).await?;
+            }
+            Ok::<_, sqlx::Error>(())
         }
         .await;
         if let Err(error) = checkpointed {
@@ -172,6 +189,11 @@ async fn run_sqlite_checkpoints(pool: AnyPool) {
             }
         }
     }
+}
+
+/// A passive checkpoint: whether it was blocked, the pages in the log, and those copied.
+async fn checkpoint(connection: &mut sqlx::AnyConnection) -> Result<(i64, i64, i64), sqlx::Error> {
+    sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(connection).await
 }
 
 /// Why [`Database::connect`] failed.
@@ -310,9 +332,12 @@ impl Database {
             Backend::Postgres => &POSTGRES_MIGRATIONS,
         };
         migrator.run(&pool).await.map_err(ConnectError::Migrate)?;
-        let checkpoints = (backend == Backend::Sqlite)
-            .then(|| Arc::new(AbortOnDrop(tokio::spawn(run_sqlite_checkpoints(pool.clone())).abort_handle())));
-        Ok(Database { pool, backend, sqlite_writes: Arc::default(), _checkpoints: checkpoints })
+        let sqlite_writes = Arc::new(tokio::sync::Mutex::new(()));
+        let checkpoints = (backend == Backend::Sqlite).then(|| {
+            let task = tokio::spawn(run_sqlite_checkpoints(pool.clone(), Arc::clone(&sqlite_writes)));
+            Arc::new(AbortOnDrop(task.abort_handle()))
+        });
+        Ok(Database { pool, backend, sqlite_writes, _checkpoints: checkpoints })
     }
 
     pub fn backend(&self) -> Backend {

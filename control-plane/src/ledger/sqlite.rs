@@ -327,7 +327,10 @@ async fn writer_connection(db: &Database) -> Result<(AnyConnection, Option<LogSy
     let path = format!("{file}-wal");
     match std::fs::File::open(&path) {
         Ok(log) => {
-            sqlx::Executor::execute(&mut connection, "PRAGMA synchronous = NORMAL").await?;
+            // The background checkpoint keeps the log short (`db::run_sqlite_checkpoints`):
+            // a checkpoint inside a commit would hold the write lock for milliseconds.
+            sqlx::Executor::execute(&mut connection, "PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 0")
+                .await?;
             Ok((connection, Some(LogSync::new(log))))
         }
         Err(error) => {

@@ -5,7 +5,7 @@ use std::time::Duration;
 use molt_control_plane::auth::{BOOTSTRAP_KEY_NAME, Scope, Scopes};
 use molt_control_plane::db::{
     CHECK_CONNECTIONS_IDLE_FOR, CreateOrgError, Page, RevokeAdminKeyError, SQLITE_AUTOCHECKPOINT_PAGES,
-    SQLITE_CHECKPOINT_INTERVAL,
+    SQLITE_CHECKPOINT_INTERVAL, SQLITE_LOG_RESTART_PAGES,
 };
 use molt_control_plane::ids::{AdminKeyId, OrgId};
 use molt_control_plane::model::{AdminKeyName, OrgName};
@@ -75,6 +75,39 @@ async fn sqlite_checkpoints_run_in_the_background() {
         assert!(std::time::Instant::now() < deadline, "the log was not checkpointed into {}", path.display());
         tokio::time::sleep(SQLITE_CHECKPOINT_INTERVAL).await;
     }
+}
+
+/// A writer that commits back to back with SQLite's own checkpoint off, as the ledger's
+/// writer does, never begins with the whole log copied, so passive checkpoints alone never
+/// start the log over and it grows for as long as the writes go on. Past
+/// `SQLITE_LOG_RESTART_PAGES` the background task takes the writers' turn for one more
+/// checkpoint and the next write starts the log over: the writer here writes more than
+/// twice that many pages, and the log file ends far shorter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sqlite_log_starts_over_under_back_to_back_writes() {
+    const ROWS_PER_COMMIT: i64 = 25;
+    let fixture = Fixture::sqlite().await;
+    let log_path = format!("{}-wal", fixture.sqlite_path().display());
+    let mut writer = fixture.db.pool().acquire().await.unwrap().detach();
+    sqlx::query("PRAGMA wal_autocheckpoint = 0").execute(&mut writer).await.unwrap();
+    sqlx::query("CREATE TABLE scratch (body BLOB)").execute(&mut writer).await.unwrap();
+    let rows = format!(
+        "INSERT INTO scratch (body) WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < \
+         {ROWS_PER_COMMIT}) SELECT randomblob(4000) FROM n"
+    );
+    // One page a row, and a few more a commit.
+    let pages = 25 * SQLITE_LOG_RESTART_PAGES / 10;
+    for _ in 0..pages / ROWS_PER_COMMIT {
+        let _turn = fixture.db.sqlite_write_turn().await;
+        sqlx::query(&rows).execute(&mut writer).await.unwrap();
+    }
+    let frame_bytes = 24 + 4096;
+    let log_bytes = std::fs::metadata(&log_path).unwrap().len();
+    assert!(
+        log_bytes < (18 * SQLITE_LOG_RESTART_PAGES / 10 * frame_bytes) as u64,
+        "{pages} pages written, and the log holds {} frames",
+        log_bytes / frame_bytes as u64
+    );
 }
 
 async fn migrations_apply_once_and_again(fixture: &Fixture) {
