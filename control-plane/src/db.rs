@@ -94,8 +94,8 @@ fn check_if_idle<C: sqlx::Connection>(
 pub const SQLITE_CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
 /// SQLite: pages the write-ahead log may reach before a committing connection checkpoints
 /// it itself, inside its commit (SQLite's automatic checkpoint, whose default is 1,000).
-/// The ledger's writer, which commits most, does not ([`Database::sqlite_write_turn`]'s
-/// holders leave the log to the background task); the others keep it as a backstop.
+/// The ledger's writer, which commits most, has none (`wal_autocheckpoint = 0`) and leaves
+/// the log to the background task; the other connections keep it as a backstop.
 pub const SQLITE_AUTOCHECKPOINT_PAGES: u32 = 10_000;
 
 /// SQLite: pages past which the background checkpoint catches the log up with the writers

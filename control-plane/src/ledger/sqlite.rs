@@ -32,11 +32,12 @@
 //! (`synchronous = NORMAL`); [`LogSync`] then syncs the log file itself (`fdatasync`),
 //! after the write lock is released, and the batch is answered only once a sync that
 //! began after its commit has ended. Meanwhile the other SQLite writer task runs the next
-//! batch, and syncs its commit without waiting for this sync to end. A commit is as durable when answered as with
-//! SQLite's own sync (the log is written in order, and a checkpoint syncs it before
-//! copying it into the database), but the sync no longer holds the lock: it was a third
-//! of the time a batch held it. A sync that fails fails the batch with an error that is
-//! not retried ([`LedgerQueryError::is_unsynced_commit`]): the batch may be stored.
+//! batch, and syncs its commit without waiting for this sync to end. A commit is as
+//! durable when answered as with SQLite's own sync (the log is written in order, and a
+//! checkpoint syncs it before copying it into the database), but the sync no longer holds
+//! the lock: it was a third of the time a batch held it. A sync that fails fails the batch
+//! with an error that is not retried ([`LedgerQueryError::is_unsynced_commit`]): the
+//! batch may be stored.
 //!
 //! A script is several statements in one query string with `?` parameters, which sqlx
 //! binds in order across its statements. Each row of the read script starts with a
