@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use hdrhistogram::Histogram;
+use hyper::header::HeaderValue;
 use molt_protocol::UnixMillis;
 use molt_protocol::cert::Certificate;
 use molt_protocol::keys::{EncryptionSecret, SigningKey};
@@ -33,11 +34,11 @@ use molt_sdk::api::{
     MintTarget, Payment, Purpose, TransferKey, TransferKind, TransferStatus, Visibility, wallet_account,
 };
 use molt_tests::control_plane::{ControlPlane, run as run_command};
-use rand::Rng as _;
 use tokio::sync::{Barrier, watch};
 use tokio::task::JoinSet;
 
 use crate::harness::{Bench, latency_histogram};
+use crate::prepared::{self, Answer, Connection, Queue};
 use crate::report::{
     QUIET_CORES_MAX, Section, Target, load_average, process_cpu_time, system_busy_time, thousands, wait_for_quiet,
 };
@@ -52,6 +53,8 @@ const MINTED_PER_AGENT_MICROS: u64 = 10_000 * MICROS_PER_CREDIT;
 const AMOUNT_MICROS_MAX: u64 = 999;
 /// Longest one call may take; a slower one counts as failed.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest the callers may take to sign their requests before a `prepared` phase.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest the setup of the agents, or reading the books, may take.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(600);
 /// Setup calls in flight.
@@ -70,6 +73,12 @@ const PAY_NOTE: &str = "one call: POST /v1/ledger/transfers over HTTP/1.1 on loo
                          signed with Ed25519 by the payer (fresh nonce and transfer id), verified by the server, \
                          its nonce stored, then the transfer applied by the ledger's group commit and committed \
                          durably before the answer";
+/// How the `prepared` callers send.
+const PREPARED_NOTE: &str = "client: prepared (each caller's requests signed before the timed window, sent with \
+                             hyper over one HTTP/1.1 connection per caller; latency from sending to the answer)";
+/// How the `sdk` callers send.
+const SDK_NOTE: &str = "client: sdk (each call signed and sent by molt_sdk's ApiClient::pay within the window; \
+                        latency includes the signing)";
 /// What one `--call refused` call is.
 const REFUSED_NOTE: &str = "one call: a payment of 0 credits, signed, sent and verified as a payment is, its nonce \
                             stored; then refused by the handler (422 invalid_amount) before the ledger: the floor \
@@ -102,6 +111,19 @@ pub struct LedgerApiArgs {
     /// and then refuses before the ledger: what a payment costs without the ledger).
     #[arg(long, value_enum, default_value = "pay")]
     pub call: Call,
+    /// How the callers send: `prepared` (each caller signs its requests before the timed
+    /// window and sends them with hyper over one HTTP/1.1 connection, which leaves the
+    /// cores to the server, as agents on other machines would), or `sdk` (each call signed
+    /// and sent by `molt_sdk::api::ApiClient::pay` inside the window).
+    #[arg(long, value_enum, default_value = "prepared")]
+    pub client: Client,
+}
+
+/// How the callers make their calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Client {
+    Prepared,
+    Sdk,
 }
 
 /// The call a timed phase repeats.
@@ -202,7 +224,8 @@ fn run_backend(
         }
         eprintln!("{title}: running…");
         let load_before = load_average();
-        let phase = bench.runtime.block_on(timed_phase(&api, &agents, args.call, clients, args.seconds, &server))?;
+        let how = How { call: args.call, client: args.client, clients, seconds: args.seconds };
+        let phase = bench.runtime.block_on(timed_phase(&api, &agents, how, &server))?;
         let load_after = load_average();
         let cpu = server.cpu_since(&phase.cpu_start, &phase.cpu_end);
         let resolved = bench.runtime.block_on(resolve_failures(&api, &agents, &phase.calls.failed));
@@ -214,7 +237,7 @@ fn run_backend(
         let failures: Vec<String> = checks.failures.iter().chain(&phase.failure_lines()).cloned().collect();
         outcome.failures.extend(failures.iter().map(|failure| format!("{title}: {failure}")));
         let loads = (load_before, load_after);
-        let section = section(title, args.call, &phase, &cpu, &checks, loads, bench.reference.verify_us);
+        let section = section(title, how, &phase, &cpu, &checks, loads, bench.reference.verify_us);
         section.print();
         outcome.sections.push(section);
         books = after?;
@@ -499,6 +522,8 @@ struct Caller {
     /// Failures by kind: count and the first message.
     errors: BTreeMap<String, (u64, String)>,
     failed: Vec<Failed>,
+    /// Timed calls a `prepared` caller had to sign in the window: its requests ran out.
+    signed_in_window: u64,
 }
 
 impl Caller {
@@ -516,6 +541,7 @@ impl Caller {
             self.errors.entry(kind).or_insert((0, example)).0 += count;
         }
         self.failed.extend(other.failed);
+        self.signed_in_window += other.signed_in_window;
     }
 
     fn new(agents: usize) -> Caller {
@@ -527,15 +553,46 @@ impl Caller {
             seqs: Vec::new(),
             errors: BTreeMap::new(),
             failed: Vec::new(),
+            signed_in_window: 0,
         }
     }
 
-    /// One `call` by agent `caller`.
-    async fn call(&mut self, api: &ApiClient, agents: &[AgentCredentials], call: Call, caller: usize, timed: bool) {
-        match call {
-            Call::Pay => self.pay(api, agents, caller, timed).await,
-            Call::Refused => self.pay_nothing(api, agents, caller, timed).await,
-        }
+    /// One `call` by agent `payer`, made and judged.
+    async fn call(&mut self, sender: &mut Sender, agents: &[AgentCredentials], call: Call, payer: usize, timed: bool) {
+        let started = Instant::now();
+        let (sent, answer) = match sender {
+            Sender::Sdk(api) => {
+                let (payee, amount) = pick(call, payer, agents.len(), &mut rand::thread_rng());
+                // Invariant: AMOUNT_MICROS_MAX is far below Credits::MAX.
+                let credits = Credits::from_micros(amount).expect("a small amount is valid");
+                let payment =
+                    Payment { key: TransferKey::random(), to: agents[payee].agent_id, amount: credits, linked: false };
+                let answer = tokio::time::timeout(CALL_TIMEOUT, api.pay(&agents[payer], &payment)).await;
+                let answer = match answer {
+                    Ok(Ok(transfer)) => Ok(Answer::Applied(Box::new(transfer))),
+                    Ok(Err(ApiError::Problem { problem, .. })) => Ok(Answer::Refused(problem)),
+                    Ok(Err(error)) => Err((error_kind(&error), error.to_string())),
+                    Err(_) => Err(timed_out()),
+                };
+                ((payee, amount, payment.key), answer)
+            }
+            Sender::Prepared { connection, queue, host } => {
+                let (prepared, started) = match queue.next() {
+                    Some(prepared) => (prepared, Instant::now()),
+                    None => {
+                        self.signed_in_window += u64::from(timed);
+                        let (payee, amount) = pick(call, payer, agents.len(), &mut rand::thread_rng());
+                        (prepared::prepare(agents, payer, payee, amount, host), started)
+                    }
+                };
+                let sent = (prepared.payee, prepared.amount, prepared.key.clone());
+                let answer = tokio::time::timeout(CALL_TIMEOUT, connection.send(prepared)).await;
+                let elapsed = started.elapsed();
+                let answer = answer.unwrap_or_else(|_| Err(timed_out()));
+                return self.judge(call, agents, payer, sent, answer, elapsed, timed);
+            }
+        };
+        self.judge(call, agents, payer, sent, answer, started.elapsed(), timed);
     }
 
     fn record(&mut self, elapsed: Duration, timed: bool) {
@@ -551,53 +608,107 @@ impl Caller {
         self.errors.entry(kind).or_insert((0, message)).0 += 1;
     }
 
-    /// A payment of 0 credits, which the server must refuse with `invalid_amount`.
-    async fn pay_nothing(&mut self, api: &ApiClient, agents: &[AgentCredentials], payer: usize, timed: bool) {
-        let to = agents[(payer + 1) % agents.len()].agent_id;
-        let payment = Payment { key: TransferKey::random(), to, amount: Credits::ZERO, linked: false };
-        let started = Instant::now();
-        let answer = tokio::time::timeout(CALL_TIMEOUT, api.pay(&agents[payer], &payment)).await;
-        let elapsed = started.elapsed();
-        let failure = match answer {
-            Ok(Err(ApiError::Problem { problem, .. })) if problem.code == "invalid_amount" => {
+    /// Records a call's answer: acknowledged as `call` expects, or failed.
+    #[allow(clippy::too_many_arguments)]
+    fn judge(
+        &mut self,
+        call: Call,
+        agents: &[AgentCredentials],
+        payer: usize,
+        (payee, amount, key): (usize, u64, TransferKey),
+        answer: Result<Answer, (String, String)>,
+        elapsed: Duration,
+        timed: bool,
+    ) {
+        let failure = match (call, answer) {
+            (Call::Pay, Ok(Answer::Applied(transfer))) => {
+                match wrong_answer(&transfer, &agents[payer], &agents[payee], amount) {
+                    None => {
+                        self.deltas[payer] -= amount as i64;
+                        self.deltas[payee] += amount as i64;
+                        self.seqs.push(transfer.seq);
+                        return self.record(elapsed, timed);
+                    }
+                    Some(wrong) => ("wrong answer".to_owned(), wrong),
+                }
+            }
+            (Call::Refused, Ok(Answer::Refused(problem))) if problem.code == "invalid_amount" => {
                 return self.record(elapsed, timed);
             }
-            Ok(Ok(transfer)) => ("wrong answer".to_owned(), format!("a payment of 0 was applied: {transfer:?}")),
-            Ok(Err(error)) => (error_kind(&error), error.to_string()),
-            Err(_) => timed_out(),
+            (Call::Refused, Ok(Answer::Applied(transfer))) => {
+                ("wrong answer".to_owned(), format!("a payment of 0 was applied: {transfer:?}"))
+            }
+            (_, Ok(Answer::Refused(problem))) => {
+                (format!("HTTP {} {}", problem.status, problem.code), problem.to_string())
+            }
+            (_, Err(failure)) => failure,
         };
         self.fail(failure, timed);
+        if call == Call::Pay {
+            self.failed.push(Failed { payer, payee, key });
+        }
     }
+}
 
-    /// One payment from `payer` to a random other agent, with a fresh transfer id.
-    async fn pay(&mut self, api: &ApiClient, agents: &[AgentCredentials], payer: usize, timed: bool) {
-        let (payee, amount) = {
-            let mut rng = rand::thread_rng();
-            let other = rng.gen_range(0..agents.len() - 1);
+/// Whom `payer` pays and how much: a random other agent and amount, or for `refused`, 0
+/// credits to the next agent.
+fn pick(call: Call, payer: usize, agents: usize, rng: &mut impl rand::Rng) -> (usize, u64) {
+    match call {
+        Call::Pay => {
+            let other = rng.gen_range(0..agents - 1);
             (if other >= payer { other + 1 } else { other }, rng.gen_range(1..=AMOUNT_MICROS_MAX))
-        };
-        // Invariant: AMOUNT_MICROS_MAX is far below Credits::MAX.
-        let amount_credits = Credits::from_micros(amount).expect("a small amount is valid");
-        let payment =
-            Payment { key: TransferKey::random(), to: agents[payee].agent_id, amount: amount_credits, linked: false };
-        let started = Instant::now();
-        let answer = tokio::time::timeout(CALL_TIMEOUT, api.pay(&agents[payer], &payment)).await;
-        let elapsed = started.elapsed();
-        let failure = match answer {
-            Ok(Ok(transfer)) => match wrong_answer(&transfer, &agents[payer], &agents[payee], amount) {
-                None => {
-                    self.deltas[payer] -= amount as i64;
-                    self.deltas[payee] += amount as i64;
-                    self.seqs.push(transfer.seq);
-                    return self.record(elapsed, timed);
-                }
-                Some(wrong) => ("wrong answer".to_owned(), wrong),
-            },
-            Ok(Err(error)) => (error_kind(&error), error.to_string()),
-            Err(_) => timed_out(),
-        };
-        self.fail(failure, timed);
-        self.failed.push(Failed { payer, payee, key: payment.key });
+        }
+        Call::Refused => ((payer + 1) % agents, 0),
+    }
+}
+
+/// What a timed phase repeats, by whom and for how long.
+#[derive(Clone, Copy, Debug)]
+struct How {
+    call: Call,
+    client: Client,
+    clients: usize,
+    seconds: u64,
+}
+
+/// How one caller sends its calls.
+enum Sender {
+    Sdk(ApiClient),
+    Prepared { connection: Connection, queue: Queue, host: HeaderValue },
+}
+
+impl Sender {
+    /// The sender of caller `payer` (for `prepared`, its requests signed now: this takes
+    /// a while, on a thread of the blocking pool).
+    async fn new(
+        api: &ApiClient,
+        address: std::net::SocketAddr,
+        agents: &Arc<Vec<AgentCredentials>>,
+        how: How,
+        payer: usize,
+    ) -> Sender {
+        match how.client {
+            Client::Sdk => Sender::Sdk(api.clone()),
+            Client::Prepared => {
+                let connection = Connection::new(address);
+                let host = connection.host();
+                // One for the untimed first call.
+                let count = prepared::prepared_per_caller(how.seconds, how.clients) + 1;
+                let (agents, host_for_signing) = (Arc::clone(agents), host.clone());
+                let requests = tokio::task::spawn_blocking(move || {
+                    let mut rng = rand::thread_rng();
+                    (0..count)
+                        .map(|_| {
+                            let (payee, amount) = pick(how.call, payer, agents.len(), &mut rng);
+                            prepared::prepare(&agents, payer, payee, amount, &host_for_signing)
+                        })
+                        .collect()
+                })
+                .await;
+                // A panic while signing is a bug in the bench: the caller signs as it goes.
+                Sender::Prepared { connection, queue: Queue::new(requests.unwrap_or_default()), host }
+            }
+        }
     }
 }
 
@@ -662,33 +773,35 @@ impl Phase {
 async fn timed_phase(
     api: &ApiClient,
     agents: &Arc<Vec<AgentCredentials>>,
-    call: Call,
-    clients: usize,
-    seconds: u64,
+    how: How,
     server: &Server,
 ) -> anyhow::Result<Phase> {
+    let How { call, clients, seconds, .. } = how;
     let warmed_up = Arc::new(Barrier::new(clients + 1));
     let (start, start_signal) = watch::channel(None::<tokio::time::Instant>);
     let mut tasks = JoinSet::new();
+    let address = server.control_plane.addr();
     for index in 0..clients {
         let (api, agents, warmed_up, mut start_signal) =
             (api.clone(), Arc::clone(agents), Arc::clone(&warmed_up), start_signal.clone());
         tasks.spawn(async move {
             let payer = index % agents.len();
             let mut caller = Caller::new(agents.len());
-            caller.call(&api, &agents, call, payer, false).await;
+            let mut sender = Sender::new(&api, address, &agents, how, payer).await;
+            caller.call(&mut sender, &agents, call, payer, false).await;
             warmed_up.wait().await;
             let Ok(deadline) = start_signal.wait_for(Option::is_some).await.map(|deadline| *deadline) else {
                 return caller;
             };
             while deadline.is_some_and(|deadline| tokio::time::Instant::now() < deadline) {
-                caller.call(&api, &agents, call, payer, true).await;
+                caller.call(&mut sender, &agents, call, payer, true).await;
             }
             caller
         });
     }
-    // Every first call is bounded by CALL_TIMEOUT, so every caller reaches the barrier.
-    tokio::time::timeout(CALL_TIMEOUT + Duration::from_secs(5), warmed_up.wait())
+    // Every first call is bounded by CALL_TIMEOUT, so every caller reaches the barrier
+    // (after signing its requests, for `prepared`).
+    tokio::time::timeout(PREPARE_TIMEOUT + CALL_TIMEOUT + Duration::from_secs(5), warmed_up.wait())
         .await
         .context("the callers' first calls did not end in time")?;
     let postgres_pids = server.postgres_pids();
@@ -902,7 +1015,7 @@ fn check_phase(before: &Books, after: &Books, phase: &Phase, resolved: &Resolved
 
 fn section(
     title: String,
-    call: Call,
+    How { call, client, .. }: How,
     phase: &Phase,
     cpu: &CpuUse,
     checks: &Checks,
@@ -914,6 +1027,16 @@ fn section(
         Call::Pay => PAY_NOTE,
         Call::Refused => REFUSED_NOTE,
     });
+    section.note(match client {
+        Client::Prepared => PREPARED_NOTE,
+        Client::Sdk => SDK_NOTE,
+    });
+    if phase.calls.signed_in_window > 0 {
+        section.note(format!(
+            "{} timed calls were signed within the window: the prepared requests ran out or grew stale",
+            thousands(phase.calls.signed_in_window as f64)
+        ));
+    }
     section.note(format!(
         "{} callers (closed loop, one call at a time each); amounts 1–{AMOUNT_MICROS_MAX} micro-credits; fee 0; one \
          Ed25519 verify on this machine: {verify_us:.1} µs",

@@ -18,6 +18,8 @@ mod harness;
 mod ledger_api;
 #[path = "../bench/offline.rs"]
 mod offline;
+#[path = "../bench/prepared.rs"]
+mod prepared;
 #[path = "../bench/relay.rs"]
 mod relay;
 #[path = "../bench/report.rs"]
