@@ -10,9 +10,12 @@
 //! The signed string is [`canonical_request`] (in [`molt_protocol::request`], shared with
 //! clients): the lines `molt/agent-request/v1`, the method, the path with query, the
 //! timestamp, the nonce and the lower-case hex SHA-256 of the body, joined by `\n`. The
-//! server refuses timestamps more than [`TIMESTAMP_SKEW_MAX`] from its clock and nonces it
-//! has seen from the agent within that window; nonces live in the database
-//! (`agent_request_nonces`, primary key (agent, nonce)), so replicas agree. A
+//! server refuses timestamps more than [`TIMESTAMP_SKEW_MAX`] from its clock, and a
+//! request whose agent, nonce and timestamp it has seen within that window: a replay,
+//! which is the same signed bytes. Nonces live in the database (`agent_request_nonces`,
+//! primary key (expires_at_ms, agent, nonce), the expiry being the timestamp plus the
+//! window), so replicas agree; ordered by expiry, the records of concurrent requests are
+//! written side by side, and the expired ones are the key's first rows. A
 //! [`NonceRecorder`] writes them with group commit and deletes expired ones every
 //! [`NONCE_PURGE_INTERVAL`].
 //!
@@ -105,6 +108,19 @@ pub struct RequestNonce {
     pub nonce: String,
     /// When the request's timestamp leaves the window: the row may go after that.
     pub expires_at: UnixMillis,
+}
+
+impl RequestNonce {
+    /// What a request's record is unique by. A replay has the same: it carries the same
+    /// signed timestamp, so the same expiry.
+    pub fn key(&self) -> (AgentId, &str, UnixMillis) {
+        (self.agent, &self.nonce, self.expires_at)
+    }
+
+    /// [`RequestNonce::key`] as the database returns it: `agent_id`, `nonce`, `expires_at_ms`.
+    pub fn stored_key(&self) -> (String, String, i64) {
+        (self.agent.to_string(), self.nonce.clone(), to_db(self.expires_at))
+    }
 }
 
 /// Proof that a request was signed by the registered, unrevoked agent `agent`, whose
@@ -353,9 +369,9 @@ impl NonceRecorder {
         NonceRecorder { db, queue: OnceLock::new() }
     }
 
-    /// Records `nonce` for `agent` until `expires_at`; `false` if it is already recorded
-    /// and unexpired at `now`. One conditional upsert decides, so two replicas cannot
-    /// both accept it.
+    /// Records `nonce` for `agent` until `expires_at`; `false` if the same is already
+    /// recorded (a replay). One insert decides, against the primary key, so two replicas
+    /// cannot both accept it. `now` dates the purge of expired records.
     pub async fn record(
         &self,
         agent: AgentId,
@@ -393,7 +409,7 @@ async fn run_nonce_writer(db: Database, mut receiver: mpsc::Receiver<NonceJob>) 
                 }
             }
         }
-        match insert_nonces(&db, &mut native, &jobs, now).await {
+        match insert_nonces(&db, &mut native, &jobs).await {
             Ok(fresh) => {
                 for (job, fresh) in jobs.into_iter().zip(fresh) {
                     let _ = job.reply.send(Ok(fresh));
@@ -428,9 +444,8 @@ const NONCE_SESSION_POSTGRES: &str = "SET synchronous_commit = off; SET plan_cac
 /// The batch's nonces as one array per column: one statement, prepared once, whatever the
 /// batch's size, and one round trip (it commits on its own).
 const INSERT_NONCES_POSTGRES: &str = "INSERT INTO agent_request_nonces (agent_id, nonce, expires_at_ms) \
-     SELECT * FROM UNNEST($2::text[], $3::text[], $4::bigint[]) \
-     ON CONFLICT (agent_id, nonce) DO UPDATE SET expires_at_ms = excluded.expires_at_ms \
-     WHERE agent_request_nonces.expires_at_ms < $1 RETURNING agent_id, nonce";
+     SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[]) \
+     ON CONFLICT DO NOTHING RETURNING agent_id, nonce, expires_at_ms";
 
 /// The nonce writer's own connection on PostgreSQL, kept from one batch to the next;
 /// its pool is opened on first use. On SQLite, its own connection, taken out of the pool on
@@ -465,14 +480,12 @@ async fn insert_nonces(
     db: &Database,
     native: &mut NativeWriter,
     jobs: &[NonceJob],
-    now: UnixMillis,
 ) -> Result<Vec<bool>, RegistryQueryError> {
     let mut firsts = HashSet::with_capacity(jobs.len());
-    let first: Vec<bool> =
-        jobs.iter().map(|job| firsts.insert((job.request.agent, job.request.nonce.as_str()))).collect();
+    let first: Vec<bool> = jobs.iter().map(|job| firsts.insert(job.request.key())).collect();
     let rows: Vec<&NonceJob> = jobs.iter().zip(&first).filter(|(_, first)| **first).map(|(job, _)| job).collect();
     let failed = registry::query_error("recording request nonces");
-    let recorded: Vec<(String, String)> = if db.backend() == Backend::Postgres {
+    let recorded: Vec<(String, String, i64)> = if db.backend() == Backend::Postgres {
         let connecting = registry::query_error("connecting for request nonces");
         let pool = match &mut native.pool {
             Some(pool) => pool,
@@ -482,7 +495,6 @@ async fn insert_nonces(
         };
         let connection = native.connection.get(pool).await.map_err(connecting)?;
         let recorded = sqlx::query_as(INSERT_NONCES_POSTGRES)
-            .bind(to_db(now))
             .bind(rows.iter().map(|job| job.request.agent.to_string()).collect::<Vec<_>>())
             .bind(rows.iter().map(|job| job.request.nonce.as_str()).collect::<Vec<_>>())
             .bind(rows.iter().map(|job| to_db(job.request.expires_at)).collect::<Vec<_>>())
@@ -494,15 +506,14 @@ async fn insert_nonces(
         recorded.map_err(failed)?
     } else {
         let values = (0..rows.len())
-            .map(|row| format!("({})", registry::placeholders(row * 3 + 2, 3)))
+            .map(|row| format!("({})", registry::placeholders(row * 3 + 1, 3)))
             .collect::<Vec<_>>()
             .join(", ");
         let sql = format!(
             "INSERT INTO agent_request_nonces (agent_id, nonce, expires_at_ms) VALUES {values} \
-             ON CONFLICT (agent_id, nonce) DO UPDATE SET expires_at_ms = excluded.expires_at_ms \
-             WHERE agent_request_nonces.expires_at_ms < $1 RETURNING agent_id, nonce"
+             ON CONFLICT DO NOTHING RETURNING agent_id, nonce, expires_at_ms"
         );
-        let mut statement = sqlx::query(&sql).bind(to_db(now));
+        let mut statement = sqlx::query(&sql);
         for job in &rows {
             let RequestNonce { agent, nonce, expires_at } = &job.request;
             statement = statement.bind(agent.to_string()).bind(nonce.clone()).bind(to_db(*expires_at));
@@ -523,13 +534,12 @@ async fn insert_nonces(
         let read = registry::query_error("reading recorded nonces");
         recorded
             .iter()
-            .map(|row| Ok((row.try_get("agent_id").map_err(read)?, row.try_get("nonce").map_err(read)?)))
+            .map(|row| {
+                let agent = row.try_get("agent_id").map_err(read)?;
+                Ok((agent, row.try_get("nonce").map_err(read)?, row.try_get("expires_at_ms").map_err(read)?))
+            })
             .collect::<Result<_, RegistryQueryError>>()?
     };
-    let inserted: HashSet<(String, String)> = recorded.into_iter().collect();
-    Ok(jobs
-        .iter()
-        .zip(first)
-        .map(|(job, first)| first && inserted.contains(&(job.request.agent.to_string(), job.request.nonce.clone())))
-        .collect())
+    let inserted: HashSet<(String, String, i64)> = recorded.into_iter().collect();
+    Ok(jobs.iter().zip(first).map(|(job, first)| first && inserted.contains(&job.request.stored_key())).collect())
 }

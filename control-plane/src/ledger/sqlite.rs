@@ -91,20 +91,18 @@ const PART_TRANSFER: i64 = 3;
 const PART_REJECTION: i64 = 4;
 const PART_NONCE: i64 = 5;
 
-/// Nonces the read script found recorded, as (agent, nonce).
-type RecordedNonces = HashSet<(String, String)>;
+/// Nonces the read script found recorded, as [`RequestNonce::stored_key`].
+type RecordedNonces = HashSet<(String, String, i64)>;
 
-/// Ends `… FROM (VALUES (?, ?), …` with the join of that list of (agent, nonce) to the
-/// recorded nonces, as `n`. A join, not `(agent_id, nonce) IN (VALUES …)`, which SQLite
-/// answers with a scan. Its rows: [`bind_nonce_pairs`].
-macro_rules! nonce_join {
-    () => {
-        ") AS v JOIN agent_request_nonces AS n ON n.agent_id = v.column1 AND n.nonce = v.column2"
-    };
-}
+/// Ends `… FROM (VALUES (?, ?, ?), …` with the join of that list of (expiry, agent,
+/// nonce) to the recorded nonces, as `n`: the list's nonces that are recorded. A join
+/// on the primary key, not `(…) IN (VALUES …)`, which SQLite answers with a scan. Its
+/// rows: [`bind_nonce_keys`].
+const NONCE_LOOKUP: &str = ") AS v JOIN agent_request_nonces AS n \
+                            ON n.expires_at_ms = v.column1 AND n.agent_id = v.column2 AND n.nonce = v.column3";
 
-/// [`nonce_join`]: the nonces of the list recorded and unexpired at the last parameter.
-const NONCE_LOOKUP: &str = concat!(nonce_join!(), " WHERE n.expires_at_ms >= ?");
+/// Values in a row of a [`NONCE_LOOKUP`]'s list.
+const NONCE_KEY_WIDTH: usize = 3;
 
 /// Transfers (and nonces) a batch may have at most to be written on its basis, without
 /// reading first: its statements then stay short of [`ROWS_PER_STATEMENT`] rows.
@@ -414,7 +412,7 @@ async fn execute_on_basis(
     let loaded = Loaded { fee_bps, escrows: Vec::new(), unbondings: Vec::new(), known: Vec::new() };
     let (ran, effects) = run_batch(head, cache, &account_ids, loaded, &running, batch.now);
     let outcomes = merged_outcomes(batch.commands.len(), &replayed, ran)?;
-    let mut script = basis_check(head, fee_bps, batch.ids, batch.nonces, batch.now)?;
+    let mut script = basis_check(head, fee_bps, batch.ids, batch.nonces)?;
     write_into(&mut script, &effects, &fresh, batch.purge.then_some(batch.now))?;
     if !script.full.is_empty() {
         return Ok(None);
@@ -439,12 +437,13 @@ async fn execute_on_basis(
     Ok(Some((outcomes, (effects.books.head, fee_bps))))
 }
 
-/// Binds the rows of a [`NONCE_LOOKUP`]'s list: each nonce's agent and value.
-fn bind_nonce_pairs<'a>(
+/// Binds the rows of a [`NONCE_LOOKUP`]'s list: each nonce's expiry, agent and value.
+fn bind_nonce_keys<'a>(
     script: &mut Script,
     nonces: impl IntoIterator<Item = &'a RequestNonce>,
 ) -> Result<(), LedgerQueryError> {
     for nonce in nonces {
+        script.bind(to_db(nonce.expires_at))?;
         script.bind(nonce.agent.to_string())?;
         script.bind(nonce.nonce.clone())?;
     }
@@ -457,7 +456,6 @@ fn basis_check(
     fee_bps: u32,
     ids: &[TransferId],
     nonces: &[(usize, RequestNonce)],
-    now: UnixMillis,
 ) -> Result<Script, LedgerQueryError> {
     let mut script = Script::new();
     script.push("BEGIN IMMEDIATE");
@@ -474,7 +472,7 @@ fn basis_check(
     }
     if !nonces.is_empty() {
         check.push_str(" AND NOT EXISTS (SELECT 1 FROM (VALUES");
-        padded_list(&mut check, nonces.len(), 2);
+        padded_list(&mut check, nonces.len(), NONCE_KEY_WIDTH);
         check.push_str(NONCE_LOOKUP);
         check.push(')');
     }
@@ -489,9 +487,8 @@ fn basis_check(
         }
     }
     if !nonces.is_empty() {
-        bind_nonce_pairs(&mut script, nonces.iter().map(|(_, nonce)| nonce))?;
-        script.bind_nulls((padded_rows(nonces.len()) - nonces.len()) * 2)?;
-        script.bind(to_db(now))?;
+        bind_nonce_keys(&mut script, nonces.iter().map(|(_, nonce)| nonce))?;
+        script.bind_nulls((padded_rows(nonces.len()) - nonces.len()) * NONCE_KEY_WIDTH)?;
     }
     script.push("DELETE FROM temp.ledger_basis");
     Ok(script)
@@ -504,7 +501,7 @@ async fn execute_on(
 ) -> Result<(Vec<engine::Outcome>, Basis), LedgerQueryError> {
     let Batch { commands, nonces, now, purge, escrow_ids, unbonding_ids, ids } = *batch;
     let started = Instant::now();
-    let mut read = read_script(escrow_ids, unbonding_ids, ids, nonces, now)?;
+    let mut read = read_script(escrow_ids, unbonding_ids, ids, nonces)?;
     let full = std::mem::take(&mut read.full);
     let mut rows = read.run(connection, "reading a ledger batch").await?;
     rows.extend(Script::run_full(full, connection, "reading a ledger batch").await?);
@@ -682,7 +679,7 @@ fn replayed_commands<'a>(
     let mut fresh = Vec::with_capacity(nonces.len());
     let mut seen = HashSet::with_capacity(nonces.len());
     for (index, nonce) in nonces {
-        let key = (nonce.agent.to_string(), nonce.nonce.clone());
+        let key = nonce.stored_key();
         if recorded.contains(&key) || !seen.insert(key) {
             replayed.insert(*index);
         } else {
@@ -697,7 +694,6 @@ fn read_script(
     unbonding_ids: &[TransferId],
     ids: &[TransferId],
     nonces: &[(usize, RequestNonce)],
-    now: UnixMillis,
 ) -> Result<Script, LedgerQueryError> {
     let mut script = Script::new();
     script.push("BEGIN IMMEDIATE");
@@ -712,11 +708,10 @@ fn read_script(
         ids,
     )?;
     for chunk in nonces.chunks(ROWS_PER_STATEMENT) {
-        let head = format!("SELECT {PART_NONCE} AS part, n.agent_id, n.nonce FROM (VALUES");
-        script.rows(&head, chunk.len(), 2, NONCE_LOOKUP, |script| {
-            bind_nonce_pairs(script, chunk.iter().map(|(_, nonce)| nonce))
+        let head = format!("SELECT {PART_NONCE} AS part, n.agent_id, n.nonce, n.expires_at_ms FROM (VALUES");
+        script.rows(&head, chunk.len(), NONCE_KEY_WIDTH, NONCE_LOOKUP, |script| {
+            bind_nonce_keys(script, chunk.iter().map(|(_, nonce)| nonce))
         })?;
-        script.bind(to_db(now))?;
     }
     Ok(script)
 }
@@ -756,7 +751,12 @@ fn loaded_from(rows: &[AnyRow]) -> Result<(Head, Loaded, RecordedNonces), Ledger
                 loaded.known.push((spec.id.clone(), Known::Rejected(spec, error)));
             }
             PART_NONCE => {
-                recorded.insert((row.try_get("agent_id").map_err(read)?, row.try_get("nonce").map_err(read)?));
+                let agent = row.try_get("agent_id").map_err(read)?;
+                recorded.insert((
+                    agent,
+                    row.try_get("nonce").map_err(read)?,
+                    row.try_get("expires_at_ms").map_err(read)?,
+                ));
             }
             _ => return Err(decode_error(operation, "part")),
         }
@@ -778,18 +778,11 @@ fn write_into(
         script.push("DELETE FROM agent_request_nonces WHERE expires_at_ms < ?");
         script.bind(to_db(now))?;
     }
-    // The read found none of them recorded and unexpired, under the write lock; an
-    // expired record of the same nonce goes first, so the insert cannot conflict.
-    // Inserts end the transaction on a failed constraint (`OR ROLLBACK`, as the batch is
-    // then dropped anyway), which spares SQLite a statement journal.
+    // The read (or the basis check) found none of them recorded, under the write lock, so
+    // the insert cannot conflict. Inserts end the transaction on a failed constraint
+    // (`OR ROLLBACK`, as the batch is then dropped anyway), which spares SQLite a
+    // statement journal.
     for chunk in nonces.chunks(ROWS_PER_STATEMENT) {
-        script.rows(
-            "DELETE FROM agent_request_nonces WHERE rowid IN (SELECT n.rowid FROM (VALUES",
-            chunk.len(),
-            2,
-            concat!(nonce_join!(), ")"),
-            |script| bind_nonce_pairs(script, chunk.iter().copied()),
-        )?;
         script.insert_rows(
             "INSERT OR ROLLBACK INTO agent_request_nonces (agent_id, nonce, expires_at_ms)",
             chunk.len(),
@@ -929,7 +922,7 @@ mod tests {
 
     #[test]
     fn a_read_script_has_one_statement_per_part_and_chunk_and_binds_every_id() {
-        let script = read_script(&ids(2), &[], &ids(ROWS_PER_STATEMENT + 1), &[], UnixMillis(0)).unwrap();
+        let script = read_script(&ids(2), &[], &ids(ROWS_PER_STATEMENT + 1), &[]).unwrap();
         let statements: Vec<&str> = script.sql.split(";\n").filter(|s| !s.is_empty()).collect();
         // begin, head, one escrow statement, the last chunk each of transfers and rejections
         assert_eq!(statements.len(), 5, "{}", script.sql);
@@ -942,7 +935,7 @@ mod tests {
             assert_eq!(full.sql.matches('?').count(), ROWS_PER_STATEMENT);
             assert_eq!(full.args.len(), ROWS_PER_STATEMENT);
         }
-        let again = read_script(&[], &[], &ids(ROWS_PER_STATEMENT), &[], UnixMillis(0)).unwrap();
+        let again = read_script(&[], &[], &ids(ROWS_PER_STATEMENT), &[]).unwrap();
         assert_eq!(
             again.full.iter().map(|s| &s.sql).collect::<Vec<_>>(),
             script.full.iter().map(|s| &s.sql).collect::<Vec<_>>()
@@ -961,8 +954,8 @@ mod tests {
         assert_eq!(sizes.map(padded_rows), [1, 2, 4, 8, 16, 24, 32, 256, 500, 500, 500]);
         let head = (7, [1; 32]);
         for (n, same, other) in [(17, 24, 25), (3, 4, 5), (97, 128, 129)] {
-            let read = |n| read_script(&ids(n), &[], &ids(n), &nonces(n), UnixMillis(0)).unwrap();
-            let check = |n| basis_check(head, 0, &ids(n), &nonces(n), UnixMillis(0)).unwrap();
+            let read = |n| read_script(&ids(n), &[], &ids(n), &nonces(n)).unwrap();
+            let check = |n| basis_check(head, 0, &ids(n), &nonces(n)).unwrap();
             for script in [read(n), check(n)] {
                 assert_eq!(script.sql.matches('?').count(), script.args.len(), "{}", script.sql);
             }
@@ -1025,7 +1018,7 @@ mod tests {
 
     #[test]
     fn an_empty_batch_reads_only_the_head() {
-        let script = read_script(&[], &[], &[], &[], UnixMillis(0)).unwrap();
+        let script = read_script(&[], &[], &[], &[]).unwrap();
         assert_eq!(script.sql.matches(";\n").count(), 2);
         assert!(script.sql.contains("ledger_head"));
     }

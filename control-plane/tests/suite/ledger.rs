@@ -914,18 +914,17 @@ async fn unsigned_and_replayed_requests_are_refused(fixture: &Fixture) {
 }
 
 /// On SQLite a signed request's nonce is checked and recorded in the ledger batch that
-/// runs its command: a recorded nonce, or one repeated in the batch, runs nothing; the
-/// others are recorded with the batch, and expired ones are deleted.
+/// runs its command: a recorded request (same agent, nonce and expiry, as a replay has),
+/// or one repeated in the batch, runs nothing; the others are recorded with the batch,
+/// and expired records are deleted. A nonce recorded with another expiry belongs to
+/// another signed request (its timestamp differs), which runs.
 #[tokio::test]
 async fn a_sqlite_batch_records_its_nonces_and_skips_replays() {
     let (fixture, here, a, b) = sqlite_store_with_minted(100).await;
     let agent = AgentId::from_inception_key(&SigningKey::generate(&mut OsRng).public_key());
-    let request = |nonce: &str| agent_auth::RequestNonce {
-        agent,
-        nonce: nonce.to_owned(),
-        expires_at: T0.saturating_add(agent_auth::TIMESTAMP_SKEW_MAX),
-    };
-    for (nonce, expires_at) in [("recorded", T0.0 + 1), ("expired", T0.0 - 1), ("stale", T0.0 - 1)] {
+    let expires = T0.saturating_add(agent_auth::TIMESTAMP_SKEW_MAX);
+    let request = |nonce: &str| agent_auth::RequestNonce { agent, nonce: nonce.to_owned(), expires_at: expires };
+    for (nonce, expires_at) in [("recorded", expires.0), ("reused", T0.0 + 1), ("stale", T0.0 - 1)] {
         sqlx::query("INSERT INTO agent_request_nonces (agent_id, nonce, expires_at_ms) VALUES ($1, $2, $3)")
             .bind(agent.to_string())
             .bind(nonce)
@@ -938,36 +937,34 @@ async fn a_sqlite_batch_records_its_nonces_and_skips_replays() {
         Command::Transfers(vec![spec(Namespace::Admin, id, a.clone(), b.clone(), 1, Purpose::Payment, false)])
     };
     let commands = [pay("p1"), pay("p2"), pay("p3"), pay("p4"), pay("unsigned")];
-    let nonces = [(0, request("recorded")), (1, request("fresh")), (2, request("fresh")), (3, request("expired"))];
+    let nonces = [(0, request("recorded")), (1, request("fresh")), (2, request("fresh")), (3, request("reused"))];
     let outcomes = here.execute_signed_then(&commands, &nonces, T0, Box::new(|| {})).await.unwrap();
     let replayed: Vec<bool> = outcomes.iter().map(|outcome| *outcome == Outcome::Replayed).collect();
     assert_eq!(replayed, [true, false, true, false, false], "{outcomes:?}");
     assert_eq!(stored_balance(&fixture.db, &b).await, 3);
     let stored: Vec<(String, i64)> =
-        sqlx::query_as("SELECT nonce, expires_at_ms FROM agent_request_nonces ORDER BY nonce")
+        sqlx::query_as("SELECT nonce, expires_at_ms FROM agent_request_nonces ORDER BY nonce, expires_at_ms")
             .fetch_all(fixture.db.pool())
             .await
             .unwrap();
-    let expires = T0.saturating_add(agent_auth::TIMESTAMP_SKEW_MAX).0 as i64;
-    // `stale` expired and went with the first signed batch; `expired` was spent again.
-    assert_eq!(stored, [("expired".into(), expires), ("fresh".into(), expires), ("recorded".into(), T0.0 as i64 + 1)]);
+    let expires_ms = expires.0 as i64;
+    // `stale` expired and went with the first signed batch.
+    assert_eq!(
+        stored,
+        [
+            ("fresh".into(), expires_ms),
+            ("recorded".into(), expires_ms),
+            ("reused".into(), T0.0 as i64 + 1),
+            ("reused".into(), expires_ms)
+        ]
+    );
 
-    // Between purges, an expired record of a nonce is replaced by the new one.
-    sqlx::query("INSERT INTO agent_request_nonces (agent_id, nonce, expires_at_ms) VALUES ($1, 'lapsed', $2)")
-        .bind(agent.to_string())
-        .bind(T0.0 as i64)
-        .execute(fixture.db.pool())
-        .await
-        .unwrap();
+    // A later batch, before the next purge, finds the request recorded by the first.
     let later = UnixMillis(T0.0 + 1);
     let outcomes =
-        here.execute_signed_then(&[pay("p5")], &[(0, request("lapsed"))], later, Box::new(|| {})).await.unwrap();
-    assert_eq!(codes(&outcomes[0]), [None]);
-    let lapsed: i64 = sqlx::query_scalar("SELECT expires_at_ms FROM agent_request_nonces WHERE nonce = 'lapsed'")
-        .fetch_one(fixture.db.pool())
-        .await
-        .unwrap();
-    assert_eq!(lapsed, expires);
+        here.execute_signed_then(&[pay("p5")], &[(0, request("fresh"))], later, Box::new(|| {})).await.unwrap();
+    assert_eq!(outcomes, [Outcome::Replayed]);
+    assert_eq!(stored_balance(&fixture.db, &b).await, 3);
     assert_audit_passes(&fixture.db).await;
 }
 

@@ -468,12 +468,14 @@ async fn nonces_are_shared_by_replicas_and_purged(fixture: &Fixture) {
     let replays = record_at_once(&second, many.clone(), expiry).await;
     assert!(replays.into_iter().all(|fresh| !fresh), "every one is a replay now");
     assert_eq!(fixture.count("agent_request_nonces").await, 4 + many.len() as i64);
-    // An expired nonce is accepted again; between purges its row stays and is reused.
+    // The same nonce with another expiry belongs to another signed request (its timestamp
+    // differs; a replay's cannot): accepted, on a row of its own, and again refused.
     let short = hex::encode(fresh_nonce());
     let second_later = T0.saturating_add(Duration::from_secs(2));
     assert!(first.record(agent, &short, T0.saturating_add(Duration::from_secs(1)), T0).await.unwrap());
     assert!(first.record(agent, &short, expiry.saturating_add(Duration::from_secs(1)), second_later).await.unwrap());
-    assert_eq!(fixture.count("agent_request_nonces").await, 5 + many.len() as i64);
+    assert!(!second.record(agent, &short, expiry.saturating_add(Duration::from_secs(1)), second_later).await.unwrap());
+    assert_eq!(fixture.count("agent_request_nonces").await, 6 + many.len() as i64);
     // Once the purge interval has passed, the next batch deletes what has expired.
     let later = expiry.saturating_add(Duration::from_millis(1));
     assert!(later.since(second_later) >= agent_auth::NONCE_PURGE_INTERVAL);

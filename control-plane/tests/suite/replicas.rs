@@ -78,10 +78,21 @@ impl Replica {
     }
 
     fn signed(&self, agent: &SigningKey, method: &str, path: &str, body: &str, nonce: [u8; 16]) -> (u16, Value) {
+        self.signed_at(agent, method, path, body, nonce, now())
+    }
+
+    /// A request signed with the timestamp `at`: sent twice, the same bytes, as a replay is.
+    fn signed_at(
+        &self,
+        agent: &SigningKey,
+        method: &str,
+        path: &str,
+        body: &str,
+        nonce: [u8; 16],
+        at: UnixMillis,
+    ) -> (u16, Value) {
         let id = AgentId::from_inception_key(&agent.public_key());
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970");
-        let now = UnixMillis(u64::try_from(now.as_millis()).expect("in range"));
-        let headers = sign_request(agent, id, method, path, now, nonce, body.as_bytes());
+        let headers = sign_request(agent, id, method, path, at, nonce, body.as_bytes());
         let headers: Vec<(String, String)> =
             headers.iter().map(|(name, value)| (name.to_string(), value.to_string())).collect();
         self.call(method, path, &headers, body)
@@ -97,6 +108,11 @@ impl Drop for Replica {
 
 fn free_port() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0").and_then(|listener| listener.local_addr()).expect("a free port")
+}
+
+fn now() -> UnixMillis {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970");
+    UnixMillis(u64::try_from(now.as_millis()).expect("in range"))
 }
 
 fn nonce() -> [u8; 16] {
@@ -200,10 +216,10 @@ fn two_replicas_serve_one_postgres_database() {
     assert_eq!(status, 201, "{body}");
     let (status, body) = b.signed(&agent, "POST", "/v1/agents", &registration, nonce());
     assert_eq!(status, 409, "a duplicate registration through the other replica: {body}");
-    let spent = nonce();
+    let (spent, at) = (nonce(), now());
     let heartbeat = format!("/v1/agents/{id}/heartbeat");
-    assert_eq!(b.signed(&agent, "POST", &heartbeat, "", spent).0, 200);
-    let (status, body) = a.signed(&agent, "POST", &heartbeat, "", spent);
+    assert_eq!(b.signed_at(&agent, "POST", &heartbeat, "", spent, at).0, 200);
+    let (status, body) = a.signed_at(&agent, "POST", &heartbeat, "", spent, at);
     assert_eq!((status, body["code"].as_str()), (401, Some("replayed_request")), "spent at the other replica: {body}");
     let (status, page) = a.call("GET", "/v1/agents?q=roamer", &[], "");
     assert_eq!((status, page["items"][0]["agent"]["id"].as_str()), (200, Some(id.to_string().as_str())), "{page}");
