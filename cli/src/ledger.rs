@@ -150,7 +150,7 @@ pub struct PayArgs {
         conflicts_with = "batch"
     )]
     pub amount: Option<Credits>,
-    /// The payment's idempotency key; a random one is made (and printed) without it.
+    /// The payment's idempotency key; a fresh one is made (and printed) without it.
     #[arg(long, value_name = "ID", conflicts_with = "batch")]
     pub id: Option<TransferKey>,
     /// Pay many in one transaction: a JSON array of {"to", "amount", "id", "linked"} (1 to
@@ -341,7 +341,7 @@ pub enum EscrowCommand {
         /// What expiry does unless disputed: refund to the payer, or release to the payee.
         #[arg(long, value_enum, default_value_t = ExpiryArg::Refund)]
         on_expiry: ExpiryArg,
-        /// The escrow's idempotency key; a random one is made (and printed) without it.
+        /// The escrow's idempotency key; a fresh one is made (and printed) without it.
         #[arg(long, value_name = "ID")]
         id: Option<TransferKey>,
     },
@@ -506,7 +506,7 @@ pub struct StakeChange {
     pub kind: StakeKindArg,
     #[arg(value_name = "AMOUNT", value_parser = positive_amount, allow_hyphen_values = true, help = AMOUNT_HELP)]
     pub amount: Credits,
-    /// The change's idempotency key; a random one is made (and printed) without it.
+    /// The change's idempotency key; a fresh one is made (and printed) without it.
     #[arg(long, value_name = "ID")]
     pub id: Option<TransferKey>,
 }
@@ -624,7 +624,7 @@ pub enum LedgerCommand {
         /// `treasury` (the default) or an agent id, whose wallet is credited.
         #[arg(long, value_name = "AGENT_ID|treasury", value_parser = parse_mint_target, default_value = "treasury")]
         to: MintTarget,
-        /// The mint's idempotency key; a random one is made (and printed) without it.
+        /// The mint's idempotency key; a fresh one is made (and printed) without it.
         #[arg(long, value_name = "ID")]
         id: Option<TransferKey>,
     },
