@@ -1,8 +1,9 @@
 //! Stakes: credits an agent locks (for trust, governance or a job commitment) in a stake
 //! account of that kind. Unlocking moves them to the unbonding account at once and opens
 //! an [`Unbonding`]; when it matures (after [`unbonding_period`]), the expiry worker moves
-//! them back to the wallet. Slashing ([`crate::ledger::Ledger::slash`]) moves locked stake
-//! to the treasury; it is the hook disputes and arbitration will call.
+//! them back to the wallet. Slashing ([`crate::api::ledger::slash_spec`], behind the
+//! admin route [`crate::api::ledger::slash_stake`]) moves locked stake to the treasury; it
+//! is the hook disputes and arbitration will call.
 
 use std::time::Duration;
 

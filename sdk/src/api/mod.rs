@@ -501,6 +501,15 @@ impl ApiClient {
     }
 }
 
+/// Whether an answer's `Content-Type` says it is a problem document
+/// ([`PROBLEM_CONTENT_TYPE`]), as every refusal by the control plane is.
+pub fn is_problem_document(headers: &reqwest::header::HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with(PROBLEM_CONTENT_TYPE))
+}
+
 /// Reads a response up to [`RESPONSE_BYTES_MAX`]; error statuses become
 /// [`ApiError::Problem`] or [`ApiError::Status`].
 async fn read_response(
@@ -508,11 +517,7 @@ async fn read_response(
     operation: &'static str,
 ) -> Result<(StatusCode, Vec<u8>), ApiError> {
     let status = response.status();
-    let is_problem = response
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.starts_with(PROBLEM_CONTENT_TYPE));
+    let is_problem = is_problem_document(response.headers());
     if response.content_length().is_some_and(|length| length > RESPONSE_BYTES_MAX as u64) {
         return Err(ApiError::ResponseTooLarge { operation });
     }

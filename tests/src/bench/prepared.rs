@@ -26,7 +26,7 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use molt_protocol::UnixMillis;
 use molt_protocol::request::{NONCE_BYTES, sign_request};
-use molt_sdk::api::{AgentCredentials, Credits, LedgerTransfer, PROBLEM_CONTENT_TYPE, Problem, TransferKey};
+use molt_sdk::api::{AgentCredentials, Credits, LedgerTransfer, Problem, TransferKey, is_problem_document};
 use rand::RngCore as _;
 use tokio::net::TcpStream;
 
@@ -132,11 +132,7 @@ impl Connection {
             }
         };
         let status = response.status();
-        let is_problem = response
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|value| value.to_str().ok())
-            .is_some_and(|value| value.starts_with(PROBLEM_CONTENT_TYPE));
+        let is_problem = is_problem_document(response.headers());
         let body = Limited::new(response.into_body(), RESPONSE_BYTES_MAX).collect().await;
         let body = body.map_err(|error| ("transport: reading the answer".to_owned(), error.to_string()))?.to_bytes();
         judge(status, is_problem, &body)
