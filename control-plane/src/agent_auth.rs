@@ -111,13 +111,9 @@ pub struct RequestNonce {
 }
 
 impl RequestNonce {
-    /// What a request's record is unique by. A replay has the same: it carries the same
-    /// signed timestamp, so the same expiry.
-    pub fn key(&self) -> (AgentId, &str, UnixMillis) {
-        (self.agent, &self.nonce, self.expires_at)
-    }
-
-    /// [`RequestNonce::key`] as the database returns it: `agent_id`, `nonce`, `expires_at_ms`.
+    /// What a request's record is unique by, as the database returns it: `agent_id`,
+    /// `nonce`, `expires_at_ms`. A replay has the same: it carries the same signed
+    /// timestamp, so the same expiry.
     pub fn stored_key(&self) -> (String, String, i64) {
         (self.agent.to_string(), self.nonce.clone(), to_db(self.expires_at))
     }
@@ -482,7 +478,7 @@ async fn insert_nonces(
     jobs: &[NonceJob],
 ) -> Result<Vec<bool>, RegistryQueryError> {
     let mut firsts = HashSet::with_capacity(jobs.len());
-    let first: Vec<bool> = jobs.iter().map(|job| firsts.insert(job.request.key())).collect();
+    let first: Vec<bool> = jobs.iter().map(|job| firsts.insert(job.request.stored_key())).collect();
     let rows: Vec<&NonceJob> = jobs.iter().zip(&first).filter(|(_, first)| **first).map(|(job, _)| job).collect();
     let failed = registry::query_error("recording request nonces");
     let recorded: Vec<(String, String, i64)> = if db.backend() == Backend::Postgres {

@@ -559,40 +559,9 @@ impl Caller {
 
     /// One `call` by agent `payer`, made and judged.
     async fn call(&mut self, sender: &mut Sender, agents: &[AgentCredentials], call: Call, payer: usize, timed: bool) {
-        let started = Instant::now();
-        let (sent, answer) = match sender {
-            Sender::Sdk(api) => {
-                let (payee, amount) = pick(call, payer, agents.len(), &mut rand::thread_rng());
-                // Invariant: AMOUNT_MICROS_MAX is far below Credits::MAX.
-                let credits = Credits::from_micros(amount).expect("a small amount is valid");
-                let payment =
-                    Payment { key: TransferKey::random(), to: agents[payee].agent_id, amount: credits, linked: false };
-                let answer = tokio::time::timeout(CALL_TIMEOUT, api.pay(&agents[payer], &payment)).await;
-                let answer = match answer {
-                    Ok(Ok(transfer)) => Ok(Answer::Applied(Box::new(transfer))),
-                    Ok(Err(ApiError::Problem { problem, .. })) => Ok(Answer::Refused(problem)),
-                    Ok(Err(error)) => Err((error_kind(&error), error.to_string())),
-                    Err(_) => Err(timed_out()),
-                };
-                ((payee, amount, payment.key), answer)
-            }
-            Sender::Prepared { connection, queue, host } => {
-                let (prepared, started) = match queue.next() {
-                    Some(prepared) => (prepared, Instant::now()),
-                    None => {
-                        self.signed_in_window += u64::from(timed);
-                        let (payee, amount) = pick(call, payer, agents.len(), &mut rand::thread_rng());
-                        (prepared::prepare(agents, payer, payee, amount, host), started)
-                    }
-                };
-                let sent = (prepared.payee, prepared.amount, prepared.key.clone());
-                let answer = tokio::time::timeout(CALL_TIMEOUT, connection.send(prepared)).await;
-                let elapsed = started.elapsed();
-                let answer = answer.unwrap_or_else(|_| Err(timed_out()));
-                return self.judge(call, agents, payer, sent, answer, elapsed, timed);
-            }
-        };
-        self.judge(call, agents, payer, sent, answer, started.elapsed(), timed);
+        let sent = sender.send(agents, call, payer).await;
+        self.signed_in_window += u64::from(timed && sent.signed_now);
+        self.judge(call, agents, payer, sent, timed);
     }
 
     fn record(&mut self, elapsed: Duration, timed: bool) {
@@ -609,17 +578,8 @@ impl Caller {
     }
 
     /// Records a call's answer: acknowledged as `call` expects, or failed.
-    #[allow(clippy::too_many_arguments)]
-    fn judge(
-        &mut self,
-        call: Call,
-        agents: &[AgentCredentials],
-        payer: usize,
-        (payee, amount, key): (usize, u64, TransferKey),
-        answer: Result<Answer, (String, String)>,
-        elapsed: Duration,
-        timed: bool,
-    ) {
+    fn judge(&mut self, call: Call, agents: &[AgentCredentials], payer: usize, sent: Sent, timed: bool) {
+        let Sent { payee, amount, key, answer, elapsed, .. } = sent;
         let failure = match (call, answer) {
             (Call::Pay, Ok(Answer::Applied(transfer))) => {
                 match wrong_answer(&transfer, &agents[payer], &agents[payee], amount) {
@@ -671,6 +631,18 @@ struct How {
     seconds: u64,
 }
 
+/// One call as sent, and its answer.
+struct Sent {
+    payee: usize,
+    amount: u64,
+    key: TransferKey,
+    answer: Result<Answer, (String, String)>,
+    /// From sending (or, where the call was signed as it went, from signing) to the answer.
+    elapsed: Duration,
+    /// A `prepared` caller had to sign this call as it went: its requests ran out.
+    signed_now: bool,
+}
+
 /// How one caller sends its calls.
 enum Sender {
     Sdk(ApiClient),
@@ -678,6 +650,43 @@ enum Sender {
 }
 
 impl Sender {
+    /// Makes one `call` by agent `payer` and waits for its answer (at most [`CALL_TIMEOUT`]).
+    async fn send(&mut self, agents: &[AgentCredentials], call: Call, payer: usize) -> Sent {
+        let started = Instant::now();
+        match self {
+            Sender::Sdk(api) => {
+                let (payee, amount) = pick(call, payer, agents.len(), &mut rand::thread_rng());
+                // Invariant: AMOUNT_MICROS_MAX is far below Credits::MAX.
+                let credits = Credits::from_micros(amount).expect("a small amount is valid");
+                let payment =
+                    Payment { key: TransferKey::random(), to: agents[payee].agent_id, amount: credits, linked: false };
+                let answer = tokio::time::timeout(CALL_TIMEOUT, api.pay(&agents[payer], &payment)).await;
+                let elapsed = started.elapsed();
+                let answer = match answer {
+                    Ok(Ok(transfer)) => Ok(Answer::Applied(Box::new(transfer))),
+                    Ok(Err(ApiError::Problem { problem, .. })) => Ok(Answer::Refused(problem)),
+                    Ok(Err(error)) => Err((error_kind(&error), error.to_string())),
+                    Err(_) => Err(timed_out()),
+                };
+                Sent { payee, amount, key: payment.key, answer, elapsed, signed_now: false }
+            }
+            Sender::Prepared { connection, queue, host } => {
+                let (prepared, started, signed_now) = match queue.next() {
+                    Some(prepared) => (prepared, Instant::now(), false),
+                    None => {
+                        let (payee, amount) = pick(call, payer, agents.len(), &mut rand::thread_rng());
+                        (prepared::prepare(agents, payer, payee, amount, host), started, true)
+                    }
+                };
+                let (payee, amount, key) = (prepared.payee, prepared.amount, prepared.key.clone());
+                let answer = tokio::time::timeout(CALL_TIMEOUT, connection.send(prepared)).await;
+                let elapsed = started.elapsed();
+                let answer = answer.unwrap_or_else(|_| Err(timed_out()));
+                Sent { payee, amount, key, answer, elapsed, signed_now }
+            }
+        }
+    }
+
     /// The sender of caller `payer` (for `prepared`, its requests signed now: this takes
     /// a while, on a thread of the blocking pool).
     async fn new(
